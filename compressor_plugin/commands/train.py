@@ -1,0 +1,74 @@
+"""``compressor-plugin train``: pretrain / fine-tune a compressor, or plot a run's curves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a compressor (regeneration pretraining or QA fine-tuning)",
+                       description="Train a compressor's LoRA adapter and memory embeddings; the decoder stays frozen. "
+                                   "Resumes automatically when OUTPUT already holds a run. Runs under torchrun for DDP.")
+    p.add_argument("--stage", choices=["regen", "qa"], required=True, help="regeneration pretraining or QA fine-tuning")
+    p.add_argument("--mode", choices=["kv", "embedding", "full-tuned"], default="kv",
+                   help="kv (500xCompressor), embedding (ICAE baseline) or full-tuned (reference LoRA on the decoder)")
+    p.add_argument("--k", type=int, default=16, help="compressed tokens per chunk")
+    p.add_argument("--data", nargs="+", required=True, help="training JSONL files")
+    p.add_argument("--val-data", nargs="*", default=[], help="validation JSONL files")
+    p.add_argument("--output", required=True, help="run folder (checkpoint/, best/, log.jsonl, curves.png)")
+    p.add_argument("--base", default="default", help="base model: 'default' or a Hugging Face id/folder")
+    p.add_argument("--init", default=None, help="start from this checkpoint (e.g. the regen stage's best/)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    p.add_argument("--max-tokens", type=int, default=512, help="chunk length cap for the encoder")
+    p.add_argument("--max-target-tokens", type=int, default=384, help="regeneration target cap")
+    p.add_argument("--max-chunks", type=int, default=3, help="QA: up to this many chunks per prompt")
+    p.add_argument("--layouts", default="plain,fewshot,chat", help="QA prompt layouts to train on")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--target-modules", default="q_proj,v_proj")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="read at most this many rows per file")
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--val-samples", type=int, default=128)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+
+    q = sub.add_parser("train-plot", help="plot a training run's loss curves to PNG")
+    q.add_argument("log", help="log.jsonl of a run")
+    q.add_argument("--output", required=True, help="PNG path")
+    q.set_defaults(func=_plot)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..training import TrainConfig, train
+
+    cfg = TrainConfig(stage=args.stage, mode=args.mode, k=args.k, data=args.data, val_data=args.val_data,
+                      output=args.output, base=args.base, init=args.init, lr=args.lr, warmup_steps=args.warmup_steps,
+                      batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes,
+                      max_tokens=args.max_tokens, max_target_tokens=args.max_target_tokens,
+                      max_chunks=args.max_chunks, layouts=[s for s in args.layouts.split(",") if s],
+                      lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                      target_modules=[s for s in args.target_modules.split(",") if s], device=args.device,
+                      seed=args.seed, limit=args.limit, log_every=args.log_every, eval_every=args.eval_every,
+                      save_every=args.save_every, val_samples=args.val_samples)
+    if cfg.max_steps is None and cfg.max_minutes is None:
+        raise ValueError("give --max-steps or --max-minutes")
+    summary = train(cfg, progress=not args.no_progress)
+    if summary:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from ..training.plots import plot_log
+
+    print(plot_log(args.log, args.output))
+    return 0

@@ -1,0 +1,387 @@
+"""The compressor: text chunk -> k compressed tokens (500xCompressor and the ICAE baseline).
+
+One copy of the base weights serves both roles:
+
+* encoder = base model + a LoRA adapter, reading ``[text tokens][k memory embeddings]``;
+* decoder = the same model with the adapter disabled, i.e. exactly the user's model.
+
+In ``kv`` mode the compressed form is the keys and values of the k memory positions at every
+layer (stored position-free, see :mod:`compressor_plugin.context`). In ``embedding`` mode it
+is the last hidden states of the memory positions, which the decoder reads as input embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .context import CompressedContext, RotaryHelper
+from .hf_compat import cache_kwargs, cache_layer, inner_model, new_cache
+from .models import BaseModel, load_base_model
+
+CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+
+
+class CompressorError(ValueError):
+    """Invalid input to a compressor."""
+
+
+class ContextTooLongError(CompressorError):
+    """A text is longer than the compressor's maximum input length."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was made for a different base model."""
+
+
+@dataclass
+class CompressorConfig:
+    """Hyper-parameters that define a compressor (saved with every checkpoint)."""
+
+    k: int = 16
+    mode: str = "kv"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    max_length: int = 512
+    base_model: str = ""
+    base_fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("kv", "embedding"):
+            raise ValueError(f"mode must be 'kv' or 'embedding', not {self.mode!r}")
+        if not 1 <= int(self.k) <= 512:
+            raise ValueError(f"k must be between 1 and 512, not {self.k!r}")
+        if int(self.max_length) < 1:
+            raise ValueError("max_length must be positive")
+
+
+class Compressor(nn.Module):
+    """Compresses text chunks into :class:`CompressedContext` objects.
+
+    Example:
+        >>> comp = Compressor.from_pretrained("default")        # doctest: +SKIP
+        >>> ctx = comp.compress(["Paris is the capital of France."])[0]  # doctest: +SKIP
+        >>> ctx.k, ctx.source_tokens                             # doctest: +SKIP
+        (16, 7)
+    """
+
+    def __init__(self, base: BaseModel, config: CompressorConfig | None = None, *, seed: int = 0):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.base = base
+        cfg = config or CompressorConfig()
+        cfg.base_model = cfg.base_model or base.name
+        cfg.base_fingerprint = base.fingerprint
+        self.config = cfg
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.target_modules), bias="none")
+        torch.manual_seed(seed)
+        self.peft_model = get_peft_model(base.model, lcfg)
+        self.peft_model.eval()
+        emb = base.model.get_input_embeddings().weight.detach().float()
+        gen = torch.Generator().manual_seed(seed)
+        init = emb.mean(0, keepdim=True).cpu() + emb.std(0, keepdim=True).cpu() * torch.randn(cfg.k, emb.shape[1], generator=gen)
+        self.memory = nn.Parameter(init.to(emb.device))
+        self.rotary = RotaryHelper(base.model)
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def tokenizer(self) -> Any:
+        return self.base.tokenizer
+
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def device(self) -> torch.device:
+        return self.memory.device
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter weights and memory embeddings: everything a checkpoint holds."""
+        from peft import get_peft_model_state_dict
+
+        sd = {f"adapter.{k}": v for k, v in get_peft_model_state_dict(self.peft_model).items()}
+        sd["memory"] = self.memory.detach()
+        return sd
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters training updates (LoRA matrices and memory embeddings)."""
+        params = [p for n, p in self.peft_model.named_parameters() if "lora_" in n]
+        return params + [self.memory]
+
+    def mark_trainable(self) -> None:
+        for n, p in self.peft_model.named_parameters():
+            p.requires_grad_("lora_" in n)
+        self.memory.requires_grad_(True)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) of the config and trainable weights; part of every store key."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+            for name, t in sorted(self.trainable_state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def invalidate_fingerprint(self) -> None:
+        """Call after changing weights (training does) so the next store key is new."""
+        self._fingerprint = None
+
+    @contextlib.contextmanager
+    def decoder(self) -> Iterator[Any]:
+        """Context in which the model is exactly the base model (adapter disabled)."""
+        with self.peft_model.disable_adapter():
+            yield causal_lm_of(self.peft_model)
+
+    # ------------------------------------------------------------------ tokenisation
+    def tokenize(self, texts: Sequence[str], *, truncate: bool = False) -> list[list[int]]:
+        """Token ids of each text (no special tokens), validated.
+
+        Raises:
+            CompressorError: a text is not a string, or is empty / whitespace only.
+            ContextTooLongError: a text is longer than ``config.max_length`` tokens and
+                ``truncate`` is False. With ``truncate=True`` it keeps the first tokens.
+        """
+        if isinstance(texts, str):
+            raise CompressorError("pass a list of texts, not a single string")
+        out: list[list[int]] = []
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise CompressorError(f"text {i} is {type(t).__name__}, not str")
+            if not t.strip():
+                raise CompressorError(f"text {i} is empty; there is nothing to compress")
+            ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.config.max_length:
+                if not truncate:
+                    raise ContextTooLongError(
+                        f"text {i} has {len(ids)} tokens, more than max_length={self.config.max_length}; "
+                        "split it into chunks first, or pass truncate=True to keep the first tokens")
+                ids = ids[: self.config.max_length]
+            out.append(ids)
+        return out
+
+    # ------------------------------------------------------------------ encoding
+    def encode_ids(self, batch: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Run the encoder on a batch of token-id lists (differentiable).
+
+        Layout per row: ``[text][memory x k][padding]``: right padding after the memory tokens,
+        so memory tokens never attend to padding and no query row is fully masked.
+
+        Returns:
+            kv mode: ``keys`` and ``values`` of shape ``(B, layers, kv_heads, k, head_dim)``,
+            keys position-free. embedding mode: ``embeddings`` ``(B, k, hidden)``.
+        """
+        dev = self.device
+        model = self.peft_model
+        lm = causal_lm_of(model)
+        k = self.config.k
+        lengths = torch.tensor([len(x) for x in batch], device=dev)
+        T = int(lengths.max())
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(batch), T), pad, dtype=torch.long, device=dev)
+        for i, row in enumerate(batch):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=dev)
+        embed = lm.get_input_embeddings()
+        tok_emb = embed(ids)
+        mem = self.memory.to(tok_emb.dtype)
+        B, H = len(batch), tok_emb.shape[-1]
+        # Insert the memory embeddings right after each row's text.
+        full = torch.cat([tok_emb, torch.zeros(B, k, H, dtype=tok_emb.dtype, device=dev)], dim=1)
+        mem_pos = lengths[:, None] + torch.arange(k, device=dev)[None, :]  # (B, k)
+        is_mem = torch.zeros(B, T + k, dtype=torch.bool, device=dev)
+        is_mem.scatter_(1, mem_pos, True)
+        mem_full = torch.zeros_like(full)
+        mem_full = mem_full.index_put((torch.arange(B, device=dev)[:, None].expand(B, k), mem_pos), mem.expand(B, k, H))
+        # Text after the memory slots belongs to padding in this layout; shift the text tokens that
+        # lie at memory positions (they are padding anyway, since text ends at lengths[i]).
+        inputs = torch.where(is_mem[..., None], mem_full, full)
+        attn = (torch.arange(T + k, device=dev)[None, :] < (lengths[:, None] + k)).long()
+        pos = torch.arange(T + k, device=dev)[None, :].expand(B, -1)
+        body = inner_model(model)
+        if self.config.mode == "embedding":
+            out = body(inputs_embeds=inputs, attention_mask=attn, position_ids=pos, use_cache=False)
+            h = out.last_hidden_state
+            idx = mem_pos[..., None].expand(B, k, h.shape[-1])
+            return {"embeddings": torch.gather(h, 1, idx)}
+        cache = new_cache(lm.config)
+        body(inputs_embeds=inputs, attention_mask=attn, position_ids=pos, use_cache=True, **cache_kwargs(body, cache))
+        keys, values = [], []
+        n_layers = lm.config.num_hidden_layers
+        for layer in range(n_layers):
+            kl, vl = cache_layer(cache, layer)
+            idx = mem_pos[:, None, :, None].expand(B, kl.shape[1], k, kl.shape[-1])
+            keys.append(torch.gather(kl, 2, idx))
+            values.append(torch.gather(vl, 2, idx))
+        K = torch.stack(keys, dim=1)  # (B, L, H, k, D)
+        V = torch.stack(values, dim=1)
+        K = self.rotary.unrotate(K, mem_pos[:, None, None, :])
+        return {"keys": K, "values": V}
+
+    @torch.no_grad()
+    def compress(
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int = 16,
+        truncate: bool = False,
+        progress: bool = False,
+    ) -> list[CompressedContext]:
+        """Compress texts into contexts (in input order).
+
+        Texts are sorted by length and batched, so little time goes into padding.
+
+        Args:
+            texts: non-empty strings of at most ``config.max_length`` tokens each.
+            batch_size: texts per encoder forward.
+            truncate: keep the first ``max_length`` tokens of longer texts instead of raising.
+            progress: show a tqdm progress bar.
+        """
+        ids = self.tokenize(texts, truncate=truncate)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        results: list[CompressedContext | None] = [None] * len(ids)
+        fp, base_fp = self.fingerprint, self.base.fingerprint
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc=f"compress k={self.k}", unit="chunk")
+        was_training = self.peft_model.training
+        self.peft_model.eval()
+        try:
+            for s in range(0, len(order), batch_size):
+                chunk = order[s: s + batch_size]
+                out = self.encode_ids([ids[i] for i in chunk])
+                for j, i in enumerate(chunk):
+                    extra = {"truncated": "true"} if truncate and len(ids[i]) == self.config.max_length else {}
+                    if self.mode == "kv":
+                        ctx = CompressedContext("kv", len(ids[i]), base_fp, fp,
+                                                keys=out["keys"][j].clone(), values=out["values"][j].clone(), extra=extra)
+                    else:
+                        ctx = CompressedContext("embedding", len(ids[i]), base_fp, fp,
+                                                embeddings=out["embeddings"][j].clone(), extra=extra)
+                    results[i] = ctx
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+            self.peft_model.train(was_training)
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+                        extra: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` and ``weights.safetensors`` (adapter + memory) to ``path``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.detach().to("cpu", dtype).contiguous() for n, t in self.trainable_state_dict().items()}
+        self.invalidate_fingerprint()
+        meta = {"format": CHECKPOINT_FORMAT, "config": asdict(self.config), "fingerprint": self.fingerprint,
+                **({"info": extra} if extra else {})}
+        save_file(tensors, str(path / "weights.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
+        (path / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return path
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load adapter and memory weights saved by :meth:`save_pretrained` into this compressor."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(Path(path) / "weights.safetensors"))
+        mem = tensors.pop("memory")
+        if mem.shape != self.memory.shape:
+            raise CheckpointMismatchError(f"memory shape {tuple(mem.shape)} != {tuple(self.memory.shape)}")
+        adapter = {n[len("adapter."):]: t for n, t in tensors.items() if n.startswith("adapter.")}
+        res = set_peft_model_state_dict(self.peft_model, adapter)
+        unexpected = getattr(res, "unexpected_keys", [])
+        if unexpected:
+            raise CheckpointMismatchError(f"checkpoint has weights this compressor lacks: {unexpected[:3]}")
+        with torch.no_grad():
+            self.memory.copy_(mem.to(self.memory.device, self.memory.dtype))
+        self.invalidate_fingerprint()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike = "default",
+        *,
+        base: BaseModel | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> "Compressor":
+        """Load a saved compressor.
+
+        Args:
+            path: a checkpoint folder, a shipped checkpoint name (``"default"``, ``"kv-k16"``,
+                ``"kv-k4"``, ``"kv-k1"``, ``"embedding-k16"``, ``"embedding-k1"``).
+            base: an already loaded base model (its fingerprint must match the checkpoint's);
+                by default the checkpoint's base model is loaded.
+
+        Raises:
+            FileNotFoundError: no checkpoint there.
+            CheckpointMismatchError: the checkpoint was trained for another base model.
+        """
+        folder = resolve_checkpoint(path)
+        meta = json.loads((folder / "config.json").read_text())
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointMismatchError(f"{folder} is not a compressor checkpoint ({meta.get('format')!r})")
+        config = CompressorConfig(**meta["config"])
+        if base is None:
+            base = load_base_model(config.base_model or None, device=device, dtype=dtype)
+        if base.fingerprint != config.base_fingerprint:
+            raise CheckpointMismatchError(
+                f"checkpoint {folder.name} was trained for base model {config.base_model!r} "
+                f"(fingerprint {config.base_fingerprint}), but the loaded model {base.name!r} has fingerprint "
+                f"{base.fingerprint}; a compressor only works with the model it was trained for")
+        comp = cls(base, config)
+        comp.load_weights(folder)
+        comp.to(base.device)
+        return comp
+
+
+def causal_lm_of(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def shipped_checkpoints() -> dict[str, Path]:
+    """Names and folders of the compressors shipped with the package."""
+    if not CHECKPOINT_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(CHECKPOINT_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a path or a shipped name (``"default"`` = ``"kv-k16"``)."""
+    name = str(path)
+    if name == "default":
+        name = "kv-k16"
+    shipped = shipped_checkpoints()
+    if name in shipped:
+        return shipped[name]
+    folder = Path(path).expanduser()
+    if (folder / "config.json").is_file():
+        return folder
+    raise FileNotFoundError(
+        f"no compressor checkpoint at {path!r}; shipped names: {sorted(shipped) or 'none'}")

@@ -1,0 +1,240 @@
+"""CompressedContext: the compressed form of one text chunk.
+
+In ``kv`` mode (500xCompressor) a context holds, for every layer of the base model, the keys
+and values of k compressed tokens. Keys are stored *position-free*: the rotary rotation of
+the positions they were computed at is undone, and :meth:`CompressedContext.keys_at` rotates
+them to wherever the chunk is placed in a prompt. Because rotary embeddings are rotations,
+a chunk placed at position p gets exactly the keys it would have had if computed there.
+
+In ``embedding`` mode (the ICAE baseline) a context holds k vectors that the decoder reads as
+input embeddings.
+
+Contexts serialise to safetensors bytes (never pickle) with a sha256 digest of the tensor
+data, so truncated or corrupted bytes fail loudly in :meth:`CompressedContext.from_bytes`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+MODES = ("kv", "embedding")
+
+
+class ContextFormatError(ValueError):
+    """Bytes that are not a valid, intact serialised CompressedContext."""
+
+
+@dataclass
+class CompressedContext:
+    """Compressed representation of one text chunk.
+
+    Attributes:
+        mode: ``"kv"`` or ``"embedding"``.
+        keys: ``(layers, kv_heads, k, head_dim)`` position-free keys (``kv`` mode).
+        values: ``(layers, kv_heads, k, head_dim)`` values (``kv`` mode).
+        embeddings: ``(k, hidden)`` input embeddings (``embedding`` mode).
+        source_tokens: number of tokens of the text it was made from.
+        base_fingerprint: :func:`compressor_plugin.models.model_fingerprint` of the base model.
+        compressor_fingerprint: identity of the compressor that made it (``"identity"`` for
+            the exact K/V of the text, made without a compressor).
+    """
+
+    mode: str
+    source_tokens: int
+    base_fingerprint: str
+    compressor_fingerprint: str
+    keys: torch.Tensor | None = field(default=None, repr=False)
+    values: torch.Tensor | None = field(default=None, repr=False)
+    embeddings: torch.Tensor | None = field(default=None, repr=False)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"CompressedContext(mode={self.mode!r}, k={self.k}, source_tokens={self.source_tokens}, "
+                f"dtype={self.dtype}, base={self.base_fingerprint}, compressor={self.compressor_fingerprint})")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.mode == "kv":
+            if self.keys is None or self.values is None:
+                raise ValueError("a kv context needs keys and values")
+            if self.keys.dim() != 4 or self.keys.shape != self.values.shape:
+                raise ValueError(
+                    f"keys and values must both be (layers, kv_heads, k, head_dim); got "
+                    f"{tuple(self.keys.shape)} and {tuple(self.values.shape)}")
+        else:
+            if self.embeddings is None or self.embeddings.dim() != 2:
+                raise ValueError("an embedding context needs embeddings of shape (k, hidden)")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def k(self) -> int:
+        """Number of compressed tokens."""
+        return int(self.keys.shape[2] if self.mode == "kv" else self.embeddings.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.keys if self.mode == "kv" else self.embeddings).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return (self.keys if self.mode == "kv" else self.embeddings).device
+
+    @property
+    def compression_ratio(self) -> float:
+        """Source tokens per compressed token."""
+        return self.source_tokens / max(self.k, 1)
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.keys, self.values] if self.mode == "kv" else [self.embeddings]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "CompressedContext":
+        """A copy on another device and/or dtype."""
+        conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return CompressedContext(self.mode, self.source_tokens, self.base_fingerprint, self.compressor_fingerprint,
+                                 conv(self.keys), conv(self.values), conv(self.embeddings), dict(self.extra))
+
+    # ------------------------------------------------------------------ positions
+    def keys_at(self, start: int, rotary: "RotaryHelper") -> torch.Tensor:
+        """Keys rotated to positions ``start .. start+k-1``: ``(layers, kv_heads, k, head_dim)``."""
+        if self.mode != "kv":
+            raise ValueError("only kv contexts have keys")
+        positions = torch.arange(start, start + self.k, device=self.keys.device)
+        return rotary.rotate(self.keys, positions)
+
+    # ------------------------------------------------------------------ bytes
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        if self.mode == "kv":
+            return {"keys": self.keys.detach().contiguous().cpu(), "values": self.values.detach().contiguous().cpu()}
+        return {"embeddings": self.embeddings.detach().contiguous().cpu()}
+
+    @staticmethod
+    def _digest(tensors: dict[str, torch.Tensor]) -> str:
+        h = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name]
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def to_bytes(self) -> bytes:
+        """Serialise to safetensors bytes with metadata and a digest of the tensor data."""
+        from safetensors.torch import save
+
+        tensors = self._tensors()
+        meta = {
+            "format": "compressor_plugin.CompressedContext",
+            "format_version": str(FORMAT_VERSION),
+            "mode": self.mode,
+            "k": str(self.k),
+            "source_tokens": str(self.source_tokens),
+            "base_fingerprint": self.base_fingerprint,
+            "compressor_fingerprint": self.compressor_fingerprint,
+            "digest": self._digest(tensors),
+            "extra": json.dumps(self.extra, sort_keys=True),
+        }
+        return save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, device: torch.device | str | None = None) -> "CompressedContext":
+        """Parse bytes written by :meth:`to_bytes`.
+
+        Raises:
+            ContextFormatError: not bytes, not safetensors, wrong format or version, shapes that
+                disagree with the metadata, or a digest mismatch (corrupted tensor data).
+        """
+        from safetensors import safe_open  # noqa: F401  (ensures the package is present)
+        from safetensors.torch import load
+
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ContextFormatError(f"expected bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if len(data) < 8:
+            raise ContextFormatError(f"{len(data)} bytes is too short to be a serialised context")
+        header_len = int.from_bytes(data[:8], "little")
+        if header_len <= 0 or 8 + header_len > len(data):
+            raise ContextFormatError("truncated or invalid safetensors header")
+        try:
+            header = json.loads(data[8:8 + header_len])
+            tensors = load(data)
+        except Exception as exc:  # safetensors raises several error types
+            raise ContextFormatError(f"not valid safetensors data: {exc}") from exc
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != "compressor_plugin.CompressedContext":
+            raise ContextFormatError("safetensors data is not a CompressedContext")
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise ContextFormatError(f"unsupported format version {meta.get('format_version')!r}; "
+                                     f"this version reads {FORMAT_VERSION}")
+        if cls._digest(tensors) != meta.get("digest"):
+            raise ContextFormatError("digest mismatch: the tensor data is corrupted")
+        mode = meta.get("mode")
+        try:
+            ctx = cls(mode=mode, source_tokens=int(meta["source_tokens"]),
+                      base_fingerprint=meta["base_fingerprint"], compressor_fingerprint=meta["compressor_fingerprint"],
+                      keys=tensors.get("keys"), values=tensors.get("values"), embeddings=tensors.get("embeddings"),
+                      extra=json.loads(meta.get("extra") or "{}"))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ContextFormatError(f"inconsistent context metadata: {exc}") from exc
+        if ctx.k != int(meta.get("k", -1)):
+            raise ContextFormatError("k in metadata disagrees with the tensor shapes")
+        return ctx.to(device) if device is not None else ctx
+
+
+class RotaryHelper:
+    """Applies and undoes a model's rotary position embedding on cached keys.
+
+    Uses the model's own rotary module for cos/sin, so scaled variants (Llama 3, linear,
+    dynamic NTK at fixed length) get the frequencies the model itself uses.
+    """
+
+    def __init__(self, model: Any):
+        self.rotary = find_rotary_module(model)
+        self.config = model.config
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape ``(..., head_dim)`` for integer positions of any shape."""
+        flat = positions.reshape(1, -1).to(device)
+        probe = torch.zeros(1, device=device, dtype=torch.float32)
+        cos, sin = self.rotary(probe, flat)
+        shape = tuple(positions.shape) + (cos.shape[-1],)
+        scale = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
+        cos, sin = cos.reshape(shape) / scale, sin.reshape(shape) / scale
+        return cos.to(dtype), sin.to(dtype)
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    def rotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate position-free keys ``(..., T, head_dim)`` to ``positions`` (``(T,)`` or broadcastable ``(..., T)``)."""
+        cos, sin = self.cos_sin(positions, torch.float32, keys.device)
+        k = keys.float()
+        return (k * cos + self._rotate_half(k) * sin).to(keys.dtype)
+
+    def unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Undo the rotation of keys computed at ``positions``."""
+        cos, sin = self.cos_sin(positions, torch.float32, keys.device)
+        k = keys.float()
+        return (k * cos - self._rotate_half(k) * sin).to(keys.dtype)
+
+
+def find_rotary_module(model: Any) -> Any:
+    """The rotary embedding module of a (possibly peft-wrapped) Hugging Face causal LM."""
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb") and "layers." not in name:
+            return module
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb"):
+            return module
+    raise ValueError("the model has no rotary embedding module (rotary_emb); only rotary causal LMs are supported")

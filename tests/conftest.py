@@ -1,0 +1,38 @@
+"""Shared fixtures: the real default model is loaded once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def base():
+    """The real default base model (SmolLM2-135M-Instruct), fp32 on CPU."""
+    from compressor_plugin.models import load_base_model
+
+    return load_base_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def generator(base):
+    """A Generator over the plain default model (no compressor attached)."""
+    from compressor_plugin.generation import Generator
+
+    return Generator(base)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A small randomly initialised Llama (plumbing and shape tests only)."""
+    from compressor_plugin.models import tiny_random_llama
+
+    return tiny_random_llama(seed=0)
+
+
+@pytest.fixture()
+def tiny_compressor():
+    """A fresh untrained kv compressor (k=4) on its own tiny random Llama."""
+    from compressor_plugin.compressor import Compressor, CompressorConfig
+    from compressor_plugin.models import tiny_random_llama
+
+    return Compressor(tiny_random_llama(seed=1), CompressorConfig(k=4, mode="kv", lora_r=4, max_length=64))

@@ -1,0 +1,187 @@
+"""Core behaviour: K/V injection, re-rotation, adapter isolation, batching, round trips, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compressor_plugin.compressor import (CheckpointMismatchError, Compressor, CompressorConfig, CompressorError,
+                                          ContextTooLongError)
+from compressor_plugin.context import CompressedContext, ContextFormatError
+from compressor_plugin.generation import ContextMismatchError, GenerationConfig, Generator, PromptError, TokenIds
+from compressor_plugin.models import load_base_model, model_fingerprint
+
+CTX = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+       "It was designed by the company of Gustave Eiffel and completed in 1889 for the World's Fair.")
+QUESTION = "\nQuestion: When was the Eiffel Tower completed?\nAnswer:"
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_injected_full_kv_reproduces_plain_generation(base, generator):
+    tok = base.tokenizer
+    cid, qid = _ids(tok, CTX), _ids(tok, QUESTION)
+    plain = generator.generate([TokenIds(cid + qid)], max_new_tokens=16)
+    ctx = generator.context_from_text(cid)
+    injected = generator.generate([ctx, TokenIds(qid)], max_new_tokens=16)
+    assert injected.token_ids == plain.token_ids
+    assert "1889" in plain.text
+    assert injected.compressed_tokens == len(cid) and injected.text_tokens == len(qid)
+
+
+def test_rerotation_matches_kv_computed_at_position(base, generator):
+    """A chunk placed at position p gives the logits of K/V computed there."""
+    tok = base.tokenizer
+    cid, qid = _ids(tok, CTX), _ids(tok, QUESTION)
+    prefix = _ids(tok, "Read this passage carefully, then answer.\n")
+    p = len(prefix)
+    at_zero = generator.context_from_text(cid, start=0)
+    at_p = generator.context_from_text(cid, start=p)
+    # same position-free keys whichever position they were computed at
+    torch.testing.assert_close(at_zero.keys, at_p.keys, atol=2e-4, rtol=1e-4)
+    # placing the position-0 chunk at p gives the logits of the chunk computed at p
+    pre_a = generator.prefill([TokenIds(prefix), at_zero, TokenIds(qid)])
+    pre_b = generator.prefill([TokenIds(prefix), at_p, TokenIds(qid)])
+    torch.testing.assert_close(pre_a.last_logits, pre_b.last_logits, atol=1e-3, rtol=1e-4)
+    # and a wrong placement changes them (the check above can fail)
+    wrong = at_zero.to()
+    wrong.keys = generator.rotary.rotate(at_zero.keys, torch.arange(40, 40 + at_zero.k))
+    pre_c = generator.prefill([TokenIds(prefix), wrong, TokenIds(qid)])
+    assert (pre_c.last_logits - pre_a.last_logits).abs().max() > 1e-2
+
+
+def test_disabled_adapter_gives_exact_base_outputs():
+    base_plain = load_base_model(device="cpu")
+    ids = torch.tensor([_ids(base_plain.tokenizer, CTX)])
+    with torch.no_grad():
+        ref = base_plain.model(input_ids=ids).logits.clone()
+    comp = Compressor(load_base_model(device="cpu"), CompressorConfig(k=4))
+    # make the adapter non-trivial, so "enabled" differs from "disabled"
+    with torch.no_grad():
+        for n, p in comp.peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    with torch.no_grad():
+        with comp.decoder() as lm:
+            dec = lm(input_ids=ids).logits
+        enc = comp.peft_model(input_ids=ids).logits
+    assert torch.equal(dec, ref)
+    assert not torch.allclose(enc, ref)
+
+
+def test_batch_equals_one_by_one(tiny_compressor):
+    texts = ["short text", "a somewhat longer text with more tokens in it", "medium length text here"]
+    together = tiny_compressor.compress(texts, batch_size=3)
+    alone = [tiny_compressor.compress([t])[0] for t in texts]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4)
+        assert a.source_tokens == b.source_tokens
+
+
+def test_generate_batch_equals_single(generator):
+    prompts = [[CTX + QUESTION], ["The capital of France is"]]
+    batch = generator.generate_batch(prompts, max_new_tokens=8)
+    single = [generator.generate(p, max_new_tokens=8) for p in prompts]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in single]
+
+
+def test_stream_and_stop_strings(generator):
+    full = generator.generate([CTX + QUESTION], max_new_tokens=20)
+    pieces = list(generator.stream([CTX + QUESTION], max_new_tokens=20))
+    assert "".join(pieces) == full.text
+    stopped = generator.generate([CTX + QUESTION], GenerationConfig(max_new_tokens=20, stop=["1889"]))
+    assert "1889" not in stopped.text and stopped.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("mode,k", [("kv", 4), ("embedding", 2)])
+def test_modes_compress_and_generate(mode, k):
+    from compressor_plugin.models import tiny_random_llama
+
+    comp = Compressor(tiny_random_llama(seed=2), CompressorConfig(k=k, mode=mode, lora_r=4))
+    ctx = comp.compress(["hello world, this is a test"])[0]
+    assert ctx.mode == mode and ctx.k == k
+    if mode == "kv":
+        assert ctx.keys.shape == (2, 2, k, 16)
+    else:
+        assert ctx.embeddings.shape == (k, 64)
+    out = Generator(comp.base, comp).generate([ctx, "\nAnswer:"], max_new_tokens=3)
+    assert out.compressed_tokens == k and out.source_tokens == ctx.source_tokens
+
+
+def test_bytes_round_trip_and_corruption(tiny_compressor):
+    ctx = tiny_compressor.compress(["round trip me"])[0]
+    data = ctx.to_bytes()
+    back = CompressedContext.from_bytes(data)
+    assert torch.equal(back.keys, ctx.keys) and torch.equal(back.values, ctx.values)
+    assert (back.k, back.source_tokens, back.compressor_fingerprint) == (ctx.k, ctx.source_tokens, ctx.compressor_fingerprint)
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF
+    with pytest.raises(ContextFormatError, match="digest"):
+        CompressedContext.from_bytes(bytes(flipped))
+    with pytest.raises(ContextFormatError):
+        CompressedContext.from_bytes(data[: len(data) // 2])
+    with pytest.raises(ContextFormatError):
+        CompressedContext.from_bytes(b"\x80\x04pickle")
+    with pytest.raises(ContextFormatError):
+        CompressedContext.from_bytes("not bytes")  # type: ignore[arg-type]
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path, tiny_compressor):
+    with torch.no_grad():
+        for n, p in tiny_compressor.peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    tiny_compressor.invalidate_fingerprint()
+    path = tiny_compressor.save_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["config"]["k"] == 4 and meta["fingerprint"] == tiny_compressor.fingerprint
+    from compressor_plugin.models import tiny_random_llama
+
+    loaded = Compressor.from_pretrained(path, base=tiny_random_llama(seed=1))
+    assert loaded.fingerprint == tiny_compressor.fingerprint
+    a = tiny_compressor.compress(["same text"])[0]
+    b = loaded.compress(["same text"])[0]
+    torch.testing.assert_close(a.keys, b.keys)
+    with pytest.raises(CheckpointMismatchError, match="fingerprint"):
+        Compressor.from_pretrained(path, base=tiny_random_llama(seed=5))
+
+
+def test_bad_input_errors(tiny_compressor, generator):
+    with pytest.raises(CompressorError, match="empty"):
+        tiny_compressor.compress(["   "])
+    with pytest.raises(CompressorError, match="not str"):
+        tiny_compressor.compress([123])  # type: ignore[list-item]
+    with pytest.raises(CompressorError, match="list of texts"):
+        tiny_compressor.compress("a single string")  # type: ignore[arg-type]
+    with pytest.raises(ContextTooLongError, match="max_length=64"):
+        tiny_compressor.compress(["word " * 200])
+    ctx = tiny_compressor.compress(["word " * 200], truncate=True)[0]
+    assert ctx.source_tokens == 64 and ctx.extra.get("truncated") == "true"
+    # a context from another base model is refused by the generator
+    with pytest.raises(ContextMismatchError):
+        generator.generate([ctx, "question"], max_new_tokens=2)
+    with pytest.raises(PromptError, match="end with text"):
+        generator.generate([generator.context_from_text("hello there")], max_new_tokens=2)
+    with pytest.raises(PromptError, match="empty"):
+        generator.generate([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="mode"):
+        CompressorConfig(mode="zip")
+
+
+def test_fingerprint_is_dtype_independent(base):
+    bf16 = load_base_model(device="cpu", dtype="bf16")
+    assert model_fingerprint(bf16.model) == base.fingerprint
+
+
+def test_unsupported_model_type_is_refused():
+    from types import SimpleNamespace
+
+    from compressor_plugin.models import UnsupportedModelError, check_supported
+
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        check_supported(SimpleNamespace(model_type="gpt2"))
