@@ -1,4 +1,4 @@
-"""``compressor-plugin compress``: compress text and print statistics."""
+"""``compressor-plugin demo`` (the main job) and ``compressor-plugin compress``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,19 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("demo", help="answer questions from compressed, cached chunks and from full text, side by side",
+                       description="Compress twelve bundled SQuAD paragraphs into the store (once; later runs find them "
+                                   "there), retrieve the top paragraphs for each question with BM25, and answer with the "
+                                   "same frozen model from compressed K/V and from the full text. Prints answers, prompt "
+                                   "tokens and timings.")
+    d.add_argument("--checkpoint", default="default", help="compressor checkpoint folder or shipped name (default: kv-k16)")
+    d.add_argument("--store", default=None, help="store folder (default: the user cache's store)")
+    d.add_argument("--questions", type=int, default=4, help="how many bundled questions to answer (1-6)")
+    d.add_argument("--top-k", type=int, default=2, help="paragraphs retrieved per question")
+    d.add_argument("--device", default=None)
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.set_defaults(func=_demo)
+
     p = sub.add_parser("compress", help="compress text (argument, file or stdin) and print statistics",
                        description="Compress text into k compressed tokens with a compressor checkpoint and print "
                                    "token counts, compression ratio, bytes and timing. With --regenerate, also decode "
@@ -66,4 +79,24 @@ def _compress(args: argparse.Namespace) -> int:
     else:
         for key, val in stats.items():
             print(f"{key:>18}: {val}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..compressor import shipped_checkpoints
+    from ..demo import format_report, run_demo
+    from ..engine import CompressionEngine
+    from ..store import ContextStore
+
+    if args.checkpoint == "default" and "kv-k16" not in shipped_checkpoints():
+        raise FileNotFoundError("the shipped compressor kv-k16 is missing from this installation")
+    print("Loading the base model and the compressor (the first run converts the default model, ~20 s)...",
+          file=sys.stderr)
+    store = ContextStore(args.store) if args.store else ContextStore()
+    engine = CompressionEngine.from_pretrained(args.checkpoint, store=store, device=args.device)
+    rep = run_demo(engine, questions=max(1, min(args.questions, 6)), top_k=args.top_k)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(format_report(rep, args.checkpoint, str(store.directory)))
     return 0
