@@ -1,0 +1,776 @@
+"""LlamaIndex integration: compressed chunks in ingestion pipelines and query engines.
+
+Three thin layers over :class:`~compressor_plugin.engine.CompressionEngine`:
+
+* :class:`CompressTransform` - an ``IngestionPipeline`` step that compresses every node's text
+  into the store (once, ever) and records the store key and token counts in the node's
+  metadata. Node text is left as it is, so retrievers and embeddings still see the text.
+* :class:`CompressedNodePostprocessor` - after retrieval, swaps each node's text for a marker
+  (``[[cc:<key>]]``) naming its compressed entry; the original text moves to
+  ``metadata["original_text"]``, hidden from LLM and embedding views.
+* :class:`CompressedLLM` - a LlamaIndex ``CustomLLM`` that resolves the markers in its prompt
+  into the stored K/V and answers with the unchanged base model (text fallback, with a
+  warning, for a marker whose entry is missing).
+
+Example::
+
+    from llama_index.core.ingestion import IngestionPipeline
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.query_engine import RetrieverQueryEngine
+    from compressor_plugin.engine import CompressionEngine
+    from compressor_plugin.integrations.llama_index import (
+        CompressTransform, CompressedNodePostprocessor, CompressedLLM, qa_templates)
+
+    engine = CompressionEngine.from_pretrained("default", store="/data/chunks")
+    nodes = IngestionPipeline(transformations=[
+        SentenceSplitter(chunk_size=256, chunk_overlap=20, tokenizer=engine_tokenizer(engine)),
+        CompressTransform(engine)]).run(documents=docs)
+    llm = CompressedLLM(engine, max_new_tokens=32, stop=["\\n"])
+    query_engine = RetrieverQueryEngine(
+        retriever=my_retriever,                       # any retriever over ``nodes``
+        response_synthesizer=llm.response_synthesizer(**qa_templates("chat")),
+        node_postprocessors=[CompressedNodePostprocessor(engine)])
+    print(query_engine.query("Who won Super Bowl 50?"))
+
+Nothing in the core package imports LlamaIndex; this module is the only place that does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
+from llama_index.core.indices.prompt_helper import PromptHelper
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.prompts import ChatPromptTemplate, PromptTemplate
+from llama_index.core.prompts.base import BasePromptTemplate
+from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle, TransformComponent
+
+from ..compressor import ContextTooLongError
+from ..context import CompressedContext
+from ..generation import GenerationConfig
+from ..markers import MARKER_RE, MissingChunkWarning, has_markers, make_marker, split_markers
+from ..prompts import CHAT_INSTRUCTION
+from ..store import normalize_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llama_index.core.response_synthesizers import BaseSynthesizer
+
+    from ..engine import CompressionEngine, EngineResult
+
+__all__ = [
+    "CompressTransform",
+    "CompressedNodePostprocessor",
+    "CompressedLLM",
+    "BrokenMarkerWarning",
+    "COMPRESSION_METADATA_KEYS",
+    "ORIGINAL_TEXT_KEY",
+    "engine_tokenizer",
+    "marker_aware_tokenizer",
+    "qa_templates",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Metadata keys written by :class:`CompressTransform` and :class:`CompressedNodePostprocessor`.
+STORE_KEY = "store_key"
+COMPRESSED_TOKENS_KEY = "compressed_tokens"
+SOURCE_TOKENS_KEY = "source_tokens"
+RATIO_KEY = "compression_ratio"
+COMPRESSION_METADATA_KEYS: tuple[str, ...] = (STORE_KEY, COMPRESSED_TOKENS_KEY, SOURCE_TOKENS_KEY, RATIO_KEY)
+#: Where :class:`CompressedNodePostprocessor` keeps a node's text once it holds markers.
+ORIGINAL_TEXT_KEY = "original_text"
+
+_MARKER_START = "[[cc:"
+
+
+class BrokenMarkerWarning(UserWarning):
+    """A prompt holds the start of a marker that is not a whole marker (it was cut or edited)."""
+
+
+def _warn_broken_markers(texts: Sequence[str]) -> None:
+    for text in texts:
+        if text and text.count(_MARKER_START) > len(MARKER_RE.findall(text)):
+            warnings.warn("the prompt holds a cut or damaged compressed-chunk marker, which is passed to the model as "
+                          "plain text; a prompt helper probably split a chunk mid-marker (give the LLM a larger "
+                          "context_window, or count tokens with CompressedLLM.marker_tokenizer)",
+                          BrokenMarkerWarning, stacklevel=3)
+            return
+
+
+LongText = Literal["split", "truncate", "error"]
+_LONG_TEXT_CHOICES = ("split", "truncate", "error")
+#: Tokens kept free below ``max_chunk_tokens`` when splitting, since re-tokenising a piece can differ slightly.
+_SPLIT_MARGIN = 8
+
+
+# ---------------------------------------------------------------------------------- tokenizers
+def engine_tokenizer(engine: "CompressionEngine") -> Callable[[str], list[int]]:
+    """The engine's tokenizer as LlamaIndex wants one: ``text -> token ids`` (no special tokens).
+
+    Use it for node parsers (``SentenceSplitter(tokenizer=...)``) so chunk sizes are counted in
+    the base model's tokens, the unit of ``engine.max_chunk_tokens``.
+    """
+    tok = engine.tokenizer
+
+    def encode(text: str) -> list[int]:
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    return encode
+
+
+def marker_aware_tokenizer(engine: "CompressionEngine") -> Callable[[str], list[int]]:
+    """A tokenizer for LlamaIndex's prompt helper that counts each marker as ``k`` tokens.
+
+    A marker string is ~70 characters (40-60 tokens in most tokenizers) but occupies only ``k``
+    positions once resolved. With this tokenizer the prompt helper packs chunks by what the
+    model really attends to. Text is counted with the base model's tokenizer. The ids returned
+    for a marker are placeholders: only the length is meaningful.
+    """
+    tok = engine.tokenizer
+    k = int(engine.compressor.k)
+    filler = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def encode(text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in split_markers(text or ""):
+            if isinstance(piece, str):
+                if piece:
+                    ids.extend(tok(piece, add_special_tokens=False)["input_ids"])
+            else:
+                ids.extend([filler] * k)
+        return ids
+
+    return encode
+
+
+# ---------------------------------------------------------------------------------- shared helpers
+def _check_long_text(value: str) -> str:
+    if value not in _LONG_TEXT_CHOICES:
+        raise ValueError(f"long_text must be one of {_LONG_TEXT_CHOICES}, not {value!r}")
+    return value
+
+
+def _node_text(node: BaseNode) -> str:
+    """A node's own text (no metadata)."""
+    try:
+        return node.get_content(metadata_mode=MetadataMode.NONE) or ""
+    except Exception:  # pragma: no cover - exotic node types without text
+        return ""
+
+
+def _split_text(engine: "CompressionEngine", text: str, limit: int) -> list[str]:
+    """Split text into pieces of at most ``limit`` tokens, at sentence boundaries where possible."""
+    from llama_index.core.node_parser import SentenceSplitter
+
+    count = engine.count_tokens
+    size = max(limit - _SPLIT_MARGIN, 1)
+    splitter = SentenceSplitter(chunk_size=size, chunk_overlap=0, tokenizer=engine_tokenizer(engine))
+    pieces: list[str] = []
+    for piece in splitter.split_text(text):
+        if not piece.strip():
+            continue
+        if count(piece) <= limit:
+            pieces.append(piece)
+            continue
+        # a piece the sentence splitter could not bring under the limit: cut at token offsets
+        enc = engine.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        starts = [offsets[i][0] for i in range(0, len(offsets), size)] + [len(piece)]
+        pieces.extend(p for p in (piece[a:b] for a, b in zip(starts, starts[1:])) if p.strip())
+    return pieces
+
+
+class _Plan:
+    """How one node's text is compressed: the texts to compress and the truncate flag."""
+
+    __slots__ = ("texts", "truncate")
+
+    def __init__(self, texts: list[str], truncate: bool):
+        self.texts = texts
+        self.truncate = truncate
+
+
+def _plan(engine: "CompressionEngine", text: str, long_text: str, node_id: str) -> _Plan:
+    limit = int(engine.max_chunk_tokens)
+    n = engine.count_tokens(normalize_text(text))
+    if n <= limit:
+        return _Plan([text], False)
+    if long_text == "truncate":
+        return _Plan([text], True)
+    if long_text == "error":
+        raise ContextTooLongError(
+            f"node {node_id} has {n} tokens, more than the compressor's max_chunk_tokens={limit}; split documents "
+            "into smaller chunks (e.g. SentenceSplitter(chunk_size=...)), or use long_text='split' or 'truncate'")
+    pieces = _split_text(engine, text, limit)
+    logger.debug("node %s has %d tokens; compressed as %d pieces", node_id, n, len(pieces))
+    return _Plan(pieces, False)
+
+
+def _compress_plans(engine: "CompressionEngine", plans: list[_Plan], batch_size: int) -> list[list[Any]]:
+    """StoreResults per plan; plain and truncated texts go through the store in one call each."""
+    out: list[list[Any]] = [[] for _ in plans]
+    for trunc in (False, True):
+        idx = [i for i, p in enumerate(plans) if p.truncate == trunc]
+        flat = [t for i in idx for t in plans[i].texts]
+        if not flat:
+            continue
+        results = engine.compress(flat, batch_size=batch_size, truncate=trunc)
+        pos = 0
+        for i in idx:
+            out[i] = results[pos: pos + len(plans[i].texts)]
+            pos += len(plans[i].texts)
+    return out
+
+
+def _compression_metadata(results: Sequence[Any]) -> dict[str, Any]:
+    comp = sum(r.context.k for r in results)
+    src = sum(r.context.source_tokens for r in results)
+    return {STORE_KEY: ",".join(r.key for r in results), COMPRESSED_TOKENS_KEY: comp, SOURCE_TOKENS_KEY: src,
+            RATIO_KEY: round(src / comp, 3) if comp else 0.0}
+
+
+def _hide(keys: Sequence[str], excluded: Sequence[str]) -> list[str]:
+    return list(excluded) + [k for k in keys if k not in excluded]
+
+
+# ---------------------------------------------------------------------------------- ingestion
+class CompressTransform(TransformComponent):
+    """``IngestionPipeline`` step: compress node texts into the store, record keys in metadata.
+
+    Each node with text gets ``store_key``, ``compressed_tokens`` (k per piece),
+    ``source_tokens`` and ``compression_ratio`` in its metadata; those keys are excluded from
+    the LLM and embedding metadata views. The node text is not changed. Nodes without text
+    pass through untouched. A text longer than ``engine.max_chunk_tokens`` is split into
+    pieces (``store_key`` then lists their keys, comma-separated), truncated, or refused,
+    following ``long_text``.
+
+    The serialised fields are plain settings (checkpoint name, base and compressor
+    fingerprints, k, mode, store folder, options), so IngestionPipeline's cache key is stable
+    across runs and processes; the engine is a private attribute. A second run with the same
+    cache skips this step entirely (the store would make it cheap anyway: every chunk is a hit).
+
+    Args:
+        engine: the compression engine (compressor + store).
+        checkpoint: a name for the compressor, recorded in the cache key and used to reload the
+            engine after unpickling (e.g. in ``num_workers`` pipelines). Default: the engine's
+            checkpoint name when known, else ``"custom"``.
+        batch_size: chunks per encoder forward.
+        long_text: ``"split"`` (default), ``"truncate"`` or ``"error"``.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    checkpoint: str = Field(default="custom", description="compressor checkpoint name or folder")
+    base_fingerprint: str = Field(default="", description="fingerprint of the base model")
+    compressor_fingerprint: str = Field(default="", description="fingerprint of the compressor weights and config")
+    k: int = Field(default=16, description="compressed tokens per chunk")
+    mode: str = Field(default="kv", description="'kv' or 'embedding'")
+    store_dir: str = Field(default="", description="store folder")
+    batch_size: int = Field(default=16, ge=1, description="chunks per encoder forward")
+    long_text: LongText = Field(default="split", description="'split', 'truncate' or 'error' for over-long texts")
+
+    _engine: Optional["CompressionEngine"] = PrivateAttr(default=None)
+    _last_stats: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    def __init__(self, engine: Optional["CompressionEngine"] = None, **data: Any):
+        _check_long_text(data.get("long_text", "split"))
+        if engine is not None:
+            comp = engine.compressor
+            data.setdefault("checkpoint", getattr(engine, "checkpoint", None) or "custom")
+            data.update(base_fingerprint=comp.base.fingerprint, compressor_fingerprint=comp.fingerprint,
+                        k=int(comp.k), mode=str(comp.mode), store_dir=str(engine.store.directory))
+        elif not data.get("compressor_fingerprint"):
+            raise TypeError("CompressTransform needs an engine (CompressTransform(engine))")
+        data.pop("class_name", None)
+        super().__init__(**data)
+        self._engine = engine
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "CompressTransform"
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *,
+                        store: Any = None, device: Any = None, **kwargs: Any) -> "CompressTransform":
+        """Load an engine from a checkpoint (shipped name or folder) and wrap it."""
+        from ..engine import CompressionEngine
+
+        engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device)
+        kwargs.setdefault("checkpoint", str(checkpoint))
+        return cls(engine, **kwargs)
+
+    @property
+    def engine(self) -> "CompressionEngine":
+        """The engine; after unpickling, reloaded from ``checkpoint`` and ``store_dir``."""
+        if self._engine is None:
+            self._engine = self._reload_engine()
+        return self._engine
+
+    @property
+    def last_stats(self) -> dict[str, int]:
+        """Counts of the last call: ``nodes``, ``compressed_nodes``, ``chunks``, ``hits``, ``compressed``."""
+        return dict(self._last_stats)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the engine (model, store handles, locks) never travels; workers reload it from the fields
+        engine = self._engine
+        self._engine = None
+        try:
+            return super().__getstate__()
+        finally:
+            self._engine = engine
+
+    def _reload_engine(self) -> "CompressionEngine":
+        from ..engine import CompressionEngine
+
+        if self.checkpoint == "custom":
+            raise RuntimeError(
+                "this CompressTransform lost its engine (it was copied to another process) and was built from an "
+                "engine without a checkpoint name; run the pipeline without num_workers, or build the transform "
+                "with CompressTransform.from_pretrained(<checkpoint>) so workers can reload it")
+        engine = CompressionEngine.from_pretrained(self.checkpoint, store=self.store_dir or None)
+        if engine.compressor.fingerprint != self.compressor_fingerprint:
+            raise RuntimeError(f"checkpoint {self.checkpoint!r} no longer matches this transform (compressor "
+                               f"fingerprint {engine.compressor.fingerprint} != {self.compressor_fingerprint})")
+        return engine
+
+    def _select(self, nodes: Sequence[BaseNode]) -> tuple[list[int], list[str]]:
+        idx, texts = [], []
+        for i, node in enumerate(nodes):
+            text = _node_text(node)
+            if text.strip():
+                idx.append(i)
+                texts.append(text)
+        return idx, texts
+
+    def _apply(self, nodes: Sequence[BaseNode], idx: list[int], plans: list[_Plan], results: list[list[Any]]) -> None:
+        hits = compressed = 0
+        for i, res in zip(idx, results):
+            node = nodes[i]
+            node.metadata.update(_compression_metadata(res))
+            node.excluded_llm_metadata_keys = _hide(COMPRESSION_METADATA_KEYS, node.excluded_llm_metadata_keys)
+            node.excluded_embed_metadata_keys = _hide(COMPRESSION_METADATA_KEYS, node.excluded_embed_metadata_keys)
+            hits += sum(1 for r in res if r.hit)
+            compressed += sum(1 for r in res if not r.hit)
+        self._last_stats = {"nodes": len(nodes), "compressed_nodes": len(idx), "chunks": sum(len(p.texts) for p in plans),
+                            "hits": hits, "compressed": compressed}
+
+    def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
+        """Compress the text of every node (through the store) and annotate the nodes in place."""
+        engine = self.engine
+        idx, texts = self._select(nodes)
+        plans = [_plan(engine, t, self.long_text, nodes[i].node_id) for i, t in zip(idx, texts)]
+        results = _compress_plans(engine, plans, self.batch_size)
+        self._apply(nodes, idx, plans, results)
+        return nodes
+
+    async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
+        """Async :meth:`__call__`: compression runs in a worker thread, off the event loop."""
+        engine = self.engine
+        idx, texts = self._select(nodes)
+        plans = [_plan(engine, t, self.long_text, nodes[i].node_id) for i, t in zip(idx, texts)]
+        results = await asyncio.to_thread(_compress_plans, engine, plans, self.batch_size)
+        self._apply(nodes, idx, plans, results)
+        return nodes
+
+
+# ---------------------------------------------------------------------------------- retrieval
+class CompressedNodePostprocessor(BaseNodePostprocessor):
+    """Swap retrieved nodes' text for markers of their compressed entries.
+
+    Every returned node is a copy whose text is the marker (or, for a text longer than
+    ``engine.max_chunk_tokens`` with ``long_text="split"``, the markers of its pieces, back to
+    back). Scores, node ids, relationships and metadata are kept; the original text is stored
+    in ``metadata["original_text"]`` and, like the compression keys, hidden from the LLM and
+    embedding metadata views. Chunks not in the store yet are compressed on the spot. Nodes
+    with empty text, or whose text already holds markers, pass through unchanged.
+
+    Args:
+        engine: the compression engine; :class:`CompressedLLM` must use the same store.
+        batch_size: chunks per encoder forward for chunks that need compressing.
+        long_text: ``"split"`` (default), ``"truncate"`` (keep the first max_chunk_tokens
+            tokens) or ``"error"`` (raise ContextTooLongError).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    batch_size: int = Field(default=16, ge=1)
+    long_text: LongText = Field(default="split")
+
+    _engine: "CompressionEngine" = PrivateAttr()
+
+    def __init__(self, engine: "CompressionEngine", **data: Any):
+        _check_long_text(data.get("long_text", "split"))
+        super().__init__(**data)
+        self._engine = engine
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "CompressedNodePostprocessor"
+
+    @property
+    def engine(self) -> "CompressionEngine":
+        return self._engine
+
+    def _select(self, nodes: list[NodeWithScore]) -> tuple[list[int], list[_Plan]]:
+        idx, plans = [], []
+        for i, nws in enumerate(nodes):
+            text = _node_text(nws.node)
+            if not text.strip() or has_markers(text):
+                continue
+            idx.append(i)
+            plans.append(_plan(self._engine, text, self.long_text, nws.node.node_id))
+        return idx, plans
+
+    @staticmethod
+    def _swap(nodes: list[NodeWithScore], idx: list[int], results: list[list[Any]]) -> list[NodeWithScore]:
+        out = list(nodes)
+        for i, res in zip(idx, results):
+            nws = nodes[i]
+            node = nws.node
+            original = _node_text(node)
+            hidden = (ORIGINAL_TEXT_KEY,) + COMPRESSION_METADATA_KEYS
+            copy = node.model_copy(update={
+                "metadata": {**node.metadata, ORIGINAL_TEXT_KEY: original, **_compression_metadata(res)},
+                "excluded_llm_metadata_keys": _hide(hidden, node.excluded_llm_metadata_keys),
+                "excluded_embed_metadata_keys": _hide(hidden, node.excluded_embed_metadata_keys),
+                "relationships": dict(node.relationships),
+            })
+            copy.set_content("".join(make_marker(r.key) for r in res))
+            out[i] = NodeWithScore(node=copy, score=nws.score)
+        return out
+
+    def _postprocess_nodes(self, nodes: list[NodeWithScore],
+                           query_bundle: Optional[QueryBundle] = None) -> list[NodeWithScore]:
+        idx, plans = self._select(nodes)
+        results = _compress_plans(self._engine, plans, self.batch_size)
+        return self._swap(nodes, idx, results)
+
+    async def _apostprocess_nodes(self, nodes: list[NodeWithScore],
+                                  query_bundle: Optional[QueryBundle] = None) -> list[NodeWithScore]:
+        idx, plans = self._select(nodes)
+        results = await asyncio.to_thread(_compress_plans, self._engine, plans, self.batch_size)
+        return self._swap(nodes, idx, results)
+
+
+# ---------------------------------------------------------------------------------- prompts
+def qa_templates(layout: Literal["chat", "plain"] = "chat") -> dict[str, BasePromptTemplate]:
+    """Response-synthesizer templates in the layouts the compressor is trained on.
+
+    Returns ``text_qa_template``, ``refine_template`` and ``summary_template`` (for
+    ``tree_summarize``), ready to pass to ``RetrieverQueryEngine.from_args(**...)``,
+    ``get_response_synthesizer(**...)`` or :meth:`CompressedLLM.response_synthesizer`.
+
+    * ``"chat"``: one user message (the model's chat template is applied by the LLM); use with
+      ``CompressedLLM(is_chat_model=True)`` (the default).
+    * ``"plain"``: ``Context: ...\\nQuestion: ...\\nAnswer:``; use with
+      ``CompressedLLM(is_chat_model=False, stop=["\\n"])``.
+
+    Both keep the context placeholder on its own, so markers of consecutive chunks stay back
+    to back, as the compressor saw them in training.
+    """
+    if layout == "chat":
+        def chat(text: str) -> ChatPromptTemplate:
+            return ChatPromptTemplate(message_templates=[ChatMessage(role=MessageRole.USER, content=text)])
+
+        qa = chat(f"{CHAT_INSTRUCTION}\n\nContext: {{context_str}}\n\nQuestion: {{query_str}}")
+        refine = chat(f"{CHAT_INSTRUCTION}\n\nContext: {{context_msg}}\n\nQuestion: {{query_str}}\n\n"
+                      "An earlier answer, from other context, was: {existing_answer}\n"
+                      "Reply with the better answer.")
+        return {"text_qa_template": qa, "refine_template": refine, "summary_template": qa}
+    if layout == "plain":
+        qa = PromptTemplate("Context: {context_str}\nQuestion: {query_str}\nAnswer:")
+        refine = PromptTemplate("Context: {context_msg}\nQuestion: {query_str}\n"
+                                "Earlier answer: {existing_answer}\nAnswer:")
+        return {"text_qa_template": qa, "refine_template": refine, "summary_template": qa}
+    raise ValueError(f"layout must be 'chat' or 'plain', not {layout!r}")
+
+
+# ---------------------------------------------------------------------------------- LLM
+_GEN_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
+
+
+class CompressedLLM(CustomLLM):
+    """A LlamaIndex LLM over the base model that reads compressed chunks from the store.
+
+    Prompts (strings or chat messages) may hold markers made by
+    :class:`CompressedNodePostprocessor` or ``engine.mark``; each is replaced by the stored
+    K/V at its place. A marker whose context is missing falls back to the chunk text kept in
+    the store, with a :class:`~compressor_plugin.markers.MissingChunkWarning`.
+
+    ``complete`` sends the prompt as plain text; ``chat`` renders messages with the model's
+    chat template. With ``is_chat_model=True`` (default) query engines use ``chat``.
+
+    Token accounting of each call is in ``response.raw`` and ``response.additional_kwargs``
+    (``prompt_tokens``, ``completion_tokens``, ``text_tokens``, ``compressed_tokens``,
+    ``source_tokens``, ``tokens_saved``, ``resolved_chunks``, ``fallback_chunks``), and in
+    :attr:`last_usage`. Streams carry it on a final response with an empty delta.
+
+    Args:
+        engine: the compression engine (its store must be the postprocessor's).
+        max_new_tokens: generation limit (also ``metadata.num_output``).
+        temperature, top_p, seed: sampling (``temperature=0``: greedy).
+        stop: stop strings (e.g. ``["\\n"]`` for short answers).
+        context_window: for LlamaIndex's prompt helper; default the model's position limit.
+        is_chat_model: whether query engines should call ``chat`` (chat template) or
+            ``complete`` (plain text).
+        model_name: reported in ``metadata``.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    max_new_tokens: int = Field(default=256, ge=0, description="maximum tokens to generate")
+    temperature: float = Field(default=0.0, ge=0.0, description="sampling temperature (0 = greedy)")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, description="stop strings")
+    seed: Optional[int] = Field(default=None)
+    context_window: int = Field(default=8192, gt=0, description="context window reported to LlamaIndex")
+    is_chat_model: bool = Field(default=True, description="query engines call chat() with the chat template")
+    model_name: str = Field(default="", description="model name reported in metadata")
+
+    _engine: "CompressionEngine" = PrivateAttr()
+    _last_result: Optional["EngineResult"] = PrivateAttr(default=None)
+    _last_usage: Optional[dict[str, Any]] = PrivateAttr(default=None)
+
+    def __init__(self, engine: "CompressionEngine", **data: Any):
+        base = engine.compressor.base
+        if data.get("context_window") is None:
+            data["context_window"] = int(getattr(base.model.config, "max_position_embeddings", 0) or 8192)
+        if not data.get("model_name"):
+            data["model_name"] = f"{base.name} + compressor {engine.compressor.mode}-k{engine.compressor.k}"
+        if data.get("stop") is None:
+            data["stop"] = []
+        super().__init__(**data)
+        self._engine = engine
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
+                        **kwargs: Any) -> "CompressedLLM":
+        """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
+
+        Args:
+            checkpoint: shipped checkpoint name (``"default"`` = ``"kv-k16"``) or folder.
+            store: a :class:`~compressor_plugin.store.ContextStore` or folder (default: the
+                user cache store).
+            device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
+            **kwargs: :class:`CompressedLLM` settings.
+        """
+        from ..engine import CompressionEngine
+
+        return cls(CompressionEngine.from_pretrained(checkpoint, store=store, device=device), **kwargs)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "CompressedLLM"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def engine(self) -> "CompressionEngine":
+        return self._engine
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=self.context_window, num_output=self.max_new_tokens,
+                           is_chat_model=self.is_chat_model, model_name=self.model_name)
+
+    @property
+    def last_result(self) -> Optional["EngineResult"]:
+        """The :class:`EngineResult` of the last non-streaming call (None before any, or after a stream)."""
+        return self._last_result
+
+    @property
+    def last_usage(self) -> Optional[dict[str, Any]]:
+        """Token accounting of the last call (streaming included)."""
+        return None if self._last_usage is None else dict(self._last_usage)
+
+    @property
+    def marker_tokenizer(self) -> Callable[[str], list[int]]:
+        """Tokenizer for prompt helpers / ``Settings.tokenizer``: markers count as ``k`` tokens."""
+        return marker_aware_tokenizer(self._engine)
+
+    def prompt_helper(self, **kwargs: Any) -> PromptHelper:
+        """A :class:`PromptHelper` sized for this LLM that counts markers as ``k`` tokens."""
+        kwargs.setdefault("tokenizer", self.marker_tokenizer)
+        return PromptHelper.from_llm_metadata(self.metadata, **kwargs)
+
+    def response_synthesizer(self, response_mode: Any = "compact", **kwargs: Any) -> "BaseSynthesizer":
+        """``get_response_synthesizer`` with this LLM and :meth:`prompt_helper` (marker-aware counting)."""
+        from llama_index.core.response_synthesizers import ResponseMode, get_response_synthesizer
+
+        kwargs.setdefault("prompt_helper", self.prompt_helper())
+        return get_response_synthesizer(llm=self, response_mode=ResponseMode(response_mode), **kwargs)
+
+    # ------------------------------------------------------------------ helpers
+    def _config(self, kwargs: dict[str, Any]) -> GenerationConfig:
+        opts: dict[str, Any] = {name: getattr(self, name) for name in _GEN_KEYS}
+        for name in _GEN_KEYS:
+            if kwargs.get(name) is not None:
+                opts[name] = kwargs[name]
+        opts["stop"] = tuple(opts["stop"] or ())
+        return GenerationConfig(**opts)
+
+    def _prompt(self, prompt: str, formatted: bool) -> str:
+        if not formatted and self.completion_to_prompt is not None:
+            prompt = self.completion_to_prompt(prompt)
+        _warn_broken_markers([prompt])
+        return prompt
+
+    @staticmethod
+    def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+        out = []
+        for m in messages:
+            role = m.role.value if isinstance(m.role, MessageRole) else str(m.role)
+            out.append({"role": role, "content": m.content or ""})
+        _warn_broken_markers([m["content"] for m in out])
+        return out
+
+    def _record(self, result: "EngineResult") -> dict[str, Any]:
+        usage: dict[str, Any] = {**result.usage(), "resolved_chunks": result.resolved_chunks,
+                                 "fallback_chunks": result.fallback_chunks}
+        self._last_result = result
+        self._last_usage = usage
+        return usage
+
+    def _raw(self, result: "EngineResult", usage: dict[str, Any]) -> dict[str, Any]:
+        return {"usage": usage, "finish_reason": result.generation.finish_reason,
+                "missing_keys": list(result.missing_keys), "ttft_s": result.generation.ttft_s,
+                "total_s": result.generation.total_s}
+
+    def _stream_usage(self, prompt: Any, chat: bool, text: str) -> dict[str, Any]:
+        """Accounting of a streamed answer (the stream itself yields text only)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MissingChunkWarning)
+            res = self._engine.resolve(prompt, chat=chat)
+        ctxs = [s for s in res.segments if isinstance(s, CompressedContext)]
+        text_tokens = sum(self._engine.count_tokens(s) for s in res.segments if isinstance(s, str) and s)
+        comp = sum(c.k for c in ctxs)
+        src = sum(c.source_tokens for c in ctxs)
+        completion = self._engine.count_tokens(text) if text else 0
+        usage = {"prompt_tokens": text_tokens + comp, "completion_tokens": completion,
+                 "total_tokens": text_tokens + comp + completion, "text_tokens": text_tokens,
+                 "compressed_tokens": comp, "source_tokens": src, "tokens_saved": src - comp,
+                 "resolved_chunks": res.resolved, "fallback_chunks": res.fallbacks}
+        self._last_result = None
+        self._last_usage = usage
+        return usage
+
+    # ------------------------------------------------------------------ completion
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Answer a prompt string (markers resolved from the store, no chat template)."""
+        prompt = self._prompt(prompt, formatted)
+        result = self._engine.generate(prompt, self._config(kwargs), chat=False)
+        usage = self._record(result)
+        return CompletionResponse(text=result.text, raw=self._raw(result, usage), additional_kwargs=dict(usage))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        """Stream the answer to a prompt string as it is generated."""
+        prompt = self._prompt(prompt, formatted)
+        cfg = self._config(kwargs)
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            for piece in self._engine.stream(prompt, cfg, chat=False):
+                text += piece
+                yield CompletionResponse(text=text, delta=piece)
+            usage = self._stream_usage(prompt, False, text)
+            yield CompletionResponse(text=text, delta="", raw={"usage": usage}, additional_kwargs=dict(usage))
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Async :meth:`complete` (generation runs in a worker thread)."""
+        prompt = self._prompt(prompt, formatted)
+        result = await self._engine.agenerate(prompt, self._config(kwargs), chat=False)
+        usage = self._record(result)
+        return CompletionResponse(text=result.text, raw=self._raw(result, usage), additional_kwargs=dict(usage))
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        """Async streaming: pieces arrive as the model produces them."""
+        prompt = self._prompt(prompt, formatted)
+        cfg = self._config(kwargs)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            text = ""
+            async for piece in self._engine.astream(prompt, cfg, chat=False):
+                text += piece
+                yield CompletionResponse(text=text, delta=piece)
+            usage = await asyncio.to_thread(self._stream_usage, prompt, False, text)
+            yield CompletionResponse(text=text, delta="", raw={"usage": usage}, additional_kwargs=dict(usage))
+
+        return gen()
+
+    # ------------------------------------------------------------------ chat
+    @staticmethod
+    def _chat_response(text: str, delta: Optional[str] = None, raw: Any = None,
+                       usage: Optional[dict[str, Any]] = None) -> ChatResponse:
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta, raw=raw,
+                            additional_kwargs=dict(usage or {}))
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Answer chat messages, rendered with the model's chat template."""
+        result = self._engine.generate(self._messages(messages), self._config(kwargs), chat=True)
+        usage = self._record(result)
+        return self._chat_response(result.text, raw=self._raw(result, usage), usage=usage)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        """Stream the answer to chat messages."""
+        msgs = self._messages(messages)
+        cfg = self._config(kwargs)
+
+        def gen() -> ChatResponseGen:
+            text = ""
+            for piece in self._engine.stream(msgs, cfg, chat=True):
+                text += piece
+                yield self._chat_response(text, delta=piece)
+            usage = self._stream_usage(msgs, True, text)
+            yield self._chat_response(text, delta="", raw={"usage": usage}, usage=usage)
+
+        return gen()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Async :meth:`chat`."""
+        result = await self._engine.agenerate(self._messages(messages), self._config(kwargs), chat=True)
+        usage = self._record(result)
+        return self._chat_response(result.text, raw=self._raw(result, usage), usage=usage)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        """Async streaming of the answer to chat messages."""
+        msgs = self._messages(messages)
+        cfg = self._config(kwargs)
+
+        async def gen() -> ChatResponseAsyncGen:
+            text = ""
+            async for piece in self._engine.astream(msgs, cfg, chat=True):
+                text += piece
+                yield self._chat_response(text, delta=piece)
+            usage = await asyncio.to_thread(self._stream_usage, msgs, True, text)
+            yield self._chat_response(text, delta="", raw={"usage": usage}, usage=usage)
+
+        return gen()
