@@ -198,9 +198,10 @@ class Compressor(nn.Module):
         lengths = torch.tensor([len(x) for x in batch], device=dev)
         T = int(lengths.max())
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(batch), T), pad, dtype=torch.long, device=dev)
+        ids_cpu = torch.full((len(batch), T), pad, dtype=torch.long)
         for i, row in enumerate(batch):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=dev)
+            ids_cpu[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        ids = ids_cpu.to(dev, non_blocking=True)
         embed = lm.get_input_embeddings()
         tok_emb = embed(ids)
         mem = self.memory.to(tok_emb.dtype)

@@ -124,7 +124,7 @@ class CompressedContext:
             h.update(name.encode())
             h.update(str(tuple(t.shape)).encode())
             h.update(str(t.dtype).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
         return h.hexdigest()
 
     def to_bytes(self) -> bytes:

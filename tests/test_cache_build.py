@@ -1,0 +1,302 @@
+"""Offline cache building: chunking, bad inputs, chunk map, resume after SIGKILL, benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor_plugin.caching import TokenChunker, benchmark, build_cache, read_chunk_map
+from compressor_plugin.caching.chunking import Document, iter_documents
+from compressor_plugin.cli import main
+from compressor_plugin.compressor import Compressor, CompressorConfig
+from compressor_plugin.models import load_base_model, tiny_random_llama
+from compressor_plugin.store import ContextStore, normalize_text
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("signal river matrix protein galaxy harbor lattice engine forest crystal theory market voltage "
+         "garden spectrum archive neuron glacier pattern vessel orbit canyon ledger beacon").split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    words = [rng.choice(WORDS) for _ in range(n)]
+    return " ".join(words).capitalize() + rng.choice([".", ".", "!", "?"])
+
+
+def document(rng: random.Random, paragraphs: int, sentences: int = 4) -> str:
+    return "\n\n".join(" ".join(sentence(rng, rng.randint(5, 12)) for _ in range(sentences))
+                       for _ in range(paragraphs))
+
+
+def write_corpus(folder: Path, seed: int = 0, n_jsonl: int = 8) -> Path:
+    """A small corpus: a JSONL file, a markdown file and a long text file, all valid."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "docs.jsonl", "w", encoding="utf-8") as fh:
+        for i in range(n_jsonl):
+            fh.write(json.dumps({"id": f"doc-{i}", "text": document(rng, rng.randint(1, 3))}) + "\n")
+    (folder / "notes.md").write_text("# Notes\n\n" + document(rng, 2), encoding="utf-8")
+    (folder / "long.txt").write_text(document(rng, 8, 5), encoding="utf-8")
+    return folder
+
+
+def save_tiny_checkpoint(folder: Path, k: int = 4, max_length: int = 128) -> Path:
+    """An untrained compressor over a tiny random Llama saved as a model folder (a real checkpoint)."""
+    tiny = tiny_random_llama(seed=3)
+    base_dir = folder / "base"
+    tiny.model.save_pretrained(base_dir)
+    tiny.tokenizer.save_pretrained(base_dir)
+    base = load_base_model(base_dir, device="cpu")
+    comp = Compressor(base, CompressorConfig(k=k, lora_r=4, max_length=max_length, base_model=str(base_dir)))
+    return comp.save_pretrained(folder / "ckpt")
+
+
+def store_entries(directory: Path) -> dict[str, tuple]:
+    """key -> (keys, values, source_tokens, text) of every entry."""
+    out = {}
+    with ContextStore(directory, size_limit=None) as st:
+        for key in st.keys():
+            ctx = st.get(key)
+            assert ctx is not None, key
+            out[key] = (ctx.keys, ctx.values, ctx.source_tokens, st.get_text(key))
+    return out
+
+
+def assert_same_entries(a: dict[str, tuple], b: dict[str, tuple]) -> None:
+    """Same keys, texts and token counts; tensors equal up to float rounding of the batch shapes."""
+    assert set(a) == set(b)
+    for key in a:
+        ka, va, na, ta = a[key]
+        kb, vb, nb, tb = b[key]
+        assert (na, ta) == (nb, tb)
+        assert ka.shape == kb.shape and ka.dtype == kb.dtype
+        assert torch.allclose(ka, kb, rtol=1e-4, atol=1e-4) and torch.allclose(va, vb, rtol=1e-4, atol=1e-4), key
+
+
+def documents_by_id(folder: Path) -> dict[tuple, str]:
+    return {(d.source, d.doc_id): d.text for d in iter_documents(folder)}
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_comp(tiny_ckpt) -> Compressor:
+    return Compressor.from_pretrained(tiny_ckpt, device="cpu")
+
+
+# ---------------------------------------------------------------------------------- chunking
+def test_chunks_respect_the_limit_and_prefer_paragraph_and_sentence_ends(tiny_comp):
+    rng = random.Random(1)
+    text = document(rng, 12, 5)
+    tok = tiny_comp.tokenizer
+    n_doc = len(tok(text, add_special_tokens=False)["input_ids"])
+    chunks = TokenChunker(tok, 100).split([Document("d", text, "d.txt")])
+    assert len(chunks) >= n_doc // 100 + 1
+    pos = 0
+    for i, c in enumerate(chunks):
+        assert c.index == i and 0 < c.n_tokens <= 100
+        assert c.ids == tok(c.text, add_special_tokens=False)["input_ids"]
+        assert normalize_text(text[c.start:c.end]) == c.text == text[c.start:c.end]
+        assert text[pos:c.start].strip() == ""  # no text is lost between chunks
+        pos = c.end
+        assert c.text[-1] in ".!?" or c is chunks[-1]  # every cut is at a sentence end here
+    assert text[pos:].strip() == ""
+    paragraph_cuts = sum(text[c.end:c.end + 2] == "\n\n" for c in chunks[:-1])
+    assert paragraph_cuts >= len(chunks) // 2, "paragraph breaks near the limit should be preferred"
+
+
+def test_text_without_spaces_is_cut_hard_and_overlap_repeats_tokens(tiny_comp):
+    tok = tiny_comp.tokenizer
+    blob = "x7Q" * 400  # no word boundary anywhere
+    chunks = TokenChunker(tok, 64).split([Document("b", blob, "b.txt")])
+    assert len(chunks) > 1 and all(c.n_tokens <= 64 for c in chunks)
+    assert "".join(blob[c.start:c.end] for c in chunks) == blob
+    text = document(random.Random(2), 6)
+    plain = TokenChunker(tok, 80).split([Document("d", text, "d")])
+    over = TokenChunker(tok, 80, overlap=20).split([Document("d", text, "d")])
+    assert len(over) > len(plain)
+    assert all(b.start < a.end for a, b in zip(over, over[1:]))  # consecutive chunks share text
+    assert all(c.n_tokens <= 80 for c in over)
+    with pytest.raises(ValueError, match="overlap"):
+        TokenChunker(tok, 80, overlap=80)
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_bad_inputs_are_skipped_and_counted(tmp_path, tiny_ckpt, capsys):
+    src = write_corpus(tmp_path / "in", n_jsonl=3)
+    with open(src / "docs.jsonl", "ab") as fh:
+        fh.write(b"{not json\n")                                   # bad_json
+        fh.write(b'{"id": "x", "text": "caf\xe9 latin-1"}\n')        # not_utf8
+        fh.write(b'[1, 2]\n')                                      # not_a_json_object
+        fh.write(b'{"id": "no-text", "title": "t"}\n')             # missing_text_field
+        fh.write(b'{"id": "blank", "text": "  \\n "}\n')           # empty_document
+        fh.write(b"\n")                                            # blank line: ignored
+        fh.write(b'{"id": "ctx", "context": "Falls back to the context field."}\n')
+    (src / "latin1.txt").write_bytes("d\xe9j\xe0 vu".encode("latin-1"))   # not_utf8
+    (src / "empty.md").write_text("   \n")                                 # empty_document
+    (src / "image.png").write_bytes(b"\x89PNG")                            # unsupported_file
+    (src / "dangling.txt").symlink_to(tmp_path / "missing")               # unreadable_file
+    store = tmp_path / "store"
+    rc = main(["cache", "build", "--input", str(src), "--store", str(store), "--checkpoint", str(tiny_ckpt),
+               "--chunk-tokens", "64", "--batch-size", "8", "--no-progress", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["skipped"] == {"bad_json": 1, "empty_document": 2, "missing_text_field": 1, "not_a_json_object": 1,
+                              "not_utf8": 2, "unreadable_file": 1, "unsupported_file": 1}
+    assert out["skipped_total"] == 9
+    assert out["documents"] == 3 + 1 + 2  # 3 JSONL + the "context" line, notes.md, long.txt
+    assert out["new"] == out["chunks"] > out["documents"] and out["store_entries"] == out["chunks"]
+    assert out["compression_ratio"] == pytest.approx(out["source_tokens"] / (4 * out["chunks"]), rel=1e-3)
+
+
+def test_missing_input_is_a_clear_error(tmp_path, tiny_ckpt, capsys):
+    rc = main(["cache", "build", "--input", str(tmp_path / "nope"), "--store", str(tmp_path / "s"),
+               "--checkpoint", str(tiny_ckpt), "--no-progress"])
+    assert rc == 2 and "input not found" in capsys.readouterr().err
+    rc = main(["cache", "build", "--input", str(tmp_path), "--store", str(tmp_path / "s"),
+               "--checkpoint", str(tiny_ckpt), "--chunk-tokens", "129", "--no-progress"])
+    assert rc == 2 and "max_length" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- map, idempotence
+def test_chunk_map_matches_the_store_and_a_second_run_adds_nothing(tmp_path, tiny_ckpt, capsys):
+    src = write_corpus(tmp_path / "in")
+    store, cmap = tmp_path / "store", tmp_path / "map.jsonl"
+    args = ["cache", "build", "--input", str(src), "--store", str(store), "--checkpoint", str(tiny_ckpt),
+            "--chunk-tokens", "48", "--batch-size", "4", "--map", str(cmap), "--no-progress", "--json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    rows = read_chunk_map(cmap)
+    assert len(rows) == first["chunks"] == first["map_rows"] and first["new"] == len({r["key"] for r in rows})
+    docs = documents_by_id(src)
+    with ContextStore(store, size_limit=None) as st:
+        per_doc = Counter()
+        for r in rows:
+            ctx = st.get(r["key"])
+            assert ctx is not None and ctx.source_tokens == r["n_tokens"] <= 48
+            text = docs[(r["source"], r["doc_id"])]
+            assert normalize_text(text[r["start"]:r["end"]]) == st.get_text(r["key"])
+            assert r["chunk"] == per_doc[(r["source"], r["doc_id"])]
+            per_doc[(r["source"], r["doc_id"])] += 1
+        assert len(per_doc) == len(docs)
+    before = store_entries(store)
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["new"] == 0 and second["already_stored"] == second["chunks"] == first["chunks"]
+    assert second["map_rows"] == 0 and len(read_chunk_map(cmap)) == len(rows)
+    after = store_entries(store)
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k][0], before[k][0]) for k in before)
+
+
+def test_build_cache_python_api_with_documents(tmp_path, tiny_comp):
+    docs = [Document("a", "First document. It is short.", "mem"), Document("b", "Second one!", "mem"),
+            Document("c", "First document. It is short.", "mem")]  # same text as "a": stored once
+    summary = build_cache(docs, tmp_path / "s", tiny_comp, chunk_tokens=32, progress=False,
+                          map_path=tmp_path / "m.jsonl")
+    assert (summary.documents, summary.chunks, summary.new, summary.already_stored) == (3, 3, 2, 1)
+    assert summary.to_dict()["chunks_per_s"] > 0 and "chunks" in summary.format()
+    rows = read_chunk_map(tmp_path / "m.jsonl")
+    assert [r["doc_id"] for r in rows] == ["a", "b", "c"] and rows[0]["key"] == rows[2]["key"]
+
+
+def test_chunk_map_writer_cuts_a_partial_line_and_skips_known_rows(tmp_path):
+    from compressor_plugin.caching import ChunkMapWriter
+
+    row = {"doc_id": "a", "chunk": 0, "start": 0, "end": 5, "n_tokens": 2, "key": "0" * 64, "source": "s", "line": 1}
+    path = tmp_path / "map.jsonl"
+    path.write_text(json.dumps(row) + "\n" + '{"doc_id": "a", "chunk": 1, "sta')  # killed mid-line
+    with ChunkMapWriter(path) as mw:
+        assert mw.existing_rows == 1
+        assert mw.write([row, dict(row, chunk=1, start=6, end=9)]) == 1
+    assert [json.loads(line)["chunk"] for line in path.read_text().splitlines()] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------- SIGKILL + resume
+def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(tmp_path, monkeypatch):
+    """A build killed mid-run, run again, compresses exactly the chunks that were missing."""
+    ckpt = Compressor(load_base_model(device="cpu"), CompressorConfig(k=2)).save_pretrained(tmp_path / "ckpt")
+    src = write_corpus(tmp_path / "in", seed=5, n_jsonl=6)
+    killed, reference, cmap = tmp_path / "killed", tmp_path / "reference", tmp_path / "map.jsonl"
+    cmd = [sys.executable, "-m", "compressor_plugin.cli", "cache", "build", "--input", str(src), "--store", str(killed),
+           "--checkpoint", str(ckpt), "--chunk-tokens", "40", "--batch-size", "1", "--map", str(cmap), "--no-progress"]
+    env = dict(cli_env(), OMP_NUM_THREADS="1")  # one thread: steady progress on a busy machine
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stored_at_kill = 0
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (killed / "store.json").exists():
+                with ContextStore(killed, size_limit=None) as st:
+                    stored_at_kill = len(st)
+                if stored_at_kill >= 3:
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the build ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = store_entries(killed)
+    assert len(partial) >= 3
+
+    comp = Compressor.from_pretrained(ckpt, device="cpu")
+    rows_compressed: list[int] = []
+    encode = comp.encode_ids
+
+    def counting_encode_ids(batch):
+        rows_compressed.append(len(batch))
+        return encode(batch)
+
+    monkeypatch.setattr(comp, "encode_ids", counting_encode_ids)
+    summary = build_cache(src, killed, comp, chunk_tokens=40, batch_size=4, map_path=cmap, progress=False)
+    resumed_rows = sum(rows_compressed)
+    monkeypatch.undo()
+    full = build_cache(src, reference, comp, chunk_tokens=40, batch_size=4, progress=False)
+
+    final, ref = store_entries(killed), store_entries(reference)
+    assert len(ref) == full.new
+    assert resumed_rows == summary.new == len(ref) - len(partial), "the resumed build recompressed stored chunks"
+    assert set(partial) <= set(final)
+    assert_same_entries(final, ref)
+    for key in partial:  # what was stored before the kill was kept as it was
+        assert torch.equal(partial[key][0], final[key][0])
+    lines = cmap.read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]  # no partial line left behind
+    idents = [(r["source"], r["doc_id"], r["chunk"]) for r in rows]
+    assert len(idents) == len(set(idents)) == full.chunks
+    assert {r["key"] for r in rows} == set(ref)
+
+
+# ---------------------------------------------------------------------------------- benchmark
+def test_benchmark_reports_throughput_and_flops_on_cpu():
+    res = benchmark(n_chunks=4, chunk_tokens=32, batch_size=2, device="cpu", k=4, peak_tflops=1.0)
+    h, inter, layers, kv, r = 576, 1536, 30, 3 * 64, 16  # SmolLM2-135M; LoRA r=16 on q_proj, v_proj
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h + r * (h + h) + r * (h + kv)  # + LoRA on q, v
+    n = layers * per_layer + h
+    t = 32 + 4
+    assert res["params_per_position"] == n
+    assert res["gflops_per_chunk"] == pytest.approx((2 * n * t + 4 * layers * h * t * t) / 1e9, rel=1e-3)
+    assert res["chunks_per_s"] > 0 and res["tflops"] > 0 and res["mfu"] == pytest.approx(res["tflops"], rel=1e-3)
+    assert res["serialize_chunks_per_s"] > 0 and res["bytes_per_chunk"] > 2 * layers * 3 * 4 * 64 * 4
