@@ -1,0 +1,115 @@
+"""Training: a tiny smoke run on CPU, resuming, the full-tuned reference, and DDP on gloo with 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    """A small random Llama saved as a Hugging Face folder (with the default model's tokenizer)."""
+    from compressor_plugin.models import tiny_random_llama
+
+    base = tiny_random_llama(seed=3)
+    path = tmp_path_factory.mktemp("tiny_base")
+    base.model.save_pretrained(path)
+    base.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("data")
+    corpus = folder / "corpus.jsonl"
+    qa = folder / "qa.jsonl"
+    texts = [f"Document {i} talks about topic {i % 3} and the number {i * 7}." for i in range(12)]
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    rows = [{"id": str(i), "context": t, "question": f"What number does document {i} mention?",
+             "answers": [str(i * 7)]} for i, t in enumerate(texts)]
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"corpus": corpus, "qa": qa}
+
+
+def _train_cmd(base: Path, out: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "compressor_plugin.cli", "train", "--base", str(base), "--data", str(data),
+            "--val-data", str(data), "--output", str(out), "--batch-size", "4", "--log-every", "1",
+            "--eval-every", "2", "--save-every", "2", "--val-samples", "4", "--lora-r", "4", "--no-progress",
+            "--device", "cpu", *extra]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_regen_smoke_and_resume(tiny_base_dir, data_files, tmp_path):
+    out = tmp_path / "run"
+    cmd = _train_cmd(tiny_base_dir, out, data_files["corpus"], "--stage", "regen", "--mode", "kv", "--k", "4",
+                     "--max-steps", "3", "--lr", "1e-3", "--warmup-steps", "1")
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 3 and all(l == l and l > 0 for l in losses)
+    assert (out / "checkpoint" / "weights.safetensors").is_file() and (out / "best" / "config.json").is_file()
+    assert (out / "curves.png").is_file()
+    # running again with a higher step budget resumes at step 3
+    cmd[cmd.index("--max-steps") + 1] = "5"
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 5
+    # the checkpoint loads as a compressor onto the same base
+    from compressor_plugin.compressor import Compressor
+    from compressor_plugin.models import load_base_model
+
+    comp = Compressor.from_pretrained(out / "checkpoint", base=load_base_model(tiny_base_dir, device="cpu"))
+    assert comp.k == 4 and comp.compress(["hello"])[0].k == 4
+
+
+@pytest.mark.parametrize("mode", ["embedding", "full-tuned"])
+def test_qa_stage_modes(tiny_base_dir, data_files, tmp_path, mode):
+    out = tmp_path / mode
+    cmd = _train_cmd(tiny_base_dir, out, data_files["qa"], "--stage", "qa", "--mode", mode, "--k", "2",
+                     "--max-steps", "2", "--max-chunks", "2")
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
+    assert json.loads((out / "summary.json").read_text())["step"] == 2
+    if mode == "full-tuned":
+        assert (out / "checkpoint" / "adapter_model.safetensors").is_file()
+
+
+def test_bad_training_arguments(data_files, tmp_path):
+    from compressor_plugin.training import TrainConfig
+
+    with pytest.raises(FileNotFoundError):
+        TrainConfig(data=[str(tmp_path / "missing.jsonl")])
+    with pytest.raises(ValueError, match="full-tuned"):
+        TrainConfig(stage="regen", mode="full-tuned", data=[str(data_files["qa"])])
+    with pytest.raises(ValueError, match="layouts"):
+        TrainConfig(stage="qa", data=[str(data_files["qa"])], layouts=["nope"])
+
+
+def test_ddp_two_processes_gloo(tiny_base_dir, data_files, tmp_path):
+    """The distributed path: torchrun with 2 CPU processes on gloo trains and saves once."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "compressor_plugin.cli", "train", "--base", str(tiny_base_dir), "--data", str(data_files["qa"]),
+           "--output", str(out), "--stage", "qa", "--mode", "kv", "--k", "2", "--batch-size", "2",
+           "--max-steps", "2", "--log-every", "1", "--eval-every", "100", "--save-every", "100",
+           "--lora-r", "4", "--no-progress", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # rank 0 logs; samples count both ranks' batches
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+    assert log[-1]["samples_seen"] == 2 * 2 * 2
+    assert (out / "checkpoint" / "weights.safetensors").is_file()
