@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "compressor_plugin.commands.core",
     "compressor_plugin.commands.train",
     "compressor_plugin.commands.cache",
+    "compressor_plugin.commands.cache_build",
     "compressor_plugin.commands.eval",
     "compressor_plugin.commands.bench",
 )

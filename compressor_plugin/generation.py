@@ -432,5 +432,13 @@ class Generator:
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    cuts = [text.find(s) for s in stops if s and s in text]
+    """Index of the first stop string after the answer's first non-whitespace character.
+
+    Leading whitespace never stops generation, so an answer that starts with a newline is
+    not cut to nothing by a ``"\n"`` stop string.
+    """
+    start = len(text) - len(text.lstrip())
+    if start == len(text):
+        return None
+    cuts = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
     return min(cuts) if cuts else None

@@ -1,0 +1,147 @@
+"""``compressor-plugin bench``: latency, throughput and size benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .eval import int_list
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def _compressor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="default",
+                   help="compressor checkpoint folder or shipped name (default: 'default'; an untrained kv k=16 "
+                        "compressor when it is not available: timings depend on shapes only)")
+    p.add_argument("--k", type=int, default=None, help="use an UNTRAINED compressor with k compressed tokens")
+    p.add_argument("--mode", choices=["kv", "embedding"], default="kv")
+
+
+def _output_args(p: argparse.ArgumentParser, plot: bool = True) -> None:
+    p.add_argument("--data", default=None,
+                   help="JSONL file to cut chunks from (default: arxiv val abstracts or SQuAD contexts from "
+                        "$COMPRESSOR_PLUGIN_DATA, ./shared/data or /work/shared/data; else bundled text)")
+    p.add_argument("--output", default=None, help="result JSON file")
+    if plot:
+        p.add_argument("--plot", default=None, help="also write a PNG plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bench", help="benchmarks: RAG latency, compression throughput, store, disk size",
+                       description="Latency, throughput and size benchmarks of compressed contexts.")
+    bsub = b.add_subparsers(dest="bench_command", metavar="BENCH")
+    bsub.required = True
+
+    rag = bsub.add_parser(
+        "rag", help="TTFT and latency: full text vs store hit vs compress on miss",
+        description="For a RAG query over N chunks of T tokens, time to first token and end-to-end latency "
+                    "(16 new tokens) with (a) the texts in the prompt, (b) compressed chunks already in a "
+                    "ContextStore, (c) chunks compressed on a store miss; peak memory and prompt tokens.")
+    rag.add_argument("--n", type=int_list, default=[1, 2, 4, 8], help="chunk counts (default 1,2,4,8)")
+    rag.add_argument("--tokens", type=int_list, default=[128, 256, 512], help="chunk lengths (default 128,256,512)")
+    rag.add_argument("--repeats", type=int, default=3, help="timed repeats per cell after a warm-up (default 3)")
+    rag.add_argument("--max-new-tokens", type=int, default=16)
+    rag.add_argument("--store-dir", default=None,
+                     help="folder in which the benchmark makes its temporary store (default: the system temp dir); "
+                          "existing stores there are not touched")
+    _compressor_args(rag)
+    _device_args(rag)
+    _output_args(rag)
+    rag.set_defaults(func=_rag)
+
+    cp = bsub.add_parser(
+        "compress", help="compression throughput (chunks/s, tokens/s, TFLOP/s) by batch size",
+        description="Encoder throughput by batch size with a FLOP count: 2*P*B*S + 4*L*B*S^2*d "
+                    "(see docs/evaluation.md).")
+    cp.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32, 128], help="default 1,8,32,128")
+    cp.add_argument("--tokens", type=int, default=512, help="tokens per chunk (default 512)")
+    cp.add_argument("--repeats", type=int, default=3, help="timed forwards per batch size (default 3)")
+    cp.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak TFLOP/s for the fraction-of-peak column (default 989 = H200 bf16 dense on CUDA)")
+    _compressor_args(cp)
+    _device_args(cp)
+    _output_args(cp)
+    cp.set_defaults(func=_compress)
+
+    st = bsub.add_parser("store", help="store hit path: read + verify one stored chunk",
+                         description="Runs compressor_plugin.evaluation.bench_store.bench_hit_path.")
+    st.add_argument("--n", type=int, default=200, help="chunks to store and read (default 200)")
+    st.add_argument("--k", type=int, default=16)
+    st.add_argument("--tokens", type=int, default=512, help="source tokens for the full-K/V comparison")
+    st.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    st.add_argument("--dir", default=None, help="store folder (default: a temporary one)")
+    st.add_argument("--output", default=None, help="result JSON file")
+    st.set_defaults(func=_store)
+
+    dk = bsub.add_parser("disk", help="bytes per stored chunk vs the full K/V of the same text",
+                         description="Stored bytes of compressed chunks (k=1,4,16; kv and embedding) against the "
+                                     "exact K/V of the same text, for several chunk lengths.")
+    dk.add_argument("--ks", type=int_list, default=[1, 4, 16], help="default 1,4,16")
+    dk.add_argument("--modes", default="kv,embedding", help="default kv,embedding")
+    dk.add_argument("--tokens", type=int_list, default=[128, 256, 512], help="default 128,256,512")
+    _device_args(dk)
+    _output_args(dk, plot=False)
+    dk.set_defaults(func=_disk)
+
+
+def _write(result: dict, args: argparse.Namespace) -> None:
+    from ..evaluation.report import write_json
+
+    if getattr(args, "output", None):
+        print(f"\nwrote {write_json(args.output, result)}", file=sys.stderr)
+
+
+def _rag(args: argparse.Namespace) -> int:
+    from ..evaluation.bench import bench_rag, rag_table
+    from ..evaluation.plots import plot_rag
+
+    result = bench_rag(args.n, args.tokens, checkpoint=args.checkpoint, k=args.k, mode=args.mode,
+                       repeats=args.repeats, max_new_tokens=args.max_new_tokens, device=args.device,
+                       dtype=args.dtype, data=args.data, store_dir=args.store_dir, progress=not args.no_progress)
+    print(rag_table(result))
+    print(f"\n{result['config']['memory_note']}")
+    _write(result, args)
+    if args.plot:
+        print(f"wrote {plot_rag(result, args.plot)}", file=sys.stderr)
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from ..evaluation.bench import bench_compress, compress_table
+    from ..evaluation.plots import plot_compress
+
+    result = bench_compress(args.batch_sizes, args.tokens, checkpoint=args.checkpoint, k=args.k, mode=args.mode,
+                            repeats=args.repeats, peak_tflops=args.peak_tflops, device=args.device,
+                            dtype=args.dtype, data=args.data, progress=not args.no_progress)
+    print(compress_table(result))
+    print(f"\nFLOPs per batch: {result['config']['flops_formula']}")
+    _write(result, args)
+    if args.plot:
+        print(f"wrote {plot_compress(result, args.plot)}", file=sys.stderr)
+    return 0
+
+
+def _store(args: argparse.Namespace) -> int:
+    from ..evaluation.bench import bench_store
+
+    result = bench_store(args.n, k=args.k, tokens=args.tokens, dtype=args.dtype, directory=args.dir)
+    print(json.dumps(result["result"], indent=2, default=str))
+    _write(result, args)
+    return 0
+
+
+def _disk(args: argparse.Namespace) -> int:
+    from ..evaluation.bench import bench_disk, disk_table
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    result = bench_disk(args.ks, modes, args.tokens, device=args.device, dtype=args.dtype, data=args.data,
+                        progress=not args.no_progress)
+    print(disk_table(result))
+    _write(result, args)
+    return 0

@@ -1,0 +1,519 @@
+"""Latency, throughput and size benchmarks.
+
+* :func:`bench_rag`: time to first token and end-to-end latency of a RAG query over n chunks
+  of T tokens, answered (a) with the chunk texts in the prompt, (b) from compressed chunks
+  already in a :class:`~compressor_plugin.store.ContextStore` (store lookup + injection) and
+  (c) from chunks compressed on a store miss (compress, store, then answer).
+* :func:`bench_compress`: compression throughput (chunks/s, tokens/s) by batch size, with a
+  FLOP count of the encoder forward and the achieved TFLOP/s.
+* :func:`bench_disk`: bytes per stored chunk for k = 1, 4, 16 in ``kv`` and ``embedding``
+  mode against the exact K/V of the same text.
+
+FLOPs of one encoder forward over a batch of B rows of T text tokens plus k memory tokens
+(``S = T + k`` positions, every row the same length, so no padding)::
+
+    FLOPs = 2 * P * B * S  +  4 * L * B * S^2 * d
+
+with P the parameters of the transformer layers including the LoRA matrices (token
+embeddings excluded: a lookup, and no LM head runs), L the layer count and d the attention
+width (heads x head_dim). The first term counts one multiply-add per weight per position;
+the second counts the ``QK^T`` and ``AV`` products of full (non-causal) attention, the usual
+convention, although causal kernels skip about half of that work.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+from ..prompts import qa_prompt
+from .data import bench_source, make_chunks
+from .qa import Log, _stderr, load_compressor
+
+RAG_QUESTION = "What is the main contribution described in the context?"
+H200_BF16_DENSE_TFLOPS = 989.0
+
+RSS_NOTE = ("CPU: peak_mem_bytes is the process's resident-set high-water mark (getrusage ru_maxrss): it "
+            "only grows, covers the whole process (model weights included) and is not a per-system figure; "
+            "tracemalloc and RSS deltas do not see torch's allocations meaningfully")
+CUDA_NOTE = ("CUDA: peak_mem_bytes is torch.cuda.max_memory_allocated() during the measured runs of that row "
+             "(weights included); peak_extra_bytes subtracts the memory allocated before them")
+
+
+# ---------------------------------------------------------------------- helpers
+def _sync(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+class MemoryProbe:
+    """Peak memory over a block of work: CUDA allocator peak on GPU, process max RSS on CPU."""
+
+    def __init__(self, device: Any):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.device = device
+        self.before = 0
+
+    def start(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> dict[str, int]:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+            return {"peak_mem_bytes": peak, "peak_extra_bytes": peak - int(self.before)}
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        return {"peak_mem_bytes": int(rss * scale)}
+
+    @property
+    def note(self) -> str:
+        return CUDA_NOTE if self.cuda else RSS_NOTE
+
+
+def _stats(values: Sequence[float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}_median": statistics.median(values), f"{prefix}_mean": statistics.fmean(values),
+            f"{prefix}_min": min(values)}
+
+
+def _parse_default_checkpoint(checkpoint: str | None, k: int | None, mode: str, log: Log) -> tuple[str | None, int, str, str | None]:
+    """Resolve ``--checkpoint`` / ``--k`` for the benchmarks.
+
+    Returns ``(checkpoint or None, k, mode, note)``: an explicit ``--k`` means an untrained
+    compressor; a checkpoint that is not available (the shipped ``default`` before it is
+    trained) falls back to an untrained ``kv`` k=16 compressor, with a note: timings and sizes
+    depend only on shapes, not on the weights.
+    """
+    from ..compressor import resolve_checkpoint
+
+    if k is not None:
+        return None, int(k), mode, "untrained compressor (--k given)"
+    name = checkpoint or "default"
+    try:
+        resolve_checkpoint(name)
+        return name, 16, mode, None
+    except FileNotFoundError:
+        note = (f"checkpoint {name!r} not available; using an untrained {mode} k=16 compressor "
+                "(latency and size depend on shapes only)")
+        log(note)
+        return None, 16, mode, note
+
+
+# ---------------------------------------------------------------------- bench rag
+def bench_rag(
+    n_chunks: Sequence[int] = (1, 2, 4, 8),
+    tokens: Sequence[int] = (128, 256, 512),
+    *,
+    checkpoint: str | None = "default",
+    k: int | None = None,
+    mode: str = "kv",
+    repeats: int = 3,
+    max_new_tokens: int = 16,
+    device: Any = None,
+    dtype: Any = None,
+    data: str | None = None,
+    store_dir: str | None = None,
+    progress: bool = True,
+    log: Log | None = _stderr,
+) -> dict[str, Any]:
+    """Time a RAG answer over ``n`` chunks of ``T`` tokens for every (n, T), three ways.
+
+    Systems (rows of the result):
+
+    * ``full``: the chunk texts in the prompt (``plain`` layout: ``Context: ... Question: ... Answer:``).
+    * ``store-hit``: the chunks' compressed contexts are already in the store; timed from
+      ``ContextStore.get_or_compress`` (key hashing, SQLite lookup, file read, digest check,
+      move to the device) through injection, prefill and decoding.
+    * ``store-miss``: the store is empty; timed from compressing the chunks (and writing
+      them to the store) through the answer.
+
+    ``ttft_s`` is the time until the first answer token is chosen, ``e2e_s`` until the answer
+    is complete (at most ``max_new_tokens`` tokens, no stop string; an end-of-sequence token
+    ends it earlier). Each measurement is repeated ``repeats`` times after one warm-up run.
+    """
+    import torch
+
+    from ..generation import Generator
+    from ..store import ContextStore
+
+    log = log or (lambda _m: None)
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    if not n_chunks or not tokens or min(n_chunks) < 1 or min(tokens) < 1:
+        raise ValueError("--n and --tokens need positive integers")
+    ckpt, kk, mode, note = _parse_default_checkpoint(checkpoint, k, mode, log)
+    lc = load_compressor(ckpt, k=kk, mode=mode, device=device, dtype=dtype)
+    comp = lc.compressor
+    base = comp.base
+    tok = base.tokenizer
+    gen = Generator(base, comp)
+    texts, source = bench_source(data)
+    from .report import environment
+
+    env = environment(base)
+    probe = MemoryProbe(base.device)
+    too_long = [t for t in tokens if t > comp.config.max_length]
+    if too_long:
+        raise ValueError(f"chunk length(s) {too_long} exceed the compressor's max_length {comp.config.max_length}")
+
+    prompt_of: Callable[[list[Any]], list[Any]] = lambda ctxs: qa_prompt("plain", RAG_QUESTION, tok).segments(ctxs)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, temperature=0.0, stop=[])
+    rows: list[dict[str, Any]] = []
+    # always a fresh, temporary store (inside --store-dir when given): the benchmark clears it
+    if store_dir is not None:
+        os.makedirs(store_dir, exist_ok=True)
+    tmp = tempfile.TemporaryDirectory(prefix="bench-rag-store-", dir=store_dir)
+    store = ContextStore(tmp.name)
+    try:
+        # warm-up: kernels, tokenizer, store connection
+        warm = make_chunks(texts, tok, 2, min(tokens), offset=0)
+        gen.generate(prompt_of(warm), **gen_kwargs)
+        sr = store.get_or_compress(warm, comp, truncate=True)
+        gen.generate(prompt_of([r.context for r in sr]), **gen_kwargs)
+        store.clear()
+
+        from tqdm.auto import tqdm
+
+        grid = [(t, n) for t in tokens for n in n_chunks]
+        offset = 3
+        for T, n in tqdm(grid, desc="bench rag", unit="cell", disable=not progress, leave=False):
+            chunks = make_chunks(texts, tok, n, T, offset=offset)
+            offset += n + 1
+            src = sum(len(tok(c, add_special_tokens=False)["input_ids"]) for c in chunks)
+
+            # (a) full text
+            ttft, e2e, new = [], [], []
+            probe.start()
+            for _ in range(repeats):
+                res = gen.generate(prompt_of(chunks), **gen_kwargs)
+                ttft.append(res.ttft_s)
+                e2e.append(res.total_s)
+                new.append(len(res.token_ids))
+            rows.append({"system": "full", "n_chunks": n, "chunk_tokens": T, "prompt_tokens": res.prompt_tokens,
+                         "source_tokens": src, "new_tokens_mean": statistics.fmean(new),
+                         **_stats(ttft, "ttft_s"), **_stats(e2e, "e2e_s"), **probe.peak()})
+
+            # (c) store miss: compress (and store) then answer
+            ttft, e2e, comp_s, new = [], [], [], []
+            probe.start()
+            for _ in range(repeats):
+                store.clear()
+                t0 = time.perf_counter()
+                sr = store.get_or_compress(chunks, comp, truncate=True)
+                _sync(base.device)
+                t_c = time.perf_counter() - t0
+                if any(r.hit for r in sr):
+                    raise RuntimeError("bench rag: a cleared store reported a hit")
+                res = gen.generate(prompt_of([r.context for r in sr]), **gen_kwargs)
+                comp_s.append(t_c)
+                ttft.append(t_c + res.ttft_s)
+                e2e.append(t_c + res.total_s)
+                new.append(len(res.token_ids))
+            miss_row = {"system": "store-miss", "n_chunks": n, "chunk_tokens": T, "prompt_tokens": res.prompt_tokens,
+                        "source_tokens": src, "new_tokens_mean": statistics.fmean(new),
+                        **_stats(ttft, "ttft_s"), **_stats(e2e, "e2e_s"), **_stats(comp_s, "compress_s"),
+                        **probe.peak()}
+
+            # (b) store hit: the chunks are in the store from the last miss run
+            ttft, e2e, look, new = [], [], [], []
+            probe.start()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                sr = store.get_or_compress(chunks, comp, truncate=True)
+                _sync(base.device)
+                t_l = time.perf_counter() - t0
+                if not all(r.hit for r in sr):
+                    raise RuntimeError("bench rag: a chunk that was just stored was not found in the store")
+                res = gen.generate(prompt_of([r.context for r in sr]), **gen_kwargs)
+                look.append(t_l)
+                ttft.append(t_l + res.ttft_s)
+                e2e.append(t_l + res.total_s)
+                new.append(len(res.token_ids))
+            rows.append({"system": "store-hit", "n_chunks": n, "chunk_tokens": T, "prompt_tokens": res.prompt_tokens,
+                         "source_tokens": src, "new_tokens_mean": statistics.fmean(new),
+                         **_stats(ttft, "ttft_s"), **_stats(e2e, "e2e_s"), **_stats(look, "lookup_s"),
+                         **probe.peak()})
+            rows.append(miss_row)
+    finally:
+        store.close()
+        tmp.cleanup()
+
+    full_ttft = {(r["n_chunks"], r["chunk_tokens"]): r["ttft_s_median"] for r in rows if r["system"] == "full"}
+    for r in rows:
+        f = full_ttft.get((r["n_chunks"], r["chunk_tokens"]))
+        r["ttft_speedup_vs_full"] = (f / r["ttft_s_median"]) if f and r["ttft_s_median"] > 0 else None
+    del gen, comp, lc
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"kind": "bench-rag", "rows": rows,
+            "config": {"n_chunks": list(n_chunks), "chunk_tokens": list(tokens), "repeats": repeats,
+                       "max_new_tokens": max_new_tokens, "question": RAG_QUESTION, "layout": "plain",
+                       "checkpoint": ckpt or "untrained", "k": kk, "mode": mode, "note": note,
+                       "text_source": source, "memory_note": probe.note, "store_parent_dir": store_dir,
+                       "timing": "medians over repeats after one warm-up; ttft = store/compress time + prefill + "
+                                 "first token", **env}}
+
+
+# ---------------------------------------------------------------------- bench compress
+def encoder_params(compressor: Any) -> int:
+    """Parameters that take part in the encoder's matmuls: transformer layers (incl. LoRA), no embeddings."""
+    total = 0
+    for name, p in compressor.peft_model.named_parameters():
+        if "embed_tokens" in name or "lm_head" in name:
+            continue
+        total += p.numel()
+    return total
+
+
+def encoder_flops(params: int, layers: int, attn_width: int, batch: int, seq: int) -> float:
+    """FLOPs of one encoder forward (see the module docstring for the formula)."""
+    return 2.0 * params * batch * seq + 4.0 * layers * batch * seq * seq * attn_width
+
+
+def bench_compress(
+    batch_sizes: Sequence[int] = (1, 8, 32, 128),
+    tokens: int = 512,
+    *,
+    checkpoint: str | None = "default",
+    k: int | None = None,
+    mode: str = "kv",
+    repeats: int = 3,
+    peak_tflops: float | None = None,
+    device: Any = None,
+    dtype: Any = None,
+    data: str | None = None,
+    progress: bool = True,
+    log: Log | None = _stderr,
+) -> dict[str, Any]:
+    """Compression throughput by batch size.
+
+    For each batch size, ``repeats`` timed encoder forwards (``Compressor.encode_ids`` under
+    ``torch.no_grad``, inputs pre-tokenised to exactly ``tokens`` ids per chunk, device
+    synchronised) after one warm-up, plus one timed call of the public ``Compressor.compress``
+    API on the same chunks as text (tokenisation and context objects included).
+
+    ``peak_tflops`` defaults to 989 (H200 bf16 dense) on CUDA and to none on CPU.
+    """
+    import torch
+
+    log = log or (lambda _m: None)
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError("--batch-sizes needs positive integers")
+    if tokens < 1 or repeats < 1:
+        raise ValueError("tokens and repeats must be positive")
+    ckpt, kk, mode, note = _parse_default_checkpoint(checkpoint, k, mode, log)
+    lc = load_compressor(ckpt, k=kk, mode=mode, device=device, dtype=dtype)
+    comp = lc.compressor
+    base = comp.base
+    tok = base.tokenizer
+    if tokens > comp.config.max_length:
+        raise ValueError(f"--tokens {tokens} exceeds the compressor's max_length {comp.config.max_length}")
+    cuda = base.device.type == "cuda"
+    if peak_tflops is None and cuda:
+        peak_tflops = H200_BF16_DENSE_TFLOPS
+    texts, source = bench_source(data)
+    from .report import environment
+
+    env = environment(base)
+    cfg = base.model.config
+    layers = int(cfg.num_hidden_layers)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    attn_width = int(cfg.num_attention_heads) * head_dim
+    params = encoder_params(comp)
+    probe = MemoryProbe(base.device)
+    seq = tokens + kk
+    rows = []
+    from tqdm.auto import tqdm
+
+    stream: list[int] = []
+    i = 0
+    need = max(batch_sizes) * tokens
+    while len(stream) < need:
+        stream.extend(tok(" " + texts[i % len(texts)].strip(), add_special_tokens=False)["input_ids"])
+        i += 1
+    for bs in tqdm(batch_sizes, desc="bench compress", unit="batch size", disable=not progress, leave=False):
+        ids = [stream[j * tokens:(j + 1) * tokens] for j in range(bs)]
+        with torch.no_grad():
+            comp.encode_ids(ids)  # warm-up
+            _sync(base.device)
+            probe.start()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                out = comp.encode_ids(ids)
+                _sync(base.device)
+                times.append(time.perf_counter() - t0)
+                del out
+        mem = probe.peak()
+        chunk_texts = [tok.decode(x) for x in ids]
+        t0 = time.perf_counter()
+        comp.compress(chunk_texts, batch_size=bs, truncate=True)
+        _sync(base.device)
+        api_s = time.perf_counter() - t0
+        t = statistics.median(times)
+        flops = encoder_flops(params, layers, attn_width, bs, seq)
+        tflops = flops / t / 1e12
+        rows.append({"batch_size": bs, "chunk_tokens": tokens, "seconds_median": t, "seconds_min": min(times),
+                     "chunks_per_s": bs / t, "tokens_per_s": bs * tokens / t, "flops_per_batch": flops,
+                     "achieved_tflops": tflops,
+                     "fraction_of_peak": (tflops / peak_tflops) if peak_tflops else None,
+                     "api_seconds": api_s, "api_chunks_per_s": bs / api_s, **mem})
+    del comp, lc
+    return {"kind": "bench-compress", "rows": rows,
+            "config": {"batch_sizes": list(batch_sizes), "chunk_tokens": tokens, "k": kk, "mode": mode,
+                       "checkpoint": ckpt or "untrained", "note": note, "repeats": repeats,
+                       "peak_tflops": peak_tflops, "encoder_params": params, "layers": layers,
+                       "attn_width": attn_width, "seq_positions": seq,
+                       "flops_formula": "2*P*B*S + 4*L*B*S^2*d (S = tokens + k; P = layer params incl. LoRA, "
+                                        "no embeddings; d = heads*head_dim; full, non-causal attention count)",
+                       "text_source": source, "memory_note": probe.note, **env}}
+
+
+# ---------------------------------------------------------------------- bench disk
+def bench_disk(
+    ks: Sequence[int] = (1, 4, 16),
+    modes: Sequence[str] = ("kv", "embedding"),
+    tokens: Sequence[int] = (128, 256, 512),
+    *,
+    device: Any = None,
+    dtype: Any = None,
+    data: str | None = None,
+    progress: bool = True,
+    log: Log | None = _stderr,
+) -> dict[str, Any]:
+    """Bytes per stored chunk against the exact K/V of the same text.
+
+    For every chunk length T, the full K/V reference is
+    ``Generator.context_from_text(chunk)`` (what prefix caching would keep: T positions at
+    every layer). For every (mode, k) an untrained compressor makes the context (sizes depend
+    only on shapes). ``nbytes`` counts tensor data, ``stored_bytes`` the serialised form the
+    store writes (safetensors with metadata, ``CompressedContext.to_bytes``).
+    """
+    from ..generation import Generator
+    from ..models import load_base_model
+    from .qa import _free
+
+    if not ks or min(ks) < 1 or not tokens or min(tokens) < 1:
+        raise ValueError("--ks and --tokens need positive integers")
+    bad = [m for m in modes if m not in ("kv", "embedding")]
+    if bad or not modes:
+        raise ValueError(f"unknown mode(s) {bad}; use kv and/or embedding")
+    base = load_base_model(device=device, dtype=dtype)
+    from .report import environment
+
+    env = environment(base)
+    tok = base.tokenizer
+    texts, source = bench_source(data)
+    chunks: dict[int, tuple[str, int]] = {}
+    full: dict[int, dict[str, int]] = {}
+    gen = Generator(base)
+    for j, T in enumerate(tokens):
+        text = make_chunks(texts, tok, 1, T, offset=j)[0]
+        ref = gen.context_from_text(text)
+        chunks[T] = (text, ref.source_tokens)
+        full[T] = {"nbytes": ref.nbytes, "stored_bytes": len(ref.to_bytes()), "tokens": ref.source_tokens,
+                   "text_bytes": len(text.encode("utf-8"))}
+    del gen, base
+    _free()
+    rows = []
+    from tqdm.auto import tqdm
+
+    for mode in modes:
+        for k in tqdm(ks, desc=f"bench disk {mode}", disable=not progress, leave=False):
+            lc = load_compressor(None, k=k, mode=mode, device=device, dtype=dtype)
+            for T in tokens:
+                text, n_tok = chunks[T]
+                ctx = lc.compressor.compress([text], truncate=True)[0]
+                stored = len(ctx.to_bytes())
+                rows.append({"mode": mode, "k": k, "chunk_tokens": T, "source_tokens": n_tok,
+                             "dtype": str(ctx.dtype).replace("torch.", ""), "nbytes": ctx.nbytes,
+                             "stored_bytes": stored, "full_kv_nbytes": full[T]["nbytes"],
+                             "full_kv_stored_bytes": full[T]["stored_bytes"],
+                             "ratio_vs_full_kv": full[T]["stored_bytes"] / stored,
+                             "text_bytes": full[T]["text_bytes"]})
+            del lc
+            _free()
+    return {"kind": "bench-disk", "rows": rows, "full_kv": {str(t): v for t, v in full.items()},
+            "config": {"ks": list(ks), "modes": list(modes), "chunk_tokens": list(tokens), "text_source": source,
+                       "note": "untrained compressors: sizes depend on shapes only", **env}}
+
+
+def bench_store(n: int = 200, *, k: int = 16, tokens: int = 512, dtype: str = "float32",
+                directory: str | None = None) -> dict[str, Any]:
+    """Run ``compressor_plugin.evaluation.bench_store.bench_hit_path`` with the arguments it accepts.
+
+    Raises:
+        RuntimeError: that module is not part of this installation.
+    """
+    import importlib
+    import inspect
+
+    import torch
+
+    try:
+        mod = importlib.import_module("compressor_plugin.evaluation.bench_store")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.endswith("bench_store"):
+            raise RuntimeError("bench store needs compressor_plugin.evaluation.bench_store, "
+                               "which this installation does not have") from exc
+        raise
+    fn = getattr(mod, "bench_hit_path", None)
+    if fn is None:
+        raise RuntimeError("compressor_plugin.evaluation.bench_store has no bench_hit_path()")
+    offered = {"n": n, "k": k, "source_tokens": tokens, "dtype": getattr(torch, dtype), "directory": directory}
+    params = inspect.signature(fn).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {name: v for name, v in offered.items() if (accepts_any or name in params) and v is not None}
+    result = fn(**kwargs)
+    return {"kind": "bench-store", "result": result, "config": {k2: str(v) for k2, v in kwargs.items()}}
+
+
+def rag_table(result: dict[str, Any]) -> str:
+    """Markdown table of a ``bench rag`` result."""
+    from .report import markdown_table
+
+    rows = [[r["n_chunks"], r["chunk_tokens"], r["system"], r["ttft_s_median"] * 1e3, r["e2e_s_median"] * 1e3,
+             r["prompt_tokens"], r["source_tokens"], r["peak_mem_bytes"] / 2**20, r.get("ttft_speedup_vs_full")]
+            for r in result["rows"]]
+    return markdown_table(["n", "T", "system", "TTFT ms", "e2e ms", "prompt tok", "source tok", "peak MiB",
+                           "TTFT speed-up"], rows, digits=2)
+
+
+def compress_table(result: dict[str, Any]) -> str:
+    """Markdown table of a ``bench compress`` result."""
+    from .report import markdown_table
+
+    rows = [[r["batch_size"], r["chunk_tokens"], r["chunks_per_s"], r["tokens_per_s"], r["achieved_tflops"],
+             r["fraction_of_peak"], r["api_chunks_per_s"], r["peak_mem_bytes"] / 2**20] for r in result["rows"]]
+    return markdown_table(["batch", "T", "chunks/s", "tokens/s", "TFLOP/s", "of peak", "API chunks/s", "peak MiB"],
+                          rows, digits=3)
+
+
+def disk_table(result: dict[str, Any]) -> str:
+    """Markdown table of a ``bench disk`` result."""
+    from .report import markdown_table
+
+    rows = [[r["mode"], r["k"], r["chunk_tokens"], r["dtype"], r["stored_bytes"], r["full_kv_stored_bytes"],
+             r["ratio_vs_full_kv"], r["text_bytes"]] for r in result["rows"]]
+    return markdown_table(["mode", "k", "T", "dtype", "stored bytes", "full K/V bytes", "x smaller", "text bytes"],
+                          rows, digits=1)
+
+
+__all__ = ["bench_rag", "bench_compress", "bench_disk", "bench_store", "encoder_flops", "encoder_params",
+           "rag_table", "compress_table", "disk_table", "MemoryProbe"]
