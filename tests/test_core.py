@@ -185,3 +185,12 @@ def test_unsupported_model_type_is_refused():
 
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         check_supported(SimpleNamespace(model_type="gpt2"))
+
+
+def test_stop_strings_ignore_leading_whitespace():
+    from compressor_plugin.generation import _find_stop
+
+    assert _find_stop("\nRobert Boyle\nQuestion", ["\n"]) == len("\nRobert Boyle")
+    assert _find_stop("Paris\n", ["\n"]) == 5
+    assert _find_stop("\n\n", ["\n"]) is None
+    assert _find_stop("no stop here", ["\n", "###"]) is None
