@@ -155,23 +155,35 @@ class CompressionEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
+        cancelled = threading.Event()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                cancelled.set()
 
         def work() -> None:
             try:
                 for piece in self.stream(prompt, config, chat=chat, **kwargs):
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+                    if cancelled.is_set():
+                        break  # the consumer stopped: free the model instead of finishing the answer
+                    put(piece)
             except BaseException as exc:  # surfaced in the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                put(exc)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
+                put(done)
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        while True:
-            item = await queue.get()
-            if item is done:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        thread.join()
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+        await asyncio.to_thread(thread.join)

@@ -235,12 +235,20 @@ class Generator:
 
     # ------------------------------------------------------------------ decoding
     def _eos_ids(self) -> set[int]:
+        """Token ids that end an answer: the eos ids, and for chat models every special token.
+
+        A chat model that emits a turn marker (``<|im_start|>``, ``<|eot_id|>``...) has finished
+        its answer, whatever its configured eos id.
+        """
         ids = set()
         for src in (self.tokenizer.eos_token_id, getattr(self.base.model.generation_config, "eos_token_id", None)):
             if isinstance(src, int):
                 ids.add(src)
             elif isinstance(src, (list, tuple)):
                 ids.update(int(x) for x in src)
+        if getattr(self.tokenizer, "chat_template", None):
+            pad = self.tokenizer.pad_token_id
+            ids.update(int(i) for i in getattr(self.tokenizer, "all_special_ids", []) if i != pad or i in ids)
         return ids
 
     @staticmethod
@@ -272,26 +280,28 @@ class Generator:
         lengths = torch.tensor([p.length for p in prefills], device=dev)
         logits = torch.stack([p.last_logits for p in prefills])
         done = [False] * B
-        with self._decoder() as lm:
-            for step in range(cfg.max_new_tokens):
-                nxt = self._select(logits, cfg, gen)
-                row = []
-                for b in range(B):
-                    t = int(nxt[b])
-                    if done[b] or t in eos:
-                        done[b] = True
-                        row.append(None)
-                    else:
-                        row.append(t)
-                yield row
-                if all(done) or step == cfg.max_new_tokens - 1:
-                    return
-                pos = (lengths + step)[:, None]
-                if mask is not None:
-                    mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
+        for step in range(cfg.max_new_tokens):
+            nxt = self._select(logits, cfg, gen)
+            row = []
+            for b in range(B):
+                t = int(nxt[b])
+                if done[b] or t in eos:
+                    done[b] = True
+                    row.append(None)
+                else:
+                    row.append(t)
+            yield row
+            if all(done) or step == cfg.max_new_tokens - 1:
+                return
+            pos = (lengths + step)[:, None]
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
+            # The adapter is disabled around each forward only, never across a yield: code that
+            # runs between two streamed tokens (e.g. compressing more chunks) sees the encoder.
+            with torch.no_grad(), self._decoder() as lm:
                 out = lm(input_ids=nxt[:, None], position_ids=pos, attention_mask=mask, use_cache=True,
                          **cache_kwargs(lm, cache))
-                logits = out.logits[:, -1].float()
+            logits = out.logits[:, -1].float()
 
     def _merge(self, prefills: list[Prefill]) -> tuple[Any, torch.Tensor]:
         """Left-pad several single-row caches into one batch cache plus its attention mask."""

@@ -194,3 +194,24 @@ def test_stop_strings_ignore_leading_whitespace():
     assert _find_stop("Paris\n", ["\n"]) == 5
     assert _find_stop("\n\n", ["\n"]) is None
     assert _find_stop("no stop here", ["\n", "###"]) is None
+
+
+def test_compress_between_streamed_tokens_uses_the_encoder(tmp_path):
+    """Compressing while a stream is paused must not run with the adapter disabled."""
+    from compressor_plugin.engine import CompressionEngine
+    from compressor_plugin.models import tiny_random_llama
+    from compressor_plugin.store import ContextStore
+
+    comp = Compressor(tiny_random_llama(seed=4), CompressorConfig(k=2, lora_r=4))
+    with torch.no_grad():
+        for n, p in comp.peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    comp.invalidate_fingerprint()
+    reference = comp.compress(["some chunk text"])[0]
+    engine = CompressionEngine(comp, ContextStore(tmp_path / "store"))
+    stream = engine.stream("Hello there, this is a prompt", max_new_tokens=5)
+    next(stream)
+    during = comp.compress(["some chunk text"])[0]
+    stream.close()
+    torch.testing.assert_close(during.keys, reference.keys)
