@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -88,7 +89,9 @@ class Compressor(nn.Module):
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.target_modules), bias="none")
         torch.manual_seed(seed)
-        self.peft_model = get_peft_model(base.model, lcfg)
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+            self.peft_model = get_peft_model(base.model, lcfg)
         self.peft_model.eval()
         emb = base.model.get_input_embeddings().weight.detach().float()
         gen = torch.Generator().manual_seed(seed)
