@@ -60,6 +60,8 @@ def _compress(args: argparse.Namespace) -> int:
     from ..prompts import regen_segments
 
     text = _read_text(args)
+    if not text.strip():
+        raise ValueError("the text is empty; there is nothing to compress")
     comp = Compressor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
     t0 = time.perf_counter()
     ctx = comp.compress([text], truncate=args.truncate)[0]
