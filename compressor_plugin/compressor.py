@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,6 +82,11 @@ class Compressor(nn.Module):
         super().__init__()
         from peft import LoraConfig, get_peft_model
 
+        if hasattr(base.model, "peft_config") or hasattr(base.model, "get_base_model"):
+            raise ValueError(
+                "this base model already carries an adapter (another Compressor, or a peft model); "
+                "LoRA is injected into the model in place, so a second compressor would overwrite the first. "
+                "Load a fresh base model for each compressor: load_base_model()")
         self.base = base
         cfg = config or CompressorConfig()
         cfg.base_model = cfg.base_model or base.name
@@ -99,6 +105,9 @@ class Compressor(nn.Module):
         self.memory = nn.Parameter(init.to(emb.device))
         self.rotary = RotaryHelper(base.model)
         self._fingerprint: str | None = None
+        # The adapter on/off switch is model-wide state: encoding (adapter on) and decoding
+        # (adapter off) must never overlap across threads.
+        self.lock = threading.RLock()
 
     # ------------------------------------------------------------------ identity
     @property
@@ -153,7 +162,7 @@ class Compressor(nn.Module):
     @contextlib.contextmanager
     def decoder(self) -> Iterator[Any]:
         """Context in which the model is exactly the base model (adapter disabled)."""
-        with self.peft_model.disable_adapter():
+        with self.lock, self.peft_model.disable_adapter():
             yield causal_lm_of(self.peft_model)
 
     # ------------------------------------------------------------------ tokenisation
@@ -165,23 +174,30 @@ class Compressor(nn.Module):
             ContextTooLongError: a text is longer than ``config.max_length`` tokens and
                 ``truncate`` is False. With ``truncate=True`` it keeps the first tokens.
         """
+        return self._token_ids(texts, truncate=truncate)[0]
+
+    def _token_ids(self, texts: Sequence[str], *, truncate: bool) -> tuple[list[list[int]], list[bool]]:
+        """Validated token ids and, per text, whether it was cut to ``max_length``."""
         if isinstance(texts, str):
             raise CompressorError("pass a list of texts, not a single string")
         out: list[list[int]] = []
+        cut: list[bool] = []
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise CompressorError(f"text {i} is {type(t).__name__}, not str")
             if not t.strip():
                 raise CompressorError(f"text {i} is empty; there is nothing to compress")
             ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.config.max_length:
+            too_long = len(ids) > self.config.max_length
+            if too_long:
                 if not truncate:
                     raise ContextTooLongError(
                         f"text {i} has {len(ids)} tokens, more than max_length={self.config.max_length}; "
                         "split it into chunks first, or pass truncate=True to keep the first tokens")
                 ids = ids[: self.config.max_length]
             out.append(ids)
-        return out
+            cut.append(too_long)
+        return out, cut
 
     # ------------------------------------------------------------------ encoding
     def encode_ids(self, batch: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
@@ -260,7 +276,7 @@ class Compressor(nn.Module):
             truncate: keep the first ``max_length`` tokens of longer texts instead of raising.
             progress: show a tqdm progress bar.
         """
-        ids = self.tokenize(texts, truncate=truncate)
+        ids, cut = self._token_ids(texts, truncate=truncate)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         results: list[CompressedContext | None] = [None] * len(ids)
         fp, base_fp = self.fingerprint, self.base.fingerprint
@@ -270,13 +286,14 @@ class Compressor(nn.Module):
 
             bar = tqdm(total=len(ids), desc=f"compress k={self.k}", unit="chunk")
         was_training = self.peft_model.training
+        self.lock.acquire()
         self.peft_model.eval()
         try:
             for s in range(0, len(order), batch_size):
                 chunk = order[s: s + batch_size]
                 out = self.encode_ids([ids[i] for i in chunk])
                 for j, i in enumerate(chunk):
-                    extra = {"truncated": "true"} if truncate and len(ids[i]) == self.config.max_length else {}
+                    extra = {"truncated": "true"} if cut[i] else {}
                     if self.mode == "kv":
                         ctx = CompressedContext("kv", len(ids[i]), base_fp, fp,
                                                 keys=out["keys"][j].clone(), values=out["values"][j].clone(), extra=extra)
@@ -290,6 +307,7 @@ class Compressor(nn.Module):
             if bar is not None:
                 bar.close()
             self.peft_model.train(was_training)
+            self.lock.release()
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ checkpoints

@@ -67,7 +67,8 @@ class CompressionEngine:
         self.compressor = compressor
         self.store = store if store is not None else ContextStore()
         self.generator = Generator(compressor.base, compressor)
-        self._lock = threading.RLock()  # one forward pass at a time on the shared model
+        self._lock = compressor.lock  # the adapter switch is model-wide: one forward at a time
+        self.checkpoint: str | None = None  # the shipped name or folder it was loaded from, if any
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *, store: ContextStore | str | os.PathLike | None = None,
@@ -76,7 +77,9 @@ class CompressionEngine:
         comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype)
         if store is not None and not isinstance(store, ContextStore):
             store = ContextStore(store)
-        return cls(comp, store)
+        engine = cls(comp, store)
+        engine.checkpoint = str(checkpoint)
+        return engine
 
     @property
     def tokenizer(self) -> Any:
@@ -119,7 +122,9 @@ class CompressionEngine:
         return resolve_markers(parts, self.store)
 
     def _config(self, config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
-        return config or GenerationConfig(**kwargs)
+        from .generation import _make_config
+
+        return _make_config(config, kwargs)
 
     def generate(self, prompt: str | Sequence[Message], config: GenerationConfig | None = None, *,
                  chat: bool | None = None, **kwargs: Any) -> EngineResult:
@@ -141,8 +146,8 @@ class CompressionEngine:
                chat: bool | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield answer text pieces as they are generated."""
         res = self.resolve(prompt, chat=chat)
-        with self._lock:
-            yield from self.generator.stream(res.segments, self._config(config, kwargs))
+        # no lock across yields: the generator takes the model's lock around each forward pass
+        yield from self.generator.stream(res.segments, self._config(config, kwargs))
 
     async def agenerate(self, prompt: str | Sequence[Message], config: GenerationConfig | None = None, *,
                         chat: bool | None = None, **kwargs: Any) -> EngineResult:

@@ -58,6 +58,11 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop or ())
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ValueError("stop must be a string or a list of strings")
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
         if self.temperature < 0:
@@ -112,6 +117,11 @@ class Generator:
     """
 
     def __init__(self, base: BaseModel, compressor: Any | None = None):
+        if compressor is None and hasattr(base.model, "peft_config") and not hasattr(base.model, "get_base_model"):
+            raise ValueError(
+                "this base model carries a compressor's LoRA adapter (injected in place), so it is no longer "
+                "the plain base model; pass the compressor too: Generator(compressor.base, compressor), which "
+                "disables the adapter for every decoder call")
         self.base = base
         self.compressor = compressor
         self.rotary = RotaryHelper(base.model)
@@ -324,7 +334,7 @@ class Generator:
     # ------------------------------------------------------------------ public API
     def stream(self, segments: Sequence[Segment], config: GenerationConfig | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated (stop strings are honoured)."""
-        cfg = config or GenerationConfig(**kwargs)
+        cfg = _make_config(config, kwargs)
         pre = self.prefill(segments)
         yield from (piece for piece, _ in self._stream_text([pre], cfg))
 
@@ -362,7 +372,7 @@ class Generator:
 
     def generate(self, segments: Sequence[Segment], config: GenerationConfig | None = None, **kwargs: Any) -> GenerationResult:
         """Generate a completion for one prompt."""
-        cfg = config or GenerationConfig(**kwargs)
+        cfg = _make_config(config, kwargs)
         t0 = time.perf_counter()
         pre = self.prefill(segments)
         ttft = None
@@ -379,7 +389,7 @@ class Generator:
     def generate_batch(self, prompts: Sequence[Sequence[Segment]], config: GenerationConfig | None = None,
                        **kwargs: Any) -> list[GenerationResult]:
         """Generate for several prompts at once (one batched decode loop)."""
-        cfg = config or GenerationConfig(**kwargs)
+        cfg = _make_config(config, kwargs)
         if not prompts:
             return []
         t0 = time.perf_counter()
@@ -452,3 +462,10 @@ def _find_stop(text: str, stops: Sequence[str]) -> int | None:
         return None
     cuts = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
     return min(cuts) if cuts else None
+
+
+def _make_config(config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
+    """A GenerationConfig from either an object or keyword arguments, never both silently."""
+    if config is not None and kwargs:
+        raise TypeError(f"pass either config or keyword options, not both (got {sorted(kwargs)})")
+    return config or GenerationConfig(**kwargs)

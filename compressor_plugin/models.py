@@ -31,9 +31,7 @@ HOME_ENV = "COMPRESSOR_PLUGIN_HOME"
 
 #: Architectures whose attention applies rotary embeddings with the ``rotate_half`` layout
 #: that :mod:`compressor_plugin.context` re-rotates.
-SUPPORTED_MODEL_TYPES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite", "smollm3"}
-)
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite"})
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -169,6 +167,9 @@ class BaseModel:
 def check_supported(config: Any) -> None:
     """Raise :class:`UnsupportedModelError` unless the config describes a rotary causal LM."""
     model_type = getattr(config, "model_type", None)
+    partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    if model_type in SUPPORTED_MODEL_TYPES and float(partial) < 1.0:
+        raise UnsupportedModelError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
     if model_type in SUPPORTED_MODEL_TYPES:
         return
     raise UnsupportedModelError(
@@ -180,24 +181,25 @@ def check_supported(config: Any) -> None:
 def model_fingerprint(model: Any) -> str:
     """A short, dtype-independent identity of a base model's weights and shape.
 
-    sha256 over the architecture fields of the config and the bf16 bytes of a few weight
-    tensors (embedding rows, first and last layer norms). A model loaded in fp32 on CPU and in
-    bf16 on GPU gives the same fingerprint; a different checkpoint gives another.
+    sha256 over the architecture fields of the config and, for every weight tensor, its name,
+    shape and the bf16 bytes of a strided sample of its values (about 4,096 per tensor). A model
+    loaded in fp32 on CPU and in bf16 on GPU gives the same fingerprint; changing any weight
+    matrix (a fine-tune, a merged LoRA) gives another. Injected adapter weights are ignored.
     """
     cfg = model.config
     fields = {k: getattr(cfg, k, None) for k in (
         "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "vocab_size", "intermediate_size")}
     h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
-    emb = model.get_input_embeddings().weight
-    parts = [emb[:512], emb[-64:]]
     for name, p in model.named_parameters():
         if "lora_" in name:
             continue
-        if name.endswith("layers.0.input_layernorm.weight") or name.endswith("model.norm.weight"):
-            parts.append(p)
-    for t in parts:
-        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].to("cpu", torch.bfloat16).contiguous()
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

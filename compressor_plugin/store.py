@@ -256,7 +256,7 @@ class ContextStore:
         self,
         directory: str | os.PathLike | None = None,
         *,
-        size_limit: int | None = DEFAULT_SIZE_LIMIT,
+        size_limit: int | None = None,
         expire: float | None = None,
         text_size_limit: int | None = None,
         min_file_size: int = DEFAULT_MIN_FILE_SIZE,

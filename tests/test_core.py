@@ -215,3 +215,65 @@ def test_compress_between_streamed_tokens_uses_the_encoder(tmp_path):
     during = comp.compress(["some chunk text"])[0]
     stream.close()
     torch.testing.assert_close(during.keys, reference.keys)
+
+
+def test_one_compressor_per_base_model_and_no_silent_adapter():
+    from compressor_plugin.models import tiny_random_llama
+
+    base = tiny_random_llama(seed=6)
+    comp = Compressor(base, CompressorConfig(k=2, lora_r=2))
+    with pytest.raises(ValueError, match="already carries an adapter"):
+        Compressor(base, CompressorConfig(k=4, lora_r=2))
+    with pytest.raises(ValueError, match="pass the compressor too"):
+        Generator(base)
+    assert Generator(base, comp).generate(["hello"], max_new_tokens=2).prompt_tokens > 0
+
+
+def test_fingerprint_sees_every_weight_matrix():
+    from compressor_plugin.models import tiny_random_llama
+
+    base = tiny_random_llama(seed=7)
+    before = model_fingerprint(base.model)
+    with torch.no_grad():
+        base.model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    assert model_fingerprint(base.model) != before
+
+
+def test_stop_as_a_single_string_and_config_conflicts():
+    cfg = GenerationConfig(stop="World")
+    assert cfg.stop == ("World",)
+    with pytest.raises(ValueError, match="stop"):
+        GenerationConfig(stop=[1])  # type: ignore[list-item]
+    from compressor_plugin.generation import _make_config
+
+    with pytest.raises(TypeError, match="either config or keyword"):
+        _make_config(GenerationConfig(), {"max_new_tokens": 3})
+
+
+def test_stream_consumed_from_other_threads_does_not_block_the_engine(tmp_path):
+    import threading
+
+    from compressor_plugin.engine import CompressionEngine
+    from compressor_plugin.models import tiny_random_llama
+    from compressor_plugin.store import ContextStore
+
+    engine = CompressionEngine(Compressor(tiny_random_llama(seed=8), CompressorConfig(k=2, lora_r=2)),
+                               ContextStore(tmp_path / "s"))
+    stream = engine.stream("Hello there, a prompt", max_new_tokens=4)
+    errors = []
+
+    def step():
+        try:
+            next(stream, None)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    for _ in range(6):
+        t = threading.Thread(target=step)
+        t.start()
+        t.join(timeout=30)
+    done = []
+    t = threading.Thread(target=lambda: done.append(engine.mark(["another chunk"])))
+    t.start()
+    t.join(timeout=30)
+    assert not errors and done and done[0][0].startswith("[[cc:")

@@ -549,3 +549,12 @@ if BaseStoreSyncTests is not None:
         @pytest.fixture
         def three_values(self) -> tuple[bytes, bytes, bytes]:
             return b"foo", b"\x00bar\xff", b"buzz" * 20_000
+
+
+def test_reopening_keeps_the_saved_size_limit(tmp_path):
+    from compressor_plugin.store import ContextStore
+
+    with ContextStore(tmp_path / "s", size_limit=64 * 2**30) as s:
+        assert s.size_limit == 64 * 2**30
+    with ContextStore(tmp_path / "s") as s:
+        assert s.size_limit == 64 * 2**30

@@ -364,7 +364,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     step = 0
     state_path = out / "state.pt"
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         _load_trainable(compressor, peft_model, out / "checkpoint")
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
