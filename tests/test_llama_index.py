@@ -434,3 +434,9 @@ def test_query_engine_answers_known_questions(engine, retriever):
     answers = [str(qe.query(q)) for q, _ in QUESTIONS]
     correct = [any(g.lower() in a.lower() for g in golds) for a, (_, golds) in zip(answers, QUESTIONS)]
     assert sum(correct) >= 2, list(zip(answers, QUESTIONS))
+
+
+def test_max_tokens_is_accepted_as_an_alias(engine) -> None:
+    llm = CompressedLLM(engine, max_new_tokens=64)
+    assert llm._config({"max_tokens": 3}).max_new_tokens == 3
+    assert llm._config({}).max_new_tokens == 64

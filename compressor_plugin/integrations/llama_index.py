@@ -621,6 +621,8 @@ class CompressedLLM(CustomLLM):
     # ------------------------------------------------------------------ helpers
     def _config(self, kwargs: dict[str, Any]) -> GenerationConfig:
         opts: dict[str, Any] = {name: getattr(self, name) for name in _GEN_KEYS}
+        if kwargs.get("max_tokens") is not None and kwargs.get("max_new_tokens") is None:
+            kwargs = {**kwargs, "max_new_tokens": kwargs["max_tokens"]}  # the name LangChain and OpenAI use
         for name in _GEN_KEYS:
             if kwargs.get(name) is not None:
                 opts[name] = kwargs[name]
