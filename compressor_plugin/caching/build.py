@@ -563,17 +563,23 @@ def build_cache(
                            "run the build again to resume") from errors[0]
     if failed:  # pragma: no cover - only on a disk error in the map thread
         raise RuntimeError(f"writing the chunk map failed: {next(f.exception() for f in map_futures if f.exception())}")
-    summary.skipped = {k: v for k, v in sorted(skipped.items()) if v}
-    summary.compressed_tokens = summary.chunks * compressor.k
+    finish_summary(summary, skipped, k=compressor.k, t0=t0, store=st, close=st is not store, warn_size=not size_warned)
+    return summary
+
+
+def finish_summary(summary: BuildSummary, skipped: Counter, *, k: int, t0: float, store: ContextStore, close: bool,
+                   warn_size: bool = True) -> None:
+    """Fill the closing fields of a build summary from the store (and close it if we opened it)."""
+    summary.skipped = {key: v for key, v in sorted(skipped.items()) if v}
+    summary.compressed_tokens = summary.chunks * k
     summary.seconds = time.perf_counter() - t0
-    stats = st.stats()
-    if st is not store:
-        st.close()
+    stats = store.stats()
+    if close:
+        store.close()
     summary.store_entries, summary.store_bytes = stats["entries"], stats["bytes"]
-    if not size_warned and stats["bytes"] > 0.9 * stats["size_limit"]:
+    if warn_size and stats["bytes"] > 0.9 * stats["size_limit"]:
         summary.warnings.append(f"the store is close to its size limit ({_human(stats['size_limit'])}); raise it "
                                 "(--size-limit / size_limit=) before adding more")
-    return summary
 
 
 def _take(items: Iterable[Document], n: int) -> Iterator[Document]:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..store import ContextStore, context_key
-from .build import (BuildSummary, ChunkMapWriter, _human, default_batch_size, encode_contexts, key_parts, map_row,
+from .build import (BuildSummary, ChunkMapWriter, finish_summary, default_batch_size, encode_contexts, key_parts, map_row,
                     open_store)
 from .chunking import Document, TokenChunker, iter_documents
 
@@ -309,16 +309,7 @@ def build_cache_ray(
         with ChunkMapWriter(map_path) as mw:
             mw.write(r for r, key in rows if key in target)
             summary.map_rows = mw.rows_written
-    summary.skipped = {k: v for k, v in sorted(skipped.items()) if v}
-    summary.compressed_tokens = summary.chunks * summary.k
-    summary.seconds = time.perf_counter() - t0
-    stats = target.stats()
-    if target is not store:
-        target.close()
-    summary.store_entries, summary.store_bytes = stats["entries"], stats["bytes"]
-    if stats["bytes"] > 0.9 * stats["size_limit"]:
-        summary.warnings.append(f"the store is close to its size limit ({_human(stats['size_limit'])}); raise it "
-                                "(--size-limit / size_limit=) before adding more")
+    finish_summary(summary, skipped, k=summary.k, t0=t0, store=target, close=target is not store)
     summary.extra = {"shard_dir": str(shard_root), "shards_merged": merged["merged"], "actors_used": len(shard_paths),
                      "unmerged_shards": merged["unmerged"], "recovered_from_earlier_run": recovered["copied"],
                      "ray_address": address}
