@@ -165,6 +165,49 @@ class Compressor(nn.Module):
         with self.lock, self.peft_model.disable_adapter():
             yield causal_lm_of(self.peft_model)
 
+    @contextlib.contextmanager
+    def fast_encoder(self, *, merge: bool = True, compile: bool = False) -> Iterator[None]:
+        """Context for long compression jobs (offline cache building): a faster encoder.
+
+        ``merge`` folds the LoRA weights into the base projections, so each adapted layer runs
+        one matrix product instead of three plus an add; the exact base weights are saved
+        first and copied back on exit (no rounding drift, even in bf16). ``compile`` wraps
+        every transformer block in ``torch.compile`` (one compiled block serves all layers;
+        the first batches pay the compilation). Outputs match the plain encoder up to
+        floating-point rounding.
+
+        The compressor's lock is held throughout: while merged the model is not the base
+        model, so no decoding can run in another thread until the context exits.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        with self.lock:
+            _ = self.fingerprint, self.base.fingerprint  # computed from the unmerged weights
+            saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+            compiled: list[nn.Module] = []
+            try:
+                if merge:
+                    for mod in self.peft_model.modules():
+                        if isinstance(mod, LoraLayer):
+                            w = mod.get_base_layer().weight
+                            saved.append((w, w.detach().clone()))
+                    self.peft_model.merge_adapter()
+                if compile:
+                    for block in inner_model(self.peft_model).layers:
+                        block.compile()
+                        compiled.append(block)
+                yield
+            finally:
+                for block in compiled:
+                    block._compiled_call_impl = None  # back to the plain forward
+                if saved:
+                    for mod in self.peft_model.modules():
+                        if isinstance(mod, LoraLayer):
+                            mod.merged_adapters = []
+                    with torch.no_grad():
+                        for w, orig in saved:
+                            w.copy_(orig)
+
     # ------------------------------------------------------------------ tokenisation
     def tokenize(self, texts: Sequence[str], *, truncate: bool = False) -> list[list[int]]:
         """Token ids of each text (no special tokens), validated.
@@ -235,7 +278,10 @@ class Compressor(nn.Module):
         # Text after the memory slots belongs to padding in this layout; shift the text tokens that
         # lie at memory positions (they are padding anyway, since text ends at lengths[i]).
         inputs = torch.where(is_mem[..., None], mem_full, full)
-        attn = (torch.arange(T + k, device=dev)[None, :] < (lengths[:, None] + k)).long()
+        # No padding mask: padding only ever follows a row's text and memory tokens, so the causal
+        # mask alone keeps it out of every position we read. Without a mask, SDPA can take its
+        # fused causal (flash) kernel instead of materialising a (B, 1, T, T) mask.
+        attn = None
         pos = torch.arange(T + k, device=dev)[None, :].expand(B, -1)
         body = inner_model(model)
         if self.config.mode == "embedding":

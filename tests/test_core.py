@@ -83,6 +83,30 @@ def test_batch_equals_one_by_one(tiny_compressor):
         assert a.source_tokens == b.source_tokens
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_fast_encoder_matches_and_restores_weights(tiny_compressor, compile):
+    comp = tiny_compressor
+    with torch.no_grad():
+        for n, p in comp.peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    texts = ["short text", "a somewhat longer text with more tokens in it"]
+    before = {n: p.detach().clone() for n, p in comp.peft_model.named_parameters()}
+    plain = comp.compress(texts)
+    with comp.fast_encoder(merge=True, compile=compile):
+        fast = comp.compress(texts)
+        changed = [n for n, p in comp.peft_model.named_parameters()
+                   if "base_layer" in n and not torch.equal(p, before[n])]
+        assert changed, "merging changed no base weight"
+    for a, b in zip(plain, fast):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=1e-3)
+    for n, p in comp.peft_model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    again = comp.compress(texts)
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(plain, again))
+
+
 def test_generate_batch_equals_single(generator):
     prompts = [[CTX + QUESTION], ["The capital of France is"]]
     batch = generator.generate_batch(prompts, max_new_tokens=8)

@@ -25,6 +25,7 @@ present are not written again.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import logging
 import os
@@ -403,6 +404,8 @@ def build_cache(
     writer_threads: int | None = None,
     progress: bool = True,
     size_limit: int | None = None,
+    merge_lora: bool = True,
+    compile: bool = False,
 ) -> BuildSummary:
     """Compress a corpus into a store; resumable, see the module docstring.
 
@@ -423,6 +426,10 @@ def build_cache(
         progress: show a tqdm progress bar (chunks/s and an ETA estimated from input bytes).
         size_limit: when ``store`` is a folder, the store's size limit in bytes (None keeps
             the one saved in the folder; 4 GiB for a new store).
+        merge_lora, compile: run the encoder inside :meth:`Compressor.fast_encoder` with these
+            settings (LoRA folded into the weights, blocks compiled with ``torch.compile``).
+            The compressor's lock is held for the whole build: no decoding on this compressor
+            in other threads meanwhile.
 
     Returns:
         A :class:`BuildSummary`. A Ctrl-C ends the build early with ``interrupted=True``
@@ -466,6 +473,8 @@ def build_cache(
     bar = _progress_bar(progress)
     was_training = compressor.peft_model.training
     compressor.peft_model.eval()
+    fast = contextlib.ExitStack()
+    fast.enter_context(compressor.fast_encoder(merge=merge_lora, compile=compile))
 
     def write_batch(keys: list[str], ctxs: list[CompressedContext], texts: list[str]) -> int:
         try:
@@ -550,6 +559,7 @@ def build_cache(
         reader.close()
         writers.shutdown(wait=True)
         mapper.shutdown(wait=True)
+        fast.close()
         compressor.peft_model.train(was_training)
         if bar is not None:
             bar.close()
@@ -660,12 +670,15 @@ def benchmark(
     serialize: bool = True,
     compressor: "Compressor | None" = None,
     seed: int = 0,
+    merge_lora: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Throughput of the cache-building hot path on the default model (untrained compressor).
 
     Encodes ``n_chunks`` random chunks of exactly ``chunk_tokens`` tokens in batches of
-    ``batch_size`` with :func:`encode_contexts` (forward + one copy to the CPU per batch), after
-    ``warmup`` untimed batches, and optionally times :meth:`CompressedContext.to_bytes` (the
+    ``batch_size`` with :func:`encode_contexts` (forward + one copy to the CPU per batch) inside
+    :meth:`Compressor.fast_encoder` (``merge_lora``, ``compile``, as :func:`build_cache` runs
+    it), after ``warmup`` untimed batches, and optionally times :meth:`CompressedContext.to_bytes` (the
     per-chunk serialisation the store writers do).
 
     FLOPs per chunk: :func:`encoder_flops` with ``T = chunk_tokens + k``.
@@ -693,24 +706,25 @@ def benchmark(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    for _ in range(max(0, warmup)):
-        encode_contexts(compressor, ids[:batch_size])
-    sync()
-    t0 = time.perf_counter()
-    ctxs: list[CompressedContext] = []
-    for s in range(0, n_chunks, batch_size):
-        made = encode_contexts(compressor, ids[s: s + batch_size])
-        if serialize and not ctxs:
-            ctxs = made[: min(len(made), 64)]
-    sync()
+    with compressor.fast_encoder(merge=merge_lora, compile=compile):
+        for _ in range(max(0, warmup)):
+            encode_contexts(compressor, ids[:batch_size])
+        sync()
+        t0 = time.perf_counter()
+        ctxs: list[CompressedContext] = []
+        for s in range(0, n_chunks, batch_size):
+            made = encode_contexts(compressor, ids[s: s + batch_size])
+            if serialize and not ctxs:
+                ctxs = made[: min(len(made), 64)]
+        sync()
     seconds = time.perf_counter() - t0
     tokens = chunk_tokens + compressor.k
     flops = encoder_flops(compressor, tokens)
     tflops = flops * n_chunks / seconds / 1e12
     out: dict[str, Any] = {
         "device": str(dev), "dtype": str(compressor.base.dtype), "n_chunks": n_chunks, "chunk_tokens": chunk_tokens,
-        "k": compressor.k, "mode": compressor.mode, "batch_size": batch_size,
-        "params_per_position": flop_terms(compressor)[0],
+        "k": compressor.k, "mode": compressor.mode, "batch_size": batch_size, "merge_lora": merge_lora,
+        "compile": compile, "params_per_position": flop_terms(compressor)[0],
         "seconds": round(seconds, 4), "chunks_per_s": round(n_chunks / seconds, 2),
         "tokens_per_s": round(n_chunks * tokens / seconds, 1), "gflops_per_chunk": round(flops / 1e9, 3),
         "tflops": float(f"{tflops:.5g}"), "peak_tflops": peak_tflops, "mfu": float(f"{tflops / peak_tflops:.5g}"),

@@ -25,6 +25,7 @@ The package (and a checkpoint given as a folder) must be installed or present on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -100,13 +101,17 @@ class ShardCompressor:
     """
 
     def __init__(self, checkpoint: str, device: str, dtype: torch.dtype, shard_root: str,
-                 expected_parts: dict[str, Any], threads: int | None = None):
+                 expected_parts: dict[str, Any], threads: int | None = None, merge_lora: bool = True,
+                 compile: bool = False):
         if threads:
             torch.set_num_threads(int(threads))
         from ..compressor import Compressor
 
         self.compressor = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype)
         self.compressor.peft_model.eval()
+        # The actor never decodes: it keeps the fast encoder for its whole life.
+        self._fast = contextlib.ExitStack()
+        self._fast.enter_context(self.compressor.fast_encoder(merge=merge_lora, compile=compile))
         parts = key_parts(self.compressor)
         if parts != expected_parts:
             raise RuntimeError(f"the compressor loaded on this worker ({parts}) differs from the driver's "
@@ -175,6 +180,8 @@ def build_cache_ray(
     shard_dir: str | os.PathLike | None = None,
     progress: bool = True,
     size_limit: int | None = None,
+    merge_lora: bool = True,
+    compile: bool = False,
 ) -> BuildSummary:
     """:func:`~compressor_plugin.caching.build.build_cache` on a Ray cluster (see the module docstring).
 
@@ -282,7 +289,8 @@ def build_cache_ray(
                 num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker or None,
                 fn_constructor_kwargs={
                     "checkpoint": ckpt_arg, "device": str(worker_device), "dtype": _as_dtype(worker_dtype),
-                    "shard_root": str(shard_root), "expected_parts": parts,
+                    "shard_root": str(shard_root), "expected_parts": parts, "merge_lora": merge_lora,
+                    "compile": compile,
                     "threads": max(1, int(num_cpus_per_worker)) if worker_device == "cpu" else None})
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 results.append(batch)

@@ -76,6 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "Entries beyond it are evicted, so size it for the corpus")
     p.add_argument("--writer-threads", type=_positive, default=None, metavar="N",
                    help="threads that serialise and store contexts (default: 1 on CPU, 4 on GPU)")
+    p.add_argument("--no-merge-lora", action="store_true",
+                   help="run the LoRA adapter as separate matrices instead of folding it into the weights "
+                        "for the build (slower; outputs differ only by rounding)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the transformer blocks with torch.compile (GPU: faster after a warm-up "
+                        "of about a minute)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     ray = p.add_argument_group("Ray", "compress on a Ray Data actor pool instead of in this process")
@@ -108,7 +114,8 @@ def _build(args: argparse.Namespace) -> int:
             id_field=args.id_field, chunk_tokens=args.chunk_tokens, overlap=args.overlap, batch_size=args.batch_size,
             device=args.device, dtype=args.dtype, map_path=args.map, limit=args.limit, address=args.ray_address,
             num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
-            num_cpus_per_worker=args.num_cpus_per_worker, shard_dir=args.shard_dir, progress=progress)
+            num_cpus_per_worker=args.num_cpus_per_worker, shard_dir=args.shard_dir, progress=progress,
+            merge_lora=not args.no_merge_lora, compile=args.compile)
     else:
         from ..caching.build import build_cache
         from ..compressor import Compressor
@@ -117,7 +124,8 @@ def _build(args: argparse.Namespace) -> int:
         summary = build_cache(
             args.input, _open(store, args.size_limit), compressor, text_field=args.text_field, id_field=args.id_field,
             chunk_tokens=args.chunk_tokens, overlap=args.overlap, batch_size=args.batch_size, map_path=args.map,
-            limit=args.limit, writer_threads=args.writer_threads, progress=progress)
+            limit=args.limit, writer_threads=args.writer_threads, progress=progress,
+            merge_lora=not args.no_merge_lora, compile=args.compile)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
