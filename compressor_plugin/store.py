@@ -40,7 +40,7 @@ import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import diskcache
 import torch
@@ -187,7 +187,13 @@ class BytesOnlyDisk(diskcache.Disk):
     def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[int, int, str | None, Any]:
         if read or type(value) is not bytes:
             raise TypeError(f"the store keeps bytes only, not {type(value).__name__}")
-        return super().store(value, read, key=key)
+        if len(value) < self.min_file_size:
+            return super().store(value, read, key=key)
+        # diskcache writes a bytes value by iterating over io.BytesIO, i.e. line by line: about
+        # one write() call per 256 bytes of binary data. One write for the whole value instead.
+        filename, full_path = self.filename(key, value)
+        self._write(full_path, iter((value,)), "xb")
+        return len(value), MODE_BINARY, filename, None
 
     def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
         if read:
@@ -388,20 +394,43 @@ class ContextStore:
                 of that text with the context's model, compressor, k, mode and dtype.
             TypeError: ``ctx`` is not a CompressedContext.
         """
-        _check_key(key)
-        if not isinstance(ctx, CompressedContext):
-            raise TypeError(f"ctx must be a CompressedContext, not {type(ctx).__name__}")
-        if text is not None:
-            norm = normalize_text(text)
-            expected = context_key(norm, base_fingerprint=ctx.base_fingerprint,
-                                   compressor_fingerprint=ctx.compressor_fingerprint,
-                                   k=ctx.k, mode=ctx.mode, dtype=ctx.dtype)
-            if expected != key:
-                raise ValueError("key does not match this text and context (different text, base model, "
-                                 "compressor, k, mode or dtype); compute it with ContextStore.key_for")
-            self._text.set(_TEXT + key, norm.encode("utf-8"), expire=self.expire, retry=True)
-        stored = dataclasses.replace(ctx, extra={**ctx.extra, _KEY_FIELD: key})
-        self._kv.set(_CTX + key, stored.to_bytes(), expire=self.expire, retry=True)
+        self.put_many([(key, ctx, text)])
+
+    def put_many(self, items: Iterable[tuple[str, CompressedContext, str | None]]) -> int:
+        """Store several ``(key, context, text-or-None)`` entries, as :meth:`put` does each.
+
+        Every entry is checked and serialised first; the entries are then written in one
+        database transaction per cache instead of one per entry, which is what makes bulk
+        writes (offline cache building) fast. Nothing is written if any entry is invalid.
+
+        Returns:
+            The number of context bytes written.
+        """
+        texts: list[tuple[str, bytes]] = []
+        blobs: list[tuple[str, bytes]] = []
+        for key, ctx, text in items:
+            _check_key(key)
+            if not isinstance(ctx, CompressedContext):
+                raise TypeError(f"ctx must be a CompressedContext, not {type(ctx).__name__}")
+            if text is not None:
+                norm = normalize_text(text)
+                expected = context_key(norm, base_fingerprint=ctx.base_fingerprint,
+                                       compressor_fingerprint=ctx.compressor_fingerprint,
+                                       k=ctx.k, mode=ctx.mode, dtype=ctx.dtype)
+                if expected != key:
+                    raise ValueError("key does not match this text and context (different text, base model, "
+                                     "compressor, k, mode or dtype); compute it with ContextStore.key_for")
+                texts.append((_TEXT + key, norm.encode("utf-8")))
+            stored = dataclasses.replace(ctx, extra={**ctx.extra, _KEY_FIELD: key})
+            blobs.append((_CTX + key, stored.to_bytes()))
+        for cache, entries in ((self._text, texts), (self._kv, blobs)):
+            if len(entries) == 1:
+                cache.set(entries[0][0], entries[0][1], expire=self.expire, retry=True)
+            elif entries:
+                with cache.transact(retry=True):
+                    for name, data in entries:
+                        cache.set(name, data, expire=self.expire, retry=True)
+        return sum(len(b) for _, b in blobs)
 
     def get_text(self, key: str) -> str | None:
         """The normalised text of the chunk stored under ``key``, or None."""

@@ -276,6 +276,17 @@ def key_parts(compressor: "Compressor") -> dict[str, Any]:
             "k": compressor.k, "mode": compressor.mode, "dtype": str(compressor.base.dtype)}
 
 
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU; from a GPU through page-locked memory (several times faster than a
+    plain ``.to("cpu")``, which stages through pageable memory)."""
+    if t.device.type != "cuda":
+        return t.to("cpu")
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host
+
+
 def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]]) -> list[CompressedContext]:
     """Compress a batch of token-id lists with one encoder forward; contexts on the CPU.
 
@@ -290,9 +301,9 @@ def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]]) -> l
         with torch.inference_mode():
             out = compressor.encode_ids([list(r) for r in ids])
             if compressor.mode == "kv":
-                keys, values = out["keys"].to("cpu"), out["values"].to("cpu")
+                keys, values = to_host(out["keys"]), to_host(out["values"])
             else:
-                emb = out["embeddings"].to("cpu")
+                emb = to_host(out["embeddings"])
     except _OOM:
         if len(ids) == 1:
             raise
@@ -478,13 +489,10 @@ def build_cache(
 
     def write_batch(keys: list[str], ctxs: list[CompressedContext], texts: list[str]) -> int:
         try:
-            nbytes = 0
-            for key, ctx, text in zip(keys, ctxs, texts):
-                st.put(key, ctx, text)
-                nbytes += ctx.nbytes
-                with pending_lock:
-                    pending.discard(key)
-            return nbytes
+            st.put_many(zip(keys, ctxs, texts))  # one database transaction per batch
+            with pending_lock:
+                pending.difference_update(keys)
+            return sum(ctx.nbytes for ctx in ctxs)
         except BaseException as exc:
             errors.append(exc)
             raise

@@ -133,8 +133,7 @@ class ShardCompressor:
         ids = self.compressor.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                                         verbose=False)["input_ids"]
         ctxs = encode_contexts(self.compressor, ids)
-        for key, ctx, text in zip(keys, ctxs, texts):
-            self.shard.put(key, ctx, text)  # raises if the key is not this text's key
+        self.shard.put_many(zip(keys, ctxs, texts))  # raises if a key is not its text's key
         n = len(keys)
         return {"key": np.array(keys, dtype=object), "shard": np.array([str(self.shard.directory)] * n, dtype=object),
                 "host": np.array([self.host] * n, dtype=object),
