@@ -411,22 +411,43 @@ class Compressor(nn.Module):
             FileNotFoundError: no checkpoint there.
             CheckpointMismatchError: the checkpoint was trained for another base model.
         """
-        folder = resolve_checkpoint(path)
-        meta = json.loads((folder / "config.json").read_text())
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointMismatchError(f"{folder} is not a compressor checkpoint ({meta.get('format')!r})")
+        folder, meta = read_checkpoint(path)
         config = CompressorConfig(**meta["config"])
         if base is None:
             base = load_base_model(config.base_model or None, device=device, dtype=dtype)
-        if base.fingerprint != config.base_fingerprint:
-            raise CheckpointMismatchError(
-                f"checkpoint {folder.name} was trained for base model {config.base_model!r} "
-                f"(fingerprint {config.base_fingerprint}), but the loaded model {base.name!r} has fingerprint "
-                f"{base.fingerprint}; a compressor only works with the model it was trained for")
+        check_base(folder, meta, base)
         comp = cls(base, config)
         comp.load_weights(folder)
         comp.to(base.device)
         return comp
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Folder and ``config.json`` contents of a checkpoint (path or shipped name), format checked.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointMismatchError: the folder is not a compressor checkpoint.
+    """
+    folder = resolve_checkpoint(path)
+    meta = json.loads((folder / "config.json").read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(f"{folder} is not a compressor checkpoint ({meta.get('format')!r})")
+    return folder, meta
+
+
+def check_base(folder: Path, meta: dict[str, Any], base: BaseModel) -> None:
+    """Raise :class:`CheckpointMismatchError` unless the checkpoint was trained for ``base``.
+
+    Cheap (no weights are read): evaluations call it for every checkpoint before running
+    anything, so a wrong checkpoint fails at once instead of after the first systems.
+    """
+    cfg = meta.get("config") or {}
+    if base.fingerprint != cfg.get("base_fingerprint"):
+        raise CheckpointMismatchError(
+            f"checkpoint {folder.name} was trained for base model {cfg.get('base_model')!r} "
+            f"(fingerprint {cfg.get('base_fingerprint')}), but the loaded model {base.name!r} has fingerprint "
+            f"{base.fingerprint}; a compressor only works with the model it was trained for")
 
 
 def causal_lm_of(model: Any) -> Any:

@@ -342,3 +342,27 @@ def test_eval_plot_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     bad = _jsonl(tmp_path / "bad.jsonl", [{"context": "c", "question": "q"}])
     assert _run(["eval", "qa", "--data", bad, "--k", 4]) == 2
     assert "answers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["qa", "regen"])
+def test_eval_checks_every_checkpoint_before_running(command: str, qa_file: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from compressor_plugin.compressor import shipped_checkpoints
+    from compressor_plugin.generation import Generator
+
+    stale = tmp_path / "stale"
+    shutil.copytree(shipped_checkpoints()["kv-k1"], stale)
+    cfg = json.loads((stale / "config.json").read_text())
+    cfg["config"]["base_fingerprint"] = "0" * 16
+    (stale / "config.json").write_text(json.dumps(cfg))
+
+    def no_generation(*_a: object, **_k: object) -> None:
+        raise AssertionError("a system ran before the checkpoints were checked")
+
+    monkeypatch.setattr(Generator, "generate_batch", no_generation)
+    out = tmp_path / "out.json"
+    assert _run(["eval", command, "--data", qa_file, "--checkpoint", "kv-k1", stale, "--output", out]) == 2
+    assert "fingerprint" in capsys.readouterr().err and not out.exists()

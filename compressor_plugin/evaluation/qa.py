@@ -74,10 +74,18 @@ class LoadedCompressor:
 
 def checkpoint_info(name: str) -> tuple[Path, dict[str, Any]]:
     """Folder and ``config.json`` of a checkpoint path or shipped name."""
-    from ..compressor import resolve_checkpoint
+    from ..compressor import read_checkpoint
 
-    folder = resolve_checkpoint(name)
-    return folder, json.loads((folder / "config.json").read_text())
+    return read_checkpoint(name)
+
+
+def check_checkpoints(names: Sequence[str], base: Any) -> None:
+    """Fail before any work if a checkpoint is missing, malformed or for another base model."""
+    from ..compressor import check_base
+
+    for name in names:
+        folder, meta = checkpoint_info(name)
+        check_base(folder, meta, base)
 
 
 def load_compressor(checkpoint: str | None = None, *, k: int = 16, mode: str = "kv",
@@ -304,6 +312,7 @@ def run_qa_eval(
     examples = load_qa(data, limit=limit, seed=seed, chunks=chunks)
     label_task = is_label_task(examples)
     base = load_base_model(device=device, dtype=dtype)
+    check_checkpoints(checkpoints, base)
     tok = base.tokenizer
     from .report import environment
 

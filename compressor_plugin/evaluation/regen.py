@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 from ..prompts import regen_segments
 from . import metrics
 from .data import load_texts
-from .qa import Log, _free, _order, _stderr, load_compressor
+from .qa import Log, _free, _order, _stderr, check_checkpoints, load_compressor
 
 EXTRA_TOKENS = 16
 N_EXAMPLES = 5
@@ -127,6 +127,7 @@ def run_regen_eval(
     t_start = time.perf_counter()
     items = load_texts(data, limit=limit, seed=seed)
     base = load_base_model(device=device, dtype=dtype)
+    check_checkpoints(checkpoints, base)
     env = environment(base)
     tok = base.tokenizer
     ids_of = [tok(t, add_special_tokens=False)["input_ids"] for _, t in items]
