@@ -186,62 +186,81 @@ class Generator:
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
     def prefill(self, segments: Sequence[Segment]) -> Prefill:
-        """Lay the prompt into a fresh K/V cache; return it with the last position's logits."""
+        """Lay the prompt into a fresh K/V cache in one forward; return it with the last logits.
+
+        Every position gets its place in prompt order: text tokens and ``embedding`` contexts
+        are the forward's inputs; the keys of each ``kv`` context are rotated to their slot and
+        put in the cache first. A mask then lets each input position see the cached contexts
+        placed before it (and not those after), so the result equals reading the prompt
+        left to right, segment by segment, with a single forward pass.
+        """
         if isinstance(segments, (str, CompressedContext, TokenIds)):
             segments = [segments]
         if not segments:
             raise PromptError("the prompt is empty")
         dev, dt = self.base.device, self.base.dtype
         t0 = time.perf_counter()
+        live_ids: list[int] = []  # the forward's inputs: token ids (0 in embedding slots)
+        live_pos: list[int] = []
+        embedded: list[tuple[int, torch.Tensor]] = []  # (first input index, embeddings)
+        placed: list[tuple[CompressedContext, int]] = []  # kv contexts and their first position
+        counts = {"text": 0, "comp": 0, "src": 0}
+        pos = 0
+        ends_with_kv = False
+        for seg in segments:
+            if isinstance(seg, (str, TokenIds)):
+                ids = seg.ids if isinstance(seg, TokenIds) else (
+                    self.tokenizer(seg, add_special_tokens=False)["input_ids"] if seg else [])
+                live_ids.extend(ids)
+                live_pos.extend(range(pos, pos + len(ids)))
+                pos += len(ids)
+                counts["text"] += len(ids)
+                ends_with_kv = ends_with_kv and not ids
+            elif isinstance(seg, CompressedContext):
+                self._check(seg)
+                ctx = seg.to(dev, dt)
+                if ctx.mode == "kv":
+                    placed.append((ctx, pos))
+                    ends_with_kv = True
+                else:
+                    embedded.append((len(live_ids), ctx.embeddings))
+                    live_ids.extend([0] * ctx.k)
+                    live_pos.extend(range(pos, pos + ctx.k))
+                    ends_with_kv = False
+                pos += ctx.k
+                counts["comp"] += ctx.k
+                counts["src"] += ctx.source_tokens
+            else:
+                raise PromptError(f"unsupported prompt segment {type(seg).__name__}; use str, TokenIds or CompressedContext")
+        if ends_with_kv or not live_ids:
+            raise PromptError("the prompt must end with text (for example the question), not a compressed context")
         with self._decoder() as lm:
             cache = new_cache(lm.config)
-            state = {"pos": 0, "logits": None}
-            counts = {"text": 0, "comp": 0, "src": 0}
-            pending: list[int] = []
-
-            def flush() -> None:
-                if not pending:
-                    return
-                ids = torch.tensor([pending], device=dev)
-                pos = torch.arange(state["pos"], state["pos"] + len(pending), device=dev)[None]
-                out = lm(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwargs(lm, cache))
-                state["logits"] = out.logits[0, -1].float()
-                state["pos"] += len(pending)
-                counts["text"] += len(pending)
-                pending.clear()
-
-            for seg in segments:
-                if isinstance(seg, str):
-                    if seg:
-                        pending.extend(self.tokenizer(seg, add_special_tokens=False)["input_ids"])
-                elif isinstance(seg, TokenIds):
-                    pending.extend(seg.ids)
-                elif isinstance(seg, CompressedContext):
-                    self._check(seg)
-                    flush()
-                    ctx = seg.to(dev, dt)
-                    p = state["pos"]
-                    if ctx.mode == "kv":
-                        keys = ctx.keys_at(p, self.rotary)
-                        for layer in range(keys.shape[0]):
-                            cache.update(keys[layer][None], ctx.values[layer][None], layer)
-                        state["logits"] = None
-                    else:
-                        pos = torch.arange(p, p + ctx.k, device=dev)[None]
-                        out = lm(inputs_embeds=ctx.embeddings[None], position_ids=pos, use_cache=True,
-                                 logits_to_keep=1, **cache_kwargs(lm, cache))
-                        state["logits"] = out.logits[0, -1].float()
-                    state["pos"] += ctx.k
-                    counts["comp"] += ctx.k
-                    counts["src"] += ctx.source_tokens
-                else:
-                    raise PromptError(f"unsupported prompt segment {type(seg).__name__}; use str, TokenIds or CompressedContext")
-            flush()
-        if state["logits"] is None:
-            raise PromptError("the prompt must end with text (for example the question), not a compressed context")
+            cached_pos: list[int] = []
+            for ctx, p in placed:
+                keys = ctx.keys_at(p, self.rotary)
+                for layer in range(keys.shape[0]):
+                    cache.update(keys[layer][None], ctx.values[layer][None], layer)
+                cached_pos.extend(range(p, p + ctx.k))
+            q_pos = torch.tensor(live_pos, device=dev)
+            if embedded:
+                embeds = lm.get_input_embeddings()(torch.tensor([live_ids], device=dev))
+                for start, emb in embedded:
+                    embeds[0, start: start + emb.shape[0]] = emb.to(embeds.dtype)
+                inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
+            else:
+                inputs = {"input_ids": torch.tensor([live_ids], device=dev)}
+            mask = None
+            if cached_pos:
+                c_pos = torch.tensor(cached_pos, device=dev)
+                visible = torch.cat([c_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
+                mask = torch.zeros(visible.shape, dtype=dt, device=dev).masked_fill_(~visible, torch.finfo(dt).min)
+                mask = mask[None, None]  # (1, 1, inputs, cached + inputs): a ready 4D mask
+            out = lm(**inputs, position_ids=q_pos[None], attention_mask=mask, use_cache=True, logits_to_keep=1,
+                     **cache_kwargs(lm, cache))
+            logits = out.logits[0, -1].float()
         _sync(dev)
-        return Prefill(cache, state["pos"], state["logits"], counts["text"], counts["comp"], counts["src"],
-                       time.perf_counter() - t0)
+        return Prefill(cache, pos, logits, counts["text"], counts["comp"], counts["src"], time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ decoding
     def _eos_ids(self) -> set[int]:

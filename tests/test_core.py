@@ -33,6 +33,66 @@ def test_injected_full_kv_reproduces_plain_generation(base, generator):
     assert injected.compressed_tokens == len(cid) and injected.text_tokens == len(qid)
 
 
+def _prefill_segment_by_segment(gen, segments):
+    """Reference prefill: one forward per text run, each kv context put in the cache where it comes."""
+    from compressor_plugin.hf_compat import cache_kwargs, new_cache
+
+    with torch.no_grad(), gen._decoder() as lm:
+        cache, pos, logits, pending = new_cache(lm.config), 0, None, []
+
+        def flush():
+            nonlocal pos, logits
+            if pending:
+                ids = torch.tensor([pending])
+                out = lm(input_ids=ids, position_ids=torch.arange(pos, pos + len(pending))[None], use_cache=True,
+                         **cache_kwargs(lm, cache))
+                logits, pos = out.logits[0, -1], pos + len(pending)
+                pending.clear()
+
+        for seg in segments:
+            if isinstance(seg, str):
+                pending.extend(gen.tokenizer(seg, add_special_tokens=False)["input_ids"])
+            elif seg.mode == "kv":
+                flush()
+                keys = seg.keys_at(pos, gen.rotary)
+                for layer in range(keys.shape[0]):
+                    cache.update(keys[layer][None], seg.values[layer][None], layer)
+                pos += seg.k
+            else:
+                flush()
+                out = lm(inputs_embeds=seg.embeddings[None], position_ids=torch.arange(pos, pos + seg.k)[None],
+                         use_cache=True, **cache_kwargs(lm, cache))
+                logits, pos = out.logits[0, -1], pos + seg.k
+        flush()
+    return logits, pos
+
+
+def test_one_forward_prefill_equals_segment_by_segment(generator):
+    a = generator.context_from_text("The Eiffel Tower was completed in 1889.")
+    b = generator.context_from_text("Mount Kilimanjaro is in Tanzania.")
+    prompt = ["Context: ", a, "\n\n", b, "\nQuestion: Where is Kilimanjaro?\nAnswer:"]
+    ref_logits, ref_len = _prefill_segment_by_segment(generator, prompt)
+    pre = generator.prefill(prompt)
+    assert pre.length == ref_len == pre.text_tokens + a.k + b.k
+    # Equal logits also prove the mask: text before a chunk must not see it ("Context: " would
+    # otherwise attend to both chunks and change every later position).
+    torch.testing.assert_close(pre.last_logits, ref_logits.float(), atol=2e-4, rtol=1e-4)
+
+
+def test_one_forward_prefill_with_embedding_contexts():
+    from compressor_plugin.compressor import Compressor, CompressorConfig
+    from compressor_plugin.models import tiny_random_llama
+
+    comp = Compressor(tiny_random_llama(seed=2), CompressorConfig(k=3, mode="embedding", lora_r=4, max_length=64))
+    gen = Generator(comp.base, comp)
+    x, y = comp.compress(["first short text", "a second text"])
+    prompt = ["intro ", x, " middle ", y, " end"]
+    ref_logits, ref_len = _prefill_segment_by_segment(gen, prompt)
+    pre = gen.prefill(prompt)
+    assert pre.length == ref_len
+    torch.testing.assert_close(pre.last_logits, ref_logits.float(), atol=1e-4, rtol=1e-4)
+
+
 def test_rerotation_matches_kv_computed_at_position(base, generator):
     """A chunk placed at position p gives the logits of K/V computed there."""
     tok = base.tokenizer
