@@ -107,6 +107,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+MASKED_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that accept the custom 4D mask :meth:`Generator.prefill` builds."""
+
+
 class Generator:
     """Runs the frozen base model over mixed prompts.
 
@@ -252,6 +256,12 @@ class Generator:
                 inputs = {"input_ids": torch.tensor([live_ids], device=dev)}
             mask = None
             if cached_pos:
+                impl = getattr(lm.config, "_attn_implementation", None) or "eager"
+                if impl not in MASKED_ATTENTION:
+                    raise PromptError(
+                        f"compressed kv contexts need attention that takes a 4D mask ({', '.join(MASKED_ATTENTION)}), "
+                        f"and this model uses {impl!r}: load it with attn_implementation='sdpa' (the default of "
+                        "load_base_model)")
                 c_pos = torch.tensor(cached_pos, device=dev)
                 visible = torch.cat([c_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
                 mask = torch.zeros(visible.shape, dtype=dt, device=dev).masked_fill_(~visible, torch.finfo(dt).min)

@@ -79,6 +79,19 @@ def test_one_forward_prefill_equals_segment_by_segment(generator):
     torch.testing.assert_close(pre.last_logits, ref_logits.float(), atol=2e-4, rtol=1e-4)
 
 
+def test_prefill_refuses_attention_without_4d_masks(tiny):
+    gen = Generator(tiny)
+    ctx = gen.context_from_text("some context")
+    cfg = tiny.model.config
+    old = cfg._attn_implementation
+    cfg._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(PromptError, match="4D mask"):
+            gen.prefill([ctx, " question"])
+    finally:
+        cfg._attn_implementation = old
+
+
 def test_one_forward_prefill_with_embedding_contexts():
     from compressor_plugin.compressor import Compressor, CompressorConfig
     from compressor_plugin.models import tiny_random_llama
