@@ -241,11 +241,13 @@ class Generator:
         with self._decoder() as lm:
             cache = new_cache(lm.config)
             cached_pos: list[int] = []
-            for ctx, p in placed:
-                keys = ctx.keys_at(p, self.rotary)
+            if placed:  # all chunks of a layer in one update: (1, heads, sum of k, head_dim)
+                keys = torch.cat([ctx.keys_at(p, self.rotary) for ctx, p in placed], dim=2)
+                values = torch.cat([ctx.values for ctx, _ in placed], dim=2)
                 for layer in range(keys.shape[0]):
-                    cache.update(keys[layer][None], ctx.values[layer][None], layer)
-                cached_pos.extend(range(p, p + ctx.k))
+                    cache.update(keys[layer][None], values[layer][None], layer)
+                for ctx, p in placed:
+                    cached_pos.extend(range(p, p + ctx.k))
             q_pos = torch.tensor(live_pos, device=dev)
             if embedded:
                 embeds = lm.get_input_embeddings()(torch.tensor([live_ids], device=dev))

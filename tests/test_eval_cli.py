@@ -277,10 +277,11 @@ def test_bench_rag_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_bench_compress_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "compress.json"
     rc = _run(["bench", "compress", "--batch-sizes", "1,2", "--tokens", 32, "--k", 4, "--repeats", 1,
-               "--peak-tflops", 2.0, "--output", out, "--no-progress"])
+               "--peak-tflops", 2.0, "--merge-lora", "--output", out, "--no-progress"])
     assert rc == 0
     r = json.loads(out.read_text())
     cfg = r["config"]
+    assert cfg["merge_lora"] is True
     assert r["kind"] == "bench-compress" and [row["batch_size"] for row in r["rows"]] == [1, 2]
     # SmolLM2-135M: ~106 M parameters in the layers (no embeddings) + 0.9 M LoRA (r=16 on q, v)
     assert 1.0e8 < cfg["encoder_params"] < 1.1e8

@@ -64,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--repeats", type=int, default=3, help="timed forwards per batch size (default 3)")
     cp.add_argument("--peak-tflops", type=float, default=None,
                     help="peak TFLOP/s for the fraction-of-peak column (default 989 = H200 bf16 dense on CUDA)")
+    cp.add_argument("--merge-lora", action="store_true",
+                    help="fold the LoRA into the weights while timing, as `cache build` does")
     _compressor_args(cp)
     _device_args(cp)
     _output_args(cp)
@@ -118,7 +120,8 @@ def _compress(args: argparse.Namespace) -> int:
 
     result = bench_compress(args.batch_sizes, args.tokens, checkpoint=args.checkpoint, k=args.k, mode=args.mode,
                             repeats=args.repeats, peak_tflops=args.peak_tflops, device=args.device,
-                            dtype=args.dtype, data=args.data, progress=not args.no_progress)
+                            dtype=args.dtype, data=args.data, progress=not args.no_progress,
+                            merge_lora=args.merge_lora)
     print(compress_table(result))
     print(f"\nFLOPs per batch: {result['config']['flops_formula']}")
     _write(result, args)

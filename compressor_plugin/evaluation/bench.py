@@ -300,6 +300,7 @@ def bench_compress(
     data: str | None = None,
     progress: bool = True,
     log: Log | None = _stderr,
+    merge_lora: bool = False,
 ) -> dict[str, Any]:
     """Compression throughput by batch size.
 
@@ -309,6 +310,8 @@ def bench_compress(
     API on the same chunks as text (tokenisation and context objects included).
 
     ``peak_tflops`` defaults to 989 (H200 bf16 dense) on CUDA and to none on CPU.
+    ``merge_lora`` times everything inside :meth:`Compressor.fast_encoder` (LoRA folded into
+    the weights, as ``cache build`` runs it).
     """
     import torch
 
@@ -338,15 +341,34 @@ def bench_compress(
     params = encoder_params(comp)
     probe = MemoryProbe(base.device)
     seq = tokens + kk
-    rows = []
-    from tqdm.auto import tqdm
-
     stream: list[int] = []
     i = 0
     need = max(batch_sizes) * tokens
     while len(stream) < need:
         stream.extend(tok(" " + texts[i % len(texts)].strip(), add_special_tokens=False)["input_ids"])
         i += 1
+    with comp.fast_encoder(merge=merge_lora):
+        rows = _compress_rows(comp, batch_sizes, tokens, repeats, stream, probe, params, layers, attn_width, seq,
+                              peak_tflops, progress)
+    del comp, lc
+    return {"kind": "bench-compress", "rows": rows,
+            "config": {"batch_sizes": list(batch_sizes), "chunk_tokens": tokens, "k": kk, "mode": mode,
+                       "checkpoint": ckpt or "untrained", "note": note, "repeats": repeats, "merge_lora": merge_lora,
+                       "peak_tflops": peak_tflops, "encoder_params": params, "layers": layers,
+                       "attn_width": attn_width, "seq_positions": seq,
+                       "flops_formula": "2*P*B*S + 4*L*B*S^2*d (S = tokens + k; P = layer params incl. LoRA, "
+                                        "no embeddings; d = heads*head_dim; full, non-causal attention count)",
+                       "text_source": source, "memory_note": probe.note, **env}}
+
+
+def _compress_rows(comp: Any, batch_sizes: Sequence[int], tokens: int, repeats: int, stream: list[int], probe: Any,
+                   params: int, layers: int, attn_width: int, seq: int, peak_tflops: float | None,
+                   progress: bool) -> list[dict[str, Any]]:
+    import torch
+    from tqdm.auto import tqdm
+
+    base, tok = comp.base, comp.base.tokenizer
+    rows = []
     for bs in tqdm(batch_sizes, desc="bench compress", unit="batch size", disable=not progress, leave=False):
         ids = [stream[j * tokens:(j + 1) * tokens] for j in range(bs)]
         with torch.no_grad():
@@ -374,15 +396,7 @@ def bench_compress(
                      "achieved_tflops": tflops,
                      "fraction_of_peak": (tflops / peak_tflops) if peak_tflops else None,
                      "api_seconds": api_s, "api_chunks_per_s": bs / api_s, **mem})
-    del comp, lc
-    return {"kind": "bench-compress", "rows": rows,
-            "config": {"batch_sizes": list(batch_sizes), "chunk_tokens": tokens, "k": kk, "mode": mode,
-                       "checkpoint": ckpt or "untrained", "note": note, "repeats": repeats,
-                       "peak_tflops": peak_tflops, "encoder_params": params, "layers": layers,
-                       "attn_width": attn_width, "seq_positions": seq,
-                       "flops_formula": "2*P*B*S + 4*L*B*S^2*d (S = tokens + k; P = layer params incl. LoRA, "
-                                        "no embeddings; d = heads*head_dim; full, non-causal attention count)",
-                       "text_source": source, "memory_note": probe.note, **env}}
+    return rows
 
 
 # ---------------------------------------------------------------------- bench disk
