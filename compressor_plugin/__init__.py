@@ -21,12 +21,15 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CompressionEngine": "compressor_plugin.engine",
     "EngineResult": "compressor_plugin.engine",
+    "EngineStream": "compressor_plugin.engine",
+    "AsyncEngineStream": "compressor_plugin.engine",
     "Compressor": "compressor_plugin.compressor",
     "CompressorConfig": "compressor_plugin.compressor",
     "CompressedContext": "compressor_plugin.context",
     "Generator": "compressor_plugin.generation",
     "GenerationConfig": "compressor_plugin.generation",
     "GenerationResult": "compressor_plugin.generation",
+    "GenerationStream": "compressor_plugin.generation",
     "TokenIds": "compressor_plugin.generation",
     "ContextStore": "compressor_plugin.store",
     "load_base_model": "compressor_plugin.models",
@@ -38,8 +41,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 if TYPE_CHECKING:  # pragma: no cover
     from .compressor import Compressor, CompressorConfig
     from .context import CompressedContext
-    from .engine import CompressionEngine, EngineResult
-    from .generation import GenerationConfig, GenerationResult, Generator, TokenIds
+    from .engine import AsyncEngineStream, CompressionEngine, EngineResult, EngineStream
+    from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator, TokenIds
     from .markers import make_marker
     from .models import load_base_model
     from .store import ContextStore

@@ -7,7 +7,8 @@ It does the three things a compressed RAG pipeline needs, independent of any fra
 * :meth:`resolve`: turn a prompt string or chat messages holding markers into generator
   segments (stored K/V at each marker's place, text fallback when an entry is missing);
 * :meth:`generate` / :meth:`stream` / :meth:`agenerate` / :meth:`astream`: answer with the
-  unchanged base model.
+  unchanged base model (:meth:`stream_result` / :meth:`astream_result` also give the finished
+  stream's :class:`EngineResult`).
 
 Example:
     >>> eng = CompressionEngine.from_pretrained()                       # doctest: +SKIP
@@ -21,12 +22,12 @@ import asyncio
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
 from .compressor import Compressor
-from .generation import GenerationConfig, GenerationResult, Generator
+from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator
 from .markers import Resolution, make_marker, resolve_markers
 from .store import ContextStore, StoreResult
 
@@ -145,9 +146,16 @@ class CompressionEngine:
     def stream(self, prompt: str | Sequence[Message], config: GenerationConfig | None = None, *,
                chat: bool | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield answer text pieces as they are generated."""
+        yield from self.stream_result(prompt, config, chat=chat, **kwargs)
+
+    def stream_result(self, prompt: str | Sequence[Message], config: GenerationConfig | None = None, *,
+                      chat: bool | None = None, **kwargs: Any) -> "EngineStream":
+        """Like :meth:`stream`, as an :class:`EngineStream`: the prompt is resolved now
+        (``resolution``), and ``result`` (an :class:`EngineResult` with exact token accounting)
+        is set once the pieces are exhausted."""
         res = self.resolve(prompt, chat=chat)
         # no lock across yields: the generator takes the model's lock around each forward pass
-        yield from self.generator.stream(res.segments, self._config(config, kwargs))
+        return EngineStream(self.generator.stream_result(res.segments, self._config(config, kwargs)), res)
 
     async def agenerate(self, prompt: str | Sequence[Message], config: GenerationConfig | None = None, *,
                         chat: bool | None = None, **kwargs: Any) -> EngineResult:
@@ -157,10 +165,63 @@ class CompressionEngine:
     async def astream(self, prompt: str | Sequence[Message], config: GenerationConfig | None = None, *,
                       chat: bool | None = None, **kwargs: Any) -> AsyncIterator[str]:
         """Async token streaming: generation runs in a worker thread, pieces arrive as produced."""
+        async for piece in self.astream_result(prompt, config, chat=chat, **kwargs):
+            yield piece
+
+    def astream_result(self, prompt: str | Sequence[Message], config: GenerationConfig | None = None, *,
+                       chat: bool | None = None, **kwargs: Any) -> "AsyncEngineStream":
+        """:meth:`astream` as an :class:`AsyncEngineStream`, whose ``result`` is set once the
+        pieces are exhausted (the prompt is resolved in the worker thread)."""
+        return AsyncEngineStream(lambda: self.stream_result(prompt, config, chat=chat, **kwargs))
+
+
+class EngineStream:
+    """The answer to one prompt as text pieces, then its :class:`EngineResult` (``result``).
+
+    Iterate it once; ``resolution`` (what the markers resolved to) is known from the start,
+    ``result`` once the iteration has finished (``None`` if it stopped early).
+    """
+
+    def __init__(self, stream: GenerationStream, resolution: Resolution):
+        self.resolution = resolution
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stream)
+
+    @property
+    def result(self) -> EngineResult | None:
+        gen = self._stream.result
+        if gen is None:
+            return None
+        r = self.resolution
+        return EngineResult(gen, r.resolved, r.fallbacks, r.missing_keys)
+
+
+class AsyncEngineStream:
+    """Async iteration over an :class:`EngineStream` made and run in a worker thread.
+
+    Generation never blocks the event loop; if the consumer stops early, the worker stops at
+    the next piece and frees the model. ``result`` is set once the pieces are exhausted.
+    """
+
+    def __init__(self, make: Callable[[], EngineStream]):
+        self.result: EngineResult | None = None
+        self._make = make
+        self._pieces = self._run()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._pieces
+
+    async def __anext__(self) -> str:
+        return await self._pieces.__anext__()
+
+    async def _run(self) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
         cancelled = threading.Event()
+        holder: dict[str, EngineStream] = {}
 
         def put(item: Any) -> None:
             try:
@@ -170,7 +231,8 @@ class CompressionEngine:
 
         def work() -> None:
             try:
-                for piece in self.stream(prompt, config, chat=chat, **kwargs):
+                stream = holder["stream"] = self._make()
+                for piece in stream:
                     if cancelled.is_set():
                         break  # the consumer stopped: free the model instead of finishing the answer
                     put(piece)
@@ -192,3 +254,5 @@ class CompressionEngine:
         finally:
             cancelled.set()
         await asyncio.to_thread(thread.join)
+        if "stream" in holder:
+            self.result = holder["stream"].result

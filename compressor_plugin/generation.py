@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 
@@ -100,6 +100,42 @@ class Prefill:
     compressed_tokens: int = 0
     source_tokens: int = 0
     seconds: float = 0.0
+
+
+class GenerationStream:
+    """One answer as text pieces while it is generated, then its :class:`GenerationResult`.
+
+    Iterate it once (it is its own iterator; nothing runs before the first piece is asked
+    for). Once the iteration has finished, :attr:`result` holds what :meth:`Generator.generate`
+    would have returned: token ids, finish reason, exact token accounting and timings. It
+    stays ``None`` if the iteration stopped early.
+    """
+
+    def __init__(self, generator: "Generator", segments: Sequence[Segment], config: GenerationConfig):
+        self.result: GenerationResult | None = None
+        self._pieces = self._run(generator, segments, config)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _run(self, gen: "Generator", segments: Sequence[Segment], cfg: GenerationConfig) -> Iterator[str]:
+        t0 = time.perf_counter()
+        pre = gen.prefill(segments)
+        ttft = None
+        state: dict = {"ids": [], "finish": "length", "text": ""}
+        for piece, state in gen._stream_text([pre], cfg):
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            yield piece
+        if not state["ids"] and cfg.max_new_tokens:
+            state["finish"] = "stop"
+        total = time.perf_counter() - t0
+        self.result = GenerationResult(state["text"], list(state["ids"]), state["finish"], pre.length,
+                                       pre.text_tokens, pre.compressed_tokens, pre.source_tokens,
+                                       ttft if ttft is not None else total, total)
 
 
 def _sync(device: torch.device) -> None:
@@ -365,9 +401,13 @@ class Generator:
     # ------------------------------------------------------------------ public API
     def stream(self, segments: Sequence[Segment], config: GenerationConfig | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated (stop strings are honoured)."""
-        cfg = _make_config(config, kwargs)
-        pre = self.prefill(segments)
-        yield from (piece for piece, _ in self._stream_text([pre], cfg))
+        yield from self.stream_result(segments, config, **kwargs)
+
+    def stream_result(self, segments: Sequence[Segment], config: GenerationConfig | None = None,
+                      **kwargs: Any) -> GenerationStream:
+        """Like :meth:`stream`, as a :class:`GenerationStream` whose ``result`` (token ids, finish
+        reason, token accounting) is set once the pieces are exhausted."""
+        return GenerationStream(self, segments, _make_config(config, kwargs))
 
     def _stream_text(self, prefills: list[Prefill], cfg: GenerationConfig) -> Iterator[tuple[str, dict]]:
         """Single-row text streaming; yields (new text, state) pairs. State carries ids and finish reason."""
@@ -403,19 +443,11 @@ class Generator:
 
     def generate(self, segments: Sequence[Segment], config: GenerationConfig | None = None, **kwargs: Any) -> GenerationResult:
         """Generate a completion for one prompt."""
-        cfg = _make_config(config, kwargs)
-        t0 = time.perf_counter()
-        pre = self.prefill(segments)
-        ttft = None
-        state: dict = {"ids": [], "finish": "length", "text": ""}
-        for _, state in self._stream_text([pre], cfg):
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-        if not state["ids"] and cfg.max_new_tokens:
-            state["finish"] = "stop"
-        total = time.perf_counter() - t0
-        return GenerationResult(state["text"], list(state["ids"]), state["finish"], pre.length, pre.text_tokens,
-                                pre.compressed_tokens, pre.source_tokens, ttft if ttft is not None else total, total)
+        stream = self.stream_result(segments, config, **kwargs)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
 
     def generate_batch(self, prompts: Sequence[Sequence[Segment]], config: GenerationConfig | None = None,
                        **kwargs: Any) -> list[GenerationResult]:

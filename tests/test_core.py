@@ -187,6 +187,18 @@ def test_generate_batch_equals_single(generator):
     assert [r.token_ids for r in batch] == [r.token_ids for r in single]
 
 
+def test_stream_result_equals_generate(generator):
+    full = generator.generate([CTX + QUESTION], max_new_tokens=12)
+    stream = generator.stream_result([CTX + QUESTION], max_new_tokens=12)
+    assert stream.result is None
+    pieces = list(stream)
+    res = stream.result
+    assert "".join(pieces) == res.text == full.text
+    assert (res.token_ids, res.finish_reason, res.prompt_tokens, res.text_tokens) == \
+        (full.token_ids, full.finish_reason, full.prompt_tokens, full.text_tokens)
+    assert list(stream) == []  # a stream runs once
+
+
 def test_stream_and_stop_strings(generator):
     full = generator.generate([CTX + QUESTION], max_new_tokens=20)
     pieces = list(generator.stream([CTX + QUESTION], max_new_tokens=20))

@@ -281,6 +281,9 @@ def test_stream_yields_several_chunks_matching_invoke(engine, compressed):
     for c in chunks[1:]:
         merged = merged + c
     assert merged.usage_metadata["input_tokens"] == full.usage_metadata["input_tokens"]
+    # the stream's usage is the generation's own accounting, as for invoke
+    assert merged.usage_metadata["output_tokens"] == full.usage_metadata["output_tokens"]
+    assert merged.response_metadata["finish_reason"] == full.response_metadata["finish_reason"]
     assert merged.response_metadata["compressed_tokens"] == K
     assert merged.response_metadata["model_name"] == full.response_metadata["model_name"]
 
@@ -323,8 +326,10 @@ def test_missing_entry_falls_back_to_text(engine, docs, tmp_path):
     rm = msg.response_metadata
     assert rm["fallback_chunks"] == 1 and rm["resolved_chunks"] == 1 and rm["compressed_tokens"] == K
     assert rm["text_tokens"] > engine.count_tokens(normalize_text(docs[0].page_content))
-    with pytest.warns(MissingChunkWarning):
+    with pytest.warns(MissingChunkWarning) as caught:
         last = list(llm.stream(messages))[-1]
+    # the prompt is resolved once per stream: one fallback, one warning
+    assert sum(issubclass(w.category, MissingChunkWarning) for w in caught) == 1
     assert last.response_metadata["fallback_chunks"] == 1
     assert last.usage_metadata["input_tokens"] == msg.usage_metadata["input_tokens"]
     # with the text gone too there is nothing to fall back on: a clear error

@@ -311,7 +311,9 @@ def test_chat_and_streaming_agree(engine, llm):
     chunks = list(llm.stream_complete(prompt))
     assert "".join(c.delta for c in chunks) == full.text == chunks[-1].text
     assert chunks[-1].additional_kwargs["resolved_chunks"] == 1
-    assert chunks[-1].additional_kwargs["prompt_tokens"] == full.additional_kwargs["prompt_tokens"]
+    # a stream ends with the same exact accounting as the call without streaming
+    assert chunks[-1].additional_kwargs == full.additional_kwargs
+    assert chunks[-1].raw["finish_reason"] == full.raw["finish_reason"]
 
     msgs = [ChatMessage(role=MessageRole.USER, content=f"Context: {marker}\n\nQuestion: Who won Super Bowl 50?")]
     chat = llm.chat(msgs)

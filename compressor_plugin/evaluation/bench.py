@@ -313,8 +313,6 @@ def bench_compress(
     ``merge_lora`` times everything inside :meth:`Compressor.fast_encoder` (LoRA folded into
     the weights, as ``cache build`` runs it).
     """
-    import torch
-
     log = log or (lambda _m: None)
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("--batch-sizes needs positive integers")

@@ -63,9 +63,7 @@ from langchain_core.outputs import (
 from langchain_core.runnables import RunnableLambda
 from pydantic import ConfigDict, Field, model_validator
 
-from ..context import CompressedContext
 from ..engine import CompressionEngine, EngineResult
-from ..generation import TokenIds
 from ..markers import has_markers, make_marker
 from ..store import ContextStore, normalize_text
 
@@ -376,35 +374,6 @@ def _compression_info(result: EngineResult) -> dict[str, Any]:
             "fallback_chunks": result.fallback_chunks}
 
 
-def _prompt_counts(engine: CompressionEngine, prompt: Any, chat: bool) -> dict[str, int]:
-    """Exact prompt accounting of a prompt (what the model will attend to), for streams."""
-    res = engine.resolve(prompt, chat=chat)
-    text = comp = src = 0
-    for seg in res.segments:
-        if isinstance(seg, str):
-            text += engine.count_tokens(seg) if seg else 0
-        elif isinstance(seg, TokenIds):
-            text += len(seg.ids)
-        elif isinstance(seg, CompressedContext):
-            comp += seg.k
-            src += seg.source_tokens
-    return {"prompt_tokens": text + comp, "text_tokens": text, "compressed_tokens": comp, "source_tokens": src,
-            "tokens_saved": src - comp, "resolved_chunks": res.resolved, "fallback_chunks": res.fallbacks}
-
-
-def _stream_final(engine: CompressionEngine, counts: dict[str, int], text: str) -> tuple[UsageMetadata, dict[str, Any]]:
-    """Usage and metadata for the end of a stream.
-
-    The engine's stream yields text only, so ``output_tokens`` is the token count of the
-    streamed text (equal to the generated count except around stop strings).
-    """
-    out = engine.count_tokens(text) if text else 0
-    usage = UsageMetadata(input_tokens=counts["prompt_tokens"], output_tokens=out,
-                          total_tokens=counts["prompt_tokens"] + out)
-    info = {k: v for k, v in counts.items() if k != "prompt_tokens"}
-    return usage, info
-
-
 def _load_engine(checkpoint: str | os.PathLike, store: ContextStore | str | os.PathLike | None,
                  device: Any) -> CompressionEngine:
     return CompressionEngine.from_pretrained(checkpoint, store=store, device=device)
@@ -511,10 +480,12 @@ class CompressedChatModel(BaseChatModel):
         return ChatResult(generations=[gen], llm_output={"model_name": self.model_name,
                                                          "token_usage": result.usage()})
 
-    def _last_chunk(self, counts: dict[str, int], text: str) -> ChatGenerationChunk:
-        usage, info = _stream_final(self.engine, counts, text)
+    def _last_chunk(self, result: EngineResult | None) -> ChatGenerationChunk:
+        if result is None:  # pragma: no cover - only if the engine stream ended without a result
+            raise RuntimeError("the stream ended before its result was known")
+        info = _compression_info(result)
         return ChatGenerationChunk(message=AIMessageChunk(
-            content="", chunk_position="last", usage_metadata=usage,
+            content="", chunk_position="last", usage_metadata=_usage(result),
             response_metadata={"model_name": self.model_name, **info}))
 
     # -------------------------------------------------------------- LangChain hooks
@@ -531,29 +502,25 @@ class CompressedChatModel(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         chat, cfg = self._prepare(messages, stop, kwargs)
-        counts = _prompt_counts(self.engine, chat, True)
-        pieces: list[str] = []
-        for piece in self.engine.stream(chat, chat=True, **cfg):
-            pieces.append(piece)
+        stream = self.engine.stream_result(chat, chat=True, **cfg)
+        for piece in stream:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager is not None:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
-        yield self._last_chunk(counts, "".join(pieces))
+        yield self._last_chunk(stream.result)
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         chat, cfg = self._prepare(messages, stop, kwargs)
-        counts = await asyncio.to_thread(_prompt_counts, self.engine, chat, True)
-        pieces: list[str] = []
-        async for piece in self.engine.astream(chat, chat=True, **cfg):
-            pieces.append(piece)
+        stream = self.engine.astream_result(chat, chat=True, **cfg)
+        async for piece in stream:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager is not None:
                 await run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
-        yield self._last_chunk(counts, "".join(pieces))
+        yield self._last_chunk(stream.result)
 
 
 class CompressedLLM(BaseLLM):
@@ -650,35 +617,30 @@ class CompressedLLM(BaseLLM):
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
         return await asyncio.to_thread(self._generate, prompts, stop, None, **kwargs)
 
-    def _final_chunk(self, counts: dict[str, int], text: str) -> GenerationChunk:
-        usage, info = _stream_final(self.engine, counts, text)
-        info["usage"] = {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"],
-                         "total_tokens": usage["total_tokens"]}
-        return GenerationChunk(text="", generation_info=info)
+    def _final_chunk(self, result: EngineResult | None) -> GenerationChunk:
+        if result is None:  # pragma: no cover - only if the engine stream ended without a result
+            raise RuntimeError("the stream ended before its result was known")
+        return GenerationChunk(text="", generation_info=self._generation(result)[0].generation_info)
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         cfg = _Settings.build(self, stop, kwargs)
-        counts = _prompt_counts(self.engine, prompt, self.chat_template)
-        pieces: list[str] = []
-        for piece in self.engine.stream(prompt, chat=self.chat_template, **cfg):
-            pieces.append(piece)
+        stream = self.engine.stream_result(prompt, chat=self.chat_template, **cfg)
+        for piece in stream:
             chunk = GenerationChunk(text=piece)
             if run_manager is not None:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
-        yield self._final_chunk(counts, "".join(pieces))
+        yield self._final_chunk(stream.result)
 
     async def _astream(self, prompt: str, stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         cfg = _Settings.build(self, stop, kwargs)
-        counts = await asyncio.to_thread(_prompt_counts, self.engine, prompt, self.chat_template)
-        pieces: list[str] = []
-        async for piece in self.engine.astream(prompt, chat=self.chat_template, **cfg):
-            pieces.append(piece)
+        stream = self.engine.astream_result(prompt, chat=self.chat_template, **cfg)
+        async for piece in stream:
             chunk = GenerationChunk(text=piece)
             if run_manager is not None:
                 await run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
-        yield self._final_chunk(counts, "".join(pieces))
+        yield self._final_chunk(stream.result)

@@ -64,9 +64,8 @@ from llama_index.core.prompts.base import BasePromptTemplate
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle, TransformComponent
 
 from ..compressor import ContextTooLongError
-from ..context import CompressedContext
 from ..generation import GenerationConfig
-from ..markers import MARKER_RE, MissingChunkWarning, has_markers, make_marker, split_markers
+from ..markers import MARKER_RE, has_markers, make_marker, split_markers
 from ..prompts import CHAT_INSTRUCTION
 from ..store import normalize_text
 
@@ -651,28 +650,16 @@ class CompressedLLM(CustomLLM):
         self._last_usage = usage
         return usage
 
+    def _stream_end(self, result: "EngineResult | None") -> tuple["EngineResult", dict[str, Any]]:
+        """The finished stream's result and its recorded usage (exact, as for a non-streamed call)."""
+        if result is None:  # pragma: no cover - only if the engine stream ended without a result
+            raise RuntimeError("the stream ended before its result was known")
+        return result, self._record(result)
+
     def _raw(self, result: "EngineResult", usage: dict[str, Any]) -> dict[str, Any]:
         return {"usage": usage, "finish_reason": result.generation.finish_reason,
                 "missing_keys": list(result.missing_keys), "ttft_s": result.generation.ttft_s,
                 "total_s": result.generation.total_s}
-
-    def _stream_usage(self, prompt: Any, chat: bool, text: str) -> dict[str, Any]:
-        """Accounting of a streamed answer (the stream itself yields text only)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MissingChunkWarning)
-            res = self._engine.resolve(prompt, chat=chat)
-        ctxs = [s for s in res.segments if isinstance(s, CompressedContext)]
-        text_tokens = sum(self._engine.count_tokens(s) for s in res.segments if isinstance(s, str) and s)
-        comp = sum(c.k for c in ctxs)
-        src = sum(c.source_tokens for c in ctxs)
-        completion = self._engine.count_tokens(text) if text else 0
-        usage = {"prompt_tokens": text_tokens + comp, "completion_tokens": completion,
-                 "total_tokens": text_tokens + comp + completion, "text_tokens": text_tokens,
-                 "compressed_tokens": comp, "source_tokens": src, "tokens_saved": src - comp,
-                 "resolved_chunks": res.resolved, "fallback_chunks": res.fallbacks}
-        self._last_result = None
-        self._last_usage = usage
-        return usage
 
     # ------------------------------------------------------------------ completion
     @llm_completion_callback()
@@ -691,11 +678,12 @@ class CompressedLLM(CustomLLM):
 
         def gen() -> CompletionResponseGen:
             text = ""
-            for piece in self._engine.stream(prompt, cfg, chat=False):
+            stream = self._engine.stream_result(prompt, cfg, chat=False)
+            for piece in stream:
                 text += piece
                 yield CompletionResponse(text=text, delta=piece)
-            usage = self._stream_usage(prompt, False, text)
-            yield CompletionResponse(text=text, delta="", raw={"usage": usage}, additional_kwargs=dict(usage))
+            result, usage = self._stream_end(stream.result)
+            yield CompletionResponse(text=text, delta="", raw=self._raw(result, usage), additional_kwargs=dict(usage))
 
         return gen()
 
@@ -716,11 +704,12 @@ class CompressedLLM(CustomLLM):
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""
-            async for piece in self._engine.astream(prompt, cfg, chat=False):
+            stream = self._engine.astream_result(prompt, cfg, chat=False)
+            async for piece in stream:
                 text += piece
                 yield CompletionResponse(text=text, delta=piece)
-            usage = await asyncio.to_thread(self._stream_usage, prompt, False, text)
-            yield CompletionResponse(text=text, delta="", raw={"usage": usage}, additional_kwargs=dict(usage))
+            result, usage = self._stream_end(stream.result)
+            yield CompletionResponse(text=text, delta="", raw=self._raw(result, usage), additional_kwargs=dict(usage))
 
         return gen()
 
@@ -746,11 +735,12 @@ class CompressedLLM(CustomLLM):
 
         def gen() -> ChatResponseGen:
             text = ""
-            for piece in self._engine.stream(msgs, cfg, chat=True):
+            stream = self._engine.stream_result(msgs, cfg, chat=True)
+            for piece in stream:
                 text += piece
                 yield self._chat_response(text, delta=piece)
-            usage = self._stream_usage(msgs, True, text)
-            yield self._chat_response(text, delta="", raw={"usage": usage}, usage=usage)
+            result, usage = self._stream_end(stream.result)
+            yield self._chat_response(text, delta="", raw=self._raw(result, usage), usage=usage)
 
         return gen()
 
@@ -769,10 +759,11 @@ class CompressedLLM(CustomLLM):
 
         async def gen() -> ChatResponseAsyncGen:
             text = ""
-            async for piece in self._engine.astream(msgs, cfg, chat=True):
+            stream = self._engine.astream_result(msgs, cfg, chat=True)
+            async for piece in stream:
                 text += piece
                 yield self._chat_response(text, delta=piece)
-            usage = await asyncio.to_thread(self._stream_usage, msgs, True, text)
-            yield self._chat_response(text, delta="", raw={"usage": usage}, usage=usage)
+            result, usage = self._stream_end(stream.result)
+            yield self._chat_response(text, delta="", raw=self._raw(result, usage), usage=usage)
 
         return gen()
