@@ -425,3 +425,11 @@ def test_example_chain_answers_known_questions(engine):
         answer = compressed_chain.invoke(question)
         hits += any(g.lower() in answer.lower() for g in golds)
     assert hits >= 2
+
+
+def test_from_pretrained_passes_dtype(tmp_path):
+    import torch
+
+    llm = CompressedChatModel.from_pretrained(store=tmp_path / "store", device="cpu", dtype="bfloat16", max_tokens=2)
+    assert llm.engine.compressor.base.dtype == torch.bfloat16 and llm.max_tokens == 2
+    llm.engine.store.close()

@@ -442,3 +442,11 @@ def test_max_tokens_is_accepted_as_an_alias(engine) -> None:
     llm = CompressedLLM(engine, max_new_tokens=64)
     assert llm._config({"max_tokens": 3}).max_new_tokens == 3
     assert llm._config({}).max_new_tokens == 64
+
+
+def test_from_pretrained_passes_dtype(tmp_path):
+    import torch
+
+    llm = CompressedLLM.from_pretrained(store=tmp_path / "store", device="cpu", dtype="bfloat16")
+    assert llm.engine.compressor.base.dtype == torch.bfloat16
+    llm.engine.store.close()

@@ -375,8 +375,8 @@ def _compression_info(result: EngineResult) -> dict[str, Any]:
 
 
 def _load_engine(checkpoint: str | os.PathLike, store: ContextStore | str | os.PathLike | None,
-                 device: Any) -> CompressionEngine:
-    return CompressionEngine.from_pretrained(checkpoint, store=store, device=device)
+                 device: Any, dtype: Any = None) -> CompressionEngine:
+    return CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype)
 
 
 class CompressedChatModel(BaseChatModel):
@@ -426,16 +426,18 @@ class CompressedChatModel(BaseChatModel):
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
                         store: ContextStore | str | os.PathLike | None = None,
-                        device: Any = None, **kwargs: Any) -> "CompressedChatModel":
+                        device: Any = None, dtype: Any = None, **kwargs: Any) -> "CompressedChatModel":
         """Load a compressor checkpoint (shipped name or folder) with its base model and open a store.
 
         Args:
             checkpoint: ``"default"`` (= ``"kv-k16"``), another shipped name, or a checkpoint folder.
             store: a :class:`ContextStore` or folder; default the user cache store.
             device: where the model runs (default: CUDA if available, else CPU).
+            dtype: ``"bfloat16"``, ``"float32"``... (default: bf16 on GPU, fp32 on CPU); part of
+                every store key, so use the dtype the store was built with.
             **kwargs: other fields (``max_tokens``, ``temperature``, ``stop``, ...).
         """
-        return cls(engine=_load_engine(checkpoint, store, device), **kwargs)
+        return cls(engine=_load_engine(checkpoint, store, device, dtype), **kwargs)
 
     @property
     def _llm_type(self) -> str:
@@ -564,9 +566,9 @@ class CompressedLLM(BaseLLM):
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
                         store: ContextStore | str | os.PathLike | None = None,
-                        device: Any = None, **kwargs: Any) -> "CompressedLLM":
+                        device: Any = None, dtype: Any = None, **kwargs: Any) -> "CompressedLLM":
         """Load a compressor checkpoint with its base model and open a store (see :class:`CompressedChatModel`)."""
-        return cls(engine=_load_engine(checkpoint, store, device), **kwargs)
+        return cls(engine=_load_engine(checkpoint, store, device, dtype), **kwargs)
 
     @property
     def _llm_type(self) -> str:

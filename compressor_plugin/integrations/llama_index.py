@@ -308,11 +308,13 @@ class CompressTransform(TransformComponent):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *,
-                        store: Any = None, device: Any = None, **kwargs: Any) -> "CompressTransform":
-        """Load an engine from a checkpoint (shipped name or folder) and wrap it."""
+                        store: Any = None, device: Any = None, dtype: Any = None,
+                        **kwargs: Any) -> "CompressTransform":
+        """Load an engine from a checkpoint (shipped name or folder) and wrap it (``dtype`` as
+        for :meth:`CompressedLLM.from_pretrained`)."""
         from ..engine import CompressionEngine
 
-        engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device)
+        engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype)
         kwargs.setdefault("checkpoint", str(checkpoint))
         return cls(engine, **kwargs)
 
@@ -562,7 +564,7 @@ class CompressedLLM(CustomLLM):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
-                        **kwargs: Any) -> "CompressedLLM":
+                        dtype: Any = None, **kwargs: Any) -> "CompressedLLM":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
 
         Args:
@@ -570,11 +572,13 @@ class CompressedLLM(CustomLLM):
             store: a :class:`~compressor_plugin.store.ContextStore` or folder (default: the
                 user cache store).
             device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
+            dtype: ``"bfloat16"``, ``"float32"``... (default: bf16 on GPU, fp32 on CPU); part of
+                every store key, so use the dtype the store was built with.
             **kwargs: :class:`CompressedLLM` settings.
         """
         from ..engine import CompressionEngine
 
-        return cls(CompressionEngine.from_pretrained(checkpoint, store=store, device=device), **kwargs)
+        return cls(CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype), **kwargs)
 
     @classmethod
     def class_name(cls) -> str:
