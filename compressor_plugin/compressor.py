@@ -278,19 +278,18 @@ class Compressor(nn.Module):
         # Text after the memory slots belongs to padding in this layout; shift the text tokens that
         # lie at memory positions (they are padding anyway, since text ends at lengths[i]).
         inputs = torch.where(is_mem[..., None], mem_full, full)
-        # No padding mask: padding only ever follows a row's text and memory tokens, so the causal
-        # mask alone keeps it out of every position we read. Without a mask, SDPA can take its
-        # fused causal (flash) kernel instead of materialising a (B, 1, T, T) mask.
-        attn = None
+        # No padding mask (attention_mask=None below): padding only ever follows a row's text and
+        # memory tokens, so the causal mask alone keeps it out of every position we read, and SDPA
+        # can take its fused causal (flash) kernel instead of materialising a (B, 1, T, T) mask.
         pos = torch.arange(T + k, device=dev)[None, :].expand(B, -1)
         body = inner_model(model)
         if self.config.mode == "embedding":
-            out = body(inputs_embeds=inputs, attention_mask=attn, position_ids=pos, use_cache=False)
+            out = body(inputs_embeds=inputs, attention_mask=None, position_ids=pos, use_cache=False)
             h = out.last_hidden_state
             idx = mem_pos[..., None].expand(B, k, h.shape[-1])
             return {"embeddings": torch.gather(h, 1, idx)}
         cache = new_cache(lm.config)
-        body(inputs_embeds=inputs, attention_mask=attn, position_ids=pos, use_cache=True, **cache_kwargs(body, cache))
+        body(inputs_embeds=inputs, attention_mask=None, position_ids=pos, use_cache=True, **cache_kwargs(body, cache))
         keys, values = [], []
         n_layers = lm.config.num_hidden_layers
         for layer in range(n_layers):

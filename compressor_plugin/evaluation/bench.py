@@ -36,7 +36,6 @@ from .data import bench_source, make_chunks
 from .qa import Log, _stderr, load_compressor
 
 RAG_QUESTION = "What is the main contribution described in the context?"
-H200_BF16_DENSE_TFLOPS = 989.0
 
 RSS_NOTE = ("CPU: peak_mem_bytes is the process's resident-set high-water mark (getrusage ru_maxrss): it "
             "only grows, covers the whole process (model weights included) and is not a per-system figure; "
@@ -271,21 +270,6 @@ def bench_rag(
 
 
 # ---------------------------------------------------------------------- bench compress
-def encoder_params(compressor: Any) -> int:
-    """Parameters that take part in the encoder's matmuls: transformer layers (incl. LoRA), no embeddings."""
-    total = 0
-    for name, p in compressor.peft_model.named_parameters():
-        if "embed_tokens" in name or "lm_head" in name:
-            continue
-        total += p.numel()
-    return total
-
-
-def encoder_flops(params: int, layers: int, attn_width: int, batch: int, seq: int) -> float:
-    """FLOPs of one encoder forward (see the module docstring for the formula)."""
-    return 2.0 * params * batch * seq + 4.0 * layers * batch * seq * seq * attn_width
-
-
 def bench_compress(
     batch_sizes: Sequence[int] = (1, 8, 32, 128),
     tokens: int = 512,
@@ -311,8 +295,11 @@ def bench_compress(
 
     ``peak_tflops`` defaults to 989 (H200 bf16 dense) on CUDA and to none on CPU.
     ``merge_lora`` times everything inside :meth:`Compressor.fast_encoder` (LoRA folded into
-    the weights, as ``cache build`` runs it).
+    the weights, as ``cache build`` runs it). FLOPs:
+    :func:`compressor_plugin.caching.build.encoder_flops` per chunk.
     """
+    from ..caching.build import H200_BF16_PEAK_TFLOPS, encoder_flops, flop_terms
+
     log = log or (lambda _m: None)
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("--batch-sizes needs positive integers")
@@ -327,16 +314,12 @@ def bench_compress(
         raise ValueError(f"--tokens {tokens} exceeds the compressor's max_length {comp.config.max_length}")
     cuda = base.device.type == "cuda"
     if peak_tflops is None and cuda:
-        peak_tflops = H200_BF16_DENSE_TFLOPS
+        peak_tflops = H200_BF16_PEAK_TFLOPS
     texts, source = bench_source(data)
     from .report import environment
 
     env = environment(base)
-    cfg = base.model.config
-    layers = int(cfg.num_hidden_layers)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    attn_width = int(cfg.num_attention_heads) * head_dim
-    params = encoder_params(comp)
+    params, layers, attn_width = flop_terms(comp)
     probe = MemoryProbe(base.device)
     seq = tokens + kk
     stream: list[int] = []
@@ -346,7 +329,7 @@ def bench_compress(
         stream.extend(tok(" " + texts[i % len(texts)].strip(), add_special_tokens=False)["input_ids"])
         i += 1
     with comp.fast_encoder(merge=merge_lora):
-        rows = _compress_rows(comp, batch_sizes, tokens, repeats, stream, probe, params, layers, attn_width, seq,
+        rows = _compress_rows(comp, batch_sizes, tokens, repeats, stream, probe, encoder_flops(comp, seq),
                               peak_tflops, progress)
     del comp, lc
     return {"kind": "bench-compress", "rows": rows,
@@ -360,8 +343,7 @@ def bench_compress(
 
 
 def _compress_rows(comp: Any, batch_sizes: Sequence[int], tokens: int, repeats: int, stream: list[int], probe: Any,
-                   params: int, layers: int, attn_width: int, seq: int, peak_tflops: float | None,
-                   progress: bool) -> list[dict[str, Any]]:
+                   flops_per_chunk: float, peak_tflops: float | None, progress: bool) -> list[dict[str, Any]]:
     import torch
     from tqdm.auto import tqdm
 
@@ -387,7 +369,7 @@ def _compress_rows(comp: Any, batch_sizes: Sequence[int], tokens: int, repeats: 
         _sync(base.device)
         api_s = time.perf_counter() - t0
         t = statistics.median(times)
-        flops = encoder_flops(params, layers, attn_width, bs, seq)
+        flops = bs * flops_per_chunk
         tflops = flops / t / 1e12
         rows.append({"batch_size": bs, "chunk_tokens": tokens, "seconds_median": t, "seconds_min": min(times),
                      "chunks_per_s": bs / t, "tokens_per_s": bs * tokens / t, "flops_per_batch": flops,
@@ -527,5 +509,5 @@ def disk_table(result: dict[str, Any]) -> str:
                           rows, digits=1)
 
 
-__all__ = ["bench_rag", "bench_compress", "bench_disk", "bench_store", "encoder_flops", "encoder_params",
+__all__ = ["bench_rag", "bench_compress", "bench_disk", "bench_store",
            "rag_table", "compress_table", "disk_table", "MemoryProbe"]

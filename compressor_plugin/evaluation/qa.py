@@ -72,20 +72,19 @@ class LoadedCompressor:
                 "max_length": int(self.compressor.config.max_length)}
 
 
-def checkpoint_info(name: str) -> tuple[Path, dict[str, Any]]:
-    """Folder and ``config.json`` of a checkpoint path or shipped name."""
-    from ..compressor import read_checkpoint
+def check_checkpoints(names: Sequence[str], base: Any) -> list[dict[str, Any]]:
+    """Fail before any work if a checkpoint is missing, malformed or for another base model.
 
-    return read_checkpoint(name)
+    Returns each checkpoint's ``config.json`` contents, in order.
+    """
+    from ..compressor import check_base, read_checkpoint
 
-
-def check_checkpoints(names: Sequence[str], base: Any) -> None:
-    """Fail before any work if a checkpoint is missing, malformed or for another base model."""
-    from ..compressor import check_base
-
+    metas = []
     for name in names:
-        folder, meta = checkpoint_info(name)
+        folder, meta = read_checkpoint(name)
         check_base(folder, meta, base)
+        metas.append(meta)
+    return metas
 
 
 def load_compressor(checkpoint: str | None = None, *, k: int = 16, mode: str = "kv",
@@ -105,7 +104,9 @@ def load_compressor(checkpoint: str | None = None, *, k: int = 16, mode: str = "
         comp = Compressor(base, CompressorConfig(k=k, mode=mode), seed=seed)
         comp.to(base.device)
         return LoadedCompressor(comp, "untrained", None, None, True)
-    folder, meta = checkpoint_info(checkpoint)
+    from ..compressor import read_checkpoint
+
+    folder, meta = read_checkpoint(checkpoint)
     base_name = (meta.get("config") or {}).get("base_model") or None
     base = load_base_model(base_name, device=device, dtype=dtype)
     comp = Compressor.from_pretrained(folder, base=base)
@@ -312,7 +313,7 @@ def run_qa_eval(
     examples = load_qa(data, limit=limit, seed=seed, chunks=chunks)
     label_task = is_label_task(examples)
     base = load_base_model(device=device, dtype=dtype)
-    check_checkpoints(checkpoints, base)
+    metas = dict(zip(checkpoints, check_checkpoints(checkpoints, base)))
     tok = base.tokenizer
     from .report import environment
 
@@ -374,8 +375,7 @@ def run_qa_eval(
         if ckpt is None:
             ks_for_truncate.append(int(spec["k"]))
         else:
-            _, meta = checkpoint_info(ckpt)
-            ks_for_truncate.append(int((meta.get("config") or {}).get("k", 16)))
+            ks_for_truncate.append(int((metas[ckpt].get("config") or {}).get("k", 16)))
     if "truncate" in groups:
         for kk in dict.fromkeys(ks_for_truncate):
             run_text_system(f"truncate-k{kk}", plain_gen, best_layout,

@@ -482,9 +482,7 @@ class CompressedChatModel(BaseChatModel):
         return ChatResult(generations=[gen], llm_output={"model_name": self.model_name,
                                                          "token_usage": result.usage()})
 
-    def _last_chunk(self, result: EngineResult | None) -> ChatGenerationChunk:
-        if result is None:  # pragma: no cover - only if the engine stream ended without a result
-            raise RuntimeError("the stream ended before its result was known")
+    def _last_chunk(self, result: EngineResult) -> ChatGenerationChunk:
         info = _compression_info(result)
         return ChatGenerationChunk(message=AIMessageChunk(
             content="", chunk_position="last", usage_metadata=_usage(result),
@@ -619,9 +617,7 @@ class CompressedLLM(BaseLLM):
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
         return await asyncio.to_thread(self._generate, prompts, stop, None, **kwargs)
 
-    def _final_chunk(self, result: EngineResult | None) -> GenerationChunk:
-        if result is None:  # pragma: no cover - only if the engine stream ended without a result
-            raise RuntimeError("the stream ended before its result was known")
+    def _final_chunk(self, result: EngineResult) -> GenerationChunk:
         return GenerationChunk(text="", generation_info=self._generation(result)[0].generation_info)
 
     def _stream(self, prompt: str, stop: list[str] | None = None,

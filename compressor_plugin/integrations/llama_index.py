@@ -654,10 +654,8 @@ class CompressedLLM(CustomLLM):
         self._last_usage = usage
         return usage
 
-    def _stream_end(self, result: "EngineResult | None") -> tuple["EngineResult", dict[str, Any]]:
+    def _stream_end(self, result: "EngineResult") -> tuple["EngineResult", dict[str, Any]]:
         """The finished stream's result and its recorded usage (exact, as for a non-streamed call)."""
-        if result is None:  # pragma: no cover - only if the engine stream ended without a result
-            raise RuntimeError("the stream ended before its result was known")
         return result, self._record(result)
 
     def _raw(self, result: "EngineResult", usage: dict[str, Any]) -> dict[str, Any]:
