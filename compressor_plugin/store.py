@@ -424,9 +424,7 @@ class ContextStore:
             stored = dataclasses.replace(ctx, extra={**ctx.extra, _KEY_FIELD: key})
             blobs.append((_CTX + key, stored.to_bytes()))
         for cache, entries in ((self._text, texts), (self._kv, blobs)):
-            if len(entries) == 1:
-                cache.set(entries[0][0], entries[0][1], expire=self.expire, retry=True)
-            elif entries:
+            if entries:
                 with cache.transact(retry=True):
                     for name, data in entries:
                         cache.set(name, data, expire=self.expire, retry=True)
