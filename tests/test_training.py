@@ -113,3 +113,49 @@ def test_ddp_two_processes_gloo(tiny_base_dir, data_files, tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
     assert log[-1]["samples_seen"] == 2 * 2 * 2
     assert (out / "checkpoint" / "weights.safetensors").is_file()
+
+
+def test_mix_stage_distill_cloze_and_resume(tiny_base_dir, data_files, tmp_path):
+    """The mix stage: regeneration, continuation and QA steps (with cloze questions and the
+    distillation loss) in one run; a resumed run continues each task's schedule."""
+    out = tmp_path / "mix"
+    cmd = _train_cmd(tiny_base_dir, out, data_files["corpus"], "--stage", "mix", "--mode", "kv", "--k", "2",
+                     "--max-steps", "6", "--cloze-per-text", "1", "--distill", "0.5", "--max-chunks", "3",
+                     "--mix", "regen=1,continue=1,qa=1", "--continue-tokens", "8")
+    cmd[cmd.index("--data") + 1:cmd.index("--data") + 2] = [str(data_files["corpus"]), str(data_files["qa"])]
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    tasks = {k for r in log for k in r if k.startswith("loss_")}
+    assert tasks == {"loss_regen", "loss_continue", "loss_qa"}
+    summary = json.loads((out / "summary.json").read_text())
+    # 12 QA rows + up to one cloze question per corpus text
+    assert summary["train_samples"]["qa"] > 12 and summary["train_samples"]["regen"] == 12
+    cmd[cmd.index("--max-steps") + 1] = "8"
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 9))
+
+
+def test_mix_schedule_and_bad_mix(data_files):
+    from compressor_plugin.training import TrainConfig
+    from compressor_plugin.training.trainer import parse_mix, task_of
+
+    assert parse_mix("regen=0.2, continue=0.3,qa=0.5") == {"regen": 0.2, "continue": 0.3, "qa": 0.5}
+    with pytest.raises(ValueError, match="bad mix entry"):
+        parse_mix("regen=0.2,reading=1")
+    with pytest.raises(ValueError, match="mix"):
+        TrainConfig(stage="mix", data=[str(data_files["corpus"])], mix={"regen": 0.0})
+    with pytest.raises(ValueError, match="distill"):
+        TrainConfig(stage="mix", data=[str(data_files["corpus"])], distill=1.5)
+    cfg = TrainConfig(stage="mix", data=[str(data_files["corpus"])], mix={"regen": 0.2, "continue": 0.3, "qa": 0.5})
+    tasks = [task_of(cfg, s) for s in range(2000)]
+    assert tasks == [task_of(cfg, s) for s in range(2000)]  # the schedule is a function of the step
+    assert abs(tasks.count("qa") / 2000 - 0.5) < 0.05 and abs(tasks.count("regen") / 2000 - 0.2) < 0.05
+    assert {task_of(TrainConfig(stage="qa", data=[str(data_files["qa"])]), s) for s in range(5)} == {"qa"}
+
+
+def test_mix_without_qa_data_is_a_clear_error(tiny_base_dir, data_files, tmp_path):
+    cmd = _train_cmd(tiny_base_dir, tmp_path / "bad", data_files["corpus"], "--stage", "mix", "--max-steps", "1")
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "qa" in proc.stderr and "cloze" in proc.stderr

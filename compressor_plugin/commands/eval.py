@@ -92,6 +92,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     rg.add_argument("--plot", default=None, help="also plot ROUGE-L by length to this PNG")
     rg.set_defaults(func=_regen)
 
+    mi = esub.add_parser(
+        "make-invented", help="write a QA file about invented paragraphs (facts no model can know)",
+        description="Generate paragraphs of made-up names, numbers, dates and places, with questions whose "
+                    "answers are spans of the text, as QA JSONL for 'eval qa --data'. Seeded: the same "
+                    "arguments always write the same file.")
+    mi.add_argument("--output", required=True, help="JSONL file to write")
+    mi.add_argument("--paragraphs", type=int, default=50, help="number of paragraphs (default 50)")
+    mi.add_argument("--questions-per-paragraph", type=int, default=3, help="1..7 (default 3)")
+    mi.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    mi.set_defaults(func=_make_invented)
+
     pl = esub.add_parser("plot", help="plot result JSON files (eval qa/regen, bench rag/compress)",
                          description="eval qa results: F1 vs compression ratio (several files share one plot); "
                                      "eval regen: ROUGE-L by length; bench rag: TTFT vs chunks; "
@@ -99,6 +110,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("inputs", nargs="+", metavar="IN.json")
     pl.add_argument("--output", required=True, help="PNG file")
     pl.set_defaults(func=_plot)
+
+
+def _make_invented(args: argparse.Namespace) -> int:
+    from ..evaluation.invented import write_invented_qa
+
+    path = write_invented_qa(args.output, args.paragraphs, seed=args.seed,
+                             questions_per_paragraph=args.questions_per_paragraph)
+    n = sum(1 for _ in open(path, encoding="utf-8"))
+    print(f"wrote {n} questions about {args.paragraphs} invented paragraphs to {path}")
+    return 0
 
 
 def _check_common(args: argparse.Namespace) -> None:

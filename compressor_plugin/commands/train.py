@@ -10,7 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a compressor (regeneration pretraining or QA fine-tuning)",
                        description="Train a compressor's LoRA adapter and memory embeddings; the decoder stays frozen. "
                                    "Resumes automatically when OUTPUT already holds a run. Runs under torchrun for DDP.")
-    p.add_argument("--stage", choices=["regen", "qa"], required=True, help="regeneration pretraining or QA fine-tuning")
+    p.add_argument("--stage", choices=["regen", "qa", "mix"], required=True,
+                   help="regen: regeneration pretraining; qa: QA fine-tuning; mix: regeneration, continuation and "
+                        "QA steps in one run (shares set by --mix)")
     p.add_argument("--mode", choices=["kv", "embedding", "full-tuned"], default="kv",
                    help="kv (500xCompressor), embedding (ICAE baseline) or full-tuned (reference LoRA on the decoder)")
     p.add_argument("--k", type=int, default=16, help="compressed tokens per chunk")
@@ -28,6 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-target-tokens", type=int, default=384, help="regeneration target cap")
     p.add_argument("--max-chunks", type=int, default=3, help="QA: up to this many chunks per prompt")
     p.add_argument("--layouts", default="plain,fewshot,chat", help="QA prompt layouts to train on")
+    p.add_argument("--mix", default="regen=0.2,continue=0.3,qa=0.5",
+                   help="mix stage: share of steps per task, TASK=WEIGHT with TASK in regen, continue, qa "
+                        "(default regen=0.2,continue=0.3,qa=0.5)")
+    p.add_argument("--continue-tokens", type=int, default=128, help="continuation target length (default 128)")
+    p.add_argument("--cloze-per-text", type=int, default=0,
+                   help="mix stage: cloze questions on names, numbers and dates generated per corpus text (default 0)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="QA steps: weight of the KL to the frozen model reading the full text, against CE on the "
+                        "gold answer (0 = gold only, 1 = teacher only; default 0)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--target-modules", default="q_proj,v_proj")
@@ -49,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ..training import TrainConfig, train
+    from ..training.trainer import parse_mix
 
     cfg = TrainConfig(stage=args.stage, mode=args.mode, k=args.k, data=args.data, val_data=args.val_data,
                       output=args.output, base=args.base, init=args.init, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -58,7 +70,9 @@ def _run(args: argparse.Namespace) -> int:
                       lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                       target_modules=[s for s in args.target_modules.split(",") if s], device=args.device,
                       seed=args.seed, limit=args.limit, log_every=args.log_every, eval_every=args.eval_every,
-                      save_every=args.save_every, val_samples=args.val_samples)
+                      save_every=args.save_every, val_samples=args.val_samples, mix=parse_mix(args.mix),
+                      continue_tokens=args.continue_tokens, cloze_per_text=args.cloze_per_text,
+                      distill=args.distill)
     if cfg.max_steps is None and cfg.max_minutes is None:
         raise ValueError("give --max-steps or --max-minutes")
     summary = train(cfg, progress=not args.no_progress)

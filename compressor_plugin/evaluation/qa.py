@@ -243,6 +243,23 @@ def summarize(rows: Sequence[dict[str, Any]], seconds: float, **extra: Any) -> d
     return out
 
 
+def agreement(rows: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Fidelity: F1 / EM of each answer against the reference system's answer to the same question.
+
+    The reference is the best full-text system, so ``agreement_f1`` = 1.0 means the system answers
+    exactly as the model does when it reads the text (right or wrong), whatever the gold says.
+    """
+    ref = {r["id"]: r["prediction"] for r in reference}
+    f1s, ems = [], []
+    for r in rows:
+        if r["id"] in ref:
+            sc = metrics.squad_scores(r["prediction"], [ref[r["id"]]])
+            f1s.append(sc["f1"])
+            ems.append(sc["em"])
+    n = max(len(f1s), 1)
+    return {"agreement_f1": sum(f1s) / n, "agreement_em": sum(ems) / n}
+
+
 def _token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -455,12 +472,15 @@ def run_qa_eval(
     elif "full-tuned" in groups and systems is not None:
         skipped["full-tuned"] = "no --full-tuned adapter given"
 
-    # -- retention and examples
+    # -- retention, agreement with the best full-text answers, and examples
     full_f1 = results.get("full", {}).get("f1")
+    full_rows = results.get("full", {}).get("_rows")
     examples_out: dict[str, list[dict[str, Any]]] = {}
     for name, s in results.items():
         if full_f1 is not None and full_f1 > 0:
             s["retention_f1"] = s["f1"] / full_f1
+        if full_rows is not None and s.get("_rows"):
+            s.update(agreement(s["_rows"], full_rows))
         rows = s.pop("_rows") if "_rows" in s else []
         examples_out[name] = [{k2: r[k2] for k2 in ("id", "question", "golds", "prediction", "f1", "em")}
                               for r in rows[:N_EXAMPLES]]

@@ -96,6 +96,43 @@ def load_qa(paths: Sequence[str | Path], tokenizer: Any, *, max_tokens: int, lim
     return out
 
 
+def load_mix(paths: Sequence[str | Path], tokenizer: Any, *, max_tokens: int, max_qa_tokens: int,
+             limit: int | None = None, cloze_per_text: int = 0, seed: int = 0
+             ) -> tuple[list[RegenSample], list[QASample]]:
+    """Corpus texts and QA samples from a mix of files, told apart by their rows.
+
+    Corpus files (rows with ``text``) give regeneration/continuation texts, cut to ``max_tokens``;
+    QA files (rows with ``context`` and ``question``) give QA samples, and their contexts are corpus
+    texts too. With ``cloze_per_text`` > 0, every corpus text of a corpus file also gives up to that
+    many cloze questions on its names, numbers and dates (:mod:`.questions`).
+    """
+    from .questions import cloze_rows
+
+    texts: list[str] = []
+    cloze_source: list[str] = []
+    qa_paths: list[str | Path] = []
+    for p in paths:
+        rows = read_jsonl(p, limit)
+        if rows and "question" in rows[0]:
+            qa_paths.append(p)
+        else:
+            cloze_source.extend(_texts(rows, p))
+        texts.extend(_texts(rows, p))
+    texts = list(dict.fromkeys(texts))
+    corpus = [RegenSample(i[:max_tokens]) for i in _tokenize(tokenizer, texts) if len(i) >= 8]
+    qa = load_qa(qa_paths, tokenizer, max_tokens=max_qa_tokens, limit=limit) if qa_paths else []
+    if cloze_per_text > 0 and cloze_source:
+        # questions about the part of each text that fits the encoder (the rest would be unanswerable)
+        cut = [tokenizer.decode(i[:max_qa_tokens]) if len(i) > max_qa_tokens else t
+               for t, i in zip(cloze_source, _tokenize(tokenizer, cloze_source))]
+        rows = cloze_rows(cut, seed=seed, per_text=cloze_per_text)
+        uniq = list(dict.fromkeys(r["context"] for r in rows))
+        ids = dict(zip(uniq, _tokenize(tokenizer, uniq)))
+        qa += [QASample(ids[r["context"]], r["context"], r["question"], r["answers"][0])
+               for r in rows if 0 < len(ids[r["context"]]) <= max_qa_tokens]
+    return corpus, qa
+
+
 def length_batches(samples: Sequence[Any], batch_size: int, *, seed: int, epoch: int,
                    rank: int = 0, world: int = 1, pool: int = 32) -> list[list[int]]:
     """Index batches: shuffled, then sorted by length inside pools of ``pool`` batches.

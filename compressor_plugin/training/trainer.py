@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..compressor import Compressor, CompressorConfig, resolve_checkpoint
@@ -38,16 +39,39 @@ from ..context import RotaryHelper
 from ..hf_compat import cache_kwargs, causal_lm, inner_model, new_cache
 from ..models import BaseModel, load_base_model
 from ..prompts import QA_LAYOUTS, REGEN_CUE, qa_prompt
-from .data import QASample, RegenSample, batch_stream, load_qa, load_regen
+from .data import QASample, RegenSample, batch_stream, load_mix, load_qa, load_regen
 
 logger = logging.getLogger(__name__)
+
+
+#: Step tasks: regeneration, continuation, question answering.
+TASKS = ("regen", "continue", "qa")
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """``"regen=0.2,continue=0.3,qa=0.5"`` -> ``{"regen": 0.2, "continue": 0.3, "qa": 0.5}``."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, w = part.partition("=")
+        if name not in TASKS or not w:
+            raise ValueError(f"bad mix entry {part!r}: use TASK=WEIGHT with TASK in {TASKS}")
+        out[name] = float(w)
+    return out
+
+
+def task_of(cfg: "TrainConfig", step: int) -> str:
+    """The task of a training step (seeded by step, so a resumed run repeats the same schedule)."""
+    if cfg.stage != "mix":
+        return cfg.stage
+    names = [t for t in TASKS if cfg.mix.get(t, 0) > 0]
+    return random.Random(cfg.seed * 7919 + step).choices(names, [cfg.mix[t] for t in names])[0]
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved as ``train_config.json``)."""
 
-    stage: str = "regen"  # "regen" or "qa"
+    stage: str = "regen"  # "regen", "qa" or "mix" (regeneration, continuation and QA steps in one run)
     mode: str = "kv"  # "kv", "embedding" or "full-tuned"
     k: int = 16
     data: list[str] = field(default_factory=list)
@@ -77,10 +101,23 @@ class TrainConfig:
     save_every: int = 500
     val_samples: int = 128
     limit: int | None = None  # read at most this many rows per data file
+    # "mix" stage: share of steps per task (regen = repeat the text, continue = write the text that
+    # follows the compressed part, qa = answer a question: QA files plus cloze questions)
+    mix: dict[str, float] = field(default_factory=lambda: {"regen": 0.2, "continue": 0.3, "qa": 0.5})
+    continue_tokens: int = 128  # continuation target length
+    cloze_per_text: int = 0  # cloze (detail) questions generated per corpus text, added to the QA pool
+    distill: float = 0.0  # QA steps: weight of KL(full-text teacher || student) vs. CE on the gold answer
 
     def __post_init__(self) -> None:
-        if self.stage not in ("regen", "qa"):
-            raise ValueError("stage must be 'regen' or 'qa'")
+        if self.stage not in ("regen", "qa", "mix"):
+            raise ValueError("stage must be 'regen', 'qa' or 'mix'")
+        unknown = set(self.mix) - set(TASKS)
+        if unknown or not self.mix or any(w < 0 for w in self.mix.values()) or sum(self.mix.values()) <= 0:
+            raise ValueError(f"mix needs non-negative weights for tasks {TASKS}, got {self.mix}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError("distill is a weight between 0 and 1")
+        if self.distill > 0 and self.mode == "full-tuned":
+            raise ValueError("distillation trains compressors; the full-tuned reference reads the text itself")
         if self.mode not in ("kv", "embedding", "full-tuned"):
             raise ValueError("mode must be 'kv', 'embedding' or 'full-tuned'")
         if self.mode == "full-tuned" and self.stage != "qa":
@@ -108,6 +145,7 @@ class StepModule(nn.Module):
         self.rotary = RotaryHelper(base.model)
         self.tok = base.tokenizer
         self._prefix_cache: dict[str, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self._eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
 
     # ---------------- helpers
     def _ids(self, text: str) -> list[int]:
@@ -132,76 +170,139 @@ class StepModule(nn.Module):
         ids, kv = self._prefix_cache[text]
         return len(ids), kv
 
-    def _loss_from_hidden(self, lm: Any, hidden: torch.Tensor, sel: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        h = hidden[sel]
-        logits = lm.lm_head(h).float()
-        return nn.functional.cross_entropy(logits, targets)
+    def _logits(self, lm: Any, h: torch.Tensor) -> torch.Tensor:
+        return lm.lm_head(h).float()
 
-    def _layout(self, rng: random.Random) -> str:
-        return rng.choice(self.cfg.layouts) if self.cfg.stage == "qa" else "regen"
+    def _ce(self, lm: Any, h: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Mean cross-entropy of ``lm_head(h)`` against ``targets``.
 
-    def _texts(self, layout: str, sample: Any) -> tuple[str, str, str]:
-        """(prefix, after-context text, target) for a sample in a layout."""
-        if layout == "regen":
-            return "", REGEN_CUE, self.tok.decode(sample.ids) + (self.tok.eos_token or "")
-        p = qa_prompt(layout, sample.question, self.tok)
-        return p.before, p.after, p.target(sample.answer)
+        Long target sets (regeneration of 128 texts x 192 tokens = 25k rows x 49k vocabulary) are
+        done in checkpointed chunks, so the fp32 logits are never all alive at once.
+        """
+        n = h.shape[0]
+        if n <= chunk:
+            return nn.functional.cross_entropy(self._logits(lm, h), targets)
+        w = lm.lm_head.weight
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, chunk):
+            total = total + torch.utils.checkpoint.checkpoint(_ce_sum, w, h[i:i + chunk], targets[i:i + chunk],
+                                                              use_reentrant=False)
+        return total / n
 
-    # ---------------- forward
-    def forward(self, samples: list[Any], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
-        rng = random.Random(seed)
+    def _layout(self, rng: random.Random, task: str) -> str:
+        return rng.choice(self.cfg.layouts) if task == "qa" else task
+
+    def _row(self, task: str, layout: str, sample: Any, rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+        """(ids to compress, ids after the chunks, target ids) of one sample for a task."""
         cfg = self.cfg
-        dev = self.base.device
+        if task == "regen":
+            return sample.ids, self._ids(REGEN_CUE), (sample.ids + self._eos)[: cfg.max_target_tokens]
+        if task == "continue":
+            # compress the first part of the text; the decoder writes what follows. The first
+            # following token is given (not supervised) so every row has a query position.
+            ids = sample.ids
+            lo = max(4, len(ids) // 3)
+            cut = rng.randint(lo, max(lo, 2 * len(ids) // 3))
+            rest = ids[cut:cut + 1 + cfg.continue_tokens]
+            return ids[:cut], rest[:1], rest[1:]
+        p = qa_prompt(layout, sample.question, self.tok)
+        return sample.ids, self._ids(p.after), self._ids(p.target(sample.answer))[: cfg.max_target_tokens]
+
+    @staticmethod
+    def _arrange(samples: list[Any], n: int, rng: random.Random) -> list[list[int]]:
+        """Chunk order per row: its own context plus ``n - 1`` other contexts of the batch, shuffled."""
         B = len(samples)
-        layout = self._layout(rng)
-        n = 1
-        if cfg.stage == "qa" and cfg.max_chunks > 1 and B > 1:
-            n = rng.randint(1, min(cfg.max_chunks, B))
-        # chunk arrangement: each row has its own context plus n-1 others, in random order
         arrange = []
         for i in range(B):
-            others = [j for j in range(B) if j != i and samples[j].ids != samples[i].ids]
+            others = [j for j in range(B) if j != i and samples[j].ids is not samples[i].ids
+                      and samples[j].ids != samples[i].ids]
             row = [i] + rng.sample(others, min(n - 1, len(others)))
             while len(row) < n:
                 row.append(i)
             rng.shuffle(row)
             arrange.append(row)
-        prefix, _, _ = self._texts(layout, samples[0])
-        afters, targets = [], []
-        for s in samples:
-            _, after, target = self._texts(layout, s)
-            a_ids = self._ids(after)
-            t_ids = self._ids(target)[: cfg.max_target_tokens]
-            afters.append(a_ids)
-            targets.append(t_ids)
-        if cfg.mode == "full-tuned":
-            return self._forward_full(samples, arrange, prefix, afters, targets)
-        gap = 0 if rng.random() < 0.5 or cfg.max_gap <= 0 else rng.randint(1, cfg.max_gap)
-        P, pkv = self.prefix_kv(prefix)
-        enc = self.compressor.encode_ids([s.ids for s in samples])
-        k = self.compressor.k
-        idx = torch.tensor(arrange, device=dev)  # (B, n)
-        S = max(len(a) + len(t) for a, t in zip(afters, targets))
-        pad = self.tok.pad_token_id or 0
-        ids = torch.full((B, S), pad, dtype=torch.long, device=dev)
-        sel = torch.zeros(B, S, dtype=torch.bool, device=dev)
-        tgt = torch.full((B, S), -100, dtype=torch.long, device=dev)
+        return arrange
+
+    @staticmethod
+    def _pack(rows: list[tuple[list[int], list[int]]], pad: int, dev: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """Right-padded (ids, sel, targets) for rows of (input ids, target ids); built on the host,
+        moved in one copy each. ``sel`` marks the positions whose next token is a target."""
+        B, S = len(rows), max(len(a) + len(t) for a, t in rows)
+        ids = torch.full((B, S), pad, dtype=torch.long)
+        sel = torch.zeros(B, S, dtype=torch.bool)
+        tgt = torch.full((B, S), -100, dtype=torch.long)
         lens = []
-        for b, (a, t) in enumerate(zip(afters, targets)):
-            row = a + t
-            ids[b, : len(row)] = torch.tensor(row, device=dev)
+        for b, (a, t) in enumerate(rows):
+            ids[b, : len(a) + len(t)] = torch.tensor(a + t, dtype=torch.long)
             # hidden state at position p predicts token p+1
             sel[b, len(a) - 1: len(a) - 1 + len(t)] = True
-            tgt[b, len(a) - 1: len(a) - 1 + len(t)] = torch.tensor(t, device=dev)
-            lens.append(len(row))
+            tgt[b, len(a) - 1: len(a) - 1 + len(t)] = torch.tensor(t, dtype=torch.long)
+            lens.append(len(a) + len(t))
+        return ids.to(dev, non_blocking=True), sel.to(dev, non_blocking=True), tgt.to(dev, non_blocking=True), lens
+
+    def _full_rows(self, prefix: str, ctx_ids: list[list[int]], arrange: list[list[int]], afters: list[list[int]],
+                   targets: list[list[int]]) -> list[tuple[list[int], list[int]]]:
+        """Rows of the full-text layout: prefix, the row's contexts as text (newline-separated), after, target."""
+        pre, sep = self._ids(prefix), self._ids("\n")
+        rows = []
+        for b, row in enumerate(arrange):
+            ctx: list[int] = []
+            for j, c in enumerate(row):
+                ctx += (sep if j else []) + ctx_ids[c]
+            rows.append((pre + ctx + afters[b], targets[b]))
+        return rows
+
+    @torch.no_grad()
+    def _teacher_logprobs(self, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        """Log-probabilities of the frozen model reading the full text, at every target position."""
+        dev = self.base.device
+        ids, sel, _, lens = self._pack(rows, self.tok.pad_token_id or 0, dev)
+        mask = (torch.arange(ids.shape[1], device=dev)[None] < torch.tensor(lens, device=dev)[:, None]).long()
+        with self.compressor.decoder() as lm:
+            out = inner_model(lm)(input_ids=ids, attention_mask=mask, use_cache=False)
+            return torch.log_softmax(self._logits(lm, out.last_hidden_state[sel]), dim=-1)
+
+    # ---------------- forward
+    def forward(self, samples: list[Any], seed: int, task: str | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        rng = random.Random(seed)
+        cfg = self.cfg
+        dev = self.base.device
+        task = task or ("qa" if cfg.stage == "qa" else "regen")
+        B = len(samples)
+        layout = self._layout(rng, task)
+        n = 1
+        if task == "qa" and cfg.max_chunks > 1 and B > 1:
+            n = rng.randint(1, min(cfg.max_chunks, B))
+        arrange = self._arrange(samples, n, rng) if n > 1 else [[i] for i in range(B)]
+        prefix = "" if task != "qa" else qa_prompt(layout, samples[0].question, self.tok).before
+        enc_ids, afters, targets = [], [], []
+        for s in samples:
+            e, a, t = self._row(task, layout, s, rng)
+            enc_ids.append(e)
+            afters.append(a)
+            targets.append(t)
+        if cfg.mode == "full-tuned":
+            return self._forward_full(prefix, enc_ids, arrange, afters, targets)
+        gap = 0 if rng.random() < 0.5 or cfg.max_gap <= 0 else rng.randint(1, cfg.max_gap)
+        P, pkv = self.prefix_kv(prefix)
+        enc = self.compressor.encode_ids(enc_ids)
+        k = self.compressor.k
+        idx = torch.tensor(arrange, device=dev)  # (B, n)
+        ids, sel, tgt, lens = self._pack([(a, t) for a, t in zip(afters, targets)], self.tok.pad_token_id or 0, dev)
+        S = ids.shape[1]
         start = P + gap
         slots = n * k
+        # padding follows each row's tokens: hide it from nothing we read (causal), but mask it anyway
+        # for the embedding mode's full-length attention rows
+        mask = torch.cat([torch.ones(B, P + slots, dtype=torch.long, device=dev),
+                          (torch.arange(S, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]).long()], 1)
         with self.compressor.decoder() as lm:
             body = inner_model(lm)
             if self.compressor.mode == "kv":
                 K = enc["keys"][idx]  # (B, n, L, H, k, D)
                 V = enc["values"][idx]
-                Bn, _, L, H, _, D = K.shape
+                _, _, L, H, _, D = K.shape
                 K = K.permute(0, 2, 3, 1, 4, 5).reshape(B, L, H, slots, D)
                 V = V.permute(0, 2, 3, 1, 4, 5).reshape(B, L, H, slots, D)
                 K = self.rotary.rotate(K, torch.arange(start, start + slots, device=dev))
@@ -214,60 +315,50 @@ class StepModule(nn.Module):
                         vl = torch.cat([pv.expand(B, -1, -1, -1).to(vl.dtype), vl], dim=2)
                     kv.append((kl, vl))
                 cache = new_cache(lm.config, kv)
-                mask = torch.ones(B, P + slots + S, dtype=torch.long, device=dev)
-                for b, ln in enumerate(lens):
-                    mask[b, P + slots + ln:] = 0
                 pos = torch.arange(start + slots, start + slots + S, device=dev)[None].expand(B, -1)
                 out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(body, cache))
                 hidden = out.last_hidden_state
-                loss = self._loss_from_hidden(lm, hidden, sel, tgt[sel])
             else:
                 E = enc["embeddings"][idx].reshape(B, slots, -1)  # (B, n*k, hidden)
                 tok_emb = lm.get_input_embeddings()(ids)
                 inputs = torch.cat([E.to(tok_emb.dtype), tok_emb], dim=1)
                 cache = new_cache(lm.config, [(pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)) for pk, pv in pkv]) if P else new_cache(lm.config)
-                mask = torch.ones(B, P + slots + S, dtype=torch.long, device=dev)
-                for b, ln in enumerate(lens):
-                    mask[b, P + slots + ln:] = 0
                 pos = torch.arange(start, start + slots + S, device=dev)[None].expand(B, -1)
                 out = body(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(body, cache))
                 hidden = out.last_hidden_state[:, slots:]
-                loss = self._loss_from_hidden(lm, hidden, sel, tgt[sel])
-        enc_tokens = sum(len(s.ids) + k for s in samples)
+            h = hidden[sel]
+            info: dict[str, Any] = {}
+            if task == "qa" and cfg.distill > 0 and self.training:  # validation: CE on the gold answer only
+                teacher = self._teacher_logprobs(self._full_rows(prefix, enc_ids, arrange, afters, targets))
+                student = torch.log_softmax(self._logits(lm, h), dim=-1)
+                ce = nn.functional.nll_loss(student, tgt[sel])
+                kl = nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+                loss = (1 - cfg.distill) * ce + cfg.distill * kl
+                info.update(ce=float(ce.detach()), kl=float(kl.detach()))
+            else:
+                loss = self._ce(lm, h, tgt[sel])
+        enc_tokens = sum(len(e) + k for e in enc_ids)
         dec_tokens = B * (P + slots) + sum(lens)
-        return loss, {"layout": layout, "chunks": n, "enc_tokens": enc_tokens, "dec_tokens": dec_tokens,
-                      "target_tokens": int(sel.sum())}
+        info.update(task=task, layout=layout, chunks=n, enc_tokens=enc_tokens, dec_tokens=dec_tokens,
+                    target_tokens=int(sel.sum()))
+        return loss, info
 
-    def _forward_full(self, samples: list[Any], arrange: list[list[int]], prefix: str, afters: list[list[int]],
+    def _forward_full(self, prefix: str, ctx_ids: list[list[int]], arrange: list[list[int]], afters: list[list[int]],
                       targets: list[list[int]]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Full-text reference: one LoRA-adapted forward over prefix + context texts + question + answer."""
         dev = self.base.device
-        pre = self._ids(prefix)
-        sep = self._ids("\n")
-        rows, sels = [], []
-        for b, row in enumerate(arrange):
-            ctx: list[int] = []
-            for j, c in enumerate(row):
-                ctx += (sep if j else []) + samples[c].ids
-            seq = pre + ctx + afters[b]
-            rows.append((seq, targets[b]))
-        S = max(len(a) + len(t) for a, t in rows)
-        B = len(rows)
-        pad = self.tok.pad_token_id or 0
-        ids = torch.full((B, S), pad, dtype=torch.long, device=dev)
-        mask = torch.zeros(B, S, dtype=torch.long, device=dev)
-        sel = torch.zeros(B, S, dtype=torch.bool, device=dev)
-        tgt = torch.full((B, S), -100, dtype=torch.long, device=dev)
-        for b, (a, t) in enumerate(rows):
-            ids[b, : len(a) + len(t)] = torch.tensor(a + t, device=dev)
-            mask[b, : len(a) + len(t)] = 1
-            sel[b, len(a) - 1: len(a) - 1 + len(t)] = True
-            tgt[b, len(a) - 1: len(a) - 1 + len(t)] = torch.tensor(t, device=dev)
+        rows = self._full_rows(prefix, ctx_ids, arrange, afters, targets)
+        ids, sel, tgt, lens = self._pack(rows, self.tok.pad_token_id or 0, dev)
+        mask = (torch.arange(ids.shape[1], device=dev)[None] < torch.tensor(lens, device=dev)[:, None]).long()
         lm = causal_lm(self.peft_model)
         out = inner_model(self.peft_model)(input_ids=ids, attention_mask=mask, use_cache=False)
-        loss = self._loss_from_hidden(lm, out.last_hidden_state, sel, tgt[sel])
-        return loss, {"layout": "full", "chunks": len(arrange[0]), "enc_tokens": 0, "dec_tokens": int(mask.sum()),
-                      "target_tokens": int(sel.sum())}
+        loss = self._ce(lm, out.last_hidden_state[sel], tgt[sel])
+        return loss, {"task": "qa", "layout": "full", "chunks": len(arrange[0]), "enc_tokens": 0,
+                      "dec_tokens": int(mask.sum()), "target_tokens": int(sel.sum())}
+
+
+def _ce_sum(weight: torch.Tensor, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(nn.functional.linear(h, weight).float(), targets, reduction="sum")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,16 +440,33 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
     # ---- data
     t_load = time.time()
+    regen_cap = min(cfg.max_tokens, cfg.max_target_tokens)
+    pools: dict[str, Sequence[Any]]  # training samples per task
     if cfg.stage == "regen":
-        train_set: Sequence[Any] = load_regen(cfg.data, tok, max_tokens=min(cfg.max_tokens, cfg.max_target_tokens), limit=cfg.limit)
-        val_set: Sequence[Any] = load_regen(cfg.val_data, tok, max_tokens=min(cfg.max_tokens, cfg.max_target_tokens),
+        pools = {"regen": load_regen(cfg.data, tok, max_tokens=regen_cap, limit=cfg.limit)}
+        val_set: Sequence[Any] = load_regen(cfg.val_data, tok, max_tokens=regen_cap,
                                             limit=cfg.val_samples) if cfg.val_data else []
-    else:
-        train_set = load_qa(cfg.data, tok, max_tokens=cfg.max_tokens, limit=cfg.limit)
+        val_task = "regen"
+    elif cfg.stage == "qa":
+        pools = {"qa": load_qa(cfg.data, tok, max_tokens=cfg.max_tokens, limit=cfg.limit)}
         val_set = load_qa(cfg.val_data, tok, max_tokens=cfg.max_tokens, limit=cfg.val_samples * 4)[: cfg.val_samples] if cfg.val_data else []
-    if not train_set:
+        val_task = "qa"
+    else:
+        corpus, qa = load_mix(cfg.data, tok, max_tokens=regen_cap, max_qa_tokens=cfg.max_tokens, limit=cfg.limit,
+                              cloze_per_text=cfg.cloze_per_text, seed=cfg.seed)
+        pools = {"regen": corpus, "continue": [s_ for s_ in corpus if len(s_.ids) >= 24], "qa": qa}
+        missing = [t for t in TASKS if cfg.mix.get(t, 0) > 0 and not pools[t]]
+        if missing:
+            raise ValueError(f"the mix asks for {missing} steps, but the data files give no samples for them "
+                             "(regen/continue need corpus rows with 'text', qa needs QA rows or --cloze-per-text)")
+        val_corpus, val_qa = load_mix(cfg.val_data, tok, max_tokens=regen_cap, max_qa_tokens=cfg.max_tokens,
+                                      limit=cfg.val_samples * 4) if cfg.val_data else ([], [])
+        val_task = "qa" if val_qa else "regen"
+        val_set = (val_qa or val_corpus)[: cfg.val_samples]
+    pools = {t: p_ for t, p_ in pools.items() if p_}
+    if not pools:
         raise ValueError("no usable training samples in the data files")
-    logger.info("loaded %d training samples in %.1fs", len(train_set), time.time() - t_load)
+    logger.info("loaded %s training samples in %.1fs", {t: len(p_) for t, p_ in pools.items()}, time.time() - t_load)
 
     # ---- resume
     step = 0
@@ -378,9 +486,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     log = open(out / "log.jsonl", "a") if rank == 0 else None
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    stream = batch_stream(train_set, cfg.batch_size, seed=cfg.seed, start_step=step, rank=rank, world=world)
+    # one endless batch stream per task; each starts where this run's earlier steps of that task left off
+    done = {t: 0 for t in pools}
+    for s_ in range(step):
+        done[task_of(cfg, s_)] += 1
+    streams = {t: batch_stream(p_, cfg.batch_size, seed=cfg.seed + i, start_step=done[t], rank=rank, world=world)
+               for i, (t, p_) in enumerate(pools.items())}
     t0 = time.time()
-    window = {"t": time.time(), "samples": 0, "tokens": 0, "loss": 0.0, "n": 0}
+    window: dict[str, Any] = {"t": time.time(), "samples": 0, "tokens": 0, "loss": 0.0, "n": 0, "tasks": {}}
     n_params = sum(p.numel() for p in base.model.parameters())
     bar = None
     if progress and rank == 0:
@@ -396,12 +509,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         if cfg.max_minutes is not None and (time.time() - t0) / 60 >= cfg.max_minutes:
             stop_reason = "max_minutes"
             break
-        epoch, batch_idx = next(stream)
-        samples = [train_set[i] for i in batch_idx]
+        task = task_of(cfg, step)
+        epoch, batch_idx = next(streams[task])
+        samples = [pools[task][i] for i in batch_idx]
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         with autocast:
-            loss, info = model_for_train(samples, seed=cfg.seed * 1_000_003 + step * world + rank)
+            loss, info = model_for_train(samples, seed=cfg.seed * 1_000_003 + step * world + rank, task=task)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -416,6 +530,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         window["tokens"] += (info["enc_tokens"] + info["dec_tokens"]) * world
         window["loss"] += lv
         window["n"] += 1
+        tl = window["tasks"].setdefault(task, [0.0, 0])
+        tl[0] += lv
+        tl[1] += 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{lv:.3f}")
@@ -428,11 +545,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                    "tokens_per_s": window["tokens"] / dt,
                    "tflops": 6 * n_params * window["tokens"] / dt / 1e12,
                    "elapsed_min": (time.time() - t0) / 60, "samples_seen": step * cfg.batch_size * world}
+            if cfg.stage == "mix":
+                rec.update({f"loss_{t}": v[0] / v[1] for t, v in window["tasks"].items()})
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            window = {"t": time.time(), "samples": 0, "tokens": 0, "loss": 0.0, "n": 0}
+            window = {"t": time.time(), "samples": 0, "tokens": 0, "loss": 0.0, "n": 0, "tasks": {}}
         if rank == 0 and val_set and step % cfg.eval_every == 0:
-            vl = validate(step_module, val_set, cfg, autocast)
+            vl = validate(step_module, val_set, cfg, autocast, val_task)
             log.write(json.dumps({"step": step, "val_loss": vl, "elapsed_min": (time.time() - t0) / 60}) + "\n")
             log.flush()
             if vl < best:
@@ -444,7 +563,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     if rank == 0:
-        vl = validate(step_module, val_set, cfg, autocast) if val_set else None
+        vl = validate(step_module, val_set, cfg, autocast, val_task) if val_set else None
         if vl is not None:
             log.write(json.dumps({"step": step, "val_loss": vl, "elapsed_min": (time.time() - t0) / 60}) + "\n")
             if vl < best:
@@ -454,7 +573,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         _save_state(compressor, peft_model, opt, out, cfg, step)
         log.close()
         summary = {"step": step, "stop": stop_reason, "minutes": (time.time() - t0) / 60, "val_loss": vl,
-                   "best_val_loss": None if best == float("inf") else best, "train_samples": len(train_set),
+                   "best_val_loss": None if best == float("inf") else best, "train_samples": {t: len(p_) for t, p_ in pools.items()},
                    "output": str(out)}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         try:
@@ -472,7 +591,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def validate(module: StepModule, val_set: Sequence[Any], cfg: TrainConfig, autocast: Any) -> float:
+def validate(module: StepModule, val_set: Sequence[Any], cfg: TrainConfig, autocast: Any, task: str) -> float:
     """Mean loss over the validation samples, every layout in turn (deterministic)."""
     was = module.training
     module.eval()
@@ -483,7 +602,7 @@ def validate(module: StepModule, val_set: Sequence[Any], cfg: TrainConfig, autoc
         if not batch:
             continue
         with autocast:
-            loss, _ = module(batch, seed=12345 + s)
+            loss, _ = module(batch, seed=12345 + s, task=task)
         losses.append(float(loss))
     module.train(was)
     return sum(losses) / max(len(losses), 1)

@@ -1,0 +1,67 @@
+"""Fidelity data: invented-facts QA, cloze questions from any corpus, agreement with full text."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from compressor_plugin.evaluation.invented import TEMPLATES, invented_qa
+from compressor_plugin.evaluation.qa import agreement
+from compressor_plugin.training.questions import BLANK, CLOZE_PREFIX, cloze_questions, detail_spans
+
+
+def test_invented_answers_are_spans_and_seeded():
+    rows = invented_qa(30, seed=7, questions_per_paragraph=7)
+    assert len(rows) == 30 * 7
+    assert all(r["answers"][0] in r["context"] for r in rows)
+    assert {r["template"] for r in rows} == set(TEMPLATES)
+    assert rows == invented_qa(30, seed=7, questions_per_paragraph=7)
+    assert rows != invented_qa(30, seed=8, questions_per_paragraph=7)
+    # every paragraph is new text: no two paragraphs share their opening
+    openings = {r["context"][:40] for r in rows}
+    assert len(openings) == 30
+    with pytest.raises(ValueError):
+        invented_qa(0)
+    with pytest.raises(ValueError):
+        invented_qa(3, questions_per_paragraph=8)
+
+
+def test_make_invented_cli_feeds_eval_qa_loader(tmp_path):
+    from compressor_plugin.evaluation.data import load_qa
+
+    out = tmp_path / "inv.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "compressor_plugin.cli", "eval", "make-invented", "--output",
+                           str(out), "--paragraphs", "4", "--questions-per-paragraph", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(out.read_text().splitlines()) == 8
+    examples = load_qa(out)
+    assert len(examples) == 8 and all(ex.answers[0] in ex.context for ex in examples)
+
+
+def test_cloze_questions_blank_a_detail_span():
+    text = ("The survey covered 1,284 galaxies observed by the Hubble Space Telescope. In March 2019 the "
+            "team led by Anna Kowalska released a catalogue. It lists 37 percent more sources than before.")
+    rng = random.Random(0)
+    qs = cloze_questions(text, rng, max_questions=3)
+    assert len(qs) == 3
+    for q, a in qs:
+        assert q.startswith(CLOZE_PREFIX) and BLANK in q and a in text
+        assert q[len(CLOZE_PREFIX):].replace(BLANK, a) in text
+    spans = {"The survey covered 1,284 galaxies."[s:e] for s, e in detail_spans("The survey covered 1,284 galaxies.")}
+    assert spans == {"1,284"}
+    assert detail_spans("It was fine.") == []
+
+
+def test_agreement_scores_answers_against_full_text_answers():
+    full = [{"id": "a", "prediction": "Marta Ilvane"}, {"id": "b", "prediction": "1962"}]
+    same = [{"id": "a", "prediction": "marta ilvane"}, {"id": "b", "prediction": "1962"}]
+    other = [{"id": "a", "prediction": "Martine Illyvino"}, {"id": "b", "prediction": "1980"}]
+    assert agreement(same, full) == {"agreement_f1": 1.0, "agreement_em": 1.0}
+    assert agreement(other, full) == {"agreement_f1": 0.0, "agreement_em": 0.0}
+    half = agreement([{"id": "a", "prediction": "Marta"}, {"id": "b", "prediction": "1962"}], full)
+    assert half["agreement_em"] == 0.5 and 0.5 < half["agreement_f1"] < 1.0
