@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .errors import ModelNotAvailableError, UnsupportedModelError  # noqa: F401  (kept importable from here)
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -34,12 +36,6 @@ HOME_ENV = "COMPRESSOR_PLUGIN_HOME"
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite"})
 
 
-class ModelNotAvailableError(RuntimeError):
-    """The requested base model cannot be found or loaded."""
-
-
-class UnsupportedModelError(ValueError):
-    """The model is not a causal LM with rotary position embeddings."""
 
 
 def cache_home(path: str | os.PathLike | None = None) -> Path:
