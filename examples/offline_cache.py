@@ -34,7 +34,6 @@ if importlib.util.find_spec("compressor_plugin") is None:  # run from a source c
 from compressor_plugin.caching import build_cache, read_chunk_map
 from compressor_plugin.compressor import Compressor, CompressorConfig, shipped_checkpoints
 from compressor_plugin.engine import CompressionEngine
-from compressor_plugin.markers import make_marker
 from compressor_plugin.models import load_base_model
 from compressor_plugin.store import ContextStore
 
@@ -98,13 +97,13 @@ def main() -> int:
         overlap = sum(min(n, Counter(words(text))[w]) for w, n in q.items())
         scored.append((overlap, row))
     top = [row for score, row in sorted(scored, key=lambda sr: -sr[0])[: args.top] if score > 0] or [rows[0]]
+    engine = CompressionEngine(compressor, store)
     for row in top:
         print(f"retrieved {row['source']} chunk {row['chunk']} (chars {row['start']}-{row['end']}, "
-              f"{row['n_tokens']} tokens) -> {make_marker(row['key'])[:20]}...]]")
+              f"{row['n_tokens']} tokens) -> {engine.marker(row['key'])[:20]}...]]")
 
-    # 3. Answer from the cached K/V: the markers stand in for the chunks' text.
-    engine = CompressionEngine(compressor, store)
-    markers = "".join(make_marker(row["key"]) for row in top)
+    # 3. Answer from the cached K/V: the markers (valid in this engine only) stand in for the chunks' text.
+    markers = "".join(engine.marker(row["key"]) for row in top)
     prompt = f"Context: {markers}\nQuestion: {args.question}\nAnswer:"
     result = engine.generate(prompt, max_new_tokens=24, stop=["\n"])
     print(f"\nQ: {args.question}\nA: {result.text.strip()}")
