@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch
 from .compressor import Compressor
 from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator
 from .markers import MarkerSigner, Resolution, resolve_markers
+from .models import verbose_loading
 from .store import ContextStore, StoreResult
 
 Message = dict[str, Any]
@@ -88,7 +88,7 @@ class CompressionEngine:
         ``verbose=True`` shows the loading library's progress bars and info messages (off by
         default); ``marker_secret`` is as for :class:`CompressionEngine`.
         """
-        with quiet_loading(not verbose):
+        with verbose_loading(verbose):
             comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype)
         if store is not None and not isinstance(store, ContextStore):
             store = ContextStore(store)
@@ -210,26 +210,6 @@ class CompressionEngine:
         """:meth:`astream` as an :class:`AsyncEngineStream`, whose ``result`` is set once the
         pieces are exhausted (the prompt is resolved in the worker thread)."""
         return AsyncEngineStream(lambda: self.stream_result(prompt, config, chat=chat, **kwargs))
-
-
-@contextlib.contextmanager
-def quiet_loading(quiet: bool = True) -> Iterator[None]:
-    """Silence transformers' progress bars and info logging while loading a model (if ``quiet``)."""
-    if not quiet:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    level = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 class EngineStream:

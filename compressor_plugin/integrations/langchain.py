@@ -238,6 +238,8 @@ class CompressedDocumentCompressor(BaseDocumentCompressor):
 
     def __init__(self, engine: CompressionEngine | None = None, /, **data: Any):
         check_options(type(self).__name__, data, type(self).model_fields, _RENAMED)
+        CompressionOptions(on_long=data.get("on_long", "split"), batch_size=data.get("batch_size", 16),
+                           show_progress=data.get("show_progress", False))  # the same checks as everywhere
         if engine is not None:
             data["engine"] = engine
         super().__init__(**data)
