@@ -12,9 +12,6 @@ Run::
 
     python examples/offline_cache.py
     python examples/offline_cache.py --input my_docs/ --question "..." --store /tmp/my-store
-
-The shipped compressor is used when it is installed; until then an untrained one stands in, so
-the plumbing runs end to end but the answer from compressed chunks is not meaningful.
 """
 
 from __future__ import annotations
@@ -32,9 +29,8 @@ if importlib.util.find_spec("compressor_plugin") is None:  # run from a source c
     sys.path.insert(0, str(REPO))
 
 from compressor_plugin.caching import build_cache, read_chunk_map
-from compressor_plugin.compressor import Compressor, CompressorConfig, shipped_checkpoints
+from compressor_plugin.compressor import Compressor
 from compressor_plugin.engine import CompressionEngine
-from compressor_plugin.models import load_base_model
 from compressor_plugin.store import ContextStore
 
 #: A tiny demo corpus (written to a temporary folder when --input is not given).
@@ -58,10 +54,8 @@ def words(text: str) -> list[str]:
 
 
 def load_compressor() -> Compressor:
-    if "kv-k16" in shipped_checkpoints():
-        return Compressor.from_pretrained("default", device="cpu")
-    print("note: no trained compressor is shipped yet; using an untrained one (answers will not be meaningful)")
-    return Compressor(load_base_model(device="cpu"), CompressorConfig(k=16))
+    """The shipped default compressor (kv-k16) on its base model."""
+    return Compressor.from_pretrained("default", device="cpu")
 
 
 def main() -> int:
