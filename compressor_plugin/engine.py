@@ -5,7 +5,8 @@ It does the three things a compressed RAG pipeline needs, independent of any fra
 * :meth:`CompressionEngine.compress` / :meth:`mark`: compress chunks through the store (each
   chunk once, ever) and return markers that stand for them in prompts;
 * :meth:`resolve`: turn a prompt string or chat messages holding markers into generator
-  segments (stored K/V at each marker's place, text fallback when an entry is missing);
+  segments (stored K/V at each marker's place, text fallback when an entry is missing). Only
+  markers this engine issued are resolved; any other marker is plain text (docs/security.md);
 * :meth:`generate` / :meth:`stream` / :meth:`agenerate` / :meth:`astream`: answer with the
   unchanged base model (:meth:`stream_result` / :meth:`astream_result` also give the finished
   stream's :class:`EngineResult`).

@@ -100,10 +100,10 @@ _TOOLS_UNSUPPORTED = (
 
 # ====================================================================== documents
 _DOC_OPTIONS = ("on_long", "batch_size", "show_progress")
-_RENAMED = {"long_text": "on_long", "progress": "show_progress", "max_new_tokens": "max_tokens"}
+_RENAMED = {"long_text": "on_long", "progress": "show_progress"}
 
 
-def _compress_documents(engine: CompressionEngine, options: CompressionOptions, documents: Sequence[Document],
+def _compress_documents(engine: CompressionEngine, documents: Sequence[Document],
                         compressed: Sequence[CompressedText | None]) -> list[Document]:
     """New documents for ``documents`` from their compression results (same order, same ids)."""
     out: list[Document] = []
@@ -136,14 +136,14 @@ def _texts(documents: Sequence[Document]) -> tuple[list[Document], list[str]]:
 def _run(engine: CompressionEngine, options: CompressionOptions, documents: Sequence[Document]) -> list[Document]:
     documents, texts = _texts(documents)
     results = compress_texts(engine, texts, options, [d.id for d in documents])
-    return _compress_documents(engine, options, documents, results)
+    return _compress_documents(engine, documents, results)
 
 
 async def _arun(engine: CompressionEngine, options: CompressionOptions,
                 documents: Sequence[Document]) -> list[Document]:
     documents, texts = _texts(documents)
     results = await acompress_texts(engine, texts, options, [d.id for d in documents])
-    return _compress_documents(engine, options, documents, results)
+    return _compress_documents(engine, documents, results)
 
 
 class CompressedDocumentTransformer(BaseDocumentTransformer):
