@@ -212,7 +212,8 @@ class CompressTransform(TransformComponent):
     store_dir: str = Field(default="", description="store folder")
     batch_size: int = Field(default=16, ge=1, description="chunks per encoder forward")
     on_long: OnLong = Field(default="split", description="'split', 'truncate' or 'error' for over-long texts")
-    show_progress: bool = Field(default=False, description="a progress bar over the chunks being compressed")
+    # display only: left out of the serialised fields, so it never changes IngestionPipeline's cache key
+    show_progress: bool = Field(default=False, exclude=True, description="a progress bar over the chunks being compressed")
 
     _engine: Optional["CompressionEngine"] = PrivateAttr(default=None)
     _last_stats: dict[str, int] = PrivateAttr(default_factory=dict)
