@@ -173,3 +173,22 @@ def test_show_progress_draws_a_bar_only_when_asked(tiny_engine, capsys):
     assert "chunk" in capsys.readouterr().err
     li.CompressTransform(tiny_engine, show_progress=True)([TextNode(text=texts[2])])
     assert "chunk" in capsys.readouterr().err
+
+
+def test_engine_by_keyword_everywhere(tiny_engine):
+    for cls in (lc.CompressedDocumentTransformer, lc.CompressedDocumentCompressor, li.CompressTransform,
+                li.CompressedNodePostprocessor):
+        assert cls(engine=tiny_engine).engine is tiny_engine
+        assert cls(tiny_engine).engine is tiny_engine
+    with pytest.raises(TypeError, match="CompressionEngine"):
+        li.CompressedNodePostprocessor("not an engine")
+
+
+def test_the_core_imports_neither_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, compressor_plugin.integrations.core as core; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('langchain_core', 'llama_index')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
