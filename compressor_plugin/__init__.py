@@ -10,6 +10,9 @@ Main entry points:
 * :class:`Generator` -- prompts mixing text and compressed contexts -> answers
 * :class:`ContextStore` -- the on-disk store
 * :func:`load_base_model` -- the default model (SmolLM2-135M-Instruct) or any rotary HF causal LM
+
+Every error derives from :class:`CompressorPluginError` and every warning from
+:class:`CompressorPluginWarning` (all in :mod:`compressor_plugin.errors`, exported here).
 """
 
 from __future__ import annotations
@@ -33,8 +36,16 @@ _EXPORTS = {
     "TokenIds": "compressor_plugin.generation",
     "ContextStore": "compressor_plugin.store",
     "load_base_model": "compressor_plugin.models",
-    "make_marker": "compressor_plugin.markers",
+    "MarkerSigner": "compressor_plugin.markers",
 }
+_ERRORS = (
+    "BrokenMarkerWarning", "CheckpointMismatchError", "CompressorError", "CompressorPluginError",
+    "CompressorPluginWarning", "ContextFormatError", "ContextMismatchError", "ContextTooLongError", "DataError",
+    "EmptyDocumentWarning", "InvalidOptionError", "MissingChunkError", "MissingChunkWarning",
+    "ModelNotAvailableError", "PromptError", "StoreFormatError", "UnauthorizedMarkerWarning", "UnknownOptionError",
+    "UnsupportedModelError",
+)
+_EXPORTS.update({name: "compressor_plugin.errors" for name in _ERRORS})
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -43,7 +54,28 @@ if TYPE_CHECKING:  # pragma: no cover
     from .context import CompressedContext
     from .engine import AsyncEngineStream, CompressionEngine, EngineResult, EngineStream
     from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator, TokenIds
-    from .markers import make_marker
+    from .errors import (
+        BrokenMarkerWarning,
+        CheckpointMismatchError,
+        CompressorError,
+        CompressorPluginError,
+        CompressorPluginWarning,
+        ContextFormatError,
+        ContextMismatchError,
+        ContextTooLongError,
+        DataError,
+        EmptyDocumentWarning,
+        InvalidOptionError,
+        MissingChunkError,
+        MissingChunkWarning,
+        ModelNotAvailableError,
+        PromptError,
+        StoreFormatError,
+        UnauthorizedMarkerWarning,
+        UnknownOptionError,
+        UnsupportedModelError,
+    )
+    from .markers import MarkerSigner
     from .models import load_base_model
     from .store import ContextStore
 

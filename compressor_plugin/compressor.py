@@ -429,7 +429,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         CheckpointMismatchError: the folder is not a compressor checkpoint.
     """
     folder = resolve_checkpoint(path)
-    meta = json.loads((folder / "config.json").read_text())
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointMismatchError(f"{folder / 'config.json'} is not valid JSON ({exc}); the checkpoint is damaged") from exc
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointMismatchError(f"{folder} is not a compressor checkpoint ({meta.get('format')!r})")
     return folder, meta

@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 
+from .errors import ContextFormatError  # noqa: F401  (kept importable from here)
+
 FORMAT_VERSION = 1
 MODES = ("kv", "embedding")
 
-
-class ContextFormatError(ValueError):
-    """Bytes that are not a valid, intact serialised CompressedContext."""
 
 
 @dataclass

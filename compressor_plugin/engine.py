@@ -5,7 +5,8 @@ It does the three things a compressed RAG pipeline needs, independent of any fra
 * :meth:`CompressionEngine.compress` / :meth:`mark`: compress chunks through the store (each
   chunk once, ever) and return markers that stand for them in prompts;
 * :meth:`resolve`: turn a prompt string or chat messages holding markers into generator
-  segments (stored K/V at each marker's place, text fallback when an entry is missing);
+  segments (stored K/V at each marker's place, text fallback when an entry is missing). Only
+  markers this engine issued are resolved; any other marker is plain text (docs/security.md);
 * :meth:`generate` / :meth:`stream` / :meth:`agenerate` / :meth:`astream`: answer with the
   unchanged base model (:meth:`stream_result` / :meth:`astream_result` also give the finished
   stream's :class:`EngineResult`).
@@ -28,7 +29,8 @@ import torch
 
 from .compressor import Compressor
 from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator
-from .markers import Resolution, make_marker, resolve_markers
+from .markers import MarkerSigner, Resolution, resolve_markers
+from .models import verbose_loading
 from .store import ContextStore, StoreResult
 
 Message = dict[str, Any]
@@ -42,6 +44,7 @@ class EngineResult:
     resolved_chunks: int = 0
     fallback_chunks: int = 0
     missing_keys: list[str] = field(default_factory=list)
+    rejected_chunks: int = 0  # markers this engine did not issue, passed to the model as text
 
     @property
     def text(self) -> str:
@@ -62,23 +65,35 @@ class CompressionEngine:
     Args:
         compressor: a loaded :class:`Compressor` (its base model is the decoder).
         store: a :class:`ContextStore`; by default the one in the user cache directory.
+        marker_secret: the secret that signs this engine's markers (at least 32 bytes). By
+            default a random one kept in memory: only markers this engine issued are resolved,
+            by this engine only. Give several processes the same secret (and store) when one
+            issues markers that another must resolve.
     """
 
-    def __init__(self, compressor: Compressor, store: ContextStore | None = None):
+    def __init__(self, compressor: Compressor, store: ContextStore | None = None, *,
+                 marker_secret: bytes | None = None):
         self.compressor = compressor
         self.store = store if store is not None else ContextStore()
+        self.signer = MarkerSigner(marker_secret, scope=str(getattr(self.store, "directory", "")))
         self.generator = Generator(compressor.base, compressor)
         self._lock = compressor.lock  # the adapter switch is model-wide: one forward at a time
         self.checkpoint: str | None = None  # the shipped name or folder it was loaded from, if any
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *, store: ContextStore | str | os.PathLike | None = None,
-                        device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "CompressionEngine":
-        """Load the base model and a compressor checkpoint (shipped name or folder), open a store."""
-        comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype)
+                        device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                        marker_secret: bytes | None = None, verbose: bool = False) -> "CompressionEngine":
+        """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
+
+        ``verbose=True`` shows the loading library's progress bars and info messages (off by
+        default); ``marker_secret`` is as for :class:`CompressionEngine`.
+        """
+        with verbose_loading(verbose):
+            comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype)
         if store is not None and not isinstance(store, ContextStore):
             store = ContextStore(store)
-        engine = cls(comp, store)
+        engine = cls(comp, store, marker_secret=marker_secret)
         engine.checkpoint = str(checkpoint)
         return engine
 
@@ -105,22 +120,45 @@ class CompressionEngine:
         return await asyncio.to_thread(self.compress, texts, **kwargs)
 
     def mark(self, texts: Sequence[str], **kwargs: Any) -> list[str]:
-        """Compress chunks (through the store) and return one marker string per chunk."""
-        return [make_marker(r.key) for r in self.compress(texts, **kwargs)]
+        """Compress chunks (through the store) and return one marker string per chunk.
+
+        The markers are valid in this engine's prompts only (see :meth:`marker`).
+        """
+        return [self.marker(r.key) for r in self.compress(texts, **kwargs)]
+
+    def marker(self, key: str) -> str:
+        """The marker that makes this engine read the stored chunk ``key`` at its place in a prompt.
+
+        Only markers made here (or by an engine with the same ``marker_secret`` and store) are
+        resolved; any other marker in a prompt is plain text. Hand markers only to prompts the
+        application builds, never to users: whoever holds a marker can make the engine read
+        its chunk.
+        """
+        return self.signer.marker(key)
+
+    def own_marker_keys(self, text: str) -> list[str] | None:
+        """The keys if ``text`` is nothing but markers this engine issued, back to back; else None."""
+        return self.signer.own_keys(text)
 
     # ------------------------------------------------------------------ prompts
     def resolve(self, prompt: str | Sequence[Message], *, chat: bool | None = None) -> Resolution:
         """Segments for a prompt string, or for chat messages (rendered with the chat template).
 
         ``chat=None`` uses the chat template for message lists and plain text for strings.
+        Markers this engine issued become stored contexts; any other marker stays plain text
+        (with an :class:`~compressor_plugin.errors.UnauthorizedMarkerWarning`) and is never
+        looked up.
+
+        Raises:
+            MissingChunkError: an issued marker's chunk is gone from the store, text included.
         """
         if isinstance(prompt, str):
             if chat:
                 prompt = [{"role": "user", "content": prompt}]
             else:
-                return resolve_markers([prompt], self.store)
+                return resolve_markers([prompt], self.store, self.signer)
         parts = self.generator.chat_segments(list(prompt))
-        return resolve_markers(parts, self.store)
+        return resolve_markers(parts, self.store, self.signer)
 
     def _config(self, config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
         from .generation import _make_config
@@ -133,7 +171,7 @@ class CompressionEngine:
         res = self.resolve(prompt, chat=chat)
         with self._lock:
             gen = self.generator.generate(res.segments, self._config(config, kwargs))
-        return EngineResult(gen, res.resolved, res.fallbacks, res.missing_keys)
+        return EngineResult(gen, res.resolved, res.fallbacks, res.missing_keys, res.rejected)
 
     def generate_batch(self, prompts: Sequence[str | Sequence[Message]], config: GenerationConfig | None = None, *,
                        chat: bool | None = None, **kwargs: Any) -> list[EngineResult]:
@@ -141,7 +179,7 @@ class CompressionEngine:
         resolved = [self.resolve(p, chat=chat) for p in prompts]
         with self._lock:
             gens = self.generator.generate_batch([r.segments for r in resolved], self._config(config, kwargs))
-        return [EngineResult(g, r.resolved, r.fallbacks, r.missing_keys) for g, r in zip(gens, resolved)]
+        return [EngineResult(g, r.resolved, r.fallbacks, r.missing_keys, r.rejected) for g, r in zip(gens, resolved)]
 
     def stream(self, prompt: str | Sequence[Message], config: GenerationConfig | None = None, *,
                chat: bool | None = None, **kwargs: Any) -> Iterator[str]:
@@ -195,7 +233,7 @@ class EngineStream:
         if gen is None:
             return None
         r = self.resolution
-        return EngineResult(gen, r.resolved, r.fallbacks, r.missing_keys)
+        return EngineResult(gen, r.resolved, r.fallbacks, r.missing_keys, r.rejected)
 
 
 class AsyncEngineStream:

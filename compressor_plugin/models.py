@@ -10,6 +10,8 @@ with rotary position embeddings (Llama, Qwen2, Mistral, SmolLM families, ...).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import importlib.util
 import json
@@ -17,9 +19,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+
+from .errors import ModelNotAvailableError, UnsupportedModelError  # noqa: F401  (kept importable from here)
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +38,6 @@ HOME_ENV = "COMPRESSOR_PLUGIN_HOME"
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite"})
 
 
-class ModelNotAvailableError(RuntimeError):
-    """The requested base model cannot be found or loaded."""
-
-
-class UnsupportedModelError(ValueError):
-    """The model is not a causal LM with rotary position embeddings."""
 
 
 def cache_home(path: str | os.PathLike | None = None) -> Path:
@@ -106,6 +104,46 @@ def default_model_dir(home: str | os.PathLike | None = None) -> Path:
     return cache_home(home) / "models" / DEFAULT_MODEL
 
 
+def default_model_converted(home: str | os.PathLike | None = None) -> bool:
+    """Whether the default model was already converted (loading it will not convert it again)."""
+    target = default_model_dir(home)
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
+_VERBOSE_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("compressor_plugin_verbose_loading",
+                                                                        default=False)
+
+
+@contextlib.contextmanager
+def verbose_loading(verbose: bool = True) -> Iterator[None]:
+    """Within this block, model loading shows transformers' progress bars and info messages."""
+    token = _VERBOSE_LOADING.set(verbose)
+    try:
+        yield
+    finally:
+        _VERBOSE_LOADING.reset(token)
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool) -> Iterator[None]:
+    """Silence transformers' progress bars (``Loading weights``) and info logging, if ``quiet``."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def ensure_default_model(home: str | os.PathLike | None = None) -> Path:
     """Convert the GGUF default model into a Hugging Face folder once; return the folder.
 
@@ -114,7 +152,7 @@ def ensure_default_model(home: str | os.PathLike | None = None) -> Path:
     conversion never leaves a half-written model behind.
     """
     target = default_model_dir(home)
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if default_model_converted(home):
         return target
     gguf = find_default_gguf()
     try:
@@ -210,6 +248,7 @@ def load_base_model(
     dtype: str | torch.dtype | None = None,
     home: str | os.PathLike | None = None,
     attn_implementation: str | None = "sdpa",
+    verbose: bool | None = None,
 ) -> BaseModel:
     """Load a base causal LM and its tokenizer.
 
@@ -220,25 +259,29 @@ def load_base_model(
         dtype: default fp32 on CPU and bf16 on GPU.
         home: cache root for the converted default model (else ``$COMPRESSOR_PLUGIN_HOME``).
         attn_implementation: passed to ``from_pretrained``.
+        verbose: show transformers' progress bars and info messages while loading; default
+            off (on inside a :func:`verbose_loading` block).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet = not (_VERBOSE_LOADING.get() if verbose is None else verbose)
     dev = torch.device(device) if device is not None else default_device()
     dt = _resolve_dtype(dtype, dev)
-    if name_or_path is None or str(name_or_path) in ("default", DEFAULT_MODEL):
-        path: str | Path = ensure_default_model(home)
-        name = DEFAULT_MODEL
-    else:
-        path = name_or_path
-        name = str(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        kwargs: dict[str, Any] = {"dtype": dt}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise ModelNotAvailableError(f"could not load model {name!r} from {path}: {exc}") from exc
+    with _quiet_transformers(quiet):
+        if name_or_path is None or str(name_or_path) in ("default", DEFAULT_MODEL):
+            path: str | Path = ensure_default_model(home)
+            name = DEFAULT_MODEL
+        else:
+            path = name_or_path
+            name = str(name_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            kwargs: dict[str, Any] = {"dtype": dt}
+            if attn_implementation:
+                kwargs["attn_implementation"] = attn_implementation
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except OSError as exc:
+            raise ModelNotAvailableError(f"could not load model {name!r} from {path}: {exc}", path=path) from exc
     check_supported(model.config)
     model.to(dev)
     model.eval()

@@ -11,7 +11,7 @@ folder next to the repository when it is there, else from ``tests/fixtures/docs_
 Run::
 
     python examples/langchain_rag.py
-    python examples/langchain_rag.py --question "What is the capitol of Kenya?" --k-docs 1 --store /tmp/chunks
+    python examples/langchain_rag.py --question "What is the capitol of Kenya?" --top-k 1 --store /tmp/chunks
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import math
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,17 +105,8 @@ class BM25Retriever(BaseRetriever):
 
 # ---------------------------------------------------------------------------- model
 def load_engine(checkpoint: str = "default", store: str | None = None) -> CompressionEngine:
-    """The engine for ``checkpoint``; until the default compressor ships, an untrained one (with a warning)."""
-    from compressor_plugin.compressor import Compressor, CompressorConfig, shipped_checkpoints
-    from compressor_plugin.models import load_base_model
-    from compressor_plugin.store import ContextStore
-
-    if checkpoint not in ("default", "kv-k16") or "kv-k16" in shipped_checkpoints():
-        return CompressionEngine.from_pretrained(checkpoint, store=store)
-    warnings.warn("the default compressor checkpoint is not installed; using an UNTRAINED k=16 compressor, "
-                  "so compressed answers are meaningless until a trained checkpoint is used", stacklevel=2)
-    return CompressionEngine(Compressor(load_base_model(), CompressorConfig(k=16)),
-                             ContextStore(store) if store else None)
+    """The engine for ``checkpoint`` (a shipped name or a folder) over ``store``."""
+    return CompressionEngine.from_pretrained(checkpoint, store=store)
 
 
 def format_docs(docs: Sequence[Document]) -> str:
@@ -128,9 +118,9 @@ PROMPT = ChatPromptTemplate.from_messages(
 
 
 def build_chains(engine: CompressionEngine, retriever: BaseRetriever,
-                 max_tokens: int = 24) -> tuple[Runnable, Runnable]:
+                 max_new_tokens: int = 24) -> tuple[Runnable, Runnable]:
     """The compressed RAG chain and the same chain with the documents as text."""
-    llm = CompressedChatModel(engine=engine, max_tokens=max_tokens, stop=["\n"])
+    llm = CompressedChatModel(engine, max_tokens=max_new_tokens, stop=["\n"])
     compress = CompressedDocumentTransformer(engine).as_runnable()
     compressed = ({"context": retriever | compress | format_docs, "question": RunnablePassthrough()}
                   | PROMPT | llm | StrOutputParser())
@@ -164,19 +154,19 @@ def ask(chain: Runnable, question: str) -> tuple[str, dict[str, Any], dict[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--question", action="append", help="a question (repeatable); default: three built-in ones")
-    parser.add_argument("--k-docs", type=int, default=2, help="documents retrieved per question (default 2)")
+    parser.add_argument("--top-k", type=int, default=2, help="documents retrieved per question (default 2)")
     parser.add_argument("--store", default=None, help="store folder (default: the user cache store)")
     parser.add_argument("--checkpoint", default="default", help="compressor checkpoint name or folder")
-    parser.add_argument("--max-tokens", type=int, default=24, help="answer length limit (default 24)")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default 24)")
     args = parser.parse_args(argv)
-    if args.k_docs < 1:
-        parser.error("--k-docs must be at least 1")
+    if args.top_k < 1:
+        parser.error("--top-k must be at least 1")
 
     t0 = time.perf_counter()
     engine = load_engine(args.checkpoint, args.store)
     docs = load_documents()
-    retriever = BM25Retriever(documents=docs, k=args.k_docs)
-    compressed, plain = build_chains(engine, retriever, args.max_tokens)
+    retriever = BM25Retriever(documents=docs, k=args.top_k)
+    compressed, plain = build_chains(engine, retriever, args.max_new_tokens)
     print(f"model {engine.compressor.base.name}, compressor k={engine.compressor.k}, {len(docs)} documents, "
           f"store {engine.store.directory} (loaded in {time.perf_counter() - t0:.1f}s)\n")
 

@@ -70,19 +70,10 @@ def load_documents(max_docs: int = 20) -> tuple[list[dict[str, Any]], str]:
 
 
 def load_engine(checkpoint: str, store: str | None) -> tuple[Any, str]:
-    """The compression engine: the shipped/named checkpoint, or an untrained compressor if none ships yet."""
-    from compressor_plugin.compressor import Compressor, CompressorConfig, shipped_checkpoints
+    """The compression engine for ``checkpoint`` (a shipped name or a folder) and its name."""
     from compressor_plugin.engine import CompressionEngine
-    from compressor_plugin.models import load_base_model
-    from compressor_plugin.store import ContextStore
 
-    wanted = "kv-k16" if checkpoint == "default" else checkpoint
-    if wanted in shipped_checkpoints() or Path(checkpoint).expanduser().is_dir():
-        return CompressionEngine.from_pretrained(checkpoint, store=store, device="cpu"), checkpoint
-    print(f"[note] checkpoint {checkpoint!r} is not available (shipped: {sorted(shipped_checkpoints()) or 'none'}); "
-          "using an UNTRAINED k=16 compressor, so compressed answers are not meaningful", file=sys.stderr)
-    comp = Compressor(load_base_model(device="cpu"), CompressorConfig(k=16))
-    return CompressionEngine(comp, ContextStore(store) if store else None), "untrained-k16"
+    return CompressionEngine.from_pretrained(checkpoint, store=store, device="cpu"), checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

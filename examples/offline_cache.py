@@ -12,9 +12,6 @@ Run::
 
     python examples/offline_cache.py
     python examples/offline_cache.py --input my_docs/ --question "..." --store /tmp/my-store
-
-The shipped compressor is used when it is installed; until then an untrained one stands in, so
-the plumbing runs end to end but the answer from compressed chunks is not meaningful.
 """
 
 from __future__ import annotations
@@ -32,10 +29,8 @@ if importlib.util.find_spec("compressor_plugin") is None:  # run from a source c
     sys.path.insert(0, str(REPO))
 
 from compressor_plugin.caching import build_cache, read_chunk_map
-from compressor_plugin.compressor import Compressor, CompressorConfig, shipped_checkpoints
+from compressor_plugin.compressor import Compressor
 from compressor_plugin.engine import CompressionEngine
-from compressor_plugin.markers import make_marker
-from compressor_plugin.models import load_base_model
 from compressor_plugin.store import ContextStore
 
 #: A tiny demo corpus (written to a temporary folder when --input is not given).
@@ -59,10 +54,8 @@ def words(text: str) -> list[str]:
 
 
 def load_compressor() -> Compressor:
-    if "kv-k16" in shipped_checkpoints():
-        return Compressor.from_pretrained("default", device="cpu")
-    print("note: no trained compressor is shipped yet; using an untrained one (answers will not be meaningful)")
-    return Compressor(load_base_model(device="cpu"), CompressorConfig(k=16))
+    """The shipped default compressor (kv-k16) on its base model."""
+    return Compressor.from_pretrained("default", device="cpu")
 
 
 def main() -> int:
@@ -98,13 +91,13 @@ def main() -> int:
         overlap = sum(min(n, Counter(words(text))[w]) for w, n in q.items())
         scored.append((overlap, row))
     top = [row for score, row in sorted(scored, key=lambda sr: -sr[0])[: args.top] if score > 0] or [rows[0]]
+    engine = CompressionEngine(compressor, store)
     for row in top:
         print(f"retrieved {row['source']} chunk {row['chunk']} (chars {row['start']}-{row['end']}, "
-              f"{row['n_tokens']} tokens) -> {make_marker(row['key'])[:20]}...]]")
+              f"{row['n_tokens']} tokens) -> {engine.marker(row['key'])[:20]}...]]")
 
-    # 3. Answer from the cached K/V: the markers stand in for the chunks' text.
-    engine = CompressionEngine(compressor, store)
-    markers = "".join(make_marker(row["key"]) for row in top)
+    # 3. Answer from the cached K/V: the markers (valid in this engine only) stand in for the chunks' text.
+    markers = "".join(engine.marker(row["key"]) for row in top)
     prompt = f"Context: {markers}\nQuestion: {args.question}\nAnswer:"
     result = engine.generate(prompt, max_new_tokens=24, stop=["\n"])
     print(f"\nQ: {args.question}\nA: {result.text.strip()}")

@@ -29,14 +29,14 @@ from compressor_plugin.integrations.langchain import (
     CompressedLLM,
     EmptyDocumentWarning,
 )
-from compressor_plugin.markers import MARKER_RE, MissingChunkWarning, make_marker
+from compressor_plugin.markers import MARKER_RE, MissingChunkWarning
 from compressor_plugin.store import ContextStore, normalize_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "docs_small.jsonl"
 SHIPPED = "kv-k16" in shipped_checkpoints()
 K = 16
-MARKER_ONLY = re.compile(r"\[\[cc:[0-9a-f]{64}\]\]")
+MARKER_ONLY = re.compile(r"\[\[cc:[0-9a-f]{64}\.[0-9a-f]{32}\]\]")
 
 PROMPT = ChatPromptTemplate.from_messages([
     ("system", "Answer the question using the context."),
@@ -113,7 +113,7 @@ def test_transformer_marks_documents_keeping_metadata_and_ids(engine, docs, comp
         assert out is not doc and out.id == doc.id
         meta = out.metadata
         key = meta["store_key"]
-        assert out.page_content == make_marker(key) and MARKER_ONLY.fullmatch(out.page_content)
+        assert out.page_content == engine.marker(key) and MARKER_ONLY.fullmatch(out.page_content)
         assert meta["store_keys"] == [key]
         assert key == engine.store.key_for(doc.page_content, engine.compressor)
         assert engine.store.get(key) is not None
@@ -167,9 +167,9 @@ def test_long_documents_split_into_back_to_back_markers(tiny_engine):
     assert len(out) == 1 and out[0].id == "long"
     meta = out[0].metadata
     keys = meta["store_keys"]
-    assert len(keys) == math.ceil(n / limit) or len(keys) == math.ceil(n / limit) + 1
+    assert math.ceil(n / limit) <= len(keys) <= 2 * math.ceil(n / limit)  # packed sentences, at most the limit each
     assert meta["store_key"] == keys[0]
-    assert out[0].page_content == "".join(make_marker(k) for k in keys)  # back to back: one document
+    assert out[0].page_content == "".join(tiny_engine.marker(k) for k in keys)  # back to back: one document
     pieces = [tiny_engine.store.get_text(k) for k in keys]
     assert all(tiny_engine.count_tokens(p) <= limit for p in pieces)
     assert "".join(pieces).replace(" ", "") == normalize_text(text).replace(" ", "")  # nothing lost or repeated
@@ -190,7 +190,7 @@ def test_long_documents_truncate_or_error(tiny_engine):
     assert len(out.metadata["store_keys"]) == 1 and out.metadata["truncated"] is True
     assert out.metadata["source_tokens"] == limit
     assert out.metadata["compressed_tokens"] == tiny_engine.compressor.k
-    with pytest.raises(ValueError, match=r"document 1 \(id='long2'\) has \d+ tokens, more than .* limit of 64"):
+    with pytest.raises(ValueError, match=r"document 'long2' has \d+ tokens, more than .* limit of 64"):
         CompressedDocumentTransformer(tiny_engine, on_long="error").transform_documents([Document("short"), doc])
     with pytest.raises(ValueError, match="on_long"):
         CompressedDocumentTransformer(tiny_engine, on_long="drop")  # type: ignore[arg-type]
@@ -233,7 +233,7 @@ def _text_tokens(engine: CompressionEngine, rendered: str) -> int:
 def test_markers_survive_prompt_template_and_document_formatting(engine, compressed):
     messages = PROMPT.format_messages(context=format_docs(compressed[:2]), question="Who won?")
     keys = [d.metadata["store_key"] for d in compressed[:2]]
-    assert MARKER_RE.findall(messages[1].content) == keys
+    assert [m.group(1) for m in MARKER_RE.finditer(messages[1].content)] == keys
     chat = [{"role": "system", "content": messages[0].content}, {"role": "user", "content": messages[1].content}]
     res = engine.resolve(chat)
     assert res.resolved == 2 and res.fallbacks == 0
@@ -408,7 +408,7 @@ def test_example_chain_runs_on_compressed_documents(engine):
     question, _ = ex.DEFAULT_QUESTIONS[0]
     source = next(r["id"] for r in _rows() if any(qa["question"] == question for qa in r["qa"]))
     assert retriever.invoke(question)[0].id == source
-    compressed_chain, _ = ex.build_chains(engine, retriever, max_tokens=4)
+    compressed_chain, _ = ex.build_chains(engine, retriever, max_new_tokens=4)
     answer, usage, info, _ = ex.ask(compressed_chain, question)
     assert isinstance(answer, str)
     assert info["compressed_tokens"] == 2 * K and info["fallback_chunks"] == 0

@@ -77,6 +77,12 @@ class _Params:
 class TestCompressedChatModelUnit(_Params, ChatModelUnitTests):
     """Construction, standard parameters, tracing parameters."""
 
+    @property
+    def standard_chat_model_params(self) -> dict[str, Any]:
+        # the suite's defaults without ``timeout`` and ``max_retries``: a local model makes no
+        # network calls, and options the model would ignore are refused (UnknownOptionError)
+        return {"temperature": 0, "max_tokens": 100, "stop": []}
+
 
 class TestCompressedChatModelIntegration(_Params, ChatModelIntegrationTests):
     """invoke / ainvoke / stream / astream / batch / conversations / usage metadata / stop, on the real model."""

@@ -8,6 +8,7 @@ quality is tested with it; the answer-quality test runs once ``kv-k16`` ships.
 from __future__ import annotations
 
 import json
+import re
 import pickle
 import warnings
 from pathlib import Path
@@ -25,7 +26,8 @@ from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
 from llama_index.core.response_synthesizers.refine import DEFAULT_RESPONSE_PADDING_SIZE  # noqa: E402
 from llama_index.core.schema import MetadataMode, NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode  # noqa: E402
 
-from compressor_plugin.compressor import Compressor, CompressorConfig, ContextTooLongError, shipped_checkpoints  # noqa: E402
+from compressor_plugin.compressor import Compressor, CompressorConfig, shipped_checkpoints  # noqa: E402
+from compressor_plugin.errors import ContextTooLongError, InvalidOptionError, UnknownOptionError  # noqa: E402
 from compressor_plugin.engine import CompressionEngine  # noqa: E402
 from compressor_plugin.integrations.llama_index import (  # noqa: E402
     COMPRESSION_METADATA_KEYS,
@@ -38,7 +40,7 @@ from compressor_plugin.integrations.llama_index import (  # noqa: E402
     marker_aware_tokenizer,
     qa_templates,
 )
-from compressor_plugin.markers import MARKER_RE, MissingChunkWarning, make_marker  # noqa: E402
+from compressor_plugin.markers import MARKER_RE, MissingChunkWarning  # noqa: E402
 from compressor_plugin.models import load_base_model  # noqa: E402
 from compressor_plugin.store import ContextStore, normalize_text  # noqa: E402
 
@@ -205,8 +207,10 @@ async def test_ingestion_async_empty_nodes_and_pickling(engine, nodes):
     else:
         with pytest.raises(RuntimeError, match="from_pretrained"):
             clone([node])
-    with pytest.raises(ValueError, match="long_text"):
-        CompressTransform(engine, long_text="drop")
+    with pytest.raises(UnknownOptionError, match="no option 'long_text'; use 'on_long'"):
+        CompressTransform(engine, long_text="split")
+    with pytest.raises(InvalidOptionError, match="on_long"):
+        CompressTransform(engine, on_long="drop")
 
 
 # ---------------------------------------------------------------------------------- postprocessor
@@ -223,12 +227,12 @@ def test_postprocessor_swaps_text_for_markers_and_keeps_the_rest(engine, nodes):
     assert out[0].node.relationships[NodeRelationship.SOURCE].node_id == "doc-0"
     for o, n in zip(out, src):
         key = engine.store.key_for(n.text, engine.compressor)
-        assert o.node.text == make_marker(key)
+        assert o.node.text == engine.marker(key)
         assert o.node.metadata[ORIGINAL_TEXT_KEY] == n.text
         assert o.node.metadata["title"] == n.metadata["title"]
         assert o.node.metadata["store_key"] == key
         llm_view = o.node.get_content(metadata_mode=MetadataMode.LLM)
-        assert llm_view == make_marker(key)  # title excluded by the document, our keys by the postprocessor
+        assert llm_view == engine.marker(key)  # title excluded by the document, our keys by the postprocessor
         assert n.text not in o.node.get_content(metadata_mode=MetadataMode.EMBED)
 
 
@@ -242,20 +246,21 @@ def test_postprocessor_empty_and_long_nodes(engine):
 
     out = CompressedNodePostprocessor(engine).postprocess_nodes([empty, long_])
     assert out[0] is empty
-    keys = MARKER_RE.findall(out[1].node.text)
-    assert len(keys) >= 2 and out[1].node.text == "".join(make_marker(k) for k in keys)  # back to back
-    assert out[1].node.metadata["store_key"] == ",".join(keys)
+    keys = [m.group(1) for m in MARKER_RE.finditer(out[1].node.text)]
+    assert len(keys) >= 2 and out[1].node.text == "".join(engine.marker(k) for k in keys)  # back to back
+    assert out[1].node.metadata["store_key"] == keys[0] and out[1].node.metadata["store_keys"] == keys
     assert out[1].node.metadata["compressed_tokens"] == 16 * len(keys)
     pieces = [engine.store.get_text(k) for k in keys]
     assert all(engine.count_tokens(p) <= engine.max_chunk_tokens for p in pieces)
-    assert " ".join(pieces).split() == long_text.split()  # nothing lost or repeated
+    assert re.sub(r"\s", "", "".join(pieces)) == re.sub(r"\s", "", long_text)  # nothing lost or repeated
     assert out[1].node.metadata[ORIGINAL_TEXT_KEY] == long_text
 
-    trunc = CompressedNodePostprocessor(engine, long_text="truncate").postprocess_nodes([long_])
-    (key,) = MARKER_RE.findall(trunc[0].node.text)
+    trunc = CompressedNodePostprocessor(engine, on_long="truncate").postprocess_nodes([long_])
+    ((key, _tag),) = MARKER_RE.findall(trunc[0].node.text)
     assert engine.store.get(key).source_tokens == engine.max_chunk_tokens
-    with pytest.raises(ContextTooLongError, match="max_chunk_tokens"):
-        CompressedNodePostprocessor(engine, long_text="error").postprocess_nodes([long_])
+    with pytest.raises(ContextTooLongError, match="more than the compressor's limit") as err:
+        CompressedNodePostprocessor(engine, on_long="error").postprocess_nodes([long_])
+    assert err.value.document_id == long_.node.node_id and err.value.limit == engine.max_chunk_tokens
 
     # the LLM resolves every piece's marker
     llm = CompressedLLM(engine, max_new_tokens=2)
@@ -268,7 +273,7 @@ def test_postprocessor_empty_and_long_nodes(engine):
 def test_llm_metadata_and_marker_tokenizer(engine, llm):
     md = llm.metadata
     assert md.is_chat_model and md.num_output == 6 and md.context_window == 8192 and "SmolLM2" in md.model_name
-    marker = make_marker("a" * 64)
+    marker = engine.marker("a" * 64)
     count = marker_aware_tokenizer(engine)
     assert len(count(marker)) == 16
     assert len(count(f"Context: {marker}{marker} end")) == 32 + engine.count_tokens("Context: ") + engine.count_tokens(" end")

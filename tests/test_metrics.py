@@ -1,4 +1,4 @@
-"""Hand-computed tests for compressor_plugin.evaluation.metrics."""
+"""Hand-computed tests for compressor_plugin.evaluation.metrics (ROUGE-L and BLEU: rouge-score and sacreBLEU)."""
 
 from __future__ import annotations
 
@@ -112,11 +112,18 @@ def test_rouge_l_order_matters_and_symmetry() -> None:
 
 
 def test_rouge_l_edge_cases() -> None:
-    assert rouge_l("", "") == {"precision": 1.0, "recall": 1.0, "f": 1.0}
+    assert rouge_l("", "") == {"precision": 0.0, "recall": 0.0, "f": 0.0}  # as rouge-score scores it
     assert rouge_l("", "cat") == {"precision": 0.0, "recall": 0.0, "f": 0.0}
     assert rouge_l("cat", "  ") == {"precision": 0.0, "recall": 0.0, "f": 0.0}
     assert rouge_l("dog", "cat") == {"precision": 0.0, "recall": 0.0, "f": 0.0}
     assert rouge_l("Same words here", "same WORDS here")["f"] == 1.0
+
+
+def test_rouge_l_tokenises_as_rouge_score_does() -> None:
+    # punctuation separates tokens and is not scored; no stemming
+    assert rouge_l("cat,dog.", "cat dog")["f"] == 1.0
+    assert rouge_l("Paris (France)", "paris france")["f"] == 1.0
+    assert rouge_l("cats", "cat")["f"] == 0.0
 
 
 def test_rouge_l_long_inputs() -> None:
@@ -162,8 +169,9 @@ def test_bleu_brevity_penalty() -> None:
 
 def test_bleu_smoothing_hand_computed() -> None:
     # pred [a b c d e], ref [a b x d e], c = r = 5 -> BP = 1
-    # p1 = 4/5; p2 = 2/4 -> (2+1)/(4+1); p3 = 0/3 -> 1/4; p4 = 0/2 -> 1/3
-    expected = (4 / 5 * 3 / 5 * 1 / 4 * 1 / 3) ** 0.25
+    # sacreBLEU "exp" smoothing: the i-th zero precision becomes 1 / (2**i * total)
+    # p1 = 4/5; p2 = 2/4; p3 = 0/3 -> 1/(2*3); p4 = 0/2 -> 1/(4*2)
+    expected = (4 / 5 * 2 / 4 * 1 / 6 * 1 / 8) ** 0.25
     assert bleu("a b c d e", "a b x d e") == pytest.approx(expected)
     assert bleu("a b c d e", "a b x d e", smooth=False) == 0.0
     # unsmoothed with max_n=2: sqrt(4/5 * 2/4)
@@ -173,9 +181,16 @@ def test_bleu_smoothing_hand_computed() -> None:
 
 
 def test_bleu_short_prediction() -> None:
-    # 2-token prediction has no 3/4-grams: smoothed p3 = p4 = 1/1; BP = exp(1 - 3/2)
+    # a 2-token prediction has no 3/4-grams: those orders are left out (effective order);
+    # p1 = p2 = 1, BP = exp(1 - 3/2)
     assert bleu("the cat", "the cat sat") == pytest.approx(math.exp(-0.5))
-    assert bleu("the cat", "the cat sat", smooth=False) == 0.0
+    assert bleu("the cat", "the cat sat", smooth=False) == pytest.approx(math.exp(-0.5))
+
+
+def test_bleu_is_case_sensitive_and_tokenises_punctuation() -> None:
+    # sacreBLEU's standard 13a tokenisation splits punctuation off; case matters
+    assert bleu("the cat sat on the mat.", "the cat sat on the mat .") == pytest.approx(1.0)
+    assert bleu("The Cat sat on the mat", "the cat sat on the mat") < 0.7
 
 
 def test_bleu_clipping() -> None:

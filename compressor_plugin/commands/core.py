@@ -92,8 +92,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.checkpoint == "default" and "kv-k16" not in shipped_checkpoints():
         raise FileNotFoundError("the shipped compressor kv-k16 is missing from this installation")
-    print("Loading the base model and the compressor (the first run converts the default model, ~20 s)...",
-          file=sys.stderr)
+    from ..models import default_model_converted
+
+    if not default_model_converted():
+        print("First run: converting the default model into the local cache (once, about 20 s)...", file=sys.stderr)
     store = ContextStore(args.store) if args.store else ContextStore()
     engine = CompressionEngine.from_pretrained(args.checkpoint, store=store, device=args.device)
     rep = run_demo(engine, questions=max(1, min(args.questions, 6)), top_k=args.top_k)

@@ -14,15 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..errors import DataError  # noqa: F401  (kept importable from here)
+
 #: Environment variable naming a folder of JSONL data files (used by the benchmarks).
 DATA_ENV = "COMPRESSOR_PLUGIN_DATA"
 
 #: yes / no / maybe style answer sets (PubMedQA): scored as label accuracy too.
 LABEL_ANSWERS = frozenset({"yes", "no", "maybe"})
 
-
-class DataError(ValueError):
-    """An evaluation data file that is missing fields or malformed."""
 
 
 @dataclass

@@ -1,12 +1,11 @@
 """Answer-quality metrics for evaluating compressed-prompt QA / generation.
 
-Pure Python, no third-party dependencies.
-
 * SQuAD v1.1 style :func:`exact_match` / :func:`f1_score` over
   :func:`normalize_answer`-ed text, with :func:`max_over_golds` for
   multi-reference questions and :func:`squad_scores` as a convenience.
-* :func:`rouge_l` (LCS-based precision / recall / F1) and sentence-level
-  :func:`bleu` over lowercased whitespace tokens.
+* :func:`rouge_l` (from ``rouge-score``) and sentence-level :func:`bleu` (from
+  ``sacrebleu``), the implementations published figures are computed with
+  (both in the ``eval`` extra).
 * Small helpers: :func:`aggregate` (means over result rows),
   :func:`length_bucket` (bucket labels for context lengths) and
   :func:`first_line_answer` (post-processing of generated short answers).
@@ -14,11 +13,11 @@ Pure Python, no third-party dependencies.
 
 from __future__ import annotations
 
-import math
+import functools
 import re
 import string
 from collections import Counter
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = [
     "normalize_answer",
@@ -129,104 +128,55 @@ def squad_scores(prediction: str, golds: Sequence[str]) -> dict[str, float]:
 # --------------------------------------------------------------------------
 
 
-def _simple_tokens(s: str) -> list[str]:
-    """Lowercase and split on whitespace (tokenisation for ROUGE-L / BLEU)."""
-    return s.lower().split()
+@functools.lru_cache(maxsize=1)
+def _rouge_l_scorer() -> Any:
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as exc:  # pragma: no cover - declared in the eval extra
+        raise ImportError("ROUGE-L needs the rouge-score package: pip install 'compressor-plugin[eval]'") from exc
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence, O(len(a)*len(b)) time and
-    O(min(len(a), len(b))) memory (two DP rows over the shorter sequence)."""
-    if len(a) < len(b):
-        a, b = b, a  # make b the shorter one: rows have len(b) + 1 cells
-    if not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    cur = [0] * (len(b) + 1)
-    for x in a:
-        for j, y in enumerate(b, start=1):
-            if x == y:
-                cur[j] = prev[j - 1] + 1
-            else:
-                cur[j] = prev[j] if prev[j] >= cur[j - 1] else cur[j - 1]
-        prev, cur = cur, prev
-    return prev[len(b)]
+@functools.lru_cache(maxsize=8)
+def _bleu_metric(max_n: int, smooth: bool) -> Any:
+    try:
+        from sacrebleu.metrics import BLEU
+    except ImportError as exc:  # pragma: no cover - declared in the eval extra
+        raise ImportError("BLEU needs the sacrebleu package: pip install 'compressor-plugin[eval]'") from exc
+    return BLEU(max_ngram_order=max_n, smooth_method="exp" if smooth else "none", effective_order=True)
 
 
 def rouge_l(prediction: str, reference: str) -> dict[str, float]:
-    """Sentence-level ROUGE-L (LCS-based) with beta = 1.
+    """Sentence-level ROUGE-L F/precision/recall, as Google's ``rouge-score`` computes it.
 
-    Tokens are lowercased whitespace tokens.  With ``L = LCS(pred, ref)``:
-    ``precision = L / len(pred)``, ``recall = L / len(ref)`` and
-    ``f = 2 * P * R / (P + R)`` (0.0 when ``L == 0``).
-
-    If both texts are empty all three values are 1.0; if only one is empty
-    they are all 0.0.
+    ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)``: lowercased,
+    non-alphanumeric characters as separators, no stemming -- the settings most published
+    ROUGE-L figures (and Hugging Face ``evaluate``'s default) use. Text with no scorable
+    token on either side scores 0.0.
 
     Returns:
         ``{"precision": float, "recall": float, "f": float}``.
     """
-    pred = _simple_tokens(prediction)
-    ref = _simple_tokens(reference)
-    if not pred or not ref:
-        v = 1.0 if (not pred and not ref) else 0.0
-        return {"precision": v, "recall": v, "f": v}
-    lcs = _lcs_length(pred, ref)
-    if lcs == 0:
-        return {"precision": 0.0, "recall": 0.0, "f": 0.0}
-    precision = lcs / len(pred)
-    recall = lcs / len(ref)
-    f = 2.0 * precision * recall / (precision + recall)
-    return {"precision": precision, "recall": recall, "f": f}
-
-
-def _ngram_counts(tokens: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    score = _rouge_l_scorer().score(reference, prediction)["rougeL"]
+    return {"precision": float(score.precision), "recall": float(score.recall), "f": float(score.fmeasure)}
 
 
 def bleu(prediction: str, reference: str, max_n: int = 4, smooth: bool = True) -> float:
-    """Sentence-level BLEU against a single reference.
+    """Sentence-level BLEU against one reference, from ``sacrebleu``, scaled to 0..1.
 
-    Lowercased whitespace tokens; clipped (modified) n-gram precisions
-    ``p_1 .. p_max_n`` combined by a uniform-weight geometric mean, times the
-    brevity penalty ``BP = 1`` if ``c > r`` else ``exp(1 - r / c)`` (``c`` and
-    ``r`` are the prediction and reference lengths).
-
-    With ``smooth=True`` the add-one smoothing of Lin & Och (2004) is used:
-    for ``n > 1`` both the matched and the total n-gram counts get +1
-    (``p_n = (m_n + 1) / (t_n + 1)``); ``p_1`` is never smoothed, so a
-    prediction with no unigram in common with the reference still scores 0.
-    Without smoothing, any zero precision (including an order with no
-    n-grams because the prediction is shorter than ``n``) gives 0.0.
-
-    An empty prediction or an empty reference scores 0.0.
+    sacreBLEU's standard settings (``13a`` tokenisation, case-sensitive), so figures compare
+    with published ones; ``smooth=True`` uses its default ``exp`` smoothing for sentence BLEU,
+    ``smooth=False`` none. ``max_n`` is the highest n-gram order (orders the prediction is too
+    short for are left out). An empty prediction or reference scores 0.0.
 
     Raises:
         ValueError: if ``max_n < 1``.
     """
     if max_n < 1:
         raise ValueError(f"bleu: max_n must be >= 1, got {max_n}")
-    pred = _simple_tokens(prediction)
-    ref = _simple_tokens(reference)
-    if not pred or not ref:
+    if not prediction.strip() or not reference.strip():
         return 0.0
-
-    log_precision_sum = 0.0
-    for n in range(1, max_n + 1):
-        pred_counts = _ngram_counts(pred, n)
-        ref_counts = _ngram_counts(ref, n)
-        matches = sum((pred_counts & ref_counts).values())
-        total = max(len(pred) - n + 1, 0)
-        if smooth and n > 1:
-            matches += 1
-            total += 1
-        if matches == 0 or total == 0:
-            return 0.0
-        log_precision_sum += math.log(matches / total)
-
-    c, r = len(pred), len(ref)
-    brevity_penalty = 1.0 if c > r else math.exp(1.0 - r / c)
-    return brevity_penalty * math.exp(log_precision_sum / max_n)
+    return float(_bleu_metric(int(max_n), bool(smooth)).sentence_score(prediction, [reference]).score) / 100.0
 
 
 # --------------------------------------------------------------------------

@@ -10,7 +10,12 @@ Two pieces, both thin layers over :class:`~compressor_plugin.engine.CompressionE
 * :class:`CompressedChatModel` (a ``BaseChatModel``) and :class:`CompressedLLM` (a
   ``BaseLLM``) find those markers in the prompt and put the stored K/V at their place;
   a marker whose entry is gone falls back to the chunk text with a
-  :class:`~compressor_plugin.markers.MissingChunkWarning`.
+  :class:`~compressor_plugin.errors.MissingChunkWarning`. Only markers the engine issued are
+  resolved: a marker typed by a user or carried in a document stays plain text.
+
+Both are thin faces over :mod:`compressor_plugin.integrations.core`, shared with the
+LlamaIndex integration: the same options (``on_long``, ``batch_size``, ``show_progress``), the
+same splitting (the same document gets the same store keys) and the same metadata.
 
 An existing RAG chain changes in two places::
 
@@ -19,7 +24,7 @@ An existing RAG chain changes in two places::
     chain = (
         {"context": retriever | compress | format_docs, "question": RunnablePassthrough()}
         | prompt
-        | CompressedChatModel(engine=engine, max_tokens=64)
+        | CompressedChatModel(engine, max_tokens=64)
         | StrOutputParser()
     )
 
@@ -31,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import os
 import warnings
-from typing import Any, AsyncIterator, Iterator, Literal, Sequence
+from typing import Any, AsyncIterator, ClassVar, Iterator, Sequence
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -61,13 +66,25 @@ from langchain_core.outputs import (
     LLMResult,
 )
 from langchain_core.runnables import RunnableLambda
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..engine import CompressionEngine, EngineResult
-from ..markers import has_markers, make_marker
+from ..errors import EmptyDocumentWarning
 from ..store import ContextStore, normalize_text
+from .core import (
+    DEFAULT_MAX_NEW_TOKENS,
+    CompressedText,
+    CompressionOptions,
+    OnLong,
+    acompress_texts,
+    check_engine,
+    check_options,
+    compress_texts,
+    merge_alias,
+)
 
 __all__ = [
+    "BaseCompressedModel",
     "CompressedChatModel",
     "CompressedDocumentCompressor",
     "CompressedDocumentTransformer",
@@ -75,137 +92,58 @@ __all__ = [
     "EmptyDocumentWarning",
 ]
 
-OnLong = Literal["split", "truncate", "error"]
-_ON_LONG = ("split", "truncate", "error")
 _TOOLS_UNSUPPORTED = (
     "{cls} does not support tool calling or structured output: the compressed-context models are small "
     "local instruction models without a tool-calling format. Use a tool-calling chat model for agents and "
     "keep {cls} for answering from compressed documents.")
 
 
-class EmptyDocumentWarning(UserWarning):
-    """A document with no text was passed through uncompressed."""
-
-
 # ====================================================================== documents
-class _DocumentCompression:
-    """The compression shared by the transformer and the document compressor."""
+_DOC_OPTIONS = ("on_long", "batch_size", "show_progress")
+_RENAMED = {"long_text": "on_long", "progress": "show_progress"}
 
-    def __init__(self, engine: CompressionEngine, on_long: str, batch_size: int):
-        if not isinstance(engine, CompressionEngine):
-            raise TypeError(f"engine must be a CompressionEngine, not {type(engine).__name__}")
-        if on_long not in _ON_LONG:
-            raise ValueError(f"on_long must be one of {_ON_LONG}, not {on_long!r}")
-        if int(batch_size) < 1:
-            raise ValueError("batch_size must be at least 1")
-        self.engine = engine
-        self.on_long = on_long
-        self.batch_size = int(batch_size)
 
-    # -------------------------------------------------------------- planning
-    def _split(self, text: str, limit: int) -> list[str]:
-        """Consecutive pieces of ``text`` of at most ``limit`` tokens each, cut at token boundaries."""
-        tok = self.engine.tokenizer
-        if not getattr(tok, "is_fast", False):  # slow tokenizers have no offsets: decode windows of ids
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            windows = (tok.decode(ids[s:s + limit]) for s in range(0, len(ids), limit))
-            return [w for w in windows if normalize_text(w)]
-        starts = [a for a, _ in tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
-        n = len(starts)
-        pieces: list[str] = []
-        start = 0
-        while start < n:
-            end = min(start + limit, n)
-            while True:
-                piece = text[starts[start]:(starts[end] if end < n else len(text))]
-                # re-tokenising a piece can give a different count at its edges: shrink until it fits
-                if end - start <= 1 or self.engine.count_tokens(normalize_text(piece)) <= limit:
-                    break
-                end -= max(1, (end - start) // 64)
-            if normalize_text(piece):
-                pieces.append(piece)
-            start = end
-        return pieces
+def _compress_documents(engine: CompressionEngine, documents: Sequence[Document],
+                        compressed: Sequence[CompressedText | None]) -> list[Document]:
+    """New documents for ``documents`` from their compression results (same order, same ids)."""
+    out: list[Document] = []
+    for doc, res in zip(documents, compressed):
+        if res is None:
+            out.append(Document(page_content=doc.page_content, metadata={**doc.metadata, "compressed": False},
+                                id=doc.id))
+        elif engine.own_marker_keys(doc.page_content) is not None:
+            out.append(doc)  # already this engine's markers (an earlier step of this pipeline)
+        else:
+            meta = {**doc.metadata, **res.metadata(), "original_text": doc.page_content}
+            out.append(Document(page_content=res.marker_text, metadata=meta, id=doc.id))
+    return out
 
-    def _plan(self, documents: Sequence[Document]) -> list[list[str] | None]:
-        """Per document: the texts to compress, or None to pass it through."""
-        limit = self.engine.max_chunk_tokens
-        plans: list[list[str] | None] = []
-        for i, doc in enumerate(documents):
-            if not isinstance(doc, Document):
-                raise TypeError(f"document {i} is a {type(doc).__name__}, not a langchain Document")
-            text = doc.page_content if isinstance(doc.page_content, str) else ""
-            if doc.metadata.get("compressed") is True and has_markers(text):
-                plans.append(None)  # already compressed: idempotent
-                continue
-            norm = normalize_text(text)
-            if not norm:
-                warnings.warn(f"document {i} (id={doc.id!r}) has no text; passing it through uncompressed",
-                              EmptyDocumentWarning, stacklevel=4)
-                plans.append(None)
-                continue
-            n = self.engine.count_tokens(norm)
-            if n <= limit or self.on_long == "truncate":
-                plans.append([norm])
-            elif self.on_long == "error":
-                raise ValueError(
-                    f"document {i} (id={doc.id!r}) has {n} tokens, more than the compressor's limit of {limit}; "
-                    "split documents before compressing them, or use on_long='split' or on_long='truncate'")
-            else:
-                plans.append(self._split(norm, limit))
-        return plans
 
-    # -------------------------------------------------------------- assembly
-    def _texts(self, plans: list[list[str] | None]) -> list[str]:
-        return [t for p in plans if p for t in p]
+def _texts(documents: Sequence[Document]) -> tuple[list[Document], list[str]]:
+    documents = list(documents)
+    texts: list[str] = []
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, Document):
+            raise TypeError(f"document {i} is a {type(doc).__name__}, not a langchain Document")
+        text = doc.page_content if isinstance(doc.page_content, str) else ""
+        if not normalize_text(text):
+            warnings.warn(f"document {i} (id={doc.id!r}) has no text; passing it through uncompressed",
+                          EmptyDocumentWarning, stacklevel=4)
+        texts.append(text)
+    return documents, texts
 
-    def _build(self, documents: Sequence[Document], plans: list[list[str] | None],
-               results: list[Any]) -> list[Document]:
-        out: list[Document] = []
-        pos = 0
-        for doc, plan in zip(documents, plans):
-            if plan is None:
-                if doc.metadata.get("compressed") is True:
-                    out.append(doc)
-                else:
-                    out.append(Document(page_content=doc.page_content, metadata={**doc.metadata, "compressed": False},
-                                        id=doc.id))
-                continue
-            mine = results[pos:pos + len(plan)]
-            pos += len(plan)
-            keys = [r.key for r in mine]
-            k = sum(r.context.k for r in mine)
-            src = sum(r.context.source_tokens for r in mine)
-            meta = {
-                **doc.metadata,
-                "compressed": True,
-                "store_key": keys[0],
-                "store_keys": keys,
-                "original_text": doc.page_content,
-                "compressed_tokens": k,
-                "source_tokens": src,
-                "compression_ratio": src / k if k else 0.0,
-            }
-            if any(r.context.extra.get("truncated") == "true" for r in mine):
-                meta["truncated"] = True
-            out.append(Document(page_content="".join(make_marker(key) for key in keys), metadata=meta, id=doc.id))
-        return out
 
-    def run(self, documents: Sequence[Document]) -> list[Document]:
-        documents = list(documents)
-        plans = self._plan(documents)
-        texts = self._texts(plans)
-        results = self.engine.compress(texts, batch_size=self.batch_size, truncate=self.on_long == "truncate") \
-            if texts else []
-        return self._build(documents, plans, results)
+def _run(engine: CompressionEngine, options: CompressionOptions, documents: Sequence[Document]) -> list[Document]:
+    documents, texts = _texts(documents)
+    results = compress_texts(engine, texts, options, [d.id for d in documents])
+    return _compress_documents(engine, documents, results)
 
-    async def arun(self, documents: Sequence[Document]) -> list[Document]:
-        documents = list(documents)
-        plans = await asyncio.to_thread(self._plan, documents)
-        texts = self._texts(plans)
-        results = await self.engine.acompress(texts, batch_size=self.batch_size,
-                                              truncate=self.on_long == "truncate") if texts else []
-        return self._build(documents, plans, results)
+
+async def _arun(engine: CompressionEngine, options: CompressionOptions,
+                documents: Sequence[Document]) -> list[Document]:
+    documents, texts = _texts(documents)
+    results = await acompress_texts(engine, texts, options, [d.id for d in documents])
+    return _compress_documents(engine, documents, results)
 
 
 class CompressedDocumentTransformer(BaseDocumentTransformer):
@@ -214,18 +152,27 @@ class CompressedDocumentTransformer(BaseDocumentTransformer):
     Returns new documents (the inputs are not changed) with the same ``id``, ``page_content``
     set to one marker per compressed piece, and metadata extended by ``compressed`` (True),
     ``store_key`` (the key of the first piece), ``store_keys`` (all pieces), ``original_text``,
-    ``compressed_tokens`` (k per piece), ``source_tokens`` and ``compression_ratio``.
-    Documents with no text are passed through with ``compressed=False`` and an
-    :class:`EmptyDocumentWarning`; documents already compressed are returned as they are.
+    ``compressed_tokens`` (k per piece), ``source_tokens`` and ``compression_ratio``
+    (the same metadata as the LlamaIndex integration). Documents with no text are passed
+    through with ``compressed=False`` and an :class:`EmptyDocumentWarning`; documents that hold
+    nothing but markers this engine issued are returned as they are. Any other text,
+    marker-shaped strings included, is compressed as text: a retrieved document cannot carry
+    a marker into the prompt.
 
     Args:
-        engine: the :class:`CompressionEngine` whose compressor and store are used.
+        engine: the :class:`CompressionEngine` whose compressor and store are used (positional
+            or keyword).
         on_long: what to do with a document longer than ``engine.max_chunk_tokens``:
             ``"split"`` (default) compresses consecutive pieces of at most that many tokens and
             puts their markers back to back, so one document stays one document;
             ``"truncate"`` compresses only the first ``max_chunk_tokens`` tokens;
-            ``"error"`` raises ``ValueError``.
+            ``"error"`` raises :class:`~compressor_plugin.errors.ContextTooLongError`.
         batch_size: chunks compressed per forward pass (store misses only).
+        show_progress: a progress bar over the chunks being compressed (off by default).
+
+    Raises:
+        UnknownOptionError: an option that does not exist.
+        InvalidOptionError: an option with a value it cannot take.
 
     Example:
         >>> compress = CompressedDocumentTransformer(engine)                      # doctest: +SKIP
@@ -234,24 +181,31 @@ class CompressedDocumentTransformer(BaseDocumentTransformer):
         '[[cc:3fbe...]]'
     """
 
-    def __init__(self, engine: CompressionEngine, *, on_long: OnLong = "split", batch_size: int = 16):
-        self._impl = _DocumentCompression(engine, on_long, batch_size)
+    def __init__(self, engine: CompressionEngine, *, on_long: OnLong = "split", batch_size: int = 16,
+                 show_progress: bool = False, **unknown: Any):
+        check_options(type(self).__name__, unknown, ("engine",) + _DOC_OPTIONS, _RENAMED)
+        self._engine = check_engine(engine)
+        self._options = CompressionOptions(on_long=on_long, batch_size=batch_size, show_progress=show_progress)
 
     @property
     def engine(self) -> CompressionEngine:
-        return self._impl.engine
+        return self._engine
 
     @property
     def on_long(self) -> str:
-        return self._impl.on_long
+        return self._options.on_long
+
+    @property
+    def options(self) -> CompressionOptions:
+        return self._options
 
     def transform_documents(self, documents: Sequence[Document], **kwargs: Any) -> list[Document]:
         """Compress the documents (store misses in batches) and return marked copies, in order."""
-        return self._impl.run(documents)
+        return _run(self._engine, self._options, documents)
 
     async def atransform_documents(self, documents: Sequence[Document], **kwargs: Any) -> list[Document]:
         """:meth:`transform_documents` with compression and store I/O off the event loop."""
-        return await self._impl.arun(documents)
+        return await _arun(self._engine, self._options, documents)
 
     def as_runnable(self) -> RunnableLambda:
         """This transformer as an LCEL step (``retriever | transformer.as_runnable() | ...``), sync and async."""
@@ -267,10 +221,11 @@ class CompressedDocumentCompressor(BaseDocumentCompressor):
 
     For ``ContextualCompressionRetriever(base_compressor=..., base_retriever=...)`` and as the
     last step of a ``DocumentCompressorPipeline``. The query is not used: every retrieved
-    document is kept and compressed.
+    document is kept and compressed. Options as for :class:`CompressedDocumentTransformer`;
+    ``engine`` may be given positionally.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     engine: CompressionEngine
     """The engine whose compressor and store are used."""
@@ -278,20 +233,29 @@ class CompressedDocumentCompressor(BaseDocumentCompressor):
     """``"split"``, ``"truncate"`` or ``"error"`` for documents over ``engine.max_chunk_tokens``."""
     batch_size: int = Field(default=16, ge=1)
     """Chunks compressed per forward pass."""
+    show_progress: bool = False
+    """A progress bar over the chunks being compressed."""
 
-    def _impl(self) -> _DocumentCompression:
-        return _DocumentCompression(self.engine, self.on_long, self.batch_size)
+    def __init__(self, engine: CompressionEngine | None = None, /, **data: Any):
+        check_options(type(self).__name__, data, type(self).model_fields, _RENAMED)
+        CompressionOptions(on_long=data.get("on_long", "split"), batch_size=data.get("batch_size", 16),
+                           show_progress=data.get("show_progress", False))  # the same checks as everywhere
+        if engine is not None:
+            data["engine"] = engine
+        super().__init__(**data)
+
+    def _options(self) -> CompressionOptions:
+        return CompressionOptions(on_long=self.on_long, batch_size=self.batch_size, show_progress=self.show_progress)
 
     def compress_documents(self, documents: Sequence[Document], query: str,
                            callbacks: Callbacks | None = None) -> Sequence[Document]:
         """Compressed, marked copies of ``documents`` (``query`` is ignored)."""
-        return self._impl().run(documents)
+        return _run(self.engine, self._options(), documents)
 
     async def acompress_documents(self, documents: Sequence[Document], query: str,
                                   callbacks: Callbacks | None = None) -> Sequence[Document]:
         """Async :meth:`compress_documents`."""
-        return await self._impl().arun(documents)
-
+        return await _arun(self.engine, self._options(), documents)
 
 # ====================================================================== models
 def _text_content(content: Any, where: str) -> str:
@@ -371,41 +335,32 @@ def _compression_info(result: EngineResult) -> dict[str, Any]:
     return {"finish_reason": result.generation.finish_reason, "text_tokens": u["text_tokens"],
             "compressed_tokens": u["compressed_tokens"], "source_tokens": u["source_tokens"],
             "tokens_saved": u["tokens_saved"], "resolved_chunks": result.resolved_chunks,
-            "fallback_chunks": result.fallback_chunks}
+            "fallback_chunks": result.fallback_chunks, "rejected_chunks": result.rejected_chunks}
 
 
 def _load_engine(checkpoint: str | os.PathLike, store: ContextStore | str | os.PathLike | None,
-                 device: Any, dtype: Any = None) -> CompressionEngine:
-    return CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype)
+                 device: Any, dtype: Any = None, verbose: bool = False) -> CompressionEngine:
+    return CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose)
 
 
-class CompressedChatModel(BaseChatModel):
-    """Chat model over a :class:`CompressionEngine`: prompt markers become stored K/V.
+class BaseCompressedModel(BaseModel):
+    """Fields, validation and tracing shared by :class:`CompressedChatModel` and :class:`CompressedLLM`.
 
-    Messages are rendered with the base model's chat template; every ``[[cc:<key>]]`` marker
-    in them (put there by :class:`CompressedDocumentTransformer`) is replaced by the stored
-    compressed context, so the model attends to k positions instead of the chunk's text.
-    A missing entry falls back to the chunk's stored text with a ``MissingChunkWarning``.
-
-    ``usage_metadata`` counts real prompt positions (``input_tokens`` = text tokens +
-    compressed tokens); ``response_metadata`` adds ``compressed_tokens``, ``source_tokens``,
-    ``tokens_saved``, ``resolved_chunks``, ``fallback_chunks`` and ``finish_reason``.
-
-    Tool calling, structured output and non-text inputs are not supported.
-
-    Example:
-        >>> llm = CompressedChatModel(engine=engine, max_tokens=64)    # doctest: +SKIP
-        >>> llm.invoke("Context: [[cc:3fbe...]]\\nWhat is the capital?").content  # doctest: +SKIP
+    ``engine`` may be given positionally or by keyword; ``max_new_tokens`` is accepted as
+    another name for ``max_tokens``; any option that does not exist raises
+    :class:`~compressor_plugin.errors.UnknownOptionError`.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    _ls_model_type: ClassVar[str] = "chat"
 
     engine: CompressionEngine = Field(exclude=True)
     """Compressor, store and base model."""
     model_name: str | None = None
     """Name reported in traces and ``response_metadata``; default the base model's name."""
-    max_tokens: int = Field(default=128, ge=1)
-    """Most tokens generated per answer."""
+    max_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
+    """Most tokens generated per answer (``max_new_tokens`` is accepted as another name)."""
     temperature: float = Field(default=0.0, ge=0.0)
     """0 is greedy decoding."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -417,8 +372,18 @@ class CompressedChatModel(BaseChatModel):
     streaming: bool = False
     """Make ``invoke`` stream internally (callbacks get tokens as they come)."""
 
+    def __init__(self, engine: CompressionEngine | None = None, /, **data: Any):
+        name = type(self).__name__
+        merge_alias(name, data, "max_tokens", "max_new_tokens")
+        check_options(name, data, type(self).model_fields)
+        if engine is not None:
+            if "engine" in data:
+                raise TypeError(f"{name} got engine both positionally and by keyword")
+            data["engine"] = engine
+        super().__init__(**data)
+
     @model_validator(mode="after")
-    def _default_name(self) -> "CompressedChatModel":
+    def _default_name(self) -> "BaseCompressedModel":
         if self.model_name is None:
             self.model_name = self.engine.compressor.base.name
         return self
@@ -426,7 +391,7 @@ class CompressedChatModel(BaseChatModel):
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
                         store: ContextStore | str | os.PathLike | None = None,
-                        device: Any = None, dtype: Any = None, **kwargs: Any) -> "CompressedChatModel":
+                        device: Any = None, dtype: Any = None, verbose: bool = False, **kwargs: Any) -> Any:
         """Load a compressor checkpoint (shipped name or folder) with its base model and open a store.
 
         Args:
@@ -435,23 +400,23 @@ class CompressedChatModel(BaseChatModel):
             device: where the model runs (default: CUDA if available, else CPU).
             dtype: ``"bfloat16"``, ``"float32"``... (default: bf16 on GPU, fp32 on CPU); part of
                 every store key, so use the dtype the store was built with.
+            verbose: show the model loader's progress bars and messages.
             **kwargs: other fields (``max_tokens``, ``temperature``, ``stop``, ...).
         """
-        return cls(engine=_load_engine(checkpoint, store, device, dtype), **kwargs)
+        return cls(_load_engine(checkpoint, store, device, dtype, verbose), **kwargs)
 
-    @property
-    def _llm_type(self) -> str:
-        return "compressed-chat"
+    def _extra_identifying_params(self) -> dict[str, Any]:
+        return {}
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
         comp = self.engine.compressor
         return {"model_name": self.model_name, "compressor": comp.fingerprint, "k": comp.k, "mode": comp.mode,
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "seed": self.seed}
+                "seed": self.seed, **self._extra_identifying_params()}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider="compressor_plugin", ls_model_type="chat",
+        params = LangSmithParams(ls_provider="compressor_plugin", ls_model_type=self._ls_model_type,
                                  ls_model_name=kwargs.get("model") if isinstance(kwargs.get("model"), str)
                                  else str(self.model_name),
                                  ls_temperature=kwargs.get("temperature", self.temperature),
@@ -460,6 +425,33 @@ class CompressedChatModel(BaseChatModel):
         if stops:
             params["ls_stop"] = list(stops)
         return params
+
+
+class CompressedChatModel(BaseCompressedModel, BaseChatModel):
+    """Chat model over a :class:`CompressionEngine`: prompt markers become stored K/V.
+
+    Messages are rendered with the base model's chat template; every marker in them that this
+    engine issued (put there by :class:`CompressedDocumentTransformer`) is replaced by the
+    stored compressed context, so the model attends to k positions instead of the chunk's
+    text. A missing entry falls back to the chunk's stored text with a
+    ``MissingChunkWarning``; a marker the engine did not issue (typed by a user, carried in a
+    document) stays plain text, with an ``UnauthorizedMarkerWarning``.
+
+    ``usage_metadata`` counts real prompt positions (``input_tokens`` = text tokens +
+    compressed tokens); ``response_metadata`` adds ``compressed_tokens``, ``source_tokens``,
+    ``tokens_saved``, ``resolved_chunks``, ``fallback_chunks``, ``rejected_chunks`` and
+    ``finish_reason``. Fields are those of :class:`BaseCompressedModel`.
+
+    Tool calling, structured output and non-text inputs are not supported.
+
+    Example:
+        >>> llm = CompressedChatModel(engine, max_tokens=64)            # doctest: +SKIP
+        >>> llm.invoke(f"Context: {engine.mark(['Paris is in France.'])[0]}\\nWhere is Paris?").content  # doctest: +SKIP
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "compressed-chat"
 
     def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any) -> Any:
         """Not supported: raises ``NotImplementedError``."""
@@ -523,7 +515,7 @@ class CompressedChatModel(BaseChatModel):
         yield self._last_chunk(stream.result)
 
 
-class CompressedLLM(BaseLLM):
+class CompressedLLM(BaseCompressedModel, BaseLLM):
     """Text-completion LLM over a :class:`CompressionEngine` (prompt string in, completion out).
 
     The prompt is used as plain text (no chat template) unless ``chat_template=True``, which
@@ -532,63 +524,20 @@ class CompressedLLM(BaseLLM):
     (``batch`` / ``generate``) are decoded in one batch. Each ``Generation.generation_info``
     holds ``finish_reason``, ``usage`` (prompt/completion/total tokens) and the compression
     counts (``compressed_tokens``, ``source_tokens``, ``tokens_saved``, ``fallback_chunks``, ...).
+    Fields are those of :class:`BaseCompressedModel`, plus ``chat_template``.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    _ls_model_type: ClassVar[str] = "llm"
 
-    engine: CompressionEngine = Field(exclude=True)
-    """Compressor, store and base model."""
-    model_name: str | None = None
-    """Name reported in traces; default the base model's name."""
-    max_tokens: int = Field(default=128, ge=1)
-    """Most tokens generated per completion."""
-    temperature: float = Field(default=0.0, ge=0.0)
-    """0 is greedy decoding."""
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    """Nucleus sampling mass (with ``temperature > 0``)."""
-    seed: int | None = None
-    """Seed for sampling; None draws a fresh one."""
-    stop: list[str] | None = None
-    """Stop strings; a call's ``stop`` replaces these."""
     chat_template: bool = False
     """Send the prompt as a user message through the chat template instead of as plain text."""
-    streaming: bool = False
-    """Accepted for compatibility; use ``stream``/``astream`` for token streaming."""
-
-    @model_validator(mode="after")
-    def _default_name(self) -> "CompressedLLM":
-        if self.model_name is None:
-            self.model_name = self.engine.compressor.base.name
-        return self
-
-    @classmethod
-    def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
-                        store: ContextStore | str | os.PathLike | None = None,
-                        device: Any = None, dtype: Any = None, **kwargs: Any) -> "CompressedLLM":
-        """Load a compressor checkpoint with its base model and open a store (see :class:`CompressedChatModel`)."""
-        return cls(engine=_load_engine(checkpoint, store, device, dtype), **kwargs)
 
     @property
     def _llm_type(self) -> str:
         return "compressed-llm"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        comp = self.engine.compressor
-        return {"model_name": self.model_name, "compressor": comp.fingerprint, "k": comp.k, "mode": comp.mode,
-                "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "seed": self.seed, "chat_template": self.chat_template}
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider="compressor_plugin", ls_model_type="llm",
-                                 ls_model_name=kwargs.get("model") if isinstance(kwargs.get("model"), str)
-                                 else str(self.model_name),
-                                 ls_temperature=kwargs.get("temperature", self.temperature),
-                                 ls_max_tokens=kwargs.get("max_tokens", self.max_tokens))
-        stops = stop if stop is not None else self.stop
-        if stops:
-            params["ls_stop"] = list(stops)
-        return params
+    def _extra_identifying_params(self) -> dict[str, Any]:
+        return {"chat_template": self.chat_template}
 
     def _generation(self, result: EngineResult) -> list[Generation]:
         info = _compression_info(result)

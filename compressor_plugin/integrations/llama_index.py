@@ -63,11 +63,21 @@ from llama_index.core.prompts import ChatPromptTemplate, PromptTemplate
 from llama_index.core.prompts.base import BasePromptTemplate
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle, TransformComponent
 
-from ..compressor import ContextTooLongError
+from ..errors import BrokenMarkerWarning, ContextTooLongError  # noqa: F401  (ContextTooLongError: on_long="error")
 from ..generation import GenerationConfig
-from ..markers import MARKER_RE, has_markers, make_marker, split_markers
+from ..markers import MARKER_RE, MARKER_START, split_markers
 from ..prompts import CHAT_INSTRUCTION
-from ..store import normalize_text
+from .core import (
+    COMPRESSION_METADATA_KEYS,
+    DEFAULT_MAX_NEW_TOKENS,
+    CompressedText,
+    CompressionOptions,
+    OnLong,
+    check_engine,
+    check_options,
+    compress_texts,
+    merge_alias,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_index.core.response_synthesizers import BaseSynthesizer
@@ -88,36 +98,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Metadata keys written by :class:`CompressTransform` and :class:`CompressedNodePostprocessor`.
-STORE_KEY = "store_key"
-COMPRESSED_TOKENS_KEY = "compressed_tokens"
-SOURCE_TOKENS_KEY = "source_tokens"
-RATIO_KEY = "compression_ratio"
-COMPRESSION_METADATA_KEYS: tuple[str, ...] = (STORE_KEY, COMPRESSED_TOKENS_KEY, SOURCE_TOKENS_KEY, RATIO_KEY)
 #: Where :class:`CompressedNodePostprocessor` keeps a node's text once it holds markers.
 ORIGINAL_TEXT_KEY = "original_text"
-
-_MARKER_START = "[[cc:"
-
-
-class BrokenMarkerWarning(UserWarning):
-    """A prompt holds the start of a marker that is not a whole marker (it was cut or edited)."""
+_RENAMED = {"long_text": "on_long", "progress": "show_progress"}
 
 
 def _warn_broken_markers(texts: Sequence[str]) -> None:
     for text in texts:
-        if text and text.count(_MARKER_START) > len(MARKER_RE.findall(text)):
+        if text and text.count(MARKER_START) > len(MARKER_RE.findall(text)):
             warnings.warn("the prompt holds a cut or damaged compressed-chunk marker, which is passed to the model as "
                           "plain text; a prompt helper probably split a chunk mid-marker (give the LLM a larger "
                           "context_window, or count tokens with CompressedLLM.marker_tokenizer)",
                           BrokenMarkerWarning, stacklevel=3)
             return
-
-
-LongText = Literal["split", "truncate", "error"]
-_LONG_TEXT_CHOICES = ("split", "truncate", "error")
-#: Tokens kept free below ``max_chunk_tokens`` when splitting, since re-tokenising a piece can differ slightly.
-_SPLIT_MARGIN = 8
 
 
 # ---------------------------------------------------------------------------------- tokenizers
@@ -161,12 +154,6 @@ def marker_aware_tokenizer(engine: "CompressionEngine") -> Callable[[str], list[
 
 
 # ---------------------------------------------------------------------------------- shared helpers
-def _check_long_text(value: str) -> str:
-    if value not in _LONG_TEXT_CHOICES:
-        raise ValueError(f"long_text must be one of {_LONG_TEXT_CHOICES}, not {value!r}")
-    return value
-
-
 def _node_text(node: BaseNode) -> str:
     """A node's own text (no metadata)."""
     try:
@@ -175,91 +162,26 @@ def _node_text(node: BaseNode) -> str:
         return ""
 
 
-def _split_text(engine: "CompressionEngine", text: str, limit: int) -> list[str]:
-    """Split text into pieces of at most ``limit`` tokens, at sentence boundaries where possible."""
-    from llama_index.core.node_parser import SentenceSplitter
-
-    count = engine.count_tokens
-    size = max(limit - _SPLIT_MARGIN, 1)
-    splitter = SentenceSplitter(chunk_size=size, chunk_overlap=0, tokenizer=engine_tokenizer(engine))
-    pieces: list[str] = []
-    for piece in splitter.split_text(text):
-        if not piece.strip():
-            continue
-        if count(piece) <= limit:
-            pieces.append(piece)
-            continue
-        # a piece the sentence splitter could not bring under the limit: cut at token offsets
-        enc = engine.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        starts = [offsets[i][0] for i in range(0, len(offsets), size)] + [len(piece)]
-        pieces.extend(p for p in (piece[a:b] for a, b in zip(starts, starts[1:])) if p.strip())
-    return pieces
-
-
-class _Plan:
-    """How one node's text is compressed: the texts to compress and the truncate flag."""
-
-    __slots__ = ("texts", "truncate")
-
-    def __init__(self, texts: list[str], truncate: bool):
-        self.texts = texts
-        self.truncate = truncate
-
-
-def _plan(engine: "CompressionEngine", text: str, long_text: str, node_id: str) -> _Plan:
-    limit = int(engine.max_chunk_tokens)
-    n = engine.count_tokens(normalize_text(text))
-    if n <= limit:
-        return _Plan([text], False)
-    if long_text == "truncate":
-        return _Plan([text], True)
-    if long_text == "error":
-        raise ContextTooLongError(
-            f"node {node_id} has {n} tokens, more than the compressor's max_chunk_tokens={limit}; split documents "
-            "into smaller chunks (e.g. SentenceSplitter(chunk_size=...)), or use long_text='split' or 'truncate'")
-    pieces = _split_text(engine, text, limit)
-    logger.debug("node %s has %d tokens; compressed as %d pieces", node_id, n, len(pieces))
-    return _Plan(pieces, False)
-
-
-def _compress_plans(engine: "CompressionEngine", plans: list[_Plan], batch_size: int) -> list[list[Any]]:
-    """StoreResults per plan; plain and truncated texts go through the store in one call each."""
-    out: list[list[Any]] = [[] for _ in plans]
-    for trunc in (False, True):
-        idx = [i for i, p in enumerate(plans) if p.truncate == trunc]
-        flat = [t for i in idx for t in plans[i].texts]
-        if not flat:
-            continue
-        results = engine.compress(flat, batch_size=batch_size, truncate=trunc)
-        pos = 0
-        for i in idx:
-            out[i] = results[pos: pos + len(plans[i].texts)]
-            pos += len(plans[i].texts)
-    return out
-
-
-def _compression_metadata(results: Sequence[Any]) -> dict[str, Any]:
-    comp = sum(r.context.k for r in results)
-    src = sum(r.context.source_tokens for r in results)
-    return {STORE_KEY: ",".join(r.key for r in results), COMPRESSED_TOKENS_KEY: comp, SOURCE_TOKENS_KEY: src,
-            RATIO_KEY: round(src / comp, 3) if comp else 0.0}
-
-
 def _hide(keys: Sequence[str], excluded: Sequence[str]) -> list[str]:
     return list(excluded) + [k for k in keys if k not in excluded]
+
+
+def _compress_nodes(engine: "CompressionEngine", nodes: Sequence[BaseNode],
+                    options: CompressionOptions) -> list[Optional[CompressedText]]:
+    return compress_texts(engine, [_node_text(n) for n in nodes], options, [n.node_id for n in nodes])
 
 
 # ---------------------------------------------------------------------------------- ingestion
 class CompressTransform(TransformComponent):
     """``IngestionPipeline`` step: compress node texts into the store, record keys in metadata.
 
-    Each node with text gets ``store_key``, ``compressed_tokens`` (k per piece),
-    ``source_tokens`` and ``compression_ratio`` in its metadata; those keys are excluded from
-    the LLM and embedding metadata views. The node text is not changed. Nodes without text
-    pass through untouched. A text longer than ``engine.max_chunk_tokens`` is split into
-    pieces (``store_key`` then lists their keys, comma-separated), truncated, or refused,
-    following ``long_text``.
+    Each node with text gets ``compressed`` (True), ``store_key`` (the first piece's key),
+    ``store_keys`` (all pieces' keys), ``compressed_tokens`` (k per piece), ``source_tokens``
+    and ``compression_ratio`` in its metadata -- the same metadata as the LangChain
+    integration; those keys are excluded from the LLM and embedding metadata views. The node
+    text is not changed. Nodes without text pass through untouched. A text longer than
+    ``engine.max_chunk_tokens`` is split into pieces (the same pieces, so the same keys, as in
+    LangChain), truncated, or refused, following ``on_long``.
 
     The serialised fields are plain settings (checkpoint name, base and compressor
     fingerprints, k, mode, store folder, options), so IngestionPipeline's cache key is stable
@@ -272,7 +194,12 @@ class CompressTransform(TransformComponent):
             engine after unpickling (e.g. in ``num_workers`` pipelines). Default: the engine's
             checkpoint name when known, else ``"custom"``.
         batch_size: chunks per encoder forward.
-        long_text: ``"split"`` (default), ``"truncate"`` or ``"error"``.
+        on_long: ``"split"`` (default), ``"truncate"`` or ``"error"`` (raise
+            :class:`~compressor_plugin.errors.ContextTooLongError`).
+        show_progress: a progress bar over the chunks being compressed (off by default).
+
+    Raises:
+        UnknownOptionError: an option that does not exist.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
@@ -284,14 +211,20 @@ class CompressTransform(TransformComponent):
     mode: str = Field(default="kv", description="'kv' or 'embedding'")
     store_dir: str = Field(default="", description="store folder")
     batch_size: int = Field(default=16, ge=1, description="chunks per encoder forward")
-    long_text: LongText = Field(default="split", description="'split', 'truncate' or 'error' for over-long texts")
+    on_long: OnLong = Field(default="split", description="'split', 'truncate' or 'error' for over-long texts")
+    # display only: left out of the serialised fields, so it never changes IngestionPipeline's cache key
+    show_progress: bool = Field(default=False, exclude=True, description="a progress bar over the chunks being compressed")
 
     _engine: Optional["CompressionEngine"] = PrivateAttr(default=None)
     _last_stats: dict[str, int] = PrivateAttr(default_factory=dict)
 
-    def __init__(self, engine: Optional["CompressionEngine"] = None, **data: Any):
-        _check_long_text(data.get("long_text", "split"))
+    def __init__(self, engine: Optional["CompressionEngine"] = None, /, **data: Any):
+        check_options(type(self).__name__, data, set(type(self).model_fields) | {"engine", "class_name"}, _RENAMED)
+        engine = data.pop("engine", engine)
+        CompressionOptions(on_long=data.get("on_long", "split"), batch_size=data.get("batch_size", 16),
+                           show_progress=data.get("show_progress", False))
         if engine is not None:
+            check_engine(engine)
             comp = engine.compressor
             data.setdefault("checkpoint", getattr(engine, "checkpoint", None) or "custom")
             data.update(base_fingerprint=comp.base.fingerprint, compressor_fingerprint=comp.fingerprint,
@@ -308,13 +241,14 @@ class CompressTransform(TransformComponent):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *,
-                        store: Any = None, device: Any = None, dtype: Any = None,
+                        store: Any = None, device: Any = None, dtype: Any = None, verbose: bool = False,
                         **kwargs: Any) -> "CompressTransform":
         """Load an engine from a checkpoint (shipped name or folder) and wrap it (``dtype`` as
         for :meth:`CompressedLLM.from_pretrained`)."""
         from ..engine import CompressionEngine
 
-        engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype)
+        engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype,
+                                                   verbose=verbose)
         kwargs.setdefault("checkpoint", str(checkpoint))
         return cls(engine, **kwargs)
 
@@ -353,43 +287,32 @@ class CompressTransform(TransformComponent):
                                f"fingerprint {engine.compressor.fingerprint} != {self.compressor_fingerprint})")
         return engine
 
-    def _select(self, nodes: Sequence[BaseNode]) -> tuple[list[int], list[str]]:
-        idx, texts = [], []
-        for i, node in enumerate(nodes):
-            text = _node_text(node)
-            if text.strip():
-                idx.append(i)
-                texts.append(text)
-        return idx, texts
+    def _options(self) -> CompressionOptions:
+        return CompressionOptions(on_long=self.on_long, batch_size=self.batch_size, show_progress=self.show_progress)
 
-    def _apply(self, nodes: Sequence[BaseNode], idx: list[int], plans: list[_Plan], results: list[list[Any]]) -> None:
-        hits = compressed = 0
-        for i, res in zip(idx, results):
-            node = nodes[i]
-            node.metadata.update(_compression_metadata(res))
-            node.excluded_llm_metadata_keys = _hide(COMPRESSION_METADATA_KEYS, node.excluded_llm_metadata_keys)
-            node.excluded_embed_metadata_keys = _hide(COMPRESSION_METADATA_KEYS, node.excluded_embed_metadata_keys)
-            hits += sum(1 for r in res if r.hit)
-            compressed += sum(1 for r in res if not r.hit)
-        self._last_stats = {"nodes": len(nodes), "compressed_nodes": len(idx), "chunks": sum(len(p.texts) for p in plans),
-                            "hits": hits, "compressed": compressed}
+    def _apply(self, nodes: Sequence[BaseNode], results: list[Optional[CompressedText]]) -> None:
+        hidden = COMPRESSION_METADATA_KEYS
+        chunks = hits = 0
+        for node, res in zip(nodes, results):
+            if res is None:
+                continue
+            node.metadata.update(res.metadata())
+            node.excluded_llm_metadata_keys = _hide(hidden, node.excluded_llm_metadata_keys)
+            node.excluded_embed_metadata_keys = _hide(hidden, node.excluded_embed_metadata_keys)
+            chunks += len(res.keys)
+            hits += res.hits
+        self._last_stats = {"nodes": len(nodes), "compressed_nodes": sum(r is not None for r in results),
+                            "chunks": chunks, "hits": hits, "compressed": chunks - hits}
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         """Compress the text of every node (through the store) and annotate the nodes in place."""
-        engine = self.engine
-        idx, texts = self._select(nodes)
-        plans = [_plan(engine, t, self.long_text, nodes[i].node_id) for i, t in zip(idx, texts)]
-        results = _compress_plans(engine, plans, self.batch_size)
-        self._apply(nodes, idx, plans, results)
+        self._apply(nodes, _compress_nodes(self.engine, nodes, self._options()))
         return nodes
 
     async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         """Async :meth:`__call__`: compression runs in a worker thread, off the event loop."""
         engine = self.engine
-        idx, texts = self._select(nodes)
-        plans = [_plan(engine, t, self.long_text, nodes[i].node_id) for i, t in zip(idx, texts)]
-        results = await asyncio.to_thread(_compress_plans, engine, plans, self.batch_size)
-        self._apply(nodes, idx, plans, results)
+        self._apply(nodes, await asyncio.to_thread(_compress_nodes, engine, nodes, self._options()))
         return nodes
 
 
@@ -398,28 +321,37 @@ class CompressedNodePostprocessor(BaseNodePostprocessor):
     """Swap retrieved nodes' text for markers of their compressed entries.
 
     Every returned node is a copy whose text is the marker (or, for a text longer than
-    ``engine.max_chunk_tokens`` with ``long_text="split"``, the markers of its pieces, back to
+    ``engine.max_chunk_tokens`` with ``on_long="split"``, the markers of its pieces, back to
     back). Scores, node ids, relationships and metadata are kept; the original text is stored
     in ``metadata["original_text"]`` and, like the compression keys, hidden from the LLM and
     embedding metadata views. Chunks not in the store yet are compressed on the spot. Nodes
-    with empty text, or whose text already holds markers, pass through unchanged.
+    with empty text, or that hold nothing but markers this engine issued, pass through
+    unchanged. Any other text is compressed as text, marker-shaped strings included: a
+    retrieved node cannot carry a marker into the prompt.
 
     Args:
-        engine: the compression engine; :class:`CompressedLLM` must use the same store.
+        engine: the compression engine (positional or keyword); :class:`CompressedLLM` must
+            use the same engine.
         batch_size: chunks per encoder forward for chunks that need compressing.
-        long_text: ``"split"`` (default), ``"truncate"`` (keep the first max_chunk_tokens
-            tokens) or ``"error"`` (raise ContextTooLongError).
+        on_long: ``"split"`` (default), ``"truncate"`` (keep the first max_chunk_tokens
+            tokens) or ``"error"`` (raise :class:`~compressor_plugin.errors.ContextTooLongError`).
+        show_progress: a progress bar over the chunks being compressed (off by default).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
     batch_size: int = Field(default=16, ge=1)
-    long_text: LongText = Field(default="split")
+    on_long: OnLong = Field(default="split")
+    show_progress: bool = Field(default=False)
 
     _engine: "CompressionEngine" = PrivateAttr()
 
-    def __init__(self, engine: "CompressionEngine", **data: Any):
-        _check_long_text(data.get("long_text", "split"))
+    def __init__(self, engine: Optional["CompressionEngine"] = None, /, **data: Any):
+        check_options(type(self).__name__, data, set(type(self).model_fields) | {"engine", "class_name"}, _RENAMED)
+        engine = check_engine(data.pop("engine", engine))
+        CompressionOptions(on_long=data.get("on_long", "split"), batch_size=data.get("batch_size", 16),
+                           show_progress=data.get("show_progress", False))
+        data.pop("class_name", None)
         super().__init__(**data)
         self._engine = engine
 
@@ -431,45 +363,35 @@ class CompressedNodePostprocessor(BaseNodePostprocessor):
     def engine(self) -> "CompressionEngine":
         return self._engine
 
-    def _select(self, nodes: list[NodeWithScore]) -> tuple[list[int], list[_Plan]]:
-        idx, plans = [], []
-        for i, nws in enumerate(nodes):
-            text = _node_text(nws.node)
-            if not text.strip() or has_markers(text):
-                continue
-            idx.append(i)
-            plans.append(_plan(self._engine, text, self.long_text, nws.node.node_id))
-        return idx, plans
+    def _options(self) -> CompressionOptions:
+        return CompressionOptions(on_long=self.on_long, batch_size=self.batch_size, show_progress=self.show_progress)
 
-    @staticmethod
-    def _swap(nodes: list[NodeWithScore], idx: list[int], results: list[list[Any]]) -> list[NodeWithScore]:
+    def _swap(self, nodes: list[NodeWithScore], results: list[Optional[CompressedText]]) -> list[NodeWithScore]:
         out = list(nodes)
-        for i, res in zip(idx, results):
-            nws = nodes[i]
+        hidden = (ORIGINAL_TEXT_KEY,) + COMPRESSION_METADATA_KEYS
+        for i, (nws, res) in enumerate(zip(nodes, results)):
             node = nws.node
             original = _node_text(node)
-            hidden = (ORIGINAL_TEXT_KEY,) + COMPRESSION_METADATA_KEYS
+            if res is None or self._engine.own_marker_keys(original) is not None:
+                continue  # no text, or already this engine's markers
             copy = node.model_copy(update={
-                "metadata": {**node.metadata, ORIGINAL_TEXT_KEY: original, **_compression_metadata(res)},
+                "metadata": {**node.metadata, ORIGINAL_TEXT_KEY: original, **res.metadata()},
                 "excluded_llm_metadata_keys": _hide(hidden, node.excluded_llm_metadata_keys),
                 "excluded_embed_metadata_keys": _hide(hidden, node.excluded_embed_metadata_keys),
                 "relationships": dict(node.relationships),
             })
-            copy.set_content("".join(make_marker(r.key) for r in res))
+            copy.set_content(res.marker_text)
             out[i] = NodeWithScore(node=copy, score=nws.score)
         return out
 
     def _postprocess_nodes(self, nodes: list[NodeWithScore],
                            query_bundle: Optional[QueryBundle] = None) -> list[NodeWithScore]:
-        idx, plans = self._select(nodes)
-        results = _compress_plans(self._engine, plans, self.batch_size)
-        return self._swap(nodes, idx, results)
+        return self._swap(nodes, _compress_nodes(self._engine, [n.node for n in nodes], self._options()))
 
     async def _apostprocess_nodes(self, nodes: list[NodeWithScore],
                                   query_bundle: Optional[QueryBundle] = None) -> list[NodeWithScore]:
-        idx, plans = self._select(nodes)
-        results = await asyncio.to_thread(_compress_plans, self._engine, plans, self.batch_size)
-        return self._swap(nodes, idx, results)
+        results = await asyncio.to_thread(_compress_nodes, self._engine, [n.node for n in nodes], self._options())
+        return self._swap(nodes, results)
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -515,7 +437,9 @@ class CompressedLLM(CustomLLM):
     Prompts (strings or chat messages) may hold markers made by
     :class:`CompressedNodePostprocessor` or ``engine.mark``; each is replaced by the stored
     K/V at its place. A marker whose context is missing falls back to the chunk text kept in
-    the store, with a :class:`~compressor_plugin.markers.MissingChunkWarning`.
+    the store, with a :class:`~compressor_plugin.errors.MissingChunkWarning`. Only markers
+    this engine issued are resolved: a marker typed by a user or carried in a retrieved
+    text stays plain text (:class:`~compressor_plugin.errors.UnauthorizedMarkerWarning`).
 
     ``complete`` sends the prompt as plain text; ``chat`` renders messages with the model's
     chat template. With ``is_chat_model=True`` (default) query engines use ``chat``.
@@ -526,8 +450,10 @@ class CompressedLLM(CustomLLM):
     :attr:`last_usage`. Streams carry it on a final response with an empty delta.
 
     Args:
-        engine: the compression engine (its store must be the postprocessor's).
-        max_new_tokens: generation limit (also ``metadata.num_output``).
+        engine: the compression engine (positional or keyword; the postprocessor's engine).
+        max_new_tokens: generation limit (also ``metadata.num_output``); ``max_tokens`` is
+            accepted as another name. Any option that does not exist raises
+            :class:`~compressor_plugin.errors.UnknownOptionError`.
         temperature, top_p, seed: sampling (``temperature=0``: greedy).
         stop: stop strings (e.g. ``["\\n"]`` for short answers).
         context_window: for LlamaIndex's prompt helper; default the model's position limit.
@@ -538,7 +464,7 @@ class CompressedLLM(CustomLLM):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
-    max_new_tokens: int = Field(default=256, ge=0, description="maximum tokens to generate")
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=0, description="maximum tokens to generate")
     temperature: float = Field(default=0.0, ge=0.0, description="sampling temperature (0 = greedy)")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, description="stop strings")
@@ -551,7 +477,13 @@ class CompressedLLM(CustomLLM):
     _last_result: Optional["EngineResult"] = PrivateAttr(default=None)
     _last_usage: Optional[dict[str, Any]] = PrivateAttr(default=None)
 
-    def __init__(self, engine: "CompressionEngine", **data: Any):
+    def __init__(self, engine: Optional["CompressionEngine"] = None, /, **data: Any):
+        name = type(self).__name__
+        merge_alias(name, data, "max_new_tokens", "max_tokens")  # the name LangChain and OpenAI use
+        allowed = set(type(self).model_fields) | {"engine", "class_name"}
+        check_options(name, data, allowed, {"max_output_tokens": "max_new_tokens"})
+        engine = check_engine(data.pop("engine", engine))
+        data.pop("class_name", None)
         base = engine.compressor.base
         if data.get("context_window") is None:
             data["context_window"] = int(getattr(base.model.config, "max_position_embeddings", 0) or 8192)
@@ -564,7 +496,7 @@ class CompressedLLM(CustomLLM):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
-                        dtype: Any = None, **kwargs: Any) -> "CompressedLLM":
+                        dtype: Any = None, verbose: bool = False, **kwargs: Any) -> "CompressedLLM":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
 
         Args:
@@ -574,11 +506,13 @@ class CompressedLLM(CustomLLM):
             device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
             dtype: ``"bfloat16"``, ``"float32"``... (default: bf16 on GPU, fp32 on CPU); part of
                 every store key, so use the dtype the store was built with.
+            verbose: show the model loader's progress bars and messages.
             **kwargs: :class:`CompressedLLM` settings.
         """
         from ..engine import CompressionEngine
 
-        return cls(CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype), **kwargs)
+        engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose)
+        return cls(engine, **kwargs)
 
     @classmethod
     def class_name(cls) -> str:
@@ -649,7 +583,7 @@ class CompressedLLM(CustomLLM):
 
     def _record(self, result: "EngineResult") -> dict[str, Any]:
         usage: dict[str, Any] = {**result.usage(), "resolved_chunks": result.resolved_chunks,
-                                 "fallback_chunks": result.fallback_chunks}
+                                 "fallback_chunks": result.fallback_chunks, "rejected_chunks": result.rejected_chunks}
         self._last_result = result
         self._last_usage = usage
         return usage

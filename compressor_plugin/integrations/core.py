@@ -1,0 +1,317 @@
+"""The framework-free core both integrations wrap: options, splitting, compression, metadata.
+
+LangChain's and LlamaIndex's classes only translate their framework's types (documents,
+nodes, messages) to and from what is here, so the two behave the same:
+
+* the same options with the same names and checks (:class:`CompressionOptions`: ``on_long``,
+  ``batch_size``, ``show_progress``; :func:`check_options` rejects unknown names);
+* the same splitter (:func:`split_text`), so one text gets the same store keys in both;
+* the same metadata (:meth:`CompressedText.metadata`: ``store_key`` is the first piece's key,
+  ``store_keys`` all of them);
+* the same rule for text that already holds markers (:func:`plan_text`): only markers this
+  engine issued are kept as markers; any other text is compressed as text, so a retrieved
+  document can never carry a marker into a prompt.
+
+Nothing here imports LangChain or LlamaIndex.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
+
+from ..errors import ContextTooLongError, InvalidOptionError, UnknownOptionError
+from ..store import normalize_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import CompressionEngine
+
+__all__ = [
+    "COMPRESSION_METADATA_KEYS",
+    "CompressedText",
+    "CompressionOptions",
+    "OnLong",
+    "ON_LONG_CHOICES",
+    "check_options",
+    "compress_texts",
+    "acompress_texts",
+    "plan_text",
+    "split_text",
+]
+
+OnLong = Literal["split", "truncate", "error"]
+ON_LONG_CHOICES: tuple[str, ...] = ("split", "truncate", "error")
+
+#: Metadata keys written for every compressed document or node (see :meth:`CompressedText.metadata`).
+COMPRESSION_METADATA_KEYS: tuple[str, ...] = (
+    "compressed", "store_key", "store_keys", "compressed_tokens", "source_tokens", "compression_ratio", "truncated")
+
+#: Default decoding settings shared by both frameworks' LLM classes.
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+# ---------------------------------------------------------------------------------- options
+def check_options(owner: str, given: Iterable[str], allowed: Iterable[str],
+                  renamed: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`UnknownOptionError` for the first name in ``given`` not in ``allowed``.
+
+    ``renamed`` maps old or other-framework names to the option to use instead.
+    """
+    allowed = set(allowed)
+    renamed = dict(renamed or {})
+    for name in given:
+        if name in allowed:
+            continue
+        if name in renamed:
+            hint = f"; use {renamed[name]!r}"
+        else:
+            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+        public = sorted(a for a in allowed if not a.startswith("_"))
+        raise UnknownOptionError(f"{owner} has no option {name!r}{hint} (options: {', '.join(public)})", option=name)
+
+
+def merge_alias(owner: str, data: dict[str, Any], name: str, alias: str) -> None:
+    """Move ``data[alias]`` to ``data[name]`` (in place); both given and different is an error."""
+    if alias not in data:
+        return
+    value = data.pop(alias)
+    if name in data and data[name] != value:
+        raise InvalidOptionError(f"{owner} got {name}={data[name]!r} and its alias {alias}={value!r}; give one",
+                                 option=alias)
+    data[name] = value
+
+
+@dataclass(frozen=True)
+class CompressionOptions:
+    """How documents are compressed; the same options in both frameworks.
+
+    Args:
+        on_long: a text longer than ``engine.max_chunk_tokens``: ``"split"`` (default)
+            compresses consecutive pieces of at most that many tokens, cut at token boundaries,
+            and puts their markers back to back (one document stays one document);
+            ``"truncate"`` compresses the first ``max_chunk_tokens`` tokens only; ``"error"``
+            raises :class:`~compressor_plugin.errors.ContextTooLongError`.
+        batch_size: chunks per encoder forward pass (store misses only).
+        show_progress: a progress bar (tqdm) over the chunks being compressed; off by default.
+    """
+
+    on_long: OnLong = "split"
+    batch_size: int = 16
+    show_progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.on_long not in ON_LONG_CHOICES:
+            raise InvalidOptionError(f"on_long must be one of {ON_LONG_CHOICES}, not {self.on_long!r}",
+                                     option="on_long")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InvalidOptionError(f"batch_size must be an integer of at least 1, not {self.batch_size!r}",
+                                     option="batch_size")
+        if not isinstance(self.show_progress, bool):
+            raise InvalidOptionError(f"show_progress must be True or False, not {self.show_progress!r}",
+                                     option="show_progress")
+
+
+def check_engine(engine: Any) -> "CompressionEngine":
+    from ..engine import CompressionEngine
+
+    if not isinstance(engine, CompressionEngine):
+        raise TypeError(f"engine must be a CompressionEngine, not {type(engine).__name__}")
+    return engine
+
+
+# ---------------------------------------------------------------------------------- splitting
+#: Where a piece may end: after a sentence's closing punctuation (and quotes or brackets), or a blank line.
+_BOUNDARY_RE = re.compile(r"""[.!?。！？]+["'”’)\]]*\s+|\n\s*\n""")
+
+
+def split_text(engine: "CompressionEngine", text: str, limit: int) -> list[str]:
+    """Consecutive pieces of ``text`` of at most ``limit`` tokens each, cut at sentence ends where possible.
+
+    Sentences (and paragraphs) are packed greedily into pieces; a sentence longer than
+    ``limit`` on its own is cut at token boundaries. Every character of ``text`` lands in
+    exactly one piece (whitespace-only pieces are dropped), so a document is compressed
+    whole and in order, and the same text always gives the same pieces.
+    """
+    units: list[str] = []
+    pos = 0
+    for m in _BOUNDARY_RE.finditer(text):
+        units.append(text[pos:m.end()])
+        pos = m.end()
+    if pos < len(text):
+        units.append(text[pos:])
+    fits = lambda piece: engine.count_tokens(normalize_text(piece)) <= limit  # noqa: E731
+    pieces: list[str] = []
+    current = ""
+    for unit in units:
+        if current and fits(current + unit):
+            current += unit
+            continue
+        if current:
+            pieces.append(current)
+        if fits(unit):
+            current = unit
+        else:  # one sentence over the limit: cut it at token boundaries, keep its tail open
+            cut = _split_tokens(engine, unit, limit)
+            pieces.extend(cut[:-1])
+            current = cut[-1] if cut else ""
+    if current:
+        pieces.append(current)
+    return [p for p in pieces if normalize_text(p)]
+
+
+def _split_tokens(engine: "CompressionEngine", text: str, limit: int) -> list[str]:
+    """Consecutive pieces of ``text`` of at most ``limit`` tokens each, cut at token boundaries."""
+    tok = engine.tokenizer
+    if not getattr(tok, "is_fast", False):  # slow tokenizers have no offsets: decode windows of ids
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        windows = (tok.decode(ids[s:s + limit]) for s in range(0, len(ids), limit))
+        return [w for w in windows if normalize_text(w)]
+    starts = [a for a, _ in tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    n = len(starts)
+    pieces: list[str] = []
+    start = 0
+    while start < n:
+        end = min(start + limit, n)
+        while True:
+            piece = text[starts[start]:(starts[end] if end < n else len(text))]
+            # re-tokenising a piece can give a different count at its edges: shrink until it fits
+            if end - start <= 1 or engine.count_tokens(normalize_text(piece)) <= limit:
+                break
+            end -= max(1, (end - start) // 64)
+        if normalize_text(piece):
+            pieces.append(piece)
+        start = end
+    return pieces
+
+
+@dataclass
+class Plan:
+    """What to do with one text: compress ``texts``, keep the issued markers ``own_keys``, or skip."""
+
+    texts: list[str] = field(default_factory=list)
+    own_keys: list[str] | None = None
+
+
+def plan_text(engine: "CompressionEngine", text: str, on_long: str, document_id: str | None = None) -> Plan:
+    """The pieces to compress for one document's text.
+
+    A text that is nothing but markers this engine issued (the output of an earlier step of
+    the same pipeline) keeps them. Any other text is compressed as text, marker-shaped
+    strings included: a marker inside a retrieved document is data, never a reference.
+    Empty text gives an empty plan.
+
+    Raises:
+        ContextTooLongError: ``on_long="error"`` and the text is over ``engine.max_chunk_tokens``.
+    """
+    own = engine.own_marker_keys(text) if text else None
+    if own is not None:
+        return Plan(own_keys=own)
+    norm = normalize_text(text or "")
+    if not norm:
+        return Plan()
+    limit = int(engine.max_chunk_tokens)
+    n = engine.count_tokens(norm)
+    if n <= limit or on_long == "truncate":
+        return Plan([norm])
+    if on_long == "error":
+        raise ContextTooLongError(
+            f"document {document_id!r} has {n} tokens, more than the compressor's limit of {limit}; split documents "
+            "before compressing them, or use on_long='split' or on_long='truncate'",
+            tokens=n, limit=limit, document_id=document_id, option="on_long")
+    return Plan(split_text(engine, norm, limit))
+
+
+# ---------------------------------------------------------------------------------- compression
+@dataclass
+class CompressedText:
+    """One document's compressed pieces: keys, markers and counts."""
+
+    keys: list[str]
+    markers: list[str]
+    compressed_tokens: int
+    source_tokens: int
+    truncated: bool = False
+    hits: int = 0
+
+    @property
+    def marker_text(self) -> str:
+        """The markers back to back: the document's text in prompts."""
+        return "".join(self.markers)
+
+    def metadata(self) -> dict[str, Any]:
+        """The metadata both integrations add: ``compressed`` (True), ``store_key`` (the first
+        piece's key), ``store_keys`` (all, in order), ``compressed_tokens`` (k per piece),
+        ``source_tokens``, ``compression_ratio`` and, only when text was cut, ``truncated``."""
+        meta: dict[str, Any] = {
+            "compressed": True,
+            "store_key": self.keys[0],
+            "store_keys": list(self.keys),
+            "compressed_tokens": self.compressed_tokens,
+            "source_tokens": self.source_tokens,
+            "compression_ratio": self.source_tokens / self.compressed_tokens if self.compressed_tokens else 0.0,
+        }
+        if self.truncated:
+            meta["truncated"] = True
+        return meta
+
+
+def _assemble(engine: "CompressionEngine", plans: Sequence[Plan], results: Sequence[Any]) -> list[CompressedText | None]:
+    out: list[CompressedText | None] = []
+    pos = 0
+    for plan in plans:
+        if plan.own_keys is not None:
+            out.append(_own(engine, plan.own_keys))
+            continue
+        if not plan.texts:
+            out.append(None)
+            continue
+        mine = results[pos:pos + len(plan.texts)]
+        pos += len(plan.texts)
+        keys = [r.key for r in mine]
+        out.append(CompressedText(
+            keys=keys, markers=[engine.marker(k) for k in keys],
+            compressed_tokens=sum(r.context.k for r in mine),
+            source_tokens=sum(r.context.source_tokens for r in mine),
+            truncated=any(r.context.extra.get("truncated") == "true" for r in mine),
+            hits=sum(1 for r in mine if r.hit)))
+    return out
+
+
+def _own(engine: "CompressionEngine", keys: list[str]) -> CompressedText:
+    """Counts for markers this engine issued earlier (from the store's entries when present)."""
+    comp = src = 0
+    for key in keys:
+        ctx = engine.store.get(key)
+        comp += ctx.k if ctx is not None else int(engine.compressor.k)
+        src += ctx.source_tokens if ctx is not None else 0
+    return CompressedText(keys=list(keys), markers=[engine.marker(k) for k in keys], compressed_tokens=comp,
+                          source_tokens=src, hits=len(keys))
+
+
+def compress_texts(engine: "CompressionEngine", texts: Sequence[str], options: CompressionOptions,
+                   document_ids: Sequence[str | None] | None = None) -> list[CompressedText | None]:
+    """Compress each text through the engine's store; one result per text (None: no text).
+
+    All pieces of all texts go to the store in one call (misses compressed in batches, with a
+    progress bar when ``options.show_progress``).
+
+    Raises:
+        ContextTooLongError: ``options.on_long == "error"`` and a text is too long (its
+            ``document_id`` is set).
+    """
+    ids = list(document_ids) if document_ids is not None else [None] * len(texts)
+    plans = [plan_text(engine, t, options.on_long, i) for t, i in zip(texts, ids)]
+    flat = [t for p in plans for t in p.texts]
+    results = engine.compress(flat, batch_size=options.batch_size, truncate=options.on_long == "truncate",
+                              progress=options.show_progress) if flat else []
+    return _assemble(engine, plans, results)
+
+
+async def acompress_texts(engine: "CompressionEngine", texts: Sequence[str], options: CompressionOptions,
+                          document_ids: Sequence[str | None] | None = None) -> list[CompressedText | None]:
+    """:func:`compress_texts` in a worker thread (the event loop stays free)."""
+    return await asyncio.to_thread(compress_texts, engine, texts, options, document_ids)
