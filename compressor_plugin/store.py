@@ -391,7 +391,7 @@ class ContextStore:
         self._init_args = {"directory": directory, "size_limit": size_limit, "expire": expire,
                            "text_size_limit": text_size_limit, "min_file_size": min_file_size, "timeout": timeout,
                            "read_only": read_only, "max_value_size": max_value_size,
-                           "remote": remote if remote is None or isinstance(remote, str) else remote.url}
+                           "remote": remote}
         self.directory = Path(directory).expanduser() if directory is not None else default_store_dir()
         self.expire = float(expire) if expire is not None else None
         if not read_only:

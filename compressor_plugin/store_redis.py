@@ -68,6 +68,9 @@ class RedisTier:
         if ttl is not None and float(ttl) <= 0:
             raise ValueError("ttl must be a positive number of seconds, or None")
         self.url = url
+        self._settings = {"prefix": prefix, "ttl": ttl, "socket_timeout": socket_timeout,
+                          "connect_timeout": connect_timeout, "retry_after": retry_after,
+                          "max_value_size": max_value_size, "has_client": client is not None}
         self.prefix = prefix
         self.ttl = ttl
         self.retry_after = float(retry_after)
@@ -173,6 +176,13 @@ class RedisTier:
         except self._errors:  # pragma: no cover
             pass
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickles as its settings (for worker processes); the receiver connects on its own.
+        settings = dict(self._settings)
+        if settings.pop("has_client"):
+            raise TypeError("a RedisTier built around an existing client cannot be pickled; pass a URL")
+        return (_rebuild, (self.url, settings))
+
     def __repr__(self) -> str:
         parts = urlsplit(self.url)
         netloc = parts.netloc
@@ -181,3 +191,7 @@ class RedisTier:
         return f"RedisTier({urlunsplit(parts._replace(netloc=netloc))!r})"
 
     __str__ = __repr__
+
+
+def _rebuild(url: str, settings: dict[str, Any]) -> RedisTier:
+    return RedisTier(url, **settings)
