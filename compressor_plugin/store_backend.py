@@ -392,9 +392,16 @@ class SafeCache:
         return result
 
     def _touch(self, rowid: int) -> None:
+        con = self._con
         try:
-            self._con.execute("UPDATE Cache SET access_time = ?, access_count = access_count + 1 WHERE rowid = ?",
-                              (time.time(), rowid))
+            # A hit does not wait for another process's write lock: it gives up on the LRU
+            # update after 50 ms instead of waiting up to ``timeout``.
+            con.execute("PRAGMA busy_timeout = 50")
+            try:
+                con.execute("UPDATE Cache SET access_time = ?, access_count = access_count + 1 WHERE rowid = ?",
+                            (time.time(), rowid))
+            finally:
+                con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
         except sqlite3.Error as exc:
             if not getattr(self._local, "touch_warned", False):
                 self._local.touch_warned = True
