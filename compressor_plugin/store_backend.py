@@ -50,7 +50,8 @@ MODE_RAW, MODE_BINARY, MODE_TEXT, MODE_PICKLE = 1, 2, 3, 4
 #: Hard ceiling on one value read back from the folder, whatever the database says.
 DEFAULT_MAX_VALUE_SIZE = 256 * 2**20
 _FILE_RE = re.compile(r"([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{28}\.val)")
-_TMP_SUFFIX = ".tmp"
+#: Databases up to this size get an integrity check (PRAGMA quick_check) when opened.
+_QUICK_CHECK_MAX = 64 * 2**20
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS Settings (key TEXT NOT NULL UNIQUE, value)",
     "CREATE TABLE IF NOT EXISTS Cache (rowid INTEGER PRIMARY KEY, key BLOB, raw INTEGER, store_time REAL,"
@@ -165,12 +166,15 @@ class SafeCache:
             if not (self.directory / DBNAME).is_file():
                 raise FileNotFoundError(f"no store database {self.directory / DBNAME} to open read-only")
         else:
-            con = self._con
-            con.execute("PRAGMA auto_vacuum = FULL")  # only takes effect on a new database
-            con.execute("PRAGMA journal_mode=WAL")
-            with self._write_txn(con):
-                for statement in _SCHEMA:
-                    con.execute(statement)
+            try:
+                self._create_schema()
+            except sqlite3.OperationalError as exc:
+                if not (is_read_only(exc) and (self.directory / DBNAME).is_file()):
+                    raise
+                # The database file itself cannot be written (e.g. another user's store): serve it read-only.
+                logger.info("store database %s is not writable (%s); opening it read-only", self.directory, exc)
+                self.close()
+                self.read_only = True
         try:
             self._con.execute("SELECT count(*) FROM Cache WHERE rowid = -1").fetchall()  # fail early if unreadable
         except sqlite3.OperationalError:
@@ -181,9 +185,21 @@ class SafeCache:
             self.close()
             self._immutable = True
             self._con.execute("SELECT count(*) FROM Cache WHERE rowid = -1").fetchall()
-        ((check,), *_) = self._con.execute("PRAGMA quick_check(1)").fetchall()
-        if check != "ok":
-            raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
+        if (self.directory / DBNAME).stat().st_size <= _QUICK_CHECK_MAX:
+            # A damaged small database is reported at open, not entry by entry. Larger ones
+            # (many values kept inside SQLite) are not read through at every open; verify()
+            # and the reads themselves find their damage.
+            ((check,), *_) = self._con.execute("PRAGMA quick_check(1)").fetchall()
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
+
+    def _create_schema(self) -> None:
+        con = self._con
+        con.execute("PRAGMA auto_vacuum = FULL")  # only takes effect on a new database
+        con.execute("PRAGMA journal_mode=WAL")
+        with self._write_txn(con):
+            for statement in _SCHEMA:
+                con.execute(statement)
 
     # ------------------------------------------------------------------ connections
     @property

@@ -137,7 +137,7 @@ class RedisTier:
             for name, data in items:
                 if type(data) is not bytes:
                     raise TypeError(f"the remote tier keeps bytes only, not {type(data).__name__}")
-                pipe.set(self.prefix + name, data, ex=int(self.ttl) if self.ttl else None)
+                pipe.set(self.prefix + name, data, px=max(1, int(self.ttl * 1000)) if self.ttl else None)
             pipe.execute()
         except self._errors as exc:
             self._failed("a write", exc)

@@ -480,3 +480,19 @@ def test_byte_value_larger_than_the_limit_is_refused_without_evicting(tmp_path):
             view.mset([("huge", b"\0" * (3 * 2**20))])
         assert all(store.get(k) is not None for _, k, _ in stored)
         assert view.mget(["huge"]) == [None]
+
+
+def test_unwritable_database_file_opens_read_only(tmp_path, monkeypatch):
+    folder = tmp_path / "theirs"
+    text, key, ctx = make(0)
+    with ContextStore(folder) as store:
+        store.put(key, ctx, text)
+
+    def refuse(self):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(store_backend.SafeCache, "_create_schema", refuse)
+    with ContextStore(folder) as ro:
+        assert ro.read_only and same(ro.get(key), ctx)
+        with pytest.raises(StoreReadOnlyError, match=str(folder)):
+            ro.put(key, ctx, text)

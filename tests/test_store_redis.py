@@ -253,3 +253,19 @@ def test_unreachable_server_from_the_start(tmp_path, caplog):
 def test_password_is_not_printed():
     tier = RedisTier("redis://:s3cret@127.0.0.1:1/0")
     assert "s3cret" not in repr(tier) and "127.0.0.1:1" in repr(tier)
+
+
+def test_ttl_expires_remote_entries(tmp_path, redis_url, prefix):
+    text, key, c = make(4)
+    with ContextStore(tmp_path / "a", remote=RedisTier(redis_url, prefix=prefix, ttl=0.3)) as a:
+        a.put(key, c, text)
+    with ContextStore(tmp_path / "b", remote=RedisTier(redis_url, prefix=prefix)) as b:
+        time.sleep(0.6)
+        assert b.get(key) is None
+
+
+def test_cache_build_takes_a_remote_url():
+    from compressor_plugin.cli import build_parser
+
+    args = build_parser().parse_args(["cache", "build", "--input", "docs.jsonl", "--remote", "redis://h:6379/0"])
+    assert args.remote == "redis://h:6379/0"
