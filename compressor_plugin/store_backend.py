@@ -61,7 +61,25 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS Cache_expire_time ON Cache (expire_time)",
     "CREATE INDEX IF NOT EXISTS Cache_access_time ON Cache (access_time)",
     "CREATE INDEX IF NOT EXISTS Cache_store_time ON Cache (store_time)",
+    # Running total of the value-file bytes, kept by triggers, so a write need not sum the
+    # whole table to know whether to evict. Sizes are cast and defaulted so that a planted
+    # row with a NULL or text size cannot make deletes (and so eviction or clear) fail.
+    "CREATE TABLE IF NOT EXISTS StoreVolume (id INTEGER PRIMARY KEY CHECK (id = 0), file_bytes INTEGER)",
+    "INSERT INTO StoreVolume SELECT 0, (SELECT coalesce(sum(CAST(size AS INTEGER)), 0) FROM Cache"
+    " WHERE filename IS NOT NULL) WHERE NOT EXISTS (SELECT 1 FROM StoreVolume WHERE id = 0)",
+    "CREATE TRIGGER IF NOT EXISTS StoreVolume_insert AFTER INSERT ON Cache FOR EACH ROW WHEN NEW.filename IS NOT NULL"
+    " BEGIN UPDATE StoreVolume SET file_bytes = file_bytes + coalesce(CAST(NEW.size AS INTEGER), 0) WHERE id = 0;"
+    " END",
+    "CREATE TRIGGER IF NOT EXISTS StoreVolume_delete AFTER DELETE ON Cache FOR EACH ROW WHEN OLD.filename IS NOT NULL"
+    " BEGIN UPDATE StoreVolume SET file_bytes = file_bytes - coalesce(CAST(OLD.size AS INTEGER), 0) WHERE id = 0;"
+    " END",
+    "CREATE TRIGGER IF NOT EXISTS StoreVolume_update AFTER UPDATE OF size, filename ON Cache FOR EACH ROW BEGIN"
+    " UPDATE StoreVolume SET file_bytes = file_bytes"
+    " - (CASE WHEN OLD.filename IS NOT NULL THEN coalesce(CAST(OLD.size AS INTEGER), 0) ELSE 0 END)"
+    " + (CASE WHEN NEW.filename IS NOT NULL THEN coalesce(CAST(NEW.size AS INTEGER), 0) ELSE 0 END) WHERE id = 0;"
+    " END",
 )
+_EXACT_FILE_BYTES = "SELECT coalesce(sum(CAST(size AS INTEGER)), 0) FROM Cache WHERE filename IS NOT NULL"
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -440,10 +458,17 @@ class SafeCache:
 
     def volume(self) -> int:
         """Bytes used: values plus database pages."""
-        ((pages,),) = self._con.execute("PRAGMA page_count").fetchall()
-        ((page_size,),) = self._con.execute("PRAGMA page_size").fetchall()
-        ((values,),) = self._con.execute("SELECT coalesce(sum(size), 0) FROM Cache WHERE filename IS NOT NULL")
-        return int(pages) * int(page_size) + max(int(values), 0)
+        return self._volume(self._con)
+
+    def _volume(self, con: sqlite3.Connection) -> int:
+        ((pages,),) = con.execute("PRAGMA page_count").fetchall()
+        ((page_size,),) = con.execute("PRAGMA page_size").fetchall()
+        try:
+            row = con.execute("SELECT file_bytes FROM StoreVolume WHERE id = 0").fetchone()
+        except sqlite3.OperationalError:  # a database this version has not opened for writing yet
+            row = None
+        values = row[0] if row is not None and isinstance(row[0], int) else con.execute(_EXACT_FILE_BYTES).fetchone()[0]
+        return int(pages) * int(page_size) + max(int(values or 0), 0)
 
     # ------------------------------------------------------------------ writes
     def set_many(self, entries: Iterable[tuple[str, bytes]], *, expire: float | None = None) -> int:
@@ -518,10 +543,7 @@ class SafeCache:
         if self.eviction_policy == "none":
             return []
         order = "access_time" if self.eviction_policy == "least-recently-used" else "store_time"
-        ((pages,),) = con.execute("PRAGMA page_count").fetchall()
-        ((page_size,),) = con.execute("PRAGMA page_size").fetchall()
-        ((values,),) = con.execute("SELECT coalesce(sum(size), 0) FROM Cache WHERE filename IS NOT NULL").fetchall()
-        over = int(pages) * int(page_size) + int(values) - self.size_limit
+        over = self._volume(con) - self.size_limit
         files: list[str | None] = []
         while over > 0:
             rows = con.execute(f"SELECT rowid, size, filename FROM Cache ORDER BY {order} LIMIT 10").fetchall()
@@ -530,11 +552,10 @@ class SafeCache:
             for rowid, size, filename in rows:
                 con.execute("DELETE FROM Cache WHERE rowid = ?", (rowid,))
                 files.append(filename)
-                over -= int(size or 0) if filename is not None else 0
+                # A value inside SQLite frees its pages at commit (auto_vacuum); count it alike.
+                over -= size if isinstance(size, int) else 0
                 if over <= 0:
                     break
-            if all(f is None for _, _, f in rows):  # rows in SQLite pages: their space is reused, not returned
-                over -= sum(int(s or 0) for _, s, _ in rows)
         return files
 
     def delete(self, name: str, retry: bool = False) -> bool:
@@ -639,4 +660,6 @@ class SafeCache:
             with self._write_txn() as con:
                 con.executemany("DELETE FROM Cache WHERE rowid = ?", [(r,) for r in bad])
         out["orphan_files"] = self._remove_value_files(keep)
+        with self._write_txn() as con:  # resynchronise the running total (other clients may have skipped it)
+            con.execute(f"UPDATE StoreVolume SET file_bytes = ({_EXACT_FILE_BYTES}) WHERE id = 0")
         return out

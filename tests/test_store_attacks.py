@@ -496,3 +496,31 @@ def test_unwritable_database_file_opens_read_only(tmp_path, monkeypatch):
         assert ro.read_only and same(ro.get(key), ctx)
         with pytest.raises(StoreReadOnlyError, match=str(folder)):
             ro.put(key, ctx, text)
+
+
+def test_planted_rows_with_odd_sizes_cannot_block_deletes_or_eviction(tmp_path):
+    with ContextStore(tmp_path / "s", size_limit=300_000, min_file_size=0) as store:
+        plant_row(store, "bytes:a", filename="aa/bb/" + "7" * 28 + ".val", size=None, access_time=0.0)
+        plant_row(store, "bytes:b", filename="aa/bb/" + "8" * 28 + ".val", size="lots", access_time=0.0)
+        for i in range(30):  # forces eviction of the planted rows
+            text, key, ctx = make(i)
+            store.put(key, ctx, text)
+        assert "bytes:a" not in store._kv and "bytes:b" not in store._kv
+        plant_row(store, "bytes:c", filename="aa/bb/" + "9" * 28 + ".val", size=None)
+        assert store.delete_bytes("c")
+        assert store.clear() > 0
+
+
+def test_running_volume_total_matches_the_table(fstore):
+    exact = store_backend._EXACT_FILE_BYTES
+    for i in range(6):
+        text, key, ctx = make(i)
+        fstore.put(key, ctx, text)
+    fstore.put(make(0)[1], make(7)[2], None)  # an overwrite
+    fstore.delete(make(1)[1])
+    fstore.put_bytes("x", b"1" * 100)
+    fstore.delete_bytes("x")
+    con = fstore._kv._con
+    ((total,),) = con.execute("SELECT file_bytes FROM StoreVolume").fetchall()
+    ((expected,),) = con.execute(exact).fetchall()
+    assert total == expected > 0
