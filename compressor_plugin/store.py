@@ -353,7 +353,7 @@ class ContextStore:
         timeout: seconds to wait for another process's SQLite lock before giving up.
         read_only: serve reads only; every write raises :class:`StoreReadOnlyError`. A store on
             a read-only volume (or a folder this user cannot write) opens read-only by itself.
-        max_value_size: the largest single value read or written (default 256 MiB): rows and
+        max_value_size: the largest single value read or written (default 64 MiB): rows and
             files claiming more are refused unread.
         remote: a shared tier behind the local folder: a ``redis://`` / ``rediss://`` /
             ``unix://`` URL or a :class:`~compressor_plugin.store_redis.RedisTier`. Local misses

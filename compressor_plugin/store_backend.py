@@ -48,7 +48,7 @@ DBNAME = "cache.db"  # diskcache's database file name
 #: diskcache's value modes: bytes in SQLite, bytes in a file, text in a file, pickle.
 MODE_RAW, MODE_BINARY, MODE_TEXT, MODE_PICKLE = 1, 2, 3, 4
 #: Hard ceiling on one value read back from the folder, whatever the database says.
-DEFAULT_MAX_VALUE_SIZE = 256 * 2**20
+DEFAULT_MAX_VALUE_SIZE = 64 * 2**20  # a k=16 fp32 context of an 80-layer, 8-KV-head model is ~10 MiB
 _FILE_RE = re.compile(r"([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{28}\.val)")
 #: Databases up to this size get an integrity check (PRAGMA quick_check) when opened.
 _QUICK_CHECK_MAX = 64 * 2**20
