@@ -61,6 +61,7 @@ from .store_backend import (
     RefusedValue,
     SafeCache,
     StoreError,
+    StoreFormatError,
     StoreReadOnlyError,
     StoreWriteError,
     ValueTooLargeError,
@@ -101,10 +102,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _MARKER_FILE = "store.json"
 _MARKER_FORMAT = "compressor_plugin.ContextStore"
-
-
-class StoreFormatError(StoreError, ValueError):
-    """The folder is not a store this version can open, or its database is damaged."""
 
 
 # ---------------------------------------------------------------------------------- keys
@@ -453,9 +450,12 @@ class ContextStore:
     def _write_marker(self, limits: dict[str, int]) -> None:
         marker = self.directory / _MARKER_FILE
         info = {"format": _MARKER_FORMAT, "version": STORE_FORMAT_VERSION, **limits}
-        tmp = marker.with_name(f"{_MARKER_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp = marker.with_name(f"{_MARKER_FILE}.{os.urandom(8).hex()}.tmp")
         try:
-            tmp.write_text(json.dumps(info) + "\n")
+            # O_EXCL | O_NOFOLLOW: never write through a planted symlink.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(info) + "\n")
             os.replace(tmp, marker)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

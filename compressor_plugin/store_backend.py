@@ -87,6 +87,10 @@ class StoreError(Exception):
     """Base class of the store's own errors."""
 
 
+class StoreFormatError(StoreError, ValueError):
+    """The folder is not a store this version can open, or its database is damaged."""
+
+
 class StoreReadOnlyError(StoreError, PermissionError):
     """A write to a store opened read-only (or found on a read-only volume)."""
 
@@ -180,6 +184,7 @@ class SafeCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             if not _folder_writable(self.directory):
                 self.read_only = True
+        self._check_not_linked()
         if self.read_only:
             if not (self.directory / DBNAME).is_file():
                 raise FileNotFoundError(f"no store database {self.directory / DBNAME} to open read-only")
@@ -218,6 +223,25 @@ class SafeCache:
         with self._write_txn(con):
             for statement in _SCHEMA:
                 con.execute(statement)
+
+    def _check_not_linked(self) -> None:
+        """Refuse a folder, database or SQLite side file that is a symlink or not a regular file.
+
+        SQLite follows symlinks: a planted ``cache.db`` (or ``-wal``/``-shm``) link would make
+        it write to a file outside the folder.
+        """
+        if self.directory.is_symlink() or not self.directory.is_dir():
+            raise StoreFormatError(f"{self.directory} is a symlink or not a folder; a store folder must be a real "
+                                   "folder inside the store")
+        for name in (DBNAME, DBNAME + "-wal", DBNAME + "-shm", DBNAME + "-journal"):
+            path = self.directory / name
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreFormatError(f"{path} is a symlink or not a regular file; refusing to open it. Remove it "
+                                       "if the store is yours (its entries can be recomputed)")
 
     # ------------------------------------------------------------------ connections
     @property
@@ -417,6 +441,11 @@ class SafeCache:
                 result = self.read_file(filename, size)
             except ValueError as exc:
                 result = RefusedValue(str(exc))
+            except FileNotFoundError:
+                # Removed meanwhile (an overwrite or eviction in another process that committed
+                # after this row was read): a plain miss. The current row may be a good one, so
+                # it is not reported as bad; verify() removes rows whose file stays missing.
+                return default
             except OSError as exc:
                 result = RefusedValue(f"value file {filename!r} cannot be read: {exc}")
         else:

@@ -524,3 +524,36 @@ def test_running_volume_total_matches_the_table(fstore):
     ((total,),) = con.execute("SELECT file_bytes FROM StoreVolume").fetchall()
     ((expected,),) = con.execute(exact).fetchall()
     assert total == expected > 0
+
+
+@pytest.mark.parametrize("link", ["cache.db", "cache.db-wal", "folder"])
+def test_symlinked_database_or_folder_is_refused(tmp_path, link):
+    folder = tmp_path / "s"
+    ContextStore(folder).close()
+    victim = tmp_path / "outside.db"
+    victim.write_bytes(b"someone else's file")
+    contexts = folder / "contexts"
+    if link == "folder":
+        (tmp_path / "elsewhere").mkdir()
+        for p in contexts.iterdir():
+            p.unlink()
+        contexts.rmdir()
+        contexts.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    else:
+        (contexts / link).unlink(missing_ok=True)
+        (contexts / link).symlink_to(victim)
+    with pytest.raises(store_mod.StoreFormatError, match="symlink"):
+        ContextStore(folder)
+    assert victim.read_bytes() == b"someone else's file"
+    if link == "folder":
+        assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_value_file_removed_meanwhile_is_a_plain_miss(fstore):
+    text, key, ctx = make(0)
+    fstore.put(key, ctx, text)
+    [path] = (fstore.directory / "contexts").rglob("*.val")
+    path.unlink()  # as an overwrite in another process would, between reading the row and the file
+    assert fstore.get(key) is None
+    assert key in fstore  # not reported as bad: the row may already name a newer file
+    assert fstore.verify()["files_fixed"] == 1 and key not in fstore
