@@ -547,7 +547,7 @@ class SafeCache:
                         con.execute("INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count,"
                                     " tag, size, mode, filename, value) VALUES (?, 1, ?, ?, ?, 0, NULL, ?, ?, ?, ?)",
                                     (name, now, expire_time, now, size, mode, filename, value))
-                replaced.extend(self._cull(con))
+                replaced.extend(self._cull(con, protect=now))
         except BaseException as exc:
             for filename in written:
                 self.remove_file(filename)
@@ -567,15 +567,21 @@ class SafeCache:
         self.set_many([(name, data)], expire=expire)
         return True
 
-    def _cull(self, con: sqlite3.Connection) -> list[str | None]:
-        """Evict (inside the caller's transaction) until under the size limit; returns files to remove."""
+    def _cull(self, con: sqlite3.Connection, protect: float | None = None) -> list[str | None]:
+        """Evict (inside the caller's transaction) until under the size limit; returns files to remove.
+
+        Rows stored at time ``protect`` (the batch being written) are never evicted, so a
+        write is kept even when the database pages alone fill the limit (the limit is then
+        exceeded by that batch).
+        """
         if self.eviction_policy == "none":
             return []
         order = "access_time" if self.eviction_policy == "least-recently-used" else "store_time"
         over = self._volume(con) - self.size_limit
         files: list[str | None] = []
         while over > 0:
-            rows = con.execute(f"SELECT rowid, size, filename FROM Cache ORDER BY {order} LIMIT 10").fetchall()
+            rows = con.execute(f"SELECT rowid, size, filename FROM Cache WHERE store_time IS NOT ? ORDER BY {order} "
+                               "LIMIT 10", (protect,)).fetchall()
             if not rows:
                 break
             for rowid, size, filename in rows:

@@ -341,8 +341,8 @@ def test_overwrite_that_fails_before_commit_keeps_the_old_entry(fstore, monkeypa
     files_before = value_files(fstore)
     real = store_backend.SafeCache._cull
 
-    def crash(self, con):  # inside the transaction, after the row was replaced
-        real(self, con)
+    def crash(self, con, **kwargs):  # inside the transaction, after the row was replaced
+        real(self, con, **kwargs)
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(store_backend.SafeCache, "_cull", crash)
@@ -557,3 +557,13 @@ def test_value_file_removed_meanwhile_is_a_plain_miss(fstore):
     assert fstore.get(key) is None
     assert key in fstore  # not reported as bad: the row may already name a newer file
     assert fstore.verify()["files_fixed"] == 1 and key not in fstore
+
+
+def test_a_write_survives_its_own_eviction_when_the_limit_is_tiny(tmp_path):
+    # The database pages alone are over this limit: older entries go, the one just written stays.
+    with ContextStore(tmp_path / "tiny", size_limit=20_000, min_file_size=0) as store:
+        for i in range(3):
+            text, key, ctx = make(i)
+            store.put(key, ctx, text)
+            assert same(store.get(key), ctx)
+        assert len(store) == 1

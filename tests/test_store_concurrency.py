@@ -167,8 +167,8 @@ def _stalled_writer(directory: str, stage: str, ready: "mp.Event") -> None:
     else:
         real_cull = SafeCache._cull
 
-        def stalled_cull(self, con):  # runs inside the write transaction, after the row is written
-            files = real_cull(self, con)
+        def stalled_cull(self, con, **kwargs):  # runs inside the write transaction, after the row is written
+            files = real_cull(self, con, **kwargs)
             if str(self.directory).endswith("contexts"):
                 ready.set()
                 time.sleep(600)
