@@ -50,6 +50,8 @@ MODE_RAW, MODE_BINARY, MODE_TEXT, MODE_PICKLE = 1, 2, 3, 4
 #: Hard ceiling on one value read back from the folder, whatever the database says.
 DEFAULT_MAX_VALUE_SIZE = 64 * 2**20  # a k=16 fp32 context of an 80-layer, 8-KV-head model is ~10 MiB
 _FILE_RE = re.compile(r"([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{28}\.val)")
+#: Longest key listed by iterkeys (longer ones are planted; clear() removes them).
+_MAX_KEY_LENGTH = 2**16
 #: Databases up to this size get an integrity check (PRAGMA quick_check) when opened.
 _QUICK_CHECK_MAX = 64 * 2**20
 _SCHEMA = (
@@ -477,10 +479,21 @@ class SafeCache:
         return row is not None
 
     def iterkeys(self) -> Iterator[Any]:
-        """Every key, in insertion order: str keys as they are, keys in pickle form as :data:`FOREIGN_KEY`."""
-        rows = self._con.execute("SELECT key, raw FROM Cache ORDER BY rowid").fetchall()
-        for key, raw in rows:
-            yield key if raw == 1 and isinstance(key, str) else FOREIGN_KEY
+        """Every key, in insertion order: str keys as they are, keys in pickle form (or absurdly long) as :data:`FOREIGN_KEY`.
+
+        Reads the table in pages of 1,000 rows, so memory stays bounded however many rows
+        the database holds, and rows added or removed meanwhile do not disturb the walk.
+        """
+        last = None
+        while True:
+            rows = self._con.execute(
+                "SELECT rowid, CASE WHEN length(key) <= ? THEN key END, raw FROM Cache WHERE ? IS NULL OR rowid > ?"
+                " ORDER BY rowid LIMIT 1000", (_MAX_KEY_LENGTH, last, last)).fetchall()
+            if not rows:
+                return
+            for rowid, key, raw in rows:
+                yield key if raw == 1 and isinstance(key, str) else FOREIGN_KEY
+            last = rows[-1][0]
 
     def __len__(self) -> int:
         return int(self._con.execute("SELECT count(*) FROM Cache").fetchone()[0])

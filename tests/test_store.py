@@ -551,3 +551,10 @@ def test_reopening_keeps_the_saved_size_limit(tmp_path):
         assert s.size_limit == 64 * 2**30
     with ContextStore(tmp_path / "s") as s:
         assert s.size_limit == 64 * 2**30
+
+
+def test_keys_are_listed_in_pages(tmp_path):
+    with ContextStore(tmp_path / "many") as store:
+        store._kv.set_many([(f"bytes:k{i:05d}", b"v") for i in range(2500)])
+        assert list(store.byte_keys()) == [f"k{i:05d}" for i in range(2500)]
+        assert store.stats()["byte_entries"] == 2500
