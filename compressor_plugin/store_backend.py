@@ -212,8 +212,8 @@ class SafeCache:
             self._con.execute("SELECT count(*) FROM Cache WHERE rowid = -1").fetchall()
         if (self.directory / DBNAME).stat().st_size <= _QUICK_CHECK_MAX:
             # A damaged small database is reported at open, not entry by entry. Larger ones
-            # (many values kept inside SQLite) are not read through at every open; verify()
-            # and the reads themselves find their damage.
+            # (many values kept inside SQLite) are not read through at every open: a read
+            # that meets their damage is logged and treated as a miss.
             ((check,), *_) = self._con.execute("PRAGMA quick_check(1)").fetchall()
             if check != "ok":
                 raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
