@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import sqlite3
@@ -194,7 +195,8 @@ def check_context_fields(ctx: CompressedContext) -> None:
         ValueError: naming the field: ``source_tokens < 0``, ``k < 1``, an empty dimension, a
             non-floating dtype, NaN or infinite values, empty fingerprints or a non-string extra.
     """
-    if not isinstance(ctx.source_tokens, int) or ctx.source_tokens < 0:
+    tokens = ctx.source_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 0:
         raise ValueError(f"source_tokens is {ctx.source_tokens!r}; it must be an integer >= 0")
     if ctx.k < 1:
         raise ValueError(f"k is {ctx.k}; it must be at least 1")
