@@ -362,10 +362,21 @@ class SafeCache:
         """Write ``data`` to a new value file; returns its relative name. No partial file is left."""
         hex_name = os.urandom(16).hex()
         a, b, name = hex_name[:2], hex_name[2:4], hex_name[4:] + ".val"
-        dfd = self._open_dir((a, b), create=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        for attempt in range(10):
+            # Another process removing the last file of ab/cd also removes the emptied
+            # folders; if that happens between creating them and creating the file, retry.
+            dfd = -1
+            try:
+                dfd = self._open_dir((a, b), create=True)
+                fd = os.open(name, flags, 0o644, dir_fd=dfd)
+                break
+            except FileNotFoundError:
+                if dfd >= 0:
+                    os.close(dfd)
+                if attempt == 9:
+                    raise
         try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                         0o644, dir_fd=dfd)
             try:
                 view = memoryview(data)
                 while view:

@@ -567,3 +567,21 @@ def test_a_write_survives_its_own_eviction_when_the_limit_is_tiny(tmp_path):
             store.put(key, ctx, text)
             assert same(store.get(key), ctx)
         assert len(store) == 1
+
+
+def test_write_retries_when_another_process_removes_the_new_folder(fstore, monkeypatch):
+    real = store_backend.SafeCache._open_dir
+    calls = []
+
+    def racing(self, parts, create=False):
+        fd = real(self, parts, create)
+        if create and not calls:  # as another process's remove_file would: the emptied folders go
+            calls.append(parts)
+            os.rmdir(self.directory / parts[0] / parts[1])
+            os.rmdir(self.directory / parts[0])
+        return fd
+
+    monkeypatch.setattr(store_backend.SafeCache, "_open_dir", racing)
+    text, key, ctx = make(0)
+    fstore.put(key, ctx, text)
+    assert calls and same(fstore.get(key), ctx)
