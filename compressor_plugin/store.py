@@ -204,7 +204,8 @@ def check_context_fields(ctx: CompressedContext) -> None:
         value = getattr(ctx, name)
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string, not {value!r}")
-    if not isinstance(ctx.extra, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in ctx.extra.items()):
+    extra = ctx.extra
+    if not isinstance(extra, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in extra.items()):
         raise ValueError("extra must map strings to strings")
     tensors = [ctx.keys, ctx.values] if ctx.mode == "kv" else [ctx.embeddings]
     for t in tensors:
@@ -220,7 +221,9 @@ def check_context_fields(ctx: CompressedContext) -> None:
 
 
 def encode_context(key: str, ctx: CompressedContext) -> bytes:
-    """The stored bytes of ``ctx`` under ``key``: :meth:`CompressedContext.to_bytes` with the key and entry digest in ``extra``.
+    """The stored bytes of ``ctx`` under ``key``.
+
+    :meth:`CompressedContext.to_bytes`, with the key and the entry digest recorded in ``extra``.
 
     Raises:
         ValueError: a field out of range (see :func:`check_context_fields`).

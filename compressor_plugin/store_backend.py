@@ -490,7 +490,7 @@ class SafeCache:
         return row is not None
 
     def iterkeys(self) -> Iterator[Any]:
-        """Every key, in insertion order: str keys as they are, keys in pickle form (or absurdly long) as :data:`FOREIGN_KEY`.
+        """Every key, in insertion order; keys in pickle form (or absurdly long) as :data:`FOREIGN_KEY`.
 
         Reads the table in pages of 1,000 rows, so memory stays bounded however many rows
         the database holds, and rows added or removed meanwhile do not disturb the walk.

@@ -29,7 +29,6 @@ from compressor_plugin.store import (
     ValueTooLargeError,
     context_key,
     decode_context,
-    encode_context,
     encode_text,
 )
 from compressor_plugin import store as store_mod

@@ -125,7 +125,8 @@ def _build(args: argparse.Namespace) -> int:
 
         compressor = Compressor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
         summary = build_cache(
-            args.input, _open(store, args.size_limit, args.remote), compressor, text_field=args.text_field, id_field=args.id_field,
+            args.input, _open(store, args.size_limit, args.remote), compressor, text_field=args.text_field,
+            id_field=args.id_field,
             chunk_tokens=args.chunk_tokens, overlap=args.overlap, batch_size=args.batch_size, map_path=args.map,
             limit=args.limit, writer_threads=args.writer_threads, progress=progress,
             merge_lora=not args.no_merge_lora, compile=args.compile)
