@@ -2,26 +2,35 @@
 
 A :class:`ContextStore` maps a content key (sha256 of everything that changes the compressed
 K/V) to a :class:`~compressor_plugin.context.CompressedContext`, so each chunk is compressed
-once and reused by every later query, by every process that opens the same folder.
+once and reused by every later query, by every process that opens the same folder, and (with
+a remote tier, :mod:`compressor_plugin.store_redis`) by every machine that shares the tier.
+
+This module only stores: keys, :meth:`ContextStore.get` / :meth:`~ContextStore.put` /
+:meth:`~ContextStore.put_many` / :meth:`~ContextStore.get_text` / :meth:`~ContextStore.delete` /
+:meth:`~ContextStore.keys`, and the entry format that every read is checked against.
+Compute-on-miss, the byte namespace of the LangChain view and maintenance (stats, verify,
+merge, clear) are recipes in :mod:`compressor_plugin.store_recipes`; the methods of the same
+names here delegate to them.
 
 Layout of a store folder::
 
-    store.json     format marker (written once)
-    contexts/      diskcache Cache: compressed contexts ("ctx:<key>") and raw byte entries
-                   ("bytes:<name>", used by the LangChain ByteStore view); LRU-evicted
-    texts/         diskcache Cache: the normalised text of each chunk ("text:<key>"), the
+    store.json     format marker and the size limits the store was created with
+    contexts/      SQLite + value files: compressed contexts ("ctx:<key>") and raw byte
+                   entries ("bytes:<name>", used by the LangChain ByteStore view); LRU-evicted
+    texts/         the same for the normalised text of each chunk ("text:<key>"), the
                    fallback used when a context is missing; evicted oldest-stored first
 
-Safety: diskcache pickles values that are not bytes, and unpickling data read from a folder
-other people can write runs their code (CVE-2025-69872). This store writes bytes only (the
-safetensors bytes of :meth:`CompressedContext.to_bytes`, UTF-8 text) through
-:class:`BytesOnlyDisk`, which refuses to store anything else and treats every value or key
-stored in pickle form as corrupt without ever unpickling it.
+Everything read back from the folder (or from a remote tier) is untrusted
+(:mod:`compressor_plugin.store_backend` says how files and rows are checked). A context entry
+is the safetensors bytes of :meth:`CompressedContext.to_bytes`, whose ``extra`` records the
+key it was stored under and an *entry digest*: sha256 over the key, every header field
+(mode, k, source tokens, fingerprints, extra, dtype, shapes) and the digest of the tensor
+data. Reads check that digest and the range of every field (k >= 1, source tokens >= 0,
+floating-point tensors with finite values). Texts carry a sha256 bound to their key. A bad
+entry is logged, deleted and reported as a miss; it never raises. Nothing is ever pickled.
 
-Integrity: every read is verified (safetensors structure, format version, sha256 of the
-tensor data, the key the entry was stored under). A bad entry is logged, deleted and
-reported as a miss; it never raises. The digest is not a signature: whoever can write the
-folder can still plant well-formed contexts with wrong numbers, so share a store only with
+The digests are not signatures: whoever can write the folder can still plant well-formed
+entries with wrong numbers (wrong answers, not code execution), so share a store only with
 people you would share the model with.
 """
 
@@ -32,47 +41,68 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import numbers
 import os
 import re
 import sqlite3
 import threading
 import unicodedata
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-import diskcache
 import torch
-from diskcache.core import DBNAME, MODE_BINARY, MODE_RAW, UNKNOWN
 
 from .context import FORMAT_VERSION as CONTEXT_FORMAT_VERSION
 from .context import CompressedContext
+from .store_backend import (
+    DEFAULT_MAX_VALUE_SIZE,
+    FOREIGN_KEY,
+    RefusedValue,
+    SafeCache,
+    StoreError,
+    StoreFormatError,
+    StoreReadOnlyError,
+    StoreWriteError,
+    ValueTooLargeError,
+    is_disk_full,
+    is_read_only,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .compressor import Compressor
+    from .store_recipes import ByteNamespace
+
+__all__ = [
+    "ContextStore", "StoreResult", "StoreError", "StoreFormatError", "StoreReadOnlyError", "StoreWriteError",
+    "ValueTooLargeError", "RefusedValue", "FOREIGN_KEY", "context_key", "normalize_text", "default_store_dir",
+    "encode_context", "decode_context", "encode_text", "decode_text", "DEFAULT_SIZE_LIMIT", "DEFAULT_MAX_VALUE_SIZE",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Version of the key derivation and folder layout; part of every key.
 STORE_FORMAT_VERSION = 1
-#: Default size limit of the context cache (diskcache's own default is a silent 1 GB).
+#: Default size limit of the context cache.
 DEFAULT_SIZE_LIMIT = 4 * 2**30
 #: Values at least this large are kept in their own file instead of inside SQLite.
 DEFAULT_MIN_FILE_SIZE = 32 * 2**10
 EVICTION_POLICY = "least-recently-used"
+TEXT_EVICTION_POLICY = "least-recently-stored"
+#: Size limits read from store.json are accepted only in this range (bytes).
+_SAVED_LIMIT_RANGE = (1, 2**50)
 
 _CTX = "ctx:"
 _TEXT = "text:"
 _BYTES = "bytes:"
 _KEY_FIELD = "store_key"  # recorded in CompressedContext.extra of every stored entry
+_DIGEST_FIELD = "store_digest"  # the entry digest, also in extra
+_TEXT_MAGIC = b"cpt1"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _MARKER_FILE = "store.json"
 _MARKER_FORMAT = "compressor_plugin.ContextStore"
-
-
-class StoreFormatError(ValueError):
-    """The folder is not a store this version can open."""
 
 
 # ---------------------------------------------------------------------------------- keys
@@ -138,73 +168,138 @@ def _check_key(key: str) -> None:
         raise ValueError(f"a store key is 64 lowercase hex characters (ContextStore.key_for), got {key!r}")
 
 
-# ---------------------------------------------------------------------------------- disk
-class RefusedValue:
-    """What :class:`BytesOnlyDisk` returns instead of a value it will not decode."""
+# ---------------------------------------------------------------------------------- entry format
+def _entry_digest(key: str, ctx: CompressedContext, tensor_digest: str, extra: dict[str, Any]) -> str:
+    """sha256 over the key, every header field and the tensor digest (which covers the data)."""
+    tensors = {"keys": ctx.keys, "values": ctx.values} if ctx.mode == "kv" else {"embeddings": ctx.embeddings}
+    payload = {
+        "key": key,
+        "mode": ctx.mode,
+        "k": ctx.k,
+        "source_tokens": ctx.source_tokens,
+        "base_fingerprint": ctx.base_fingerprint,
+        "compressor_fingerprint": ctx.compressor_fingerprint,
+        "extra": {name: value for name, value in extra.items() if name != _DIGEST_FIELD},
+        "tensors": {name: [str(t.dtype), list(t.shape)] for name, t in tensors.items()},
+        "tensor_digest": tensor_digest,
+        "context_format": CONTEXT_FORMAT_VERSION,
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
-    __slots__ = ("reason",)
 
-    def __init__(self, reason: str):
-        self.reason = reason
+def check_context_fields(ctx: CompressedContext) -> None:
+    """Range checks on every field of a context.
 
-    def __repr__(self) -> str:
-        return f"RefusedValue({self.reason!r})"
-
-
-#: Returned by :meth:`BytesOnlyDisk.get` for a key stored in pickle form (never unpickled).
-FOREIGN_KEY = RefusedValue("key stored in pickle form")
-
-
-class BytesOnlyDisk(diskcache.Disk):
-    """A :class:`diskcache.Disk` that stores bytes values and plain keys only, and never unpickles.
-
-    * ``store`` accepts ``bytes`` values only (raises ``TypeError`` for anything that
-      diskcache would pickle, and for str, int and float values).
-    * ``fetch`` returns bytes for values kept in SQLite or in a file; a value in pickle or
-      text mode (which this class never writes, so it was planted or written by another
-      program) comes back as a :class:`RefusedValue`, without ``pickle.load``.
-    * ``put`` refuses keys diskcache would pickle; ``get`` returns :data:`FOREIGN_KEY` for a
-      pickled key found while iterating, without unpickling it.
+    Raises:
+        ValueError: naming the field: ``source_tokens < 0``, ``k < 1``, an empty dimension, a
+            non-floating dtype, NaN or infinite values, empty fingerprints or a non-string extra.
     """
+    tokens = ctx.source_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 0:
+        raise ValueError(f"source_tokens is {ctx.source_tokens!r}; it must be an integer >= 0")
+    if ctx.k < 1:
+        raise ValueError(f"k is {ctx.k}; it must be at least 1")
+    for name in ("base_fingerprint", "compressor_fingerprint"):
+        value = getattr(ctx, name)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string, not {value!r}")
+    extra = ctx.extra
+    if not isinstance(extra, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in extra.items()):
+        raise ValueError("extra must map strings to strings")
+    tensors = [ctx.keys, ctx.values] if ctx.mode == "kv" else [ctx.embeddings]
+    for t in tensors:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"tensors must be floating point, not {t.dtype}")
+        if any(d < 1 for d in t.shape):
+            raise ValueError(f"tensor shape {tuple(t.shape)} has an empty dimension")
+        # min and max propagate NaN and show +-inf: one pass without a temporary, ~15x faster
+        # than isfinite().all() on the hit path.
+        lo, hi = t.aminmax()
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            raise ValueError("tensors hold NaN or infinite values")
 
-    def __init__(self, directory: str, min_file_size: int = DEFAULT_MIN_FILE_SIZE, pickle_protocol: int = 0,
-                 **_ignored: Any):
-        super().__init__(directory, min_file_size=min_file_size, pickle_protocol=pickle_protocol)
 
-    def put(self, key: Any) -> tuple[Any, bool]:
-        if type(key) not in (str, bytes, int, float):
-            raise TypeError(f"store keys are str, not {type(key).__name__}")
-        db_key, raw = super().put(key)
-        if not raw:  # an int outside SQLite's range would be pickled
-            raise TypeError(f"key {key!r} cannot be stored without pickling")
-        return db_key, raw
+def encode_context(key: str, ctx: CompressedContext) -> bytes:
+    """The stored bytes of ``ctx`` under ``key``.
 
-    def get(self, key: Any, raw: bool) -> Any:
-        if not raw:
-            return FOREIGN_KEY
-        return super().get(key, raw)
+    :meth:`CompressedContext.to_bytes`, with the key and the entry digest recorded in ``extra``.
 
-    def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[int, int, str | None, Any]:
-        if read or type(value) is not bytes:
-            raise TypeError(f"the store keeps bytes only, not {type(value).__name__}")
-        if len(value) < self.min_file_size:
-            return super().store(value, read, key=key)
-        # diskcache writes a bytes value by iterating over io.BytesIO, i.e. line by line: about
-        # one write() call per 256 bytes of binary data. One write for the whole value instead.
-        filename, full_path = self.filename(key, value)
-        self._write(full_path, iter((value,)), "xb")
-        return len(value), MODE_BINARY, filename, None
+    Raises:
+        ValueError: a field out of range (see :func:`check_context_fields`).
+    """
+    check_context_fields(ctx)
+    extra = {name: value for name, value in ctx.extra.items() if name not in (_KEY_FIELD, _DIGEST_FIELD)}
+    extra[_KEY_FIELD] = key
+    cpu = ctx.to("cpu")
+    tensor_digest = CompressedContext._digest(cpu._tensors())
+    extra[_DIGEST_FIELD] = _entry_digest(key, cpu, tensor_digest, extra)
+    return dataclasses.replace(cpu, extra=extra).to_bytes()
 
-    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
-        if read:
-            raise TypeError("file handles are not supported by this store")
-        if mode == MODE_BINARY:
-            return super().fetch(mode, filename, value, read)
-        if mode == MODE_RAW:
-            if isinstance(value, (bytes, memoryview)):
-                return bytes(value)
-            return RefusedValue(f"raw {type(value).__name__} value")
-        return RefusedValue(f"value stored in diskcache mode {mode} (pickle or text), refused")
+
+def _header_meta(data: bytes) -> dict[str, Any]:
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + header_len]).get("__metadata__")
+    if not isinstance(meta, dict):
+        raise ValueError("no metadata in the entry header")
+    return meta
+
+
+def decode_context(data: Any, key: str) -> CompressedContext:
+    """Parse and check stored bytes (from the folder or a remote tier); raise on anything wrong.
+
+    Checks the safetensors structure and tensor digest (:meth:`CompressedContext.from_bytes`),
+    the key the entry was written for, the entry digest over every header field, and the
+    range of every field.
+
+    Raises:
+        ValueError: naming what is wrong (the caller treats the entry as corrupt).
+    """
+    if isinstance(data, RefusedValue):
+        raise ValueError(data.reason)
+    if not isinstance(data, bytes):
+        raise ValueError(f"stored value is {type(data).__name__}, not bytes")
+    ctx = CompressedContext.from_bytes(data)
+    extra = dict(ctx.extra)
+    bound = extra.get(_KEY_FIELD)
+    if bound != key:
+        raise ValueError(f"entry was stored for key {bound!r}")
+    recorded = extra.get(_DIGEST_FIELD)
+    if recorded is None:
+        raise ValueError("entry has no entry digest (written by an older version of the store)")
+    if recorded != _entry_digest(key, ctx, _header_meta(data).get("digest"), extra):
+        raise ValueError("entry digest mismatch: the header (source tokens, fingerprints, extra, k, dtype or "
+                         "shapes) was changed")
+    check_context_fields(ctx)
+    ctx.extra = {name: value for name, value in extra.items() if name not in (_KEY_FIELD, _DIGEST_FIELD)}
+    return ctx
+
+
+def _text_digest(key: str, body: bytes) -> bytes:
+    return hashlib.sha256(key.encode("ascii") + b"\0" + body).digest()
+
+
+def encode_text(key: str, text: str) -> bytes:
+    """The stored bytes of a chunk's text: a 4-byte tag, sha256 of (key, text), the UTF-8 text."""
+    body = text.encode("utf-8")
+    return _TEXT_MAGIC + _text_digest(key, body) + body
+
+
+def decode_text(data: Any, key: str) -> str:
+    """The text in stored bytes, checked against its checksum and key.
+
+    Raises:
+        ValueError: refused, untagged, checksum mismatch (changed, or stored for another key),
+            or not UTF-8.
+    """
+    if isinstance(data, RefusedValue):
+        raise ValueError(data.reason)
+    if not isinstance(data, bytes) or len(data) < 36 or not data.startswith(_TEXT_MAGIC):
+        raise ValueError("not a checksummed text entry")
+    body = data[36:]
+    if data[4:36] != _text_digest(key, body):
+        raise ValueError("text checksum mismatch: the text was changed or belongs to another key")
+    return body.decode("utf-8")
 
 
 # ---------------------------------------------------------------------------------- store
@@ -231,6 +326,17 @@ def default_store_dir() -> Path:
     return cache_home() / "store"
 
 
+def _saved_limit(info: dict[str, Any], name: str, marker: Path) -> int | None:
+    value = info.get(name)
+    if value is None:
+        return None
+    lo, hi = _SAVED_LIMIT_RANGE
+    if type(value) is not int or not lo <= value <= hi:
+        logger.warning("%s: ignoring %s=%r (not an integer between %d and %d)", marker, name, value, lo, hi)
+        return None
+    return value
+
+
 class ContextStore:
     """On-disk, multi-process store of compressed chunks, keyed by content.
 
@@ -240,13 +346,21 @@ class ContextStore:
         size_limit: approximate bound, in bytes, on the context cache (values plus SQLite
             pages); least-recently-used entries are evicted as new ones are written. Default
             4 GiB (~5,800 k=16 contexts of the default model in fp32). The limit is saved in
-            the folder; ``None`` keeps the saved one (4 GiB for a new store).
+            ``store.json``; ``None`` keeps the saved one (4 GiB for a new store).
         expire: optional lifetime of entries, in seconds from when they were written.
         text_size_limit: bound on the chunk texts kept for fallback (default ``size_limit // 4``,
             at least 1 MiB; with ``size_limit=None`` the saved one); texts are evicted
             oldest-stored first, independently of their contexts.
         min_file_size: values at least this large get their own file; smaller ones live in SQLite.
         timeout: seconds to wait for another process's SQLite lock before giving up.
+        read_only: serve reads only; every write raises :class:`StoreReadOnlyError`. A store on
+            a read-only volume (or a folder this user cannot write) opens read-only by itself.
+        max_value_size: the largest single value read or written (default 64 MiB): rows and
+            files claiming more are refused unread.
+        remote: a shared tier behind the local folder: a ``redis://`` / ``rediss://`` /
+            ``unix://`` URL or a :class:`~compressor_plugin.store_redis.RedisTier`. Local misses
+            are looked up there (verified like local reads; hits are copied into the folder)
+            and writes go to both. An unreachable remote means misses, never an exception.
 
     Several threads and processes may use one folder at once (SQLite locking); the folder
     must be on a local filesystem, not NFS/SMB (see ``docs/store.md``).
@@ -267,58 +381,93 @@ class ContextStore:
         text_size_limit: int | None = None,
         min_file_size: int = DEFAULT_MIN_FILE_SIZE,
         timeout: float = 60.0,
+        read_only: bool = False,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        remote: Any = None,
     ):
-        for name, limit in (("size_limit", size_limit), ("text_size_limit", text_size_limit)):
+        for name, limit in (("size_limit", size_limit), ("text_size_limit", text_size_limit),
+                            ("max_value_size", max_value_size)):
             if limit is not None and int(limit) <= 0:
                 raise ValueError(f"{name} must be a positive number of bytes")
         if expire is not None and float(expire) <= 0:
             raise ValueError("expire must be a positive number of seconds, or None")
         self._init_args = {"directory": directory, "size_limit": size_limit, "expire": expire,
-                           "text_size_limit": text_size_limit, "min_file_size": min_file_size, "timeout": timeout}
+                           "text_size_limit": text_size_limit, "min_file_size": min_file_size, "timeout": timeout,
+                           "read_only": read_only, "max_value_size": max_value_size,
+                           "remote": remote}
         self.directory = Path(directory).expanduser() if directory is not None else default_store_dir()
         self.expire = float(expire) if expire is not None else None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._check_marker()
-        common = {"timeout": timeout, "disk": BytesOnlyDisk, "disk_min_file_size": int(min_file_size),
-                  "disk_pickle_protocol": 0, "cull_limit": 10, "tag_index": 0}
-        kv_dir, text_dir = self.directory / "contexts", self.directory / "texts"
-        kv_limits: dict[str, int] = {}
-        if size_limit is not None or not (kv_dir / DBNAME).exists():
-            kv_limits["size_limit"] = int(size_limit) if size_limit is not None else DEFAULT_SIZE_LIMIT
-        self._kv = _open_cache(kv_dir, eviction_policy=EVICTION_POLICY, statistics=1, **kv_limits, **common)
-        self.size_limit = int(self._kv.size_limit)
-        text_limits: dict[str, int] = {}
-        if text_size_limit is not None:
-            text_limits["size_limit"] = int(text_size_limit)
-        elif size_limit is not None or not (text_dir / DBNAME).exists():
-            text_limits["size_limit"] = max(self.size_limit // 4, 2**20)
-        self._text = _open_cache(text_dir, eviction_policy="least-recently-stored", statistics=0,
-                                 **text_limits, **common)
-        self.text_size_limit = int(self._text.size_limit)
+        if not read_only:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                if not (self.directory / _MARKER_FILE).is_file() or not is_read_only(exc):
+                    raise
+        saved = self._check_marker()
+        if size_limit is None:
+            size_limit = saved.get("size_limit") or DEFAULT_SIZE_LIMIT
+            if text_size_limit is None:
+                text_size_limit = saved.get("text_size_limit")
+        if text_size_limit is None:
+            text_size_limit = max(int(size_limit) // 4, 2**20)
+        self.size_limit, self.text_size_limit = int(size_limit), int(text_size_limit)
+        common = {"timeout": timeout, "min_file_size": int(min_file_size), "max_value_size": int(max_value_size),
+                  "read_only": read_only}
+        self._kv = _open_cache(self.directory / "contexts", size_limit=self.size_limit,
+                               eviction_policy=EVICTION_POLICY, **common)
+        self._text = _open_cache(self.directory / "texts", size_limit=self.text_size_limit,
+                                 eviction_policy=TEXT_EVICTION_POLICY, **common)
+        self.read_only = self._kv.read_only or self._text.read_only
+        if self.read_only:
+            self._kv.read_only = self._text.read_only = True
+        elif (saved.get("size_limit"), saved.get("text_size_limit")) != (self.size_limit, self.text_size_limit):
+            self._write_marker({"size_limit": self.size_limit, "text_size_limit": self.text_size_limit})
+        self.remote = _open_remote(remote)
         self._lock = threading.Lock()
         self._hits = 0
         self._misses = 0
         self._removed = 0
 
     # ------------------------------------------------------------------ folder marker
-    def _check_marker(self) -> None:
+    def _check_marker(self) -> dict[str, int]:
+        """Check store.json (writing it for a new folder); returns the saved size limits."""
         marker = self.directory / _MARKER_FILE
-        info = {"format": _MARKER_FORMAT, "version": STORE_FORMAT_VERSION}
-        if marker.is_file():
-            try:
-                found = json.loads(marker.read_text())
-            except (OSError, ValueError) as exc:
-                raise StoreFormatError(f"{marker} is unreadable: {exc}") from exc
-            if not isinstance(found, dict) or found.get("format") != _MARKER_FORMAT:
-                raise StoreFormatError(f"{self.directory} is not a compressor-plugin store ({marker} says otherwise)")
-            if found.get("version") != STORE_FORMAT_VERSION:
-                raise StoreFormatError(
-                    f"store {self.directory} has format version {found.get('version')!r}; this version reads "
-                    f"{STORE_FORMAT_VERSION}. Use another directory, or delete this one (its entries can be recomputed)")
-            return
-        tmp = marker.with_name(f"{_MARKER_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(info) + "\n")
-        os.replace(tmp, marker)
+        if not marker.is_file():
+            if self._init_args["read_only"]:
+                raise StoreFormatError(f"no compressor-plugin store at {self.directory} (no {_MARKER_FILE})")
+            self._write_marker({})
+            return {}
+        try:
+            if marker.stat().st_size > 2**16:
+                raise ValueError("file too large")
+            found = json.loads(marker.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreFormatError(f"{marker} is unreadable: {exc}") from exc
+        if not isinstance(found, dict) or found.get("format") != _MARKER_FORMAT:
+            raise StoreFormatError(f"{self.directory} is not a compressor-plugin store ({marker} says otherwise)")
+        if found.get("version") != STORE_FORMAT_VERSION:
+            raise StoreFormatError(
+                f"store {self.directory} has format version {found.get('version')!r}; this version reads "
+                f"{STORE_FORMAT_VERSION}. Use another directory, or delete this one (its entries can be recomputed)")
+        limits = {name: _saved_limit(found, name, marker) for name in ("size_limit", "text_size_limit")}
+        return {name: value for name, value in limits.items() if value is not None}
+
+    def _write_marker(self, limits: dict[str, int]) -> None:
+        marker = self.directory / _MARKER_FILE
+        info = {"format": _MARKER_FORMAT, "version": STORE_FORMAT_VERSION, **limits}
+        tmp = marker.with_name(f"{_MARKER_FILE}.{os.urandom(8).hex()}.tmp")
+        try:
+            # O_EXCL | O_NOFOLLOW: never write through a planted symlink.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(info) + "\n")
+            os.replace(tmp, marker)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if marker.is_file() and (is_disk_full(exc) or is_read_only(exc)):
+                logger.warning("could not save the size limits in %s: %s", marker, exc)
+                return
+            raise
 
     # ------------------------------------------------------------------ keys
     def key_for(self, text: str, compressor: "Compressor") -> str:
@@ -326,25 +475,27 @@ class ContextStore:
         return context_key(text, **_key_parts(compressor))
 
     # ------------------------------------------------------------------ low level
-    def _raw_get(self, cache: diskcache.Cache, name: str) -> Any:
-        """bytes, a RefusedValue, or None when absent (or the database stayed locked)."""
+    def _raw_get(self, cache: SafeCache, name: str, *, touch: bool = True) -> Any:
+        """bytes, a RefusedValue, or None when absent (or the database could not be read)."""
         try:
-            return cache.get(name, default=None, retry=False)
-        except diskcache.Timeout:
-            logger.warning("store %s is locked by another process; treating %s as a miss", self.directory, name)
+            return cache.get(name, default=None, touch=touch)
+        except sqlite3.OperationalError as exc:
+            logger.warning("store %s could not be read (%s); treating %s as a miss", self.directory, exc, name)
             return None
         except sqlite3.DatabaseError as exc:
             logger.warning("store %s cannot be read (%s); treating %s as a miss. `compressor-plugin cache "
                            "clear` or deleting the folder starts a fresh store", self.directory, exc, name)
             return None
 
-    def _discard(self, cache: diskcache.Cache, name: str, reason: str) -> None:
-        logger.warning("removing bad store entry %s in %s: %s", name, self.directory, reason)
+    def _discard(self, cache: SafeCache, name: str, reason: str) -> None:
+        logger.warning("removing bad store entry %s in %s: %s", name, cache.directory, reason)
         with self._lock:
             self._removed += 1
+        if cache.read_only:
+            return
         try:
-            cache.delete(name, retry=True)
-        except (OSError, sqlite3.Error) as exc:  # pragma: no cover - disk trouble
+            cache.delete(name)
+        except (OSError, sqlite3.Error) as exc:  # disk trouble: the entry stays a miss
             logger.warning("could not remove %s: %s", name, exc)
 
     def _count(self, hit: bool) -> None:
@@ -354,58 +505,85 @@ class ContextStore:
             else:
                 self._misses += 1
 
-    @staticmethod
-    def _decode(data: Any, key: str) -> CompressedContext:
-        """Parse and check a stored value; raise on anything wrong."""
-        if isinstance(data, RefusedValue):
-            raise ValueError(data.reason)
-        ctx = CompressedContext.from_bytes(data)
-        bound = ctx.extra.pop(_KEY_FIELD, None)
-        if bound != key:
-            raise ValueError(f"entry was stored for key {bound!r}")
-        return ctx
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise StoreReadOnlyError(f"store {self.directory} is open read-only; writes are refused")
+
+    def _keep_local(self, cache: SafeCache, name: str, data: bytes) -> None:
+        """Copy a verified remote value into the folder; failures only cost a later remote read."""
+        if self.read_only:
+            return
+        try:
+            cache.set_many([(name, data)], expire=self.expire)
+        except (OSError, sqlite3.Error, ValueError) as exc:
+            logger.debug("could not keep %s from the remote tier in %s: %s", name, self.directory, exc)
+
+    def _remote_get(self, name: str) -> bytes | None:
+        if self.remote is None:
+            return None
+        return self.remote.get(name)
 
     # ------------------------------------------------------------------ contexts
     def get(self, key: str, *, device: torch.device | str | None = None) -> CompressedContext | None:
         """The verified context stored under ``key``, or None.
 
         A missing, expired or bad entry is a miss: bad entries (corrupted, truncated, foreign
-        or pickled data, stored under another key) are logged, deleted and give None.
+        or pickled data, a changed header, out-of-range fields, stored under another key) are
+        logged, deleted and give None. With a remote tier, a local miss is looked up there;
+        a verified remote hit is also written into the folder.
         """
         _check_key(key)
-        data = self._raw_get(self._kv, _CTX + key)
-        if data is None:
-            self._count(False)
+        name = _CTX + key
+        data = self._raw_get(self._kv, name)
+        ctx = None
+        if data is not None:
+            try:
+                ctx = decode_context(data, key)
+            except Exception as exc:  # any failure to parse is a corrupt entry
+                self._discard(self._kv, name, str(exc))
+        if ctx is None and self.remote is not None:
+            remote = self._remote_get(name)
+            if remote is not None:
+                try:
+                    ctx = decode_context(remote, key)
+                except Exception as exc:
+                    logger.warning("ignoring bad entry %s from remote tier %s: %s", name, self.remote, exc)
+                else:
+                    self._keep_local(self._kv, name, remote)
+        self._count(ctx is not None)
+        if ctx is None:
             return None
-        try:
-            ctx = self._decode(data, key)
-        except Exception as exc:  # any failure to parse is a corrupt entry
-            self._discard(self._kv, _CTX + key, str(exc))
-            self._count(False)
-            return None
-        self._count(True)
         return ctx.to(device) if device is not None else ctx
 
     def put(self, key: str, ctx: CompressedContext, text: str | None = None) -> None:
         """Store ``ctx`` under ``key``, and ``text`` (normalised) beside it for fallback.
 
         Raises:
-            ValueError: ``key`` is malformed, or ``text`` is given and ``key`` is not the key
-                of that text with the context's model, compressor, k, mode and dtype.
+            ValueError: ``key`` is malformed, a field of ``ctx`` is out of range, or ``text``
+                is given and ``key`` is not the key of that text with the context's model,
+                compressor, k, mode and dtype.
             TypeError: ``ctx`` is not a CompressedContext.
+            StoreReadOnlyError: the store is read-only.
+            StoreWriteError: the write failed (disk full, I/O error); nothing was kept.
         """
         self.put_many([(key, ctx, text)])
 
     def put_many(self, items: Iterable[tuple[str, CompressedContext, str | None]]) -> int:
         """Store several ``(key, context, text-or-None)`` entries, as :meth:`put` does each.
 
-        Every entry is checked and serialised first; the entries are then written in one
-        database transaction per cache instead of one per entry, which is what makes bulk
-        writes (offline cache building) fast. Nothing is written if any entry is invalid.
+        Every entry is checked and serialised first; then the texts are written in one
+        transaction and the contexts in another. Nothing is written if any entry is invalid,
+        a failed transaction keeps nothing of its batch (and leaves no value files behind),
+        and an overwritten entry keeps its old value until the new one is committed. With a
+        remote tier the entries are also written there (a failure there is logged, not raised).
 
         Returns:
             The number of context bytes written.
+
+        Raises:
+            as :meth:`put`.
         """
+        self._check_writable()
         texts: list[tuple[str, bytes]] = []
         blobs: list[tuple[str, bytes]] = []
         for key, ctx, text in items:
@@ -420,38 +598,48 @@ class ContextStore:
                 if expected != key:
                     raise ValueError("key does not match this text and context (different text, base model, "
                                      "compressor, k, mode or dtype); compute it with ContextStore.key_for")
-                texts.append((_TEXT + key, norm.encode("utf-8")))
-            stored = dataclasses.replace(ctx, extra={**ctx.extra, _KEY_FIELD: key})
-            blobs.append((_CTX + key, stored.to_bytes()))
-        for cache, entries in ((self._text, texts), (self._kv, blobs)):
-            if entries:
-                with cache.transact(retry=True):
-                    for name, data in entries:
-                        cache.set(name, data, expire=self.expire, retry=True)
+                texts.append((_TEXT + key, encode_text(key, norm)))
+            blobs.append((_CTX + key, encode_context(key, ctx)))
+        if texts:
+            self._text.set_many(texts, expire=self.expire)
+        if blobs:
+            self._kv.set_many(blobs, expire=self.expire)
+        if self.remote is not None:
+            self.remote.set_many(texts + blobs)
         return sum(len(b) for _, b in blobs)
 
     def get_text(self, key: str) -> str | None:
-        """The normalised text of the chunk stored under ``key``, or None."""
+        """The normalised text of the chunk stored under ``key``, or None (also when its checksum fails)."""
         _check_key(key)
-        data = self._raw_get(self._text, _TEXT + key)
-        if data is None:
-            return None
-        try:
-            if isinstance(data, RefusedValue):
-                raise ValueError(data.reason)
-            return data.decode("utf-8")
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._discard(self._text, _TEXT + key, str(exc))
-            return None
+        name = _TEXT + key
+        data = self._raw_get(self._text, name)
+        if data is not None:
+            try:
+                return decode_text(data, key)
+            except (ValueError, UnicodeDecodeError) as exc:
+                self._discard(self._text, name, str(exc))
+        remote = self._remote_get(name)
+        if remote is not None:
+            try:
+                text = decode_text(remote, key)
+            except (ValueError, UnicodeDecodeError) as exc:
+                logger.warning("ignoring bad entry %s from remote tier %s: %s", name, self.remote, exc)
+            else:
+                self._keep_local(self._text, name, remote)
+                return text
+        return None
 
     def delete(self, key: str) -> bool:
-        """Remove a chunk's context and text; True if a context was there."""
+        """Remove a chunk's context and text (here and in the remote tier); True if a local context was there."""
         _check_key(key)
-        self._text.delete(_TEXT + key, retry=True)
-        return bool(self._kv.delete(_CTX + key, retry=True))
+        self._check_writable()
+        if self.remote is not None:
+            self.remote.delete(_TEXT + key, _CTX + key)
+        self._text.delete(_TEXT + key)
+        return bool(self._kv.delete(_CTX + key))
 
     def keys(self) -> Iterator[str]:
-        """Keys of the stored contexts (unverified; includes expired entries not yet evicted)."""
+        """Keys of the contexts in the folder (unverified; includes expired entries not yet removed)."""
         for name in self._kv.iterkeys():
             if isinstance(name, str) and name.startswith(_CTX):
                 yield name[len(_CTX):]
@@ -463,105 +651,12 @@ class ContextStore:
         """Number of stored contexts (counts keys: O(entries))."""
         return sum(1 for _ in self.keys())
 
-    # ------------------------------------------------------------------ compress through the store
-    def get_or_compress(
-        self,
-        texts: Sequence[str],
-        compressor: "Compressor",
-        *,
-        batch_size: int = 16,
-        truncate: bool = False,
-        progress: bool = False,
-        device: torch.device | str | None = None,
-    ) -> list[StoreResult]:
-        """Contexts of ``texts`` from the store, compressing (and storing) only the misses.
+    # ------------------------------------------------------------------ recipes (store_recipes.py)
+    def get_or_compress(self, texts: Sequence[str], compressor: "Compressor", **kwargs: Any) -> list[StoreResult]:
+        """Contexts of ``texts``, compressing and storing only the misses: :func:`store_recipes.get_or_compress`."""
+        from .store_recipes import get_or_compress
 
-        Texts are normalised (:func:`normalize_text`) before hashing and compressing; the same
-        text twice in one call is compressed once. Misses are compressed in batches of
-        ``batch_size`` (sorted by length) and stored after each batch, so an interrupted call
-        keeps its finished work. A failure to write the store is logged, not raised.
-
-        Args:
-            texts: chunk texts (non-empty after normalisation).
-            compressor: the compressor whose contexts are wanted.
-            truncate: passed to :meth:`Compressor.compress`.
-            progress: show a progress bar over the misses.
-            device: where returned contexts live; default the compressor's device.
-
-        Returns:
-            one :class:`StoreResult` per input text, in input order.
-
-        Raises:
-            CompressorError: a text is not a string or is empty; ContextTooLongError as
-                :meth:`Compressor.compress` raises it (the message names the input position).
-        """
-        from .compressor import CompressorError
-
-        if isinstance(texts, str):
-            raise CompressorError("pass a list of texts, not a single string")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
-        norm: list[str] = []
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise CompressorError(f"text {i} is {type(t).__name__}, not str")
-            n = normalize_text(t)
-            if not n:
-                raise CompressorError(f"text {i} is empty; there is nothing to compress")
-            norm.append(n)
-        target = torch.device(device) if device is not None else compressor.device
-        parts = _key_parts(compressor)
-        keys = [context_key(n, **parts) for n in norm]
-        first: dict[str, int] = {}
-        for i, key in enumerate(keys):
-            first.setdefault(key, i)
-        found: dict[str, CompressedContext] = {}
-        hits: set[str] = set()
-        for key in first:
-            ctx = self.get(key)
-            if ctx is not None:
-                found[key] = ctx
-                hits.add(key)
-        misses = sorted((k for k in first if k not in found), key=lambda k: len(norm[first[k]]))
-        bar = None
-        if progress and misses:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(misses), desc=f"compress k={compressor.k}", unit="chunk")
-        write_failed = False
-        try:
-            for s in range(0, len(misses), batch_size):
-                batch = misses[s: s + batch_size]
-                try:
-                    made = compressor.compress([norm[first[k]] for k in batch], batch_size=batch_size,
-                                               truncate=truncate, progress=False)
-                except CompressorError as exc:
-                    renamed = _reindex_error(exc, [first[k] for k in batch])
-                    if renamed is exc:
-                        raise
-                    raise renamed from None
-                for key, ctx in zip(batch, made):
-                    found[key] = ctx
-                    if write_failed:
-                        continue
-                    try:
-                        self.put(key, ctx, norm[first[key]])
-                    except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
-                        write_failed = True
-                        logger.warning("could not write to store %s (%s); continuing without caching",
-                                       self.directory, exc)
-                if bar is not None:
-                    bar.update(len(batch))
-        finally:
-            if bar is not None:
-                bar.close()
-        out = []
-        for key in keys:
-            ctx = found[key]
-            if ctx.device != target:
-                ctx = found[key] = ctx.to(target)
-            out.append(StoreResult(key, ctx, key in hits))
-        return out
+        return get_or_compress(self, texts, compressor, **kwargs)
 
     async def aget_or_compress(self, texts: Sequence[str], compressor: "Compressor", **kwargs: Any) -> list[StoreResult]:
         """:meth:`get_or_compress` in a worker thread, off the event loop."""
@@ -571,215 +666,56 @@ class ContextStore:
         """:meth:`get` in a worker thread."""
         return await asyncio.to_thread(self.get, key, **kwargs)
 
-    # ------------------------------------------------------------------ raw bytes namespace
+    @property
+    def bytes(self) -> "ByteNamespace":
+        """The raw-bytes namespace of this store (:class:`store_recipes.ByteNamespace`)."""
+        from .store_recipes import ByteNamespace
+
+        return ByteNamespace(self)
+
     def get_bytes(self, name: str) -> bytes | None:
-        """Bytes stored with :meth:`put_bytes` (the LangChain ByteStore view), or None."""
-        data = self._raw_get(self._kv, _BYTES + _check_name(name))
-        if isinstance(data, RefusedValue):
-            self._discard(self._kv, _BYTES + name, data.reason)
-            return None
-        return data
+        """Bytes stored with :meth:`put_bytes`, or None (:meth:`ByteNamespace.get`)."""
+        return self.bytes.get(name)
 
     def put_bytes(self, name: str, data: bytes) -> None:
-        """Store arbitrary bytes under ``name`` in a namespace apart from contexts (never pickled)."""
-        if isinstance(data, (bytearray, memoryview)):
-            data = bytes(data)
-        if not isinstance(data, bytes):
-            raise TypeError(f"values must be bytes, not {type(data).__name__}")
-        self._kv.set(_BYTES + _check_name(name), data, expire=self.expire, retry=True)
+        """Store bytes under ``name`` in a namespace apart from contexts (:meth:`ByteNamespace.put`)."""
+        self.bytes.put(name, data)
 
     def delete_bytes(self, name: str) -> bool:
         """Remove a :meth:`put_bytes` entry; True if it was there."""
-        return bool(self._kv.delete(_BYTES + _check_name(name), retry=True))
+        return self.bytes.delete(name)
 
     def byte_keys(self, prefix: str | None = None) -> Iterator[str]:
         """Names of :meth:`put_bytes` entries, optionally only those starting with ``prefix``."""
-        start = _BYTES + (prefix or "")
-        for name in self._kv.iterkeys():
-            if isinstance(name, str) and name.startswith(start):
-                yield name[len(_BYTES):]
+        return self.bytes.keys(prefix)
 
-    # ------------------------------------------------------------------ maintenance
     def stats(self) -> dict[str, Any]:
-        """Counts and sizes.
+        """Counts and sizes: :func:`store_recipes.store_stats`."""
+        from .store_recipes import store_stats
 
-        Keys: ``entries`` (contexts), ``byte_entries``, ``text_entries``, ``bytes`` (disk use
-        of both caches, values plus SQLite pages), ``size_limit``, ``text_size_limit``,
-        ``hits``/``misses``/``removed`` (context lookups by this object), ``lifetime_hits``/
-        ``lifetime_misses`` (raw lookups of the context cache by every process since it was
-        created), ``eviction_policy``, ``expire``, ``format_version``, ``directory``.
-        """
-        entries = byte_entries = 0
-        for name in self._kv.iterkeys():
-            if isinstance(name, str):
-                entries += name.startswith(_CTX)
-                byte_entries += name.startswith(_BYTES)
-        life_hits, life_misses = self._kv.stats(enable=True)
-        with self._lock:
-            hits, misses, removed = self._hits, self._misses, self._removed
-        return {
-            "directory": str(self.directory),
-            "entries": entries,
-            "byte_entries": byte_entries,
-            "text_entries": len(self._text),
-            "bytes": int(self._kv.volume() + self._text.volume()),
-            "size_limit": self.size_limit,
-            "text_size_limit": self.text_size_limit,
-            "hits": hits,
-            "misses": misses,
-            "removed": removed,
-            "lifetime_hits": int(life_hits),
-            "lifetime_misses": int(life_misses),
-            "eviction_policy": EVICTION_POLICY,
-            "expire": self.expire,
-            "format_version": STORE_FORMAT_VERSION,
-        }
+        return store_stats(self)
 
     def verify(self, *, fix_files: bool = True) -> dict[str, int]:
-        """Check every entry; delete bad ones. Returns counts.
+        """Check every entry and delete bad ones: :func:`store_recipes.verify_store`."""
+        from .store_recipes import verify_store
 
-        Contexts are fully decoded and checked like :meth:`get` does, and where the chunk's
-        text is present its key is recomputed from the text and the context's fingerprints,
-        k, mode and dtype. Texts must be UTF-8; byte entries must be bytes. Expired entries
-        are removed. Verification does not count as a use for LRU eviction.
-
-        Args:
-            fix_files: also let diskcache remove value files no entry refers to (left by a
-                writer that was killed) and entries whose file is gone. A write in progress in
-                another process at that moment may be lost (it then reads as a miss).
-
-        Returns:
-            ``checked``, ``ok``, ``removed`` (contexts), ``texts_checked``, ``texts_removed``,
-            ``byte_entries``, ``byte_removed``, ``foreign_removed`` (entries outside the
-            store's namespaces), ``foreign_left`` (entries with pickled keys, which can only be
-            removed with :meth:`clear`), ``expired`` and ``files_fixed``.
-        """
-        out = dict.fromkeys(("checked", "ok", "removed", "texts_checked", "texts_removed", "byte_entries",
-                             "byte_removed", "foreign_removed", "foreign_left", "expired", "files_fixed"), 0)
-        out["expired"] = int(self._kv.expire(retry=True)) + int(self._text.expire(retry=True))
-        if fix_files:
-            for cache in (self._kv, self._text):
-                for _ in range(3):  # each pass removes one level of directories emptied by the last
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("always")  # check() records (not prints) one warning per fix
-                        fixed = cache.check(fix=True, retry=True)
-                    out["files_fixed"] += len(fixed)
-                    if not any(issubclass(w.category, diskcache.EmptyDirWarning) for w in fixed):
-                        break
-        # Texts first: a context is then checked against the text that survived.
-        for name in list(self._text.iterkeys()):
-            if isinstance(name, str) and name.startswith(_TEXT) and _KEY_RE.fullmatch(name[len(_TEXT):]):
-                out["texts_checked"] += 1
-                data = self._text.get(name, default=None, retry=True)
-                if data is None:
-                    continue
-                try:
-                    if isinstance(data, RefusedValue):
-                        raise ValueError(data.reason)
-                    data.decode("utf-8")
-                except (ValueError, UnicodeDecodeError) as exc:
-                    self._discard(self._text, name, str(exc))
-                    out["texts_removed"] += 1
-            elif name is FOREIGN_KEY:
-                out["foreign_left"] += 1
-            else:
-                self._discard(self._text, name, "not an entry of this store")
-                out["foreign_removed"] += 1
-        # A second handle without access-time updates or hit counting, so walking the store
-        # neither reorders LRU eviction nor inflates the statistics.
-        view = diskcache.Cache(str(self.directory / "contexts"), timeout=self._kv.timeout, disk=BytesOnlyDisk,
-                               eviction_policy="none", statistics=0)
-        try:
-            for name in list(view.iterkeys()):
-                if isinstance(name, str) and name.startswith(_CTX) and _KEY_RE.fullmatch(name[len(_CTX):]):
-                    out["checked"] += 1
-                    if self._verify_context(view, name[len(_CTX):]):
-                        out["ok"] += 1
-                    else:
-                        out["removed"] += 1
-                elif isinstance(name, str) and name.startswith(_BYTES):
-                    data = view.get(name, default=None, retry=True)
-                    if isinstance(data, RefusedValue):
-                        self._discard(view, name, data.reason)
-                        out["byte_removed"] += 1
-                    elif data is not None:
-                        out["byte_entries"] += 1
-                elif name is FOREIGN_KEY:
-                    out["foreign_left"] += 1
-                else:
-                    self._discard(view, name, "not an entry of this store")
-                    out["foreign_removed"] += 1
-        finally:
-            view.close()
-            # The second handle rewrote these settings rows; put them back for new connections.
-            self._kv.reset("eviction_policy", EVICTION_POLICY)
-            self._kv.reset("statistics", 1)
-        return out
-
-    def _verify_context(self, view: diskcache.Cache, key: str) -> bool:
-        data = view.get(_CTX + key, default=None, retry=True)
-        if data is None:  # expired or removed meanwhile
-            return True
-        try:
-            ctx = self._decode(data, key)
-            text = self.get_text(key)
-            if text is not None:
-                expected = context_key(text, base_fingerprint=ctx.base_fingerprint,
-                                       compressor_fingerprint=ctx.compressor_fingerprint,
-                                       k=ctx.k, mode=ctx.mode, dtype=ctx.dtype)
-                if expected != key:
-                    raise ValueError("the key does not match the chunk text and the context's model, "
-                                     "compressor, k, mode or dtype")
-        except Exception as exc:
-            self._discard(view, _CTX + key, str(exc))
-            return False
-        return True
+        return verify_store(self, fix_files=fix_files)
 
     def merge_from(self, other: "ContextStore | str | os.PathLike", *, overwrite: bool = False) -> dict[str, int]:
-        """Copy the valid contexts (with their texts) and byte entries of another store into this one.
+        """Copy the valid entries of another store into this one: :func:`store_recipes.merge_stores`."""
+        from .store_recipes import merge_stores
 
-        The way to combine stores built on several machines: build a local store per node,
-        then merge them (each entry is verified on the way, so bad ones are not copied).
-
-        Returns:
-            ``copied``, ``existing`` (skipped: already here and ``overwrite`` is False),
-            ``bad`` (unreadable in the source) and ``bytes_copied``.
-        """
-        src = other if isinstance(other, ContextStore) else ContextStore(other, size_limit=None)
-        if src.directory.resolve() == self.directory.resolve():
-            raise ValueError("cannot merge a store into itself")
-        out = {"copied": 0, "existing": 0, "bad": 0, "bytes_copied": 0}
-        try:
-            for key in list(src.keys()):
-                if not overwrite and key in self:
-                    out["existing"] += 1
-                    continue
-                ctx = src.get(key)
-                if ctx is None:
-                    out["bad"] += 1
-                    continue
-                text = src.get_text(key)
-                try:
-                    self.put(key, ctx, text)
-                except ValueError:  # the text does not belong to this key: keep the context only
-                    self.put(key, ctx)
-                out["copied"] += 1
-            for name in list(src.byte_keys()):
-                if not overwrite and self.get_bytes(name) is not None:
-                    continue
-                data = src.get_bytes(name)
-                if data is not None:
-                    self.put_bytes(name, data)
-                    out["bytes_copied"] += 1
-        finally:
-            if src is not other:
-                src.close()
-        return out
+        return merge_stores(self, other, overwrite=overwrite)
 
     def clear(self) -> int:
-        """Remove every entry (contexts, texts, byte entries, foreign rows); returns how many."""
-        return int(self._kv.clear(retry=True)) + int(self._text.clear(retry=True))
+        """Remove every entry of the folder (contexts, texts, byte entries, foreign rows); returns how many.
 
+        The remote tier, if any, is left alone (other machines share it).
+        """
+        self._check_writable()
+        return int(self._kv.clear()) + int(self._text.clear())
+
+    # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Close this thread's database connections (the store reopens them on next use)."""
         self._kv.close()
@@ -800,27 +736,26 @@ class ContextStore:
         self.__init__(args.pop("directory"), **args)  # type: ignore[misc]
 
     def __repr__(self) -> str:
-        return f"ContextStore({str(self.directory)!r}, size_limit={self.size_limit}, expire={self.expire})"
+        extra = ", read_only=True" if self.read_only else ""
+        extra += f", remote={self.remote!r}" if self.remote is not None else ""
+        return f"ContextStore({str(self.directory)!r}, size_limit={self.size_limit}, expire={self.expire}{extra})"
 
 
-def _open_cache(folder: Path, **settings: Any) -> diskcache.Cache:
+def _open_cache(folder: Path, **settings: Any) -> SafeCache:
     try:
-        return diskcache.Cache(str(folder), **settings)
+        return SafeCache(folder, **settings)
     except sqlite3.DatabaseError as exc:
+        if is_read_only(exc) or is_disk_full(exc) or isinstance(exc, sqlite3.OperationalError):
+            raise StoreError(f"the store database in {folder} cannot be opened ({exc}); it may be on a full or "
+                             f"read-only disk, or locked. Free space, or open it with read_only=True") from exc
         raise StoreFormatError(
             f"the store database in {folder} is damaged ({exc}). Everything in a store can be recomputed: "
             f"delete {folder} to start it afresh") from exc
 
 
-def _check_name(name: str) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"keys must be str, not {type(name).__name__}")
-    return name
+def _open_remote(remote: Any) -> Any:
+    if remote is None or not isinstance(remote, str):
+        return remote
+    from .store_redis import RedisTier
 
-
-def _reindex_error(exc: Exception, positions: list[int]) -> Exception:
-    """The same error with 'text j' (position in a batch) replaced by the input position."""
-    m = re.match(r"text (\d+)", str(exc))
-    if not m or int(m.group(1)) >= len(positions):
-        return exc
-    return type(exc)(f"text {positions[int(m.group(1))]}{str(exc)[m.end():]}")
+    return RedisTier(remote)

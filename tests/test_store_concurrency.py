@@ -145,36 +145,36 @@ def _stalled_writer(directory: str, stage: str, ready: "mp.Event") -> None:
     ``file``: half of the new value file is on disk, no database row yet.
     ``transaction``: the row of an overwrite of entry 0 is written but not committed.
     """
-    import diskcache
-
-    from compressor_plugin.store import BytesOnlyDisk
+    from compressor_plugin.store_backend import SafeCache
 
     store = ContextStore(directory)
     for i in range(3):
         text, key, c = expected_context(i, layers=120)
         store.put(key, c, text)
     if stage == "file":
-        def stalled_write(self, full_path, iterator, mode, encoding=None):
-            data = b"".join(iterator)
-            os.makedirs(os.path.dirname(full_path), exist_ok=True)
-            with open(full_path, mode) as f:
+        def stalled_write(self, data):
+            name = os.urandom(16).hex()
+            path = Path(self.directory, name[:2], name[2:4], name[4:] + ".val")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "xb") as f:
                 f.write(data[: len(data) // 2])
                 f.flush()
                 ready.set()
                 time.sleep(600)
 
-        BytesOnlyDisk._write = stalled_write
+        SafeCache._write_file = stalled_write
         text, key, c = expected_context(3, layers=120)
     else:
-        real_update = diskcache.Cache._row_update
+        real_cull = SafeCache._cull
 
-        def stalled_update(self, *args, **kwargs):
-            real_update(self, *args, **kwargs)
-            if self.directory.endswith("contexts"):
+        def stalled_cull(self, con, **kwargs):  # runs inside the write transaction, after the row is written
+            files = real_cull(self, con, **kwargs)
+            if str(self.directory).endswith("contexts"):
                 ready.set()
                 time.sleep(600)
+            return files
 
-        diskcache.Cache._row_update = stalled_update
+        SafeCache._cull = stalled_cull
         text, key, _ = expected_context(0, layers=120)
         c = expected_context(5, layers=120)[2]  # a different value for entry 0
     store.put(key, c, text)

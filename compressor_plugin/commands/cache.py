@@ -106,6 +106,23 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
+def _store_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report a store that cannot be opened or written (full, read-only, locked) as exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from ..store import StoreError
+
+        try:
+            return fn(args)
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    run.__name__ = fn.__name__
+    return run
+
+
+@_store_errors
 def _stats(args: argparse.Namespace) -> int:
     with open_existing_store(args.store) as store:
         data = store.stats()
@@ -119,13 +136,24 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+@_store_errors
 def _verify(args: argparse.Namespace) -> int:
     with open_existing_store(args.store) as store:
-        data = {"directory": str(store.directory), **store.verify(fix_files=not args.no_fix_files)}
+        data: dict[str, Any] = {"directory": str(store.directory), **store.verify(fix_files=not args.no_fix_files)}
+        notes = []
+        if store.read_only:
+            notes.append("the store is read-only here: bad entries were counted, nothing was removed")
+        if data["errors"]:
+            notes.append(f"{data['errors']} repairs could not be written (the disk may be full or read-only); "
+                         "the entries that were found good are served as before. Free some space and run "
+                         "`cache verify` again")
+        if notes:
+            data["note"] = "; ".join(notes)
     _print(data, args.json)
     return 0
 
 
+@_store_errors
 def _clear(args: argparse.Namespace) -> int:
     with open_existing_store(args.store) as store:
         if not args.yes:

@@ -71,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--map", default=None, metavar="OUT.jsonl",
                    help="write the chunk map here (appended to and deduplicated when it exists)")
     p.add_argument("--limit", type=_positive, default=None, metavar="N", help="read at most N documents")
+    p.add_argument("--remote", default=None, metavar="URL",
+                   help="also write every context to a shared remote tier, e.g. redis://host:6379/0 (pip install "
+                        "'compressor-plugin[redis]'); what is already stored is judged by the local --store")
     p.add_argument("--size-limit", type=parse_size, default=None, metavar="BYTES",
                    help="store size limit, e.g. 64GiB (default: keep the store's; 4 GiB for a new store). "
                         "Entries beyond it are evicted, so size it for the corpus")
@@ -110,7 +113,7 @@ def _build(args: argparse.Namespace) -> int:
         from ..caching.ray_build import build_cache_ray
 
         summary = build_cache_ray(
-            args.input, _open(store, args.size_limit), args.checkpoint, text_field=args.text_field,
+            args.input, _open(store, args.size_limit, args.remote), args.checkpoint, text_field=args.text_field,
             id_field=args.id_field, chunk_tokens=args.chunk_tokens, overlap=args.overlap, batch_size=args.batch_size,
             device=args.device, dtype=args.dtype, map_path=args.map, limit=args.limit, address=args.ray_address,
             num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
@@ -122,7 +125,8 @@ def _build(args: argparse.Namespace) -> int:
 
         compressor = Compressor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
         summary = build_cache(
-            args.input, _open(store, args.size_limit), compressor, text_field=args.text_field, id_field=args.id_field,
+            args.input, _open(store, args.size_limit, args.remote), compressor, text_field=args.text_field,
+            id_field=args.id_field,
             chunk_tokens=args.chunk_tokens, overlap=args.overlap, batch_size=args.batch_size, map_path=args.map,
             limit=args.limit, writer_threads=args.writer_threads, progress=progress,
             merge_lora=not args.no_merge_lora, compile=args.compile)
@@ -136,7 +140,7 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open(directory: str, size_limit: int | None):  # noqa: ANN202 - ContextStore, imported lazily
+def _open(directory: str, size_limit: int | None, remote: str | None = None):  # noqa: ANN202 - ContextStore, lazily
     from ..store import ContextStore
 
-    return ContextStore(directory, size_limit=size_limit)
+    return ContextStore(directory, size_limit=size_limit, remote=remote)

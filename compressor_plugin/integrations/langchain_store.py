@@ -12,7 +12,9 @@ the same on-disk, multi-process, size-limited store as the compressed chunks::
 
 Values are bytes and stay bytes: nothing is pickled on write or unpickled on read. Entries
 live in their own namespace, apart from compressed contexts, and share the store's size
-limit and least-recently-used eviction (an evicted key reads as ``None``).
+limit and least-recently-used eviction (an evicted key reads as ``None``). A value larger
+than the store's size limit is refused with ``ValueTooLargeError`` rather than evicting the
+store's contexts to make room.
 """
 
 from __future__ import annotations
@@ -50,7 +52,13 @@ class ContextByteStore(BaseStore[str, bytes]):
         return [self.store.get_bytes(k) for k in keys]
 
     def mset(self, key_value_pairs: Sequence[tuple[str, bytes]]) -> None:
-        """Store each ``(key, bytes)`` pair; values must be bytes (TypeError otherwise)."""
+        """Store each ``(key, bytes)`` pair.
+
+        Raises:
+            TypeError: a value is not bytes.
+            ValueTooLargeError: a value is larger than the store takes (its size limit).
+            StoreReadOnlyError: the store is read-only.
+        """
         for key, value in key_value_pairs:
             self.store.put_bytes(key, value)
 

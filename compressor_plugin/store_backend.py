@@ -1,0 +1,724 @@
+"""The storage engine under :class:`~compressor_plugin.store.ContextStore`: one SQLite table plus value files.
+
+:class:`SafeCache` keeps ``name -> bytes`` entries in the table layout of diskcache's
+``Cache`` (so stores written by earlier versions open unchanged), but trusts nothing it reads
+back from the folder:
+
+* settings (size limit, eviction policy, value-file folder, minimum file size, SQLite
+  pragmas) come from the constructor, never from the database's ``Settings`` table;
+* a value-file name read from the database must have the exact form this engine writes
+  (``ab/cd/<28 hex>.val``); every path component is opened without following symlinks
+  relative to the folder, so a planted row can never make a read, an eviction or a delete
+  touch a file outside the folder;
+* a value file must be a regular file whose size equals the row's size and is at most
+  ``max_value_size``, checked with ``fstat`` *before* reading (FIFOs, devices and huge
+  sparse files are refused without blocking or allocating); values kept inside SQLite are
+  size-checked in the query before they are fetched;
+* only ``bytes`` values in diskcache's raw or binary-file modes are returned; anything in
+  pickle or text mode comes back as a :class:`RefusedValue` and is never unpickled;
+* overwrites cannot lose a committed entry: a replaced value file is removed only after the
+  transaction that replaced its row has committed, and a failed batch removes the files it
+  wrote before raising;
+* the LRU access-time update of a read is skipped (not raised) when the database cannot be
+  written, so hits stay hits on a full or read-only disk;
+* ``read_only=True`` opens the database without ever writing to it (also on a read-only
+  volume) and every write raises :class:`StoreReadOnlyError`.
+
+What it does not protect against: whoever can write the folder can replace entries with
+other well-formed ones, delete them or fill the disk. SQLite itself parses the database file.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import sqlite3
+import stat
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+logger = logging.getLogger(__name__)
+
+DBNAME = "cache.db"  # diskcache's database file name
+#: diskcache's value modes: bytes in SQLite, bytes in a file, text in a file, pickle.
+MODE_RAW, MODE_BINARY, MODE_TEXT, MODE_PICKLE = 1, 2, 3, 4
+#: Hard ceiling on one value read back from the folder, whatever the database says.
+DEFAULT_MAX_VALUE_SIZE = 64 * 2**20  # a k=16 fp32 context of an 80-layer, 8-KV-head model is ~10 MiB
+_FILE_RE = re.compile(r"([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{28}\.val)")
+#: Longest key listed by iterkeys (longer ones are planted; clear() removes them).
+_MAX_KEY_LENGTH = 2**16
+#: Databases up to this size get an integrity check (PRAGMA quick_check) when opened.
+_QUICK_CHECK_MAX = 64 * 2**20
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS Settings (key TEXT NOT NULL UNIQUE, value)",
+    "CREATE TABLE IF NOT EXISTS Cache (rowid INTEGER PRIMARY KEY, key BLOB, raw INTEGER, store_time REAL,"
+    " expire_time REAL, access_time REAL, access_count INTEGER DEFAULT 0, tag BLOB, size INTEGER DEFAULT 0,"
+    " mode INTEGER DEFAULT 0, filename TEXT, value BLOB)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS Cache_key_raw ON Cache(key, raw)",
+    "CREATE INDEX IF NOT EXISTS Cache_expire_time ON Cache (expire_time)",
+    "CREATE INDEX IF NOT EXISTS Cache_access_time ON Cache (access_time)",
+    "CREATE INDEX IF NOT EXISTS Cache_store_time ON Cache (store_time)",
+    # Running total of the value-file bytes, kept by triggers, so a write need not sum the
+    # whole table to know whether to evict. Sizes are cast and defaulted so that a planted
+    # row with a NULL or text size cannot make deletes (and so eviction or clear) fail.
+    "CREATE TABLE IF NOT EXISTS StoreVolume (id INTEGER PRIMARY KEY CHECK (id = 0), file_bytes INTEGER)",
+    "INSERT INTO StoreVolume SELECT 0, (SELECT coalesce(sum(CAST(size AS INTEGER)), 0) FROM Cache"
+    " WHERE filename IS NOT NULL) WHERE NOT EXISTS (SELECT 1 FROM StoreVolume WHERE id = 0)",
+    "CREATE TRIGGER IF NOT EXISTS StoreVolume_insert AFTER INSERT ON Cache FOR EACH ROW WHEN NEW.filename IS NOT NULL"
+    " BEGIN UPDATE StoreVolume SET file_bytes = file_bytes + coalesce(CAST(NEW.size AS INTEGER), 0) WHERE id = 0;"
+    " END",
+    "CREATE TRIGGER IF NOT EXISTS StoreVolume_delete AFTER DELETE ON Cache FOR EACH ROW WHEN OLD.filename IS NOT NULL"
+    " BEGIN UPDATE StoreVolume SET file_bytes = file_bytes - coalesce(CAST(OLD.size AS INTEGER), 0) WHERE id = 0;"
+    " END",
+    "CREATE TRIGGER IF NOT EXISTS StoreVolume_update AFTER UPDATE OF size, filename ON Cache FOR EACH ROW BEGIN"
+    " UPDATE StoreVolume SET file_bytes = file_bytes"
+    " - (CASE WHEN OLD.filename IS NOT NULL THEN coalesce(CAST(OLD.size AS INTEGER), 0) ELSE 0 END)"
+    " + (CASE WHEN NEW.filename IS NOT NULL THEN coalesce(CAST(NEW.size AS INTEGER), 0) ELSE 0 END) WHERE id = 0;"
+    " END",
+)
+_EXACT_FILE_BYTES = "SELECT coalesce(sum(CAST(size AS INTEGER)), 0) FROM Cache WHERE filename IS NOT NULL"
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+class StoreError(Exception):
+    """Base class of the store's own errors."""
+
+
+class StoreFormatError(StoreError, ValueError):
+    """The folder is not a store this version can open, or its database is damaged."""
+
+
+class StoreReadOnlyError(StoreError, PermissionError):
+    """A write to a store opened read-only (or found on a read-only volume)."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """A write failed (disk full, I/O error, permissions); nothing of the failed batch was kept."""
+
+
+class ValueTooLargeError(StoreError, ValueError):
+    """A value larger than the store accepts (its size limit, or the largest single value)."""
+
+
+class RefusedValue:
+    """Stand-in for a stored value that is refused unread (pickled, text-mode or otherwise foreign)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"RefusedValue({self.reason!r})"
+
+
+#: What :meth:`SafeCache.iterkeys` yields for a key stored in pickle form (never unpickled).
+FOREIGN_KEY = RefusedValue("key stored in pickle form")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC/EDQUOT and SQLite's "database or disk is full"."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return True
+    return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
+
+
+def is_read_only(exc: BaseException) -> bool:
+    """True for EROFS/EACCES/EPERM and SQLite's read-only errors."""
+    if isinstance(exc, StoreReadOnlyError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return True
+    return isinstance(exc, sqlite3.Error) and "readonly" in str(exc).lower().replace("-", "").replace(" ", "")
+
+
+def _folder_writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (False on a read-only volume)."""
+    if not os.access(folder, os.W_OK):
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return True
+    return not (st.f_flag & getattr(os, "ST_RDONLY", 1))
+
+
+class SafeCache:
+    """``str -> bytes`` entries in one folder: SQLite rows, large values in their own files.
+
+    Args:
+        directory: the folder (created unless ``read_only``).
+        size_limit: bound on the bytes of all values plus the database pages; writes evict
+            entries (by ``eviction_policy``) until the cache is under it again.
+        eviction_policy: ``"least-recently-used"`` (reads update the access time),
+            ``"least-recently-stored"`` or ``"none"``.
+        min_file_size: values at least this large are kept in their own file.
+        max_value_size: largest value read back from the folder (larger rows are refused
+            unread) and written.
+        timeout: seconds to wait for another process's lock.
+        read_only: never write; writes raise :class:`StoreReadOnlyError`.
+
+    Every method is safe to call from several threads and processes at once (one SQLite
+    connection per thread; SQLite's locks serialise writes).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, size_limit: int, eviction_policy: str = "least-recently-used",
+                 min_file_size: int = 32 * 2**10, max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+                 timeout: float = 60.0, read_only: bool = False):
+        if eviction_policy not in ("least-recently-used", "least-recently-stored", "none"):
+            raise ValueError(f"unknown eviction policy {eviction_policy!r}")
+        self.directory = Path(directory)
+        self.size_limit = int(size_limit)
+        self.eviction_policy = eviction_policy
+        self.min_file_size = int(min_file_size)
+        self.max_value_size = int(max_value_size)
+        self.timeout = float(timeout)
+        self.read_only = bool(read_only)
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self._immutable = False
+        if not self.read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not _folder_writable(self.directory):
+                self.read_only = True
+        self._check_not_linked()
+        if self.read_only:
+            if not (self.directory / DBNAME).is_file():
+                raise FileNotFoundError(f"no store database {self.directory / DBNAME} to open read-only")
+        else:
+            try:
+                self._create_schema()
+            except sqlite3.OperationalError as exc:
+                if not (is_read_only(exc) and (self.directory / DBNAME).is_file()):
+                    raise
+                # The database file itself cannot be written (e.g. another user's store): serve it read-only.
+                logger.info("store database %s is not writable (%s); opening it read-only", self.directory, exc)
+                self.close()
+                self.read_only = True
+        try:
+            self._con.execute("SELECT count(*) FROM Cache WHERE rowid = -1").fetchall()  # fail early if unreadable
+        except sqlite3.OperationalError:
+            if not self.read_only:
+                raise
+            # A WAL database on a read-only volume cannot be opened without its -shm file
+            # unless SQLite is told the file cannot change while it is open (immutable).
+            self.close()
+            self._immutable = True
+            self._con.execute("SELECT count(*) FROM Cache WHERE rowid = -1").fetchall()
+        if (self.directory / DBNAME).stat().st_size <= _QUICK_CHECK_MAX:
+            # A damaged small database is reported at open, not entry by entry. Larger ones
+            # (many values kept inside SQLite) are not read through at every open: a read
+            # that meets their damage is logged and treated as a miss.
+            ((check,), *_) = self._con.execute("PRAGMA quick_check(1)").fetchall()
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
+
+    def _create_schema(self) -> None:
+        con = self._con
+        con.execute("PRAGMA auto_vacuum = FULL")  # only takes effect on a new database
+        con.execute("PRAGMA journal_mode=WAL")
+        with self._write_txn(con):
+            for statement in _SCHEMA:
+                con.execute(statement)
+
+    def _check_not_linked(self) -> None:
+        """Refuse a folder, database or SQLite side file that is a symlink or not a regular file.
+
+        SQLite follows symlinks: a planted ``cache.db`` (or ``-wal``/``-shm``) link would make
+        it write to a file outside the folder.
+        """
+        if self.directory.is_symlink() or not self.directory.is_dir():
+            raise StoreFormatError(f"{self.directory} is a symlink or not a folder; a store folder must be a real "
+                                   "folder inside the store")
+        for name in (DBNAME, DBNAME + "-wal", DBNAME + "-shm", DBNAME + "-journal"):
+            path = self.directory / name
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreFormatError(f"{path} is a symlink or not a regular file; refusing to open it. Remove it "
+                                       "if the store is yours (its entries can be recomputed)")
+
+    # ------------------------------------------------------------------ connections
+    @property
+    def _con(self) -> sqlite3.Connection:
+        if os.getpid() != self._pid:  # forked: never share a parent's connection
+            self._local = threading.local()
+            self._pid = os.getpid()
+        con = getattr(self._local, "con", None)
+        if con is None:
+            db = self.directory / DBNAME
+            if self.read_only:
+                mode = "ro&immutable=1" if self._immutable else "ro"
+                con = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, timeout=self.timeout,
+                                      isolation_level=None, check_same_thread=False)
+            else:
+                con = sqlite3.connect(str(db), timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            # Pragmas from the code only (the Settings table is never read). trusted_schema=OFF
+            # keeps triggers and views planted in the file from calling risky functions.
+            for pragma in ("trusted_schema = OFF", "synchronous = NORMAL", "cell_size_check = ON"):
+                try:
+                    con.execute(f"PRAGMA {pragma}")
+                except sqlite3.Error:  # pragma: no cover - older SQLite
+                    pass
+            self._local.con = con
+        return con
+
+    def close(self) -> None:
+        """Close this thread's connection (reopened on next use)."""
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise StoreReadOnlyError(f"the store folder {self.directory} is open read-only")
+
+    @contextmanager
+    def _write_txn(self, con: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        con = con or self._con
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except sqlite3.Error:  # the failed statement may have rolled back already
+                pass
+            raise
+        con.execute("COMMIT")
+
+    # ------------------------------------------------------------------ files
+    def _open_dir(self, parts: Iterable[str], create: bool = False) -> int:
+        """A descriptor of ``directory/part/...``, opening each step without following symlinks."""
+        fd = os.open(self.directory, _NOFOLLOW_DIR)
+        try:
+            for part in parts:
+                if create:
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                nxt = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _parse_filename(filename: Any) -> tuple[str, str, str]:
+        m = _FILE_RE.fullmatch(filename) if isinstance(filename, str) else None
+        if m is None:
+            raise ValueError(f"value file name {filename!r} is not one this store writes")
+        return m.group(1), m.group(2), m.group(3)
+
+    def read_file(self, filename: Any, size: Any) -> bytes:
+        """The bytes of value file ``filename`` (relative), checked before reading.
+
+        Raises:
+            ValueError: a name of another form, a size that is not the row's, too large, or a
+                path that is not a regular file inside the folder.
+            OSError: the file is missing or unreadable.
+        """
+        a, b, name = self._parse_filename(filename)
+        if not isinstance(size, int) or size < 0 or size > self.max_value_size:
+            raise ValueError(f"value file {filename} has size {size!r} in the database "
+                             f"(at most {self.max_value_size} bytes are read)")
+        dfd = self._open_dir((a, b))
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"value file {filename} is not a regular file")
+            if st.st_size != size:
+                raise ValueError(f"value file {filename} has {st.st_size} bytes, the database says {size}")
+            chunks, left = [], size
+            while left > 0:
+                chunk = os.read(fd, left)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            data = b"".join(chunks)
+            if len(data) != size or os.read(fd, 1):
+                raise ValueError(f"value file {filename} changed size while being read")
+            return data
+        finally:
+            os.close(fd)
+
+    def _write_file(self, data: bytes) -> str:
+        """Write ``data`` to a new value file; returns its relative name. No partial file is left."""
+        hex_name = os.urandom(16).hex()
+        a, b, name = hex_name[:2], hex_name[2:4], hex_name[4:] + ".val"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        for attempt in range(10):
+            # Another process removing the last file of ab/cd also removes the emptied
+            # folders; if that happens between creating them and creating the file, retry.
+            dfd = -1
+            try:
+                dfd = self._open_dir((a, b), create=True)
+                fd = os.open(name, flags, 0o644, dir_fd=dfd)
+                break
+            except FileNotFoundError:
+                if dfd >= 0:
+                    os.close(dfd)
+                if attempt == 9:
+                    raise
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except BaseException:
+                os.close(fd)
+                fd = -1
+                try:
+                    os.unlink(name, dir_fd=dfd)
+                except OSError:
+                    pass
+                raise
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        finally:
+            os.close(dfd)
+        return f"{a}/{b}/{name}"
+
+    def remove_file(self, filename: Any) -> bool:
+        """Remove a value file (and its emptied sub-folders); names of any other form are ignored."""
+        try:
+            a, b, name = self._parse_filename(filename)
+        except ValueError:
+            logger.warning("not removing %r: not a value file name of store %s", filename, self.directory)
+            return False
+        try:
+            dfd = self._open_dir((a, b))
+        except OSError:
+            return False
+        try:
+            os.unlink(name, dir_fd=dfd)  # unlinks a symlink itself, never its target
+            removed = True
+        except OSError:
+            removed = False
+        finally:
+            os.close(dfd)
+        for parts in ((a, b), (a,)):
+            try:
+                pfd = self._open_dir(parts[:-1])
+                try:
+                    os.rmdir(parts[-1], dir_fd=pfd)
+                finally:
+                    os.close(pfd)
+            except OSError:
+                break  # not empty (or gone)
+        return removed
+
+    # ------------------------------------------------------------------ reads
+    def get(self, name: str, default: Any = None, retry: bool = False, *, touch: bool = True) -> Any:
+        """The bytes stored under ``name``, a :class:`RefusedValue`, or ``default``.
+
+        Expired entries read as absent. With the LRU policy and ``touch`` the access time is
+        updated; a failure to do so (full or read-only disk, lock held) is logged and skipped.
+
+        Raises:
+            sqlite3.Error: the database cannot be read.
+        """
+        row = self._con.execute(
+            "SELECT rowid, mode, filename, size, length(value), CASE WHEN length(value) <= ? THEN value END,"
+            " typeof(value) FROM Cache WHERE key = ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)",
+            (self.max_value_size, name, time.time())).fetchone()
+        if row is None:
+            return default
+        rowid, mode, filename, size, vlen, value, vtype = row
+        if mode == MODE_RAW:
+            if vtype != "blob":
+                result: Any = RefusedValue(f"raw {vtype} value")
+            elif value is None:
+                result = RefusedValue(f"value of {vlen} bytes in the database is larger than {self.max_value_size}")
+            else:
+                result = bytes(value)
+        elif mode == MODE_BINARY:
+            try:
+                result = self.read_file(filename, size)
+            except ValueError as exc:
+                result = RefusedValue(str(exc))
+            except FileNotFoundError:
+                # Removed meanwhile (an overwrite or eviction in another process that committed
+                # after this row was read): a plain miss. The current row may be a good one, so
+                # it is not reported as bad; verify() removes rows whose file stays missing.
+                return default
+            except OSError as exc:
+                result = RefusedValue(f"value file {filename!r} cannot be read: {exc}")
+        else:
+            result = RefusedValue(f"value stored in diskcache mode {mode!r} (pickle or text), refused")
+        if touch and self.eviction_policy == "least-recently-used" and not self.read_only:
+            self._touch(rowid)
+        return result
+
+    def _touch(self, rowid: int) -> None:
+        con = self._con
+        try:
+            # A hit does not wait for another process's write lock: it gives up on the LRU
+            # update after 50 ms instead of waiting up to ``timeout``.
+            con.execute("PRAGMA busy_timeout = 50")
+            try:
+                con.execute("UPDATE Cache SET access_time = ?, access_count = access_count + 1 WHERE rowid = ?",
+                            (time.time(), rowid))
+            finally:
+                con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        except sqlite3.Error as exc:
+            if not getattr(self._local, "touch_warned", False):
+                self._local.touch_warned = True
+                logger.warning("store %s: cannot record a read for LRU eviction (%s); serving it anyway",
+                               self.directory, exc)
+
+    def __contains__(self, name: object) -> bool:
+        row = self._con.execute("SELECT 1 FROM Cache WHERE key = ? AND raw = 1 AND "
+                                "(expire_time IS NULL OR expire_time > ?)", (name, time.time())).fetchone()
+        return row is not None
+
+    def iterkeys(self) -> Iterator[Any]:
+        """Every key, in insertion order; keys in pickle form (or absurdly long) as :data:`FOREIGN_KEY`.
+
+        Reads the table in pages of 1,000 rows, so memory stays bounded however many rows
+        the database holds, and rows added or removed meanwhile do not disturb the walk.
+        """
+        last = None
+        while True:
+            rows = self._con.execute(
+                "SELECT rowid, CASE WHEN length(key) <= ? THEN key END, raw FROM Cache WHERE ? IS NULL OR rowid > ?"
+                " ORDER BY rowid LIMIT 1000", (_MAX_KEY_LENGTH, last, last)).fetchall()
+            if not rows:
+                return
+            for rowid, key, raw in rows:
+                yield key if raw == 1 and isinstance(key, str) else FOREIGN_KEY
+            last = rows[-1][0]
+
+    def __len__(self) -> int:
+        return int(self._con.execute("SELECT count(*) FROM Cache").fetchone()[0])
+
+    def volume(self) -> int:
+        """Bytes used: values plus database pages."""
+        return self._volume(self._con)
+
+    def _volume(self, con: sqlite3.Connection) -> int:
+        ((pages,),) = con.execute("PRAGMA page_count").fetchall()
+        ((page_size,),) = con.execute("PRAGMA page_size").fetchall()
+        try:
+            row = con.execute("SELECT file_bytes FROM StoreVolume WHERE id = 0").fetchone()
+        except sqlite3.OperationalError:  # a database this version has not opened for writing yet
+            row = None
+        values = row[0] if row is not None and isinstance(row[0], int) else con.execute(_EXACT_FILE_BYTES).fetchone()[0]
+        return int(pages) * int(page_size) + max(int(values or 0), 0)
+
+    # ------------------------------------------------------------------ writes
+    def set_many(self, entries: Iterable[tuple[str, bytes]], *, expire: float | None = None) -> int:
+        """Store every ``(name, bytes)`` in one transaction, then evict; returns the bytes written.
+
+        Atomic: either every entry is committed or none is, and a failure removes the value
+        files this call wrote. Files of replaced entries are removed only after the commit.
+
+        Raises:
+            StoreReadOnlyError: the cache is read-only.
+            ValueTooLargeError: a value larger than ``max_value_size`` or the size limit.
+            StoreWriteError: the disk is full or a write failed (nothing was kept).
+        """
+        self._check_writable()
+        items = list(entries)
+        for name, data in items:
+            if type(name) is not str:
+                raise TypeError(f"store keys are str, not {type(name).__name__}")
+            if type(data) is not bytes:
+                raise TypeError(f"the store keeps bytes only, not {type(data).__name__}")
+            if len(data) > min(self.max_value_size, self.size_limit):
+                raise ValueTooLargeError(
+                    f"value for {name!r} is {len(data)} bytes; store {self.directory} takes values of at most "
+                    f"{min(self.max_value_size, self.size_limit)} bytes (its size limit is {self.size_limit})")
+        written: list[str] = []
+        replaced: list[str] = []
+        now = time.time()
+        expire_time = now + expire if expire is not None else None
+        try:
+            rows = []
+            for name, data in items:
+                if len(data) >= self.min_file_size:
+                    filename = self._write_file(data)
+                    written.append(filename)
+                    rows.append((name, len(data), MODE_BINARY, filename, None))
+                else:
+                    rows.append((name, len(data), MODE_RAW, None, sqlite3.Binary(data)))
+            with self._write_txn() as con:
+                for name, size, mode, filename, value in rows:
+                    old = con.execute("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = 1", (name,)).fetchone()
+                    if old is not None:
+                        replaced.append(old[1])
+                        con.execute("UPDATE Cache SET store_time = ?, expire_time = ?, access_time = ?, access_count = 0,"
+                                    " tag = NULL, size = ?, mode = ?, filename = ?, value = ? WHERE rowid = ?",
+                                    (now, expire_time, now, size, mode, filename, value, old[0]))
+                    else:
+                        con.execute("INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count,"
+                                    " tag, size, mode, filename, value) VALUES (?, 1, ?, ?, ?, 0, NULL, ?, ?, ?, ?)",
+                                    (name, now, expire_time, now, size, mode, filename, value))
+                replaced.extend(self._cull(con, protect=now))
+        except BaseException as exc:
+            for filename in written:
+                self.remove_file(filename)
+            if isinstance(exc, (OSError, sqlite3.OperationalError)) and not isinstance(exc, StoreError):
+                if is_read_only(exc):
+                    raise StoreReadOnlyError(f"store folder {self.directory} cannot be written: {exc}") from exc
+                raise StoreWriteError(f"could not write to store {self.directory}: {exc}"
+                                      + (" (disk full)" if is_disk_full(exc) else "")) from exc
+            raise
+        for filename in replaced:
+            if filename is not None:
+                self.remove_file(filename)
+        return sum(len(d) for _, d in items)
+
+    def set(self, name: str, data: bytes, expire: float | None = None, retry: bool = False) -> bool:
+        """Store one entry (see :meth:`set_many`)."""
+        self.set_many([(name, data)], expire=expire)
+        return True
+
+    def _cull(self, con: sqlite3.Connection, protect: float | None = None) -> list[str | None]:
+        """Evict (inside the caller's transaction) until under the size limit; returns files to remove.
+
+        Rows stored at time ``protect`` (the batch being written) are never evicted, so a
+        write is kept even when the database pages alone fill the limit (the limit is then
+        exceeded by that batch).
+        """
+        if self.eviction_policy == "none":
+            return []
+        order = "access_time" if self.eviction_policy == "least-recently-used" else "store_time"
+        over = self._volume(con) - self.size_limit
+        files: list[str | None] = []
+        while over > 0:
+            rows = con.execute(f"SELECT rowid, size, filename FROM Cache WHERE store_time IS NOT ? ORDER BY {order} "
+                               "LIMIT 10", (protect,)).fetchall()
+            if not rows:
+                break
+            for rowid, size, filename in rows:
+                con.execute("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+                files.append(filename)
+                # A value inside SQLite frees its pages at commit (auto_vacuum); count it alike.
+                over -= size if isinstance(size, int) else 0
+                if over <= 0:
+                    break
+        return files
+
+    def delete(self, name: str, retry: bool = False) -> bool:
+        """Remove ``name`` (any stored form of a str key); True if it was there."""
+        self._check_writable()
+        with self._write_txn() as con:
+            row = con.execute("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = 1", (name,)).fetchone()
+            if row is None:
+                return False
+            con.execute("DELETE FROM Cache WHERE rowid = ?", (row[0],))
+        if row[1] is not None:
+            self.remove_file(row[1])
+        return True
+
+    def expire(self, retry: bool = False) -> int:
+        """Remove expired entries; returns how many."""
+        self._check_writable()
+        with self._write_txn() as con:
+            rows = con.execute("SELECT rowid, filename FROM Cache WHERE expire_time IS NOT NULL AND expire_time <= ?",
+                               (time.time(),)).fetchall()
+            con.executemany("DELETE FROM Cache WHERE rowid = ?", [(r,) for r, _ in rows])
+        for _, filename in rows:
+            if filename is not None:
+                self.remove_file(filename)
+        return len(rows)
+
+    def clear(self, retry: bool = False) -> int:
+        """Remove every row and every value file; returns the number of rows.
+
+        On a full disk the value files are removed first, to free the space SQLite needs.
+        """
+        self._check_writable()
+        try:
+            with self._write_txn() as con:
+                ((count,),) = con.execute("SELECT count(*) FROM Cache").fetchall()
+                con.execute("DELETE FROM Cache")
+        except sqlite3.OperationalError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._remove_value_files(set())
+            with self._write_txn() as con:
+                ((count,),) = con.execute("SELECT count(*) FROM Cache").fetchall()
+                con.execute("DELETE FROM Cache")
+        self._remove_value_files(set())
+        return int(count)
+
+    def _remove_value_files(self, keep: set[str]) -> int:
+        """Remove value files (and stray temporary files) not named in ``keep``; symlinks are unlinked, not followed."""
+        removed = 0
+        for a in sorted(os.listdir(self.directory)):
+            if not re.fullmatch(r"[0-9a-f]{2}", a):
+                continue
+            try:
+                subs = os.listdir(self.directory / a) if not (self.directory / a).is_symlink() else []
+            except OSError:
+                continue
+            for b in sorted(subs):
+                if not re.fullmatch(r"[0-9a-f]{2}", b) or (self.directory / a / b).is_symlink():
+                    continue
+                try:
+                    names = os.listdir(self.directory / a / b)
+                except OSError:
+                    continue
+                for name in names:
+                    rel = f"{a}/{b}/{name}"
+                    if rel not in keep and _FILE_RE.fullmatch(rel):
+                        removed += self.remove_file(rel)
+            for parts in ((a,),):  # a now-empty top folder left by a symlink or stray entries
+                try:
+                    os.rmdir(self.directory / parts[0])
+                except OSError:
+                    pass
+        return removed
+
+    def check(self, fix: bool = True) -> dict[str, int]:
+        """Find value files no row refers to and rows whose file is missing, bad or malformed.
+
+        With ``fix`` they are removed (a write in progress in another process at that moment
+        may be lost: its file can look unreferenced). Returns ``orphan_files`` and ``bad_rows``.
+        """
+        rows = self._con.execute("SELECT rowid, filename, size FROM Cache WHERE filename IS NOT NULL").fetchall()
+        bad, keep = [], set()
+        for rowid, filename, size in rows:
+            try:
+                a, b, name = self._parse_filename(filename)
+                dfd = self._open_dir((a, b))
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                finally:
+                    os.close(dfd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                    raise ValueError(f"not a regular file of {size!r} bytes")
+                keep.add(filename)
+            except (ValueError, OSError) as exc:
+                logger.warning("store %s: row %d names value file %r: %s", self.directory, rowid, filename, exc)
+                bad.append(rowid)
+        out = {"orphan_files": 0, "bad_rows": len(bad)}
+        if not fix:
+            return out
+        self._check_writable()
+        if bad:
+            with self._write_txn() as con:
+                con.executemany("DELETE FROM Cache WHERE rowid = ?", [(r,) for r in bad])
+        out["orphan_files"] = self._remove_value_files(keep)
+        with self._write_txn() as con:  # resynchronise the running total (other clients may have skipped it)
+            con.execute(f"UPDATE StoreVolume SET file_bytes = ({_EXACT_FILE_BYTES}) WHERE id = 0")
+        return out
