@@ -99,7 +99,10 @@ class Compressor(nn.Module):
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
             self.peft_model = get_peft_model(base.model, lcfg)
         self.peft_model.eval()
-        emb = base.model.get_input_embeddings().weight.detach().float()
+        embed = base.model.get_input_embeddings()
+        # Gemma families multiply looked-up embeddings by sqrt(hidden) inside the embedding module;
+        # memory embeddings bypass it, so they start at the scale of the looked-up ones.
+        emb = embed.weight.detach().float() * float(getattr(embed, "embed_scale", 1.0))
         gen = torch.Generator().manual_seed(seed)
         init = emb.mean(0, keepdim=True).cpu() + emb.std(0, keepdim=True).cpu() * torch.randn(cfg.k, emb.shape[1], generator=gen)
         self.memory = nn.Parameter(init.to(emb.device))

@@ -1,0 +1,191 @@
+"""Every supported model family, with small randomly initialised models (no downloads).
+
+For each family the two invariants that make compressed chunks composable must hold:
+
+* the exact K/V of a text, injected through the compressed-context path, reproduces plain
+  generation token for token (and the prefill logits);
+* a chunk whose position-free keys are rotated to position p gives the logits of the K/V
+  computed at p, and a wrong placement does not.
+
+A trained compressor relies on nothing else about the architecture, so a family that passes
+here can be trained for. Families the key rotation cannot model are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor_plugin.compressor import Compressor, CompressorConfig
+from compressor_plugin.context import RotaryHelper
+from compressor_plugin.generation import Generator, TokenIds
+from compressor_plugin.models import (SUPPORTED_MODEL_TYPES, UnsupportedModelError, check_supported,
+                                      random_base_model)
+
+CTX = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+       "It was designed by the company of Gustave Eiffel and completed in 1889.")
+QUESTION = "\nQuestion: When was the Eiffel Tower completed?\nAnswer:"
+PREFIX = "Read this passage carefully, then answer the question.\n"
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+
+#: (model_type, extra config fields) of a tiny model per family; each exercises what makes the
+#: family different (rope scaling, q/k norms, sliding-window layers, two rotary bases, ...).
+FAMILIES: dict[str, dict] = {
+    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64}),
+    "mistral": dict(sliding_window=None, head_dim=16),
+    "qwen2": dict(),
+    "qwen3": dict(head_dim=16),  # q/k RMS norms before the rotation
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, num_hidden_layers=4, sliding_window=256, query_pre_attn_scalar=16,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    # 6 layers: five sliding-window layers (rope_local_base_freq) and one global (rope_theta)
+    "gemma3_text": dict(head_dim=16, num_hidden_layers=6, sliding_window=256, query_pre_attn_scalar=16,
+                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
+    "olmo": dict(),
+    "olmo2": dict(),  # q/k norms over all heads
+    "granite": dict(embedding_multiplier=12.0, attention_multiplier=0.25, residual_multiplier=0.22,
+                    logits_scaling=8.0),
+}
+
+
+def tiny_config(model_type: str, tokenizer):
+    from transformers import AutoConfig
+
+    fields = {**COMMON, **FAMILIES[model_type]}
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **fields)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from compressor_plugin.models import ensure_default_model
+
+    return AutoTokenizer.from_pretrained(ensure_default_model())
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tokenizer):
+    model_type = request.param
+    try:
+        cfg = tiny_config(model_type, tokenizer)
+    except (KeyError, ValueError) as exc:  # the installed transformers lacks the family
+        pytest.skip(f"transformers has no {model_type} model class: {exc}")
+    return model_type, random_base_model(cfg, tokenizer, seed=0)
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_every_tested_family_is_declared_supported():
+    assert set(FAMILIES) <= SUPPORTED_MODEL_TYPES
+
+
+def test_injected_full_kv_reproduces_plain_generation(family):
+    model_type, base = family
+    gen = Generator(base)
+    tok = base.tokenizer
+    cid, qid = _ids(tok, CTX), _ids(tok, QUESTION)
+    plain_pre = gen.prefill([TokenIds(cid + qid)])
+    ctx = gen.context_from_text(cid)
+    injected_pre = gen.prefill([ctx, TokenIds(qid)])
+    torch.testing.assert_close(injected_pre.last_logits, plain_pre.last_logits, atol=2e-4, rtol=1e-4)
+    plain = gen.generate([TokenIds(cid + qid)], max_new_tokens=8)
+    injected = gen.generate([ctx, TokenIds(qid)], max_new_tokens=8)
+    assert injected.token_ids == plain.token_ids, model_type
+    assert len(plain.token_ids) > 0
+
+
+def test_chunk_placed_at_p_matches_kv_computed_at_p(family):
+    model_type, base = family
+    gen = Generator(base)
+    tok = base.tokenizer
+    cid, qid, prefix = _ids(tok, CTX), _ids(tok, QUESTION), _ids(tok, PREFIX)
+    p = len(prefix)
+    at_zero = gen.context_from_text(cid, start=0)
+    at_p = gen.context_from_text(cid, start=p)
+    # the same position-free keys, whichever position they were computed at
+    torch.testing.assert_close(at_zero.keys, at_p.keys, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(at_zero.values, at_p.values, atol=2e-5, rtol=1e-4)
+    pre_a = gen.prefill([TokenIds(prefix), at_zero, TokenIds(qid)])
+    pre_b = gen.prefill([TokenIds(prefix), at_p, TokenIds(qid)])
+    torch.testing.assert_close(pre_a.last_logits, pre_b.last_logits, atol=2e-4, rtol=1e-4)
+    # a wrong placement changes them, so the checks above can fail
+    wrong = at_zero.to()
+    wrong.keys = gen.rotary.rotate(at_zero.keys, torch.arange(200, 200 + at_zero.k))
+    pre_c = gen.prefill([TokenIds(prefix), wrong, TokenIds(qid)])
+    noise = float((pre_a.last_logits - pre_b.last_logits).abs().max())
+    wrong_by = float((pre_c.last_logits - pre_a.last_logits).abs().max())
+    assert wrong_by > max(50 * noise, 1e-6), (model_type, wrong_by, noise)
+
+
+def test_compressor_trains_and_generates(family):
+    """A kv compressor on the family: keys position-free, gradients reach LoRA and memory, generation runs."""
+    model_type, plain = family
+    cfg = plain.model.config
+    base = random_base_model(cfg, plain.tokenizer, seed=1)  # its own model: LoRA is injected in place
+    comp = Compressor(base, CompressorConfig(k=2, lora_r=2, max_length=64))
+    texts = ["short text here", "a somewhat longer text with more tokens in it"]
+    out = comp.encode_ids(comp.tokenize(texts))
+    L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert out["keys"].shape == (2, L, H, 2, D)
+    # the memory embeddings start at the scale of the model's own input embeddings
+    probe = comp.peft_model.get_input_embeddings()(torch.tensor([_ids(base.tokenizer, CTX)]))
+    ratio = float(comp.memory.norm(dim=-1).mean() / probe.norm(dim=-1).mean())
+    assert 0.3 < ratio < 3.0, ratio
+    comp.mark_trainable()
+    out = comp.encode_ids(comp.tokenize(texts))
+    (out["keys"].float().pow(2).mean() + out["values"].float().pow(2).mean()).backward()
+    assert comp.memory.grad is not None and comp.memory.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in comp.trainable_parameters()[:-1])
+    ctx = comp.compress(["hello world, this is a test"])[0]
+    res = Generator(base, comp).generate([ctx, "\nAnswer:"], max_new_tokens=3)
+    assert res.compressed_tokens == 2
+
+
+def test_gemma3_rotates_each_layer_with_its_own_base(tokenizer):
+    """Sliding-window layers use rope_local_base_freq, global layers rope_theta."""
+    try:
+        cfg = tiny_config("gemma3_text", tokenizer)
+    except (KeyError, ValueError) as exc:
+        pytest.skip(f"transformers has no gemma3_text: {exc}")
+    base = random_base_model(cfg, tokenizer, seed=0)
+    rot = RotaryHelper(base.model)
+    assert rot.per_layer and rot.layer_types.count("full_attention") == 1
+    keys = torch.randn(cfg.num_hidden_layers, 2, 3, 16)
+    pos = torch.tensor([5, 6, 7])
+    out = rot.rotate(keys, pos)
+    glob = rot.layer_types.index("full_attention")
+    local = rot.layer_types.index("sliding_attention")
+    for layer, theta in ((glob, 1_000_000.0), (local, 10_000.0)):
+        inv = 1.0 / theta ** (torch.arange(0, 16, 2).float() / 16)
+        ang = pos[:, None].float() * inv[None]
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        k = keys[layer]
+        ref = k * cos + torch.cat([-k[..., 8:], k[..., :8]], -1) * sin
+        torch.testing.assert_close(out[layer], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rot.unrotate(out, pos), keys, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="layer axis"):
+        rot.rotate(torch.randn(2, 3, 16), pos)
+
+
+@pytest.mark.parametrize("model_type,fields,match", [
+    ("gpt2", {}, "not supported"),
+    ("phi", {"partial_rotary_factor": 0.5}, "not supported"),
+    ("llama", {"partial_rotary_factor": 0.5}, "partial rotary"),
+    ("smollm3", {}, "NoPE"),
+])
+def test_unsupported_families_are_refused(model_type, fields, match):
+    from types import SimpleNamespace
+
+    with pytest.raises(UnsupportedModelError, match=match):
+        check_supported(SimpleNamespace(model_type=model_type, **fields))
