@@ -27,7 +27,7 @@ from torch import nn
 
 from .context import CompressedContext, RotaryHelper
 from .hf_compat import cache_kwargs, cache_layer, inner_model, new_cache
-from .models import BaseModel, load_base_model
+from .models import BaseModel, load_base_model, with_bos
 
 CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -249,7 +249,8 @@ class Compressor(nn.Module):
     def encode_ids(self, batch: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Run the encoder on a batch of token-id lists (differentiable).
 
-        Layout per row: ``[text][memory x k][padding]``: right padding after the memory tokens,
+        Layout per row: ``[bos][text][memory x k][padding]`` (``bos`` only for tokenizers that add
+        one, see :func:`~compressor_plugin.models.bos_prefix`): right padding after the memory tokens,
         so memory tokens never attend to padding and no query row is fully masked.
 
         Returns:
@@ -260,6 +261,7 @@ class Compressor(nn.Module):
         model = self.peft_model
         lm = causal_lm_of(model)
         k = self.config.k
+        batch = [with_bos(self.tokenizer, row) for row in batch]  # models that need a BOS (Gemma) get it
         lengths = torch.tensor([len(x) for x in batch], device=dev)
         T = int(lengths.max())
         pad = self.tokenizer.pad_token_id or 0

@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -236,6 +236,51 @@ class BaseModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """Token ids the tokenizer puts before every text it encodes with special tokens (usually ``[bos]``).
+
+    Empty for tokenizers that add nothing (SmolLM2, Qwen). Models trained with a BOS token at
+    position 0 (Gemma, Llama 3, Mistral) need it: Gemma without it does not answer at all.
+    """
+    cached = getattr(tokenizer, "_compressor_plugin_bos", None)
+    if cached is None:
+        plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
+        full = tokenizer("a b", add_special_tokens=True)["input_ids"]
+        cached = list(full[: len(full) - len(plain)]) if full[len(full) - len(plain):] == plain else []
+        try:
+            tokenizer._compressor_plugin_bos = cached
+        except AttributeError:  # pragma: no cover - tokenizers that refuse new attributes
+            pass
+    return list(cached)
+
+
+def with_bos(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """``ids`` with the tokenizer's :func:`bos_prefix` in front, unless they already start with it."""
+    bos = bos_prefix(tokenizer)
+    ids = list(ids)
+    return ids if not bos or ids[: len(bos)] == bos else bos + ids
+
+
+def with_bos_segments(tokenizer: Any, segments: Sequence[Any]) -> list[Any]:
+    """Prompt segments that start with the tokenizer's :func:`bos_prefix` (see :func:`with_bos`).
+
+    A first text segment that already begins with the BOS token (a chat template that writes
+    it) is left as it is.
+    """
+    from .generation import TokenIds
+
+    bos = bos_prefix(tokenizer)
+    segments = list(segments)
+    if not bos or not segments:
+        return segments
+    first = segments[0]
+    if isinstance(first, TokenIds) and list(first.ids[: len(bos)]) == bos:
+        return segments
+    if isinstance(first, str) and tokenizer.bos_token and first.startswith(tokenizer.bos_token):
+        return segments
+    return [TokenIds(bos)] + segments
 
 
 def check_supported(config: Any) -> None:

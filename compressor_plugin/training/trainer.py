@@ -36,7 +36,7 @@ from torch import nn
 from ..compressor import Compressor, CompressorConfig, resolve_checkpoint
 from ..context import RotaryHelper
 from ..hf_compat import cache_kwargs, causal_lm, inner_model, new_cache
-from ..models import BaseModel, load_base_model
+from ..models import BaseModel, load_base_model, with_bos
 from ..prompts import QA_LAYOUTS, REGEN_CUE, qa_prompt
 from .data import QASample, RegenSample, batch_stream, load_qa, load_regen
 
@@ -77,6 +77,7 @@ class TrainConfig:
     save_every: int = 500
     val_samples: int = 128
     limit: int | None = None  # read at most this many rows per data file
+    gradient_checkpointing: bool = False  # recompute the frozen MLP blocks in the backward pass
 
     def __post_init__(self) -> None:
         if self.stage not in ("regen", "qa"):
@@ -117,7 +118,7 @@ class StepModule(nn.Module):
     def prefix_kv(self, text: str) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
         """K/V of a constant prefix text under the frozen decoder (computed once, no grad)."""
         if text not in self._prefix_cache:
-            ids = self._ids(text)
+            ids = with_bos(self.tok, self._ids(text))
             kv: list[tuple[torch.Tensor, torch.Tensor]] = []
             if ids:
                 with self.compressor.decoder() as lm:
@@ -242,7 +243,7 @@ class StepModule(nn.Module):
                       targets: list[list[int]]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Full-text reference: one LoRA-adapted forward over prefix + context texts + question + answer."""
         dev = self.base.device
-        pre = self._ids(prefix)
+        pre = with_bos(self.tok, self._ids(prefix))
         sep = self._ids("\n")
         rows, sels = [], []
         for b, row in enumerate(arrange):
@@ -285,6 +286,70 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
+def build_compressor(base: BaseModel, cfg: TrainConfig) -> Compressor:
+    """The compressor a run trains: from ``cfg.init`` or fresh, on the base's device, trainable weights fp32."""
+    init_dir = resolve_checkpoint(cfg.init) if cfg.init else None
+    if init_dir is not None:
+        compressor = Compressor.from_pretrained(init_dir, base=base)
+        if compressor.mode != cfg.mode or compressor.k != cfg.k:
+            raise ValueError(f"--init checkpoint is {compressor.mode} k={compressor.k}, not {cfg.mode} k={cfg.k}")
+    else:
+        ccfg = CompressorConfig(k=cfg.k, mode=cfg.mode, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules),
+                                max_length=max(cfg.max_tokens, 512))
+        compressor = Compressor(base, ccfg, seed=cfg.seed)
+    compressor.to(base.device)
+    compressor.mark_trainable()
+    # trainable weights in fp32 (the frozen base may be bf16)
+    for p in compressor.trainable_parameters():
+        p.data = p.data.float()
+    return compressor
+
+
+def train_step(model: nn.Module, samples: list[Any], seed: int, opt: torch.optim.Optimizer,
+               params: list[nn.Parameter], autocast: Any) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    """One optimisation step: loss of the batch (under ``autocast``), backward, clip at 1.0, update.
+
+    Returns the loss (detached), the step module's info dict and the gradient norm before clipping.
+    """
+    with autocast:
+        loss, info = model(samples, seed=seed)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.detach(), info, gnorm
+
+
+def enable_mlp_checkpointing(model: Any) -> int:
+    """Recompute every decoder layer's MLP in the backward pass instead of keeping its activations.
+
+    Whole-layer gradient checkpointing (``gradient_checkpointing_enable``) is not usable here:
+    transformers drops the K/V cache inside checkpointed layers, and the decoder pass reads the
+    compressed chunks from that cache. The MLP blocks hold most of a layer's activations
+    (three ``intermediate_size`` tensors per token) and never touch the cache, so recomputing
+    them is safe. Returns the number of MLP blocks wrapped; calling it twice wraps nothing new.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    n = 0
+    for layer in inner_model(model).layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or getattr(mlp, "_compressor_plugin_ckpt", False):
+            continue
+        plain = mlp.forward
+
+        def forward(*args: Any, _plain: Any = plain, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        mlp.forward = forward
+        mlp._compressor_plugin_ckpt = True
+        n += 1
+    return n
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a training run; returns the final summary.
 
@@ -322,22 +387,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             p.requires_grad_("lora_" in n_)
         params = [p for p in peft_model.parameters() if p.requires_grad]
     else:
-        init_dir = resolve_checkpoint(cfg.init) if cfg.init else None
-        if init_dir is not None:
-            compressor = Compressor.from_pretrained(init_dir, base=base)
-            if compressor.mode != cfg.mode or compressor.k != cfg.k:
-                raise ValueError(f"--init checkpoint is {compressor.mode} k={compressor.k}, not {cfg.mode} k={cfg.k}")
-        else:
-            ccfg = CompressorConfig(k=cfg.k, mode=cfg.mode, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                    lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules),
-                                    max_length=max(cfg.max_tokens, 512))
-            compressor = Compressor(base, ccfg, seed=cfg.seed)
-        compressor.to(dev)
-        compressor.mark_trainable()
-        # trainable weights in fp32 (the frozen base may be bf16)
-        for p in compressor.trainable_parameters():
-            p.data = p.data.float()
+        compressor = build_compressor(base, cfg)
         params = compressor.trainable_parameters()
+    if cfg.gradient_checkpointing:
+        enable_mlp_checkpointing(base.model)
     step_module = StepModule(base, cfg, compressor, peft_model)
     model_for_train: nn.Module = step_module
     if world > 1:
@@ -400,12 +453,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         samples = [train_set[i] for i in batch_idx]
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        with autocast:
-            loss, info = model_for_train(samples, seed=cfg.seed * 1_000_003 + step * world + rank)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss, info, gnorm = train_step(model_for_train, samples, cfg.seed * 1_000_003 + step * world + rank,
+                                       opt, params, autocast)
         if compressor is not None:
             compressor.invalidate_fingerprint()
         step += 1
