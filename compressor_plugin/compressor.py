@@ -27,7 +27,7 @@ from torch import nn
 
 from .context import CompressedContext, RotaryHelper
 from .hf_compat import cache_kwargs, cache_layer, inner_model, new_cache
-from .models import BaseModel, load_base_model, with_bos
+from .models import DEFAULT_MODEL, BaseModel, load_base_model, with_bos
 
 CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -438,6 +438,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointMismatchError(f"{folder} is not a compressor checkpoint ({meta.get('format')!r})")
     return folder, meta
+
+
+def checkpoints_base(checkpoints: Sequence[str | os.PathLike]) -> str | None:
+    """The base model the checkpoints were trained for (``None`` for the default model, or no checkpoints).
+
+    Raises:
+        CheckpointMismatchError: the checkpoints name different base models (one evaluation runs one model).
+    """
+    names = {(read_checkpoint(c)[1].get("config") or {}).get("base_model") or None for c in checkpoints}
+    names = {None if n in (None, "default", DEFAULT_MODEL) else n for n in names}
+    if len(names) > 1:
+        raise CheckpointMismatchError(f"the checkpoints were trained for different base models: {sorted(map(str, names))}")
+    return next(iter(names), None)
 
 
 def check_base(folder: Path, meta: dict[str, Any], base: BaseModel) -> None:

@@ -359,3 +359,18 @@ def test_scale_shapes_match_the_public_checkpoints(tokenizer):
         assert abs(count - n) / n < 0.01, (shape, count)
     with pytest.raises(ValueError, match="unknown shape"):
         shape_config("llama-70b", tokenizer)
+
+
+def test_evaluation_loads_the_base_model_of_the_checkpoints(tmp_path, tokenizer):
+    """eval qa runs the model a checkpoint was trained for, and refuses checkpoints of two models."""
+    from compressor_plugin.compressor import CheckpointMismatchError, checkpoints_base
+
+    folder = tmp_path / "tiny-qwen3"
+    base = random_base_model(tiny_config("qwen3", tokenizer), tokenizer, seed=0, name=str(folder))
+    base.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    Compressor(base, CompressorConfig(k=2, lora_r=2)).save_pretrained(tmp_path / "ckpt")
+    assert checkpoints_base([tmp_path / "ckpt"]) == str(folder)
+    assert checkpoints_base([]) is None and checkpoints_base(["kv-k16", "kv-k1"]) is None
+    with pytest.raises(CheckpointMismatchError, match="different base models"):
+        checkpoints_base(["kv-k16", tmp_path / "ckpt"])
