@@ -467,6 +467,7 @@ def random_base_model(config: Any, tokenizer: Any, *, seed: int = 0, name: str |
         except ValueError:  # no SDPA path in this family (Gemma 2's logit soft-capping)
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    model.to(device)  # a no-op where from_config already honoured the device context
     model.eval()
     model.requires_grad_(False)
     if tokenizer is not None and tokenizer.pad_token_id is None:
