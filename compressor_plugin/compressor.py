@@ -27,7 +27,7 @@ from torch import nn
 
 from .context import CompressedContext, RotaryHelper
 from .hf_compat import cache_kwargs, cache_layer, inner_model, new_cache
-from .models import BaseModel, load_base_model
+from .models import DEFAULT_MODEL, BaseModel, load_base_model, with_bos
 
 CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -99,7 +99,10 @@ class Compressor(nn.Module):
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
             self.peft_model = get_peft_model(base.model, lcfg)
         self.peft_model.eval()
-        emb = base.model.get_input_embeddings().weight.detach().float()
+        embed = base.model.get_input_embeddings()
+        # Gemma families multiply looked-up embeddings by sqrt(hidden) inside the embedding module;
+        # memory embeddings bypass it, so they start at the scale of the looked-up ones.
+        emb = embed.weight.detach().float() * float(getattr(embed, "embed_scale", 1.0))
         gen = torch.Generator().manual_seed(seed)
         init = emb.mean(0, keepdim=True).cpu() + emb.std(0, keepdim=True).cpu() * torch.randn(cfg.k, emb.shape[1], generator=gen)
         self.memory = nn.Parameter(init.to(emb.device))
@@ -246,7 +249,8 @@ class Compressor(nn.Module):
     def encode_ids(self, batch: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Run the encoder on a batch of token-id lists (differentiable).
 
-        Layout per row: ``[text][memory x k][padding]``: right padding after the memory tokens,
+        Layout per row: ``[bos][text][memory x k][padding]`` (``bos`` only for tokenizers that add
+        one, see :func:`~compressor_plugin.models.bos_prefix`): right padding after the memory tokens,
         so memory tokens never attend to padding and no query row is fully masked.
 
         Returns:
@@ -257,6 +261,7 @@ class Compressor(nn.Module):
         model = self.peft_model
         lm = causal_lm_of(model)
         k = self.config.k
+        batch = [with_bos(self.tokenizer, row) for row in batch]  # models that need a BOS (Gemma) get it
         lengths = torch.tensor([len(x) for x in batch], device=dev)
         T = int(lengths.max())
         pad = self.tokenizer.pad_token_id or 0
@@ -436,6 +441,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointMismatchError(f"{folder} is not a compressor checkpoint ({meta.get('format')!r})")
     return folder, meta
+
+
+def checkpoints_base(checkpoints: Sequence[str | os.PathLike]) -> str | None:
+    """The base model the checkpoints were trained for (``None`` for the default model, or no checkpoints).
+
+    Raises:
+        CheckpointMismatchError: the checkpoints name different base models (one evaluation runs one model).
+    """
+    names = {(read_checkpoint(c)[1].get("config") or {}).get("base_model") or None for c in checkpoints}
+    names = {None if n in (None, "default", DEFAULT_MODEL) else n for n in names}
+    if len(names) > 1:
+        raise CheckpointMismatchError(f"the checkpoints were trained for different base models: {sorted(map(str, names))}")
+    return next(iter(names), None)
 
 
 def check_base(folder: Path, meta: dict[str, Any], base: BaseModel) -> None:

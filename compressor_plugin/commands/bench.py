@@ -91,6 +91,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     _output_args(dk, plot=False)
     dk.set_defaults(func=_disk)
 
+    sc = bsub.add_parser(
+        "scale", help="training and serving cost on random models with the shapes of 1B-8B checkpoints",
+        description="Randomly initialised models with the shapes of Llama-3.2-1B, Qwen2.5-3B and Llama-3.1-8B "
+                    "(bf16, frozen base, LoRA r=16 on q_proj,v_proj): training samples/s and peak memory of the "
+                    "real training step (regeneration and QA at the shipped recipe's lengths, with and without "
+                    "gradient checkpointing), compression chunks/s (512 tokens), stored bytes per chunk (k=16) "
+                    "and one store-hit answer. Writes scale.json and scale.md to --out.")
+    sc.add_argument("--shapes", default="llama-1b,qwen-3b,llama-8b",
+                    help="comma-separated: llama-1b, qwen-3b, llama-8b, tiny (default: the first three)")
+    sc.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32, the recipe's)")
+    sc.add_argument("--steps", type=int, default=5, help="timed training steps per stage and setting (default 5)")
+    sc.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    sc.add_argument("--stages", default="regen,qa", help="default regen,qa")
+    sc.add_argument("--checkpointing", choices=["both", "on", "off"], default="both",
+                    help="gradient checkpointing settings to measure (default both)")
+    sc.add_argument("--compress-batch-sizes", type=int_list, default=[1, 16, 64], help="default 1,16,64")
+    sc.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    sc.add_argument("--out", required=True, help="folder for scale.json and scale.md")
+    sc.set_defaults(func=_scale)
+
 
 def _write(result: dict, args: argparse.Namespace) -> None:
     from ..evaluation.report import write_json
@@ -147,4 +167,19 @@ def _disk(args: argparse.Namespace) -> int:
                         progress=not args.no_progress)
     print(disk_table(result))
     _write(result, args)
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from ..evaluation.bench_scale import ScaleSettings, bench_scale, scale_table, write_scale
+
+    ckpt = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
+    settings = ScaleSettings(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                             stages=tuple(s for s in args.stages.split(",") if s), checkpointing=ckpt,
+                             compress_batch_sizes=tuple(args.compress_batch_sizes))
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    result = bench_scale(shapes, device=args.device, settings=settings)
+    js, md = write_scale(result, args.out)
+    print(scale_table(result))
+    print(f"\nwrote {js} and {md}", file=sys.stderr)
     return 0

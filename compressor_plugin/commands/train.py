@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--val-samples", type=int, default=128)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the frozen MLP blocks in the backward pass (less activation memory, more compute; "
+                        "for models of 1B parameters and more)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
@@ -72,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
                       seed=args.seed, limit=args.limit, log_every=args.log_every, eval_every=args.eval_every,
                       save_every=args.save_every, val_samples=args.val_samples, mix=parse_mix(args.mix),
                       continue_tokens=args.continue_tokens, cloze_per_text=args.cloze_per_text,
-                      distill=args.distill)
+                      distill=args.distill, gradient_checkpointing=args.gradient_checkpointing)
     if cfg.max_steps is None and cfg.max_minutes is None:
         raise ValueError("give --max-steps or --max-minutes")
     summary = train(cfg, progress=not args.no_progress)

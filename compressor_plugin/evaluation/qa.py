@@ -307,6 +307,7 @@ def run_qa_eval(
         progress: tqdm progress bars.
         log: called with one line per finished system (``None`` for silence).
     """
+    from ..compressor import checkpoints_base
     from ..generation import Generator
     from ..models import load_base_model
 
@@ -329,7 +330,7 @@ def run_qa_eval(
     t_start = time.perf_counter()
     examples = load_qa(data, limit=limit, seed=seed, chunks=chunks)
     label_task = is_label_task(examples)
-    base = load_base_model(device=device, dtype=dtype)
+    base = load_base_model(checkpoints_base(checkpoints), device=device, dtype=dtype)
     metas = dict(zip(checkpoints, check_checkpoints(checkpoints, base)))
     tok = base.tokenizer
     from .report import environment

@@ -37,7 +37,7 @@ from torch import nn
 from ..compressor import Compressor, CompressorConfig, resolve_checkpoint
 from ..context import RotaryHelper
 from ..hf_compat import cache_kwargs, causal_lm, inner_model, new_cache
-from ..models import BaseModel, load_base_model
+from ..models import BaseModel, load_base_model, with_bos
 from ..prompts import QA_LAYOUTS, REGEN_CUE, qa_prompt
 from .data import QASample, RegenSample, batch_stream, load_mix, load_qa, load_regen
 
@@ -107,6 +107,7 @@ class TrainConfig:
     continue_tokens: int = 128  # continuation target length
     cloze_per_text: int = 0  # cloze (detail) questions generated per corpus text, added to the QA pool
     distill: float = 0.0  # QA steps: weight of KL(full-text teacher || student) vs. CE on the gold answer
+    gradient_checkpointing: bool = False  # recompute the frozen MLP blocks in the backward pass
 
     def __post_init__(self) -> None:
         if self.stage not in ("regen", "qa", "mix"):
@@ -155,7 +156,7 @@ class StepModule(nn.Module):
     def prefix_kv(self, text: str) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
         """K/V of a constant prefix text under the frozen decoder (computed once, no grad)."""
         if text not in self._prefix_cache:
-            ids = self._ids(text)
+            ids = with_bos(self.tok, self._ids(text))
             kv: list[tuple[torch.Tensor, torch.Tensor]] = []
             if ids:
                 with self.compressor.decoder() as lm:
@@ -244,7 +245,7 @@ class StepModule(nn.Module):
     def _full_rows(self, prefix: str, ctx_ids: list[list[int]], arrange: list[list[int]], afters: list[list[int]],
                    targets: list[list[int]]) -> list[tuple[list[int], list[int]]]:
         """Rows of the full-text layout: prefix, the row's contexts as text (newline-separated), after, target."""
-        pre, sep = self._ids(prefix), self._ids("\n")
+        pre, sep = with_bos(self.tok, self._ids(prefix)), self._ids("\n")
         rows = []
         for b, row in enumerate(arrange):
             ctx: list[int] = []
@@ -376,6 +377,71 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
+def build_compressor(base: BaseModel, cfg: TrainConfig) -> Compressor:
+    """The compressor a run trains: from ``cfg.init`` or fresh, on the base's device, trainable weights fp32."""
+    init_dir = resolve_checkpoint(cfg.init) if cfg.init else None
+    if init_dir is not None:
+        compressor = Compressor.from_pretrained(init_dir, base=base)
+        if compressor.mode != cfg.mode or compressor.k != cfg.k:
+            raise ValueError(f"--init checkpoint is {compressor.mode} k={compressor.k}, not {cfg.mode} k={cfg.k}")
+    else:
+        ccfg = CompressorConfig(k=cfg.k, mode=cfg.mode, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules),
+                                max_length=max(cfg.max_tokens, 512))
+        compressor = Compressor(base, ccfg, seed=cfg.seed)
+    compressor.to(base.device)
+    compressor.mark_trainable()
+    # trainable weights in fp32 (the frozen base may be bf16)
+    for p in compressor.trainable_parameters():
+        p.data = p.data.float()
+    return compressor
+
+
+def train_step(model: nn.Module, samples: list[Any], seed: int, opt: torch.optim.Optimizer,
+               params: list[nn.Parameter], autocast: Any, task: str | None = None
+               ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    """One optimisation step: loss of the batch for ``task`` (under ``autocast``), backward, clip at 1.0, update.
+
+    Returns the loss (detached), the step module's info dict and the gradient norm before clipping.
+    """
+    with autocast:
+        loss, info = model(samples, seed=seed, task=task)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.detach(), info, gnorm
+
+
+def enable_mlp_checkpointing(model: Any) -> int:
+    """Recompute every decoder layer's MLP in the backward pass instead of keeping its activations.
+
+    Whole-layer gradient checkpointing (``gradient_checkpointing_enable``) is not usable here:
+    transformers drops the K/V cache inside checkpointed layers, and the decoder pass reads the
+    compressed chunks from that cache. The MLP blocks hold most of a layer's activations
+    (three ``intermediate_size`` tensors per token) and never touch the cache, so recomputing
+    them is safe. Returns the number of MLP blocks wrapped; calling it twice wraps nothing new.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    n = 0
+    for layer in inner_model(model).layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or getattr(mlp, "_compressor_plugin_ckpt", False):
+            continue
+        plain = mlp.forward
+
+        def forward(*args: Any, _plain: Any = plain, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        mlp.forward = forward
+        mlp._compressor_plugin_ckpt = True
+        n += 1
+    return n
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a training run; returns the final summary.
 
@@ -413,22 +479,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             p.requires_grad_("lora_" in n_)
         params = [p for p in peft_model.parameters() if p.requires_grad]
     else:
-        init_dir = resolve_checkpoint(cfg.init) if cfg.init else None
-        if init_dir is not None:
-            compressor = Compressor.from_pretrained(init_dir, base=base)
-            if compressor.mode != cfg.mode or compressor.k != cfg.k:
-                raise ValueError(f"--init checkpoint is {compressor.mode} k={compressor.k}, not {cfg.mode} k={cfg.k}")
-        else:
-            ccfg = CompressorConfig(k=cfg.k, mode=cfg.mode, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                    lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules),
-                                    max_length=max(cfg.max_tokens, 512))
-            compressor = Compressor(base, ccfg, seed=cfg.seed)
-        compressor.to(dev)
-        compressor.mark_trainable()
-        # trainable weights in fp32 (the frozen base may be bf16)
-        for p in compressor.trainable_parameters():
-            p.data = p.data.float()
+        compressor = build_compressor(base, cfg)
         params = compressor.trainable_parameters()
+    if cfg.gradient_checkpointing:
+        enable_mlp_checkpointing(base.model)
     step_module = StepModule(base, cfg, compressor, peft_model)
     model_for_train: nn.Module = step_module
     if world > 1:
@@ -454,7 +508,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     else:
         corpus, qa = load_mix(cfg.data, tok, max_tokens=regen_cap, max_qa_tokens=cfg.max_tokens, limit=cfg.limit,
                               cloze_per_text=cfg.cloze_per_text, seed=cfg.seed)
-        pools = {"regen": corpus, "continue": [s_ for s_ in corpus if len(s_.ids) >= 24], "qa": qa}
+        pools = {"regen": corpus, "continue": [s_ for s_ in corpus if len(s_.ids) >= 12], "qa": qa}
         missing = [t for t in TASKS if cfg.mix.get(t, 0) > 0 and not pools[t]]
         if missing:
             raise ValueError(f"the mix asks for {missing} steps, but the data files give no samples for them "
@@ -514,12 +568,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         samples = [pools[task][i] for i in batch_idx]
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        with autocast:
-            loss, info = model_for_train(samples, seed=cfg.seed * 1_000_003 + step * world + rank, task=task)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss, info, gnorm = train_step(model_for_train, samples, cfg.seed * 1_000_003 + step * world + rank,
+                                       opt, params, autocast, task=task)
         if compressor is not None:
             compressor.invalidate_fingerprint()
         step += 1
