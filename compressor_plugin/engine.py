@@ -59,6 +59,10 @@ class EngineResult:
                 "tokens_saved": g.tokens_saved}
 
 
+#: Tokens a chunk may exceed k by and still stay text (see CompressionEngine.keep_text_tokens).
+SHORT_TEXT_MARGIN = 8
+
+
 class CompressionEngine:
     """Compressor, store and generator over one loaded base model.
 
@@ -105,6 +109,16 @@ class CompressionEngine:
     def max_chunk_tokens(self) -> int:
         return self.compressor.config.max_length
 
+    @property
+    def keep_text_tokens(self) -> int:
+        """Chunks of at most this many tokens stay text (the short-chunk rule).
+
+        A chunk that is not longer than its compressed form (k positions) plus a margin of
+        :data:`SHORT_TEXT_MARGIN` tokens saves (almost) nothing when compressed, and the text
+        itself is exact, where compression loses names and numbers. So it stays text.
+        """
+        return int(self.compressor.k) + SHORT_TEXT_MARGIN
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -122,9 +136,14 @@ class CompressionEngine:
     def mark(self, texts: Sequence[str], **kwargs: Any) -> list[str]:
         """Compress chunks (through the store) and return one marker string per chunk.
 
-        The markers are valid in this engine's prompts only (see :meth:`marker`).
+        The markers are valid in this engine's prompts only (see :meth:`marker`). A chunk of at
+        most :attr:`keep_text_tokens` tokens is returned as its own text instead (the short-chunk
+        rule: compressing it would not shorten the prompt).
         """
-        return [self.marker(r.key) for r in self.compress(texts, **kwargs)]
+        texts = list(texts)
+        short = [self.count_tokens(t) <= self.keep_text_tokens for t in texts]
+        results = iter(self.compress([t for t, s in zip(texts, short) if not s], **kwargs))
+        return [t if s else self.marker(next(results).key) for t, s in zip(texts, short)]
 
     def marker(self, key: str) -> str:
         """The marker that makes this engine read the stored chunk ``key`` at its place in a prompt.

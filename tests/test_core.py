@@ -382,7 +382,33 @@ def test_stream_consumed_from_other_threads_does_not_block_the_engine(tmp_path):
         t.start()
         t.join(timeout=30)
     done = []
-    t = threading.Thread(target=lambda: done.append(engine.mark(["another chunk"])))
+    long_chunk = ("Another chunk, long enough to be compressed: the harbour of Velmora was rebuilt in 1871 after a "
+                  "storm destroyed the old wooden piers, and the new stone quay is still in use today.")
+    t = threading.Thread(target=lambda: done.append(engine.mark([long_chunk])))
     t.start()
     t.join(timeout=30)
     assert not errors and done and done[0][0].startswith("[[cc:")
+
+
+def test_short_chunks_stay_text():
+    """The short-chunk rule: a chunk not longer than k + margin tokens is kept as text, by
+    CompressionEngine.mark and by the integration core (so tokens_saved is never negative)."""
+    from compressor_plugin.compressor import Compressor, CompressorConfig
+    from compressor_plugin.engine import SHORT_TEXT_MARGIN, CompressionEngine
+    from compressor_plugin.integrations.core import CompressionOptions, compress_texts
+    from compressor_plugin.models import tiny_random_llama
+    from compressor_plugin.store import ContextStore
+    import tempfile
+
+    comp = Compressor(tiny_random_llama(seed=2), CompressorConfig(k=4, mode="kv", lora_r=4, max_length=64))
+    with tempfile.TemporaryDirectory() as folder:
+        engine = CompressionEngine(comp, ContextStore(folder))
+        assert engine.keep_text_tokens == 4 + SHORT_TEXT_MARGIN
+        short = "Paris, 1889."
+        long = " ".join(f"w{i}" for i in range(20))
+        assert engine.count_tokens(short) <= engine.keep_text_tokens < engine.count_tokens(long)
+        marked = engine.mark([short, long])
+        assert marked[0] == short and marked[1].startswith("[[cc:")
+        assert len(engine.store) == 1  # the short chunk was never compressed or stored
+        res = compress_texts(engine, [short, long], CompressionOptions())
+        assert res[0] is None and res[1] is not None and res[1].source_tokens > res[1].compressed_tokens

@@ -65,3 +65,16 @@ def test_agreement_scores_answers_against_full_text_answers():
     assert agreement(other, full) == {"agreement_f1": 0.0, "agreement_em": 0.0}
     half = agreement([{"id": "a", "prediction": "Marta"}, {"id": "b", "prediction": "1962"}], full)
     assert half["agreement_em"] == 0.5 and 0.5 < half["agreement_f1"] < 1.0
+
+
+def test_system_names_stay_unique_for_run_folders():
+    from compressor_plugin.evaluation.qa import unique_system_name
+
+    used = {"kv-k16"}
+    a = unique_system_name("kv-k16", "runs/mix/best", used)
+    used.add(a)
+    b = unique_system_name("kv-k16", "runs/mix-kd/best", used)
+    used.add(b)
+    c = unique_system_name("kv-k16", "other/mix/best", used)
+    assert (a, b, c) == ("kv-k16@mix", "kv-k16@mix-kd", "kv-k16@mix-2")
+    assert unique_system_name("kv-k4", "runs/x/best", used) == "kv-k4"

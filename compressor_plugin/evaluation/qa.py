@@ -243,6 +243,19 @@ def summarize(rows: Sequence[dict[str, Any]], seconds: float, **extra: Any) -> d
     return out
 
 
+def unique_system_name(name: str, checkpoint: str, used: set[str]) -> str:
+    """``name``, or ``name@<run>`` when taken: the checkpoint folder's name, or its parent's for a
+    run's ``best``/``checkpoint`` folder (``runs/mix/best`` -> ``@mix``); a counter if still taken."""
+    if name not in used:
+        return name
+    p = Path(checkpoint)
+    tag = p.parent.name if p.name in ("best", "checkpoint") and p.parent.name else p.name
+    out, i = f"{name}@{tag}", 2
+    while out in used:
+        out, i = f"{name}@{tag}-{i}", i + 1
+    return out
+
+
 def agreement(rows: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Fidelity: F1 / EM of each answer against the reference system's answer to the same question.
 
@@ -411,9 +424,7 @@ def run_qa_eval(
             if lc.compressor.base.fingerprint != env["model_fingerprint"]:
                 raise ValueError(f"checkpoint {lc.name} is for base model {lc.compressor.base.name}, but the text "
                                  f"baselines ran on {env['model']}; evaluate one base model at a time")
-            name = f"{lc.mode}-k{lc.k}"
-            if name in used_names:
-                name = f"{name}@{Path(lc.name).name}"
+            name = unique_system_name(f"{lc.mode}-k{lc.k}", lc.name, used_names)
             used_names.add(name)
             info = lc.describe()
             checkpoint_meta.append({"system": name, **info, "load_seconds": round(load_s, 3)})

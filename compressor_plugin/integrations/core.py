@@ -202,7 +202,8 @@ def plan_text(engine: "CompressionEngine", text: str, on_long: str, document_id:
     A text that is nothing but markers this engine issued (the output of an earlier step of
     the same pipeline) keeps them. Any other text is compressed as text, marker-shaped
     strings included: a marker inside a retrieved document is data, never a reference.
-    Empty text gives an empty plan.
+    Empty text, and text of at most ``engine.keep_text_tokens`` tokens (the short-chunk rule:
+    compressing it would not shorten the prompt), give an empty plan: the text stays as it is.
 
     Raises:
         ContextTooLongError: ``on_long="error"`` and the text is over ``engine.max_chunk_tokens``.
@@ -215,6 +216,8 @@ def plan_text(engine: "CompressionEngine", text: str, on_long: str, document_id:
         return Plan()
     limit = int(engine.max_chunk_tokens)
     n = engine.count_tokens(norm)
+    if n <= engine.keep_text_tokens:
+        return Plan()
     if n <= limit or on_long == "truncate":
         return Plan([norm])
     if on_long == "error":
