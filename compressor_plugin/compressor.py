@@ -28,6 +28,7 @@ from torch import nn
 from .context import CompressedContext, RotaryHelper
 from .hf_compat import cache_kwargs, cache_layer, inner_model, new_cache
 from .models import BaseModel, load_base_model
+from .text import lone_surrogate, surrogate_message
 
 CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -213,7 +214,8 @@ class Compressor(nn.Module):
         """Token ids of each text (no special tokens), validated.
 
         Raises:
-            CompressorError: a text is not a string, or is empty / whitespace only.
+            CompressorError: a text is not a string, is empty / whitespace only, or holds a lone
+                surrogate (not valid Unicode; the message names the text and the character).
             ContextTooLongError: a text is longer than ``config.max_length`` tokens and
                 ``truncate`` is False. With ``truncate=True`` it keeps the first tokens.
         """
@@ -230,6 +232,9 @@ class Compressor(nn.Module):
                 raise CompressorError(f"text {i} is {type(t).__name__}, not str")
             if not t.strip():
                 raise CompressorError(f"text {i} is empty; there is nothing to compress")
+            bad = lone_surrogate(t)
+            if bad is not None:
+                raise CompressorError(surrogate_message(t, bad, f"text {i}"))
             ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
             too_long = len(ids) > self.config.max_length
             if too_long:

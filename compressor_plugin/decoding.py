@@ -1,0 +1,176 @@
+"""The fast decode path: preallocated (static) K/V caches and a one-token decode step.
+
+After the prompt has been laid into a cache (:meth:`Generator.prefill`), decoding appends one
+token per step. With a growing cache every step re-allocates and copies each layer's keys and
+values; with a static cache each layer's K/V lives in one buffer of fixed length, the prompt is
+written into its first slots once, and every decode step writes one slot in place.
+
+Fixed shapes are what CUDA graphs need: on a GPU the decode step (one forward of one token per
+row) is compiled with ``torch.compile(mode="reduce-overhead")``, which captures the step's
+kernels once and replays them, removing the per-token Python and kernel-launch overhead.
+
+Shape buckets: a cache holds ``bucket_length(prompt + new tokens)`` slots, the needed length
+rounded up to a multiple of :data:`BUCKET` (256), so prompts of different lengths share a
+compiled step. Caches are kept in a small pool and reused: the compiled step sees the same
+buffers again, so no recompilation or re-capture happens between requests of the same bucket.
+
+The attention mask of a decode step is a ``(batch, 1, 1, slots)`` tensor that marks the slots a
+row may see: its own prompt slots (batched prompts are padded) and the decode slots written so
+far. Slots not written yet are masked, so stale values in a reused buffer are never read.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from .hf_compat import cache_kwargs, cache_layer
+
+BUCKET = 256
+"""Static caches hold a multiple of this many slots."""
+
+
+def bucket_length(needed: int, bucket: int = BUCKET) -> int:
+    """``needed`` slots rounded up to a multiple of ``bucket`` (at least one bucket)."""
+    return max(bucket, -(-int(needed) // bucket) * bucket)
+
+
+def new_static_cache(config: Any, slots: int) -> Any:
+    """A transformers ``StaticCache`` of ``slots`` positions, or None if the model's layers are not all full attention.
+
+    Sliding-window and other special layers keep their K/V differently; those models use the
+    growing cache instead.
+    """
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=config, max_cache_len=int(slots))
+    if not all(type(layer) is StaticLayer for layer in cache.layers):
+        return None
+    return cache
+
+
+def fill_static(cache: Any, prompt_cache: Any, slots: int) -> None:
+    """Copy the first ``slots`` positions of every layer of ``prompt_cache`` into ``cache``.
+
+    The static cache's write position becomes ``slots``: the next token is written after the prompt.
+    """
+    for i, layer in enumerate(cache.layers):
+        k, v = cache_layer(prompt_cache, i)
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        layer.keys[:, :, :slots].copy_(k)
+        layer.values[:, :, :slots].copy_(v)
+        layer.cumulative_length.fill_(slots)
+
+
+class StaticCachePool:
+    """Static caches kept for reuse, keyed by (batch, slots, dtype, device).
+
+    A cache is checked out for one generation and given back afterwards; two generations that
+    run at the same time (streams consumed in turns) never share one. At most ``max_idle``
+    caches are kept.
+    """
+
+    def __init__(self, config: Any, max_idle: int = 4):
+        self.config = config
+        self.max_idle = int(max_idle)
+        self._idle: OrderedDict[tuple, list[Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def acquire(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> Any:
+        """A cache for ``batch`` rows of ``slots`` positions (None if the model needs a growing cache)."""
+        key = (int(batch), int(slots), dtype, str(device))
+        with self._lock:
+            free = self._idle.get(key)
+            if free:
+                cache = free.pop()
+                if not free:
+                    del self._idle[key]
+                return cache
+        cache = new_static_cache(self.config, slots)
+        if cache is not None:
+            cache._pool_key = key  # type: ignore[attr-defined]
+        return cache
+
+    def release(self, cache: Any) -> None:
+        """Give a cache back for reuse."""
+        key = getattr(cache, "_pool_key", None)
+        if key is None:
+            return
+        with self._lock:
+            self._idle.setdefault(key, []).append(cache)
+            self._idle.move_to_end(key)
+            while sum(len(v) for v in self._idle.values()) > self.max_idle:
+                old_key = next(iter(self._idle))
+                self._idle[old_key].pop(0)
+                if not self._idle[old_key]:
+                    del self._idle[old_key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+
+def _forward_one(lm: Any, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> torch.Tensor:
+    """One decode forward: logits ``(batch, vocab)`` of one new token per row."""
+    out = lm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
+             **cache_kwargs(lm, cache))
+    return out.logits[:, -1, :]
+
+
+_compiled_forward: Any = None
+_compile_lock = threading.Lock()
+
+
+def _compiled() -> Any:
+    """The decode step compiled with CUDA graphs (one compiled function per process)."""
+    global _compiled_forward
+    with _compile_lock:
+        if _compiled_forward is None:
+            import torch._dynamo
+
+            # One graph per (batch, bucket) and per pooled cache: allow more than the default 8.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+            _compiled_forward = torch.compile(_forward_one, mode="reduce-overhead", dynamic=False)
+        return _compiled_forward
+
+
+class DecodeStep:
+    """Runs the one-token decode forward, compiled (CUDA graphs) or eager.
+
+    Args:
+        compile: compile the step with ``torch.compile(mode="reduce-overhead")``; only used on
+            CUDA devices (on other devices the eager step runs).
+    """
+
+    def __init__(self, compile: bool):
+        self.compile = bool(compile)
+        self._failed = False
+
+    def active(self, device: torch.device) -> bool:
+        """Whether the compiled step runs on ``device``."""
+        return self.compile and not self._failed and device.type == "cuda"
+
+    def __call__(self, lm: Any, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, slot: int) -> torch.Tensor:
+        """Logits ``(batch, vocab)`` in float32 for ``input_ids`` ``(batch, 1)`` written at cache slot ``slot``."""
+        if self.active(input_ids.device):
+            try:
+                torch.compiler.cudagraph_mark_step_begin()
+                logits = _compiled()(lm, cache, input_ids, position_ids, attention_mask)
+                return logits.to(torch.float32, copy=True)  # the graph's output buffer is reused next step
+            except Exception as exc:  # noqa: BLE001 - a compiler failure must not end the answer
+                self._failed = True
+                warnings.warn(f"the compiled decode step failed ({type(exc).__name__}: {exc}); "
+                              "decoding continues without compilation", RuntimeWarning, stacklevel=2)
+                for layer in cache.layers:  # the write position as before the failed call
+                    layer.cumulative_length.fill_(slot)
+        return _forward_one(lm, cache, input_ids, position_ids, attention_mask).float()
