@@ -163,9 +163,50 @@ class Compressor(nn.Module):
 
     @contextlib.contextmanager
     def decoder(self) -> Iterator[Any]:
-        """Context in which the model is exactly the base model (adapter disabled)."""
-        with self.lock, self.peft_model.disable_adapter():
-            yield causal_lm_of(self.peft_model)
+        """Context in which the model is exactly the base model (adapter disabled).
+
+        Entered around every decoder forward (once per generated token), so the switch is
+        cheap: it flips the disable flag of each LoRA layer (found once) instead of going
+        through ``PeftModel.disable_adapter``, which inspects the whole model on every entry
+        (about 30 ms for the default model on a CPU).
+        """
+        with self.lock:
+            layers = self._adapter_layers()
+            if layers is None:  # adapter types other than plain tuner layers: peft's own switch
+                with self.peft_model.disable_adapter():
+                    yield causal_lm_of(self.peft_model)
+                return
+            before = [layer._disable_adapters for layer in layers]
+            was = getattr(self.peft_model, "_adapters_disabled", False)
+            try:
+                for layer in layers:
+                    layer._disable_adapters = True
+                self.peft_model._adapters_disabled = True
+                yield causal_lm_of(self.peft_model)
+            finally:
+                for layer, flag in zip(layers, before):
+                    layer._disable_adapters = flag
+                self.peft_model._adapters_disabled = was
+
+    def _adapter_layers(self) -> list[Any] | None:
+        """The model's LoRA layers (cached), or None when the cheap adapter switch does not apply."""
+        if getattr(self, "_lora_layers", None) is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            try:
+                from peft.utils import ModulesToSaveWrapper
+            except ImportError:  # pragma: no cover - older peft
+                ModulesToSaveWrapper = ()  # noqa: N806
+            layers, other = [], False
+            for mod in self.peft_model.modules():
+                if isinstance(mod, BaseTunerLayer):
+                    layers.append(mod)
+                elif ModulesToSaveWrapper and isinstance(mod, ModulesToSaveWrapper):
+                    other = True
+            ok = not other and all(hasattr(m, "_disable_adapters") for m in layers)
+            self._lora_layers = layers if ok else []
+            self._lora_switch = ok
+        return self._lora_layers if self._lora_switch else None
 
     @contextlib.contextmanager
     def fast_encoder(self, *, merge: bool = True, compile: bool = False) -> Iterator[None]:

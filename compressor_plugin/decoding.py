@@ -117,55 +117,67 @@ class StaticCachePool:
 
 
 def _forward_one(lm: Any, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> torch.Tensor:
-    """One decode forward: logits ``(batch, vocab)`` of one new token per row."""
+                 attention_mask: torch.Tensor, cache_kw: str) -> torch.Tensor:
+    """One decode forward: logits ``(batch, vocab)`` of one new token per row.
+
+    ``cache_kw`` is the forward's name for the cache argument (``cache`` or ``past_key_values``),
+    looked up outside so that the compiled function does not trace the lookup.
+    """
     out = lm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
-             **cache_kwargs(lm, cache))
+             **{cache_kw: cache})
     return out.logits[:, -1, :]
 
 
-_compiled_forward: Any = None
+_compiled_forwards: dict[tuple[Any, str | None], Any] = {}
 _compile_lock = threading.Lock()
 
 
-def _compiled() -> Any:
-    """The decode step compiled with CUDA graphs (one compiled function per process)."""
-    global _compiled_forward
+def _compiled(backend: Any = "inductor", mode: str | None = "reduce-overhead") -> Any:
+    """The decode step compiled with ``backend`` and ``mode`` (one compiled function per process and setting)."""
     with _compile_lock:
-        if _compiled_forward is None:
+        fn = _compiled_forwards.get((backend, mode))
+        if fn is None:
             import torch._dynamo
 
             # One graph per (batch, bucket) and per pooled cache: allow more than the default 8.
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-            _compiled_forward = torch.compile(_forward_one, mode="reduce-overhead", dynamic=False)
-        return _compiled_forward
+            fn = _compiled_forwards[(backend, mode)] = torch.compile(_forward_one, backend=backend, mode=mode,
+                                                                     dynamic=False)
+        return fn
 
 
 class DecodeStep:
     """Runs the one-token decode forward, compiled (CUDA graphs) or eager.
 
     Args:
-        compile: compile the step with ``torch.compile(mode="reduce-overhead")``; only used on
-            CUDA devices (on other devices the eager step runs).
+        compile: compile the step with ``torch.compile``.
+        backend, mode: the ``torch.compile`` settings (default: inductor with
+            ``"reduce-overhead"``, i.e. CUDA graphs).
+        devices: device types on which the compiled step runs (default: CUDA only); on others
+            the eager step runs.
     """
 
-    def __init__(self, compile: bool):
+    def __init__(self, compile: bool, *, backend: Any = "inductor", mode: str | None = "reduce-overhead",
+                 devices: tuple[str, ...] = ("cuda",)):
         self.compile = bool(compile)
+        self.backend, self.mode, self.devices = backend, mode, tuple(devices)
         self._failed = False
 
     def active(self, device: torch.device) -> bool:
         """Whether the compiled step runs on ``device``."""
-        return self.compile and not self._failed and device.type == "cuda"
+        return self.compile and not self._failed and device.type in self.devices
 
     def __call__(self, lm: Any, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  attention_mask: torch.Tensor, slot: int) -> torch.Tensor:
         """Logits ``(batch, vocab)`` in float32 for ``input_ids`` ``(batch, 1)`` written at cache slot ``slot``."""
+        kw = next(iter(cache_kwargs(lm, cache)))
         if self.active(input_ids.device):
             try:
-                torch.compiler.cudagraph_mark_step_begin()
-                logits = _compiled()(lm, cache, input_ids, position_ids, attention_mask)
+                if input_ids.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = _compiled(self.backend, self.mode)(lm, cache, input_ids, position_ids, attention_mask, kw)
                 return logits.to(torch.float32, copy=True)  # the graph's output buffer is reused next step
             except Exception as exc:  # noqa: BLE001 - a compiler failure must not end the answer
                 self._failed = True
@@ -173,4 +185,4 @@ class DecodeStep:
                               "decoding continues without compilation", RuntimeWarning, stacklevel=2)
                 for layer in cache.layers:  # the write position as before the failed call
                     layer.cumulative_length.fill_(slot)
-        return _forward_one(lm, cache, input_ids, position_ids, attention_mask).float()
+        return _forward_one(lm, cache, input_ids, position_ids, attention_mask, kw).float()

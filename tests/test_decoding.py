@@ -150,3 +150,33 @@ def test_compile_flag_is_ignored_off_cuda(tiny):
     ref = Generator(tiny, cache="dynamic")
     assert gen.generate(["hello there"], max_new_tokens=5, ignore_eos=True).token_ids == \
         ref.generate(["hello there"], max_new_tokens=5, ignore_eos=True).token_ids
+
+
+def test_compiled_decode_step_is_one_graph_without_recompiles():
+    """The decode step traces as one graph and is reused across prompts of one bucket (CPU, eager backend)."""
+    from compressor_plugin import decoding
+    from compressor_plugin.models import tiny_random_llama
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    comp = Compressor(tiny_random_llama(seed=3), CompressorConfig(k=4, lora_r=4, max_length=64))
+    gen = Generator(comp.base, comp, compile=True)
+    gen._step = decoding.DecodeStep(True, backend=counting, mode=None, devices=("cpu",))
+    ref = Generator(comp.base, comp, cache="dynamic")
+    ctx = comp.compress(["some chunk of text to compress"])[0]
+    cfg = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    try:
+        for prompt in (["hello there, how are you"], ["Context: ", ctx, "\nQuestion: what?\nAnswer:"], ["short"]):
+            assert gen.generate(prompt, cfg).token_ids == ref.generate(prompt, cfg).token_ids
+        assert len(graphs) == 1  # one bucket, batch 1: compiled once, no graph breaks, no recompiles
+        prompts = [["hello there"], ["Context: ", ctx, "\nQ?"]]
+        assert [r.token_ids for r in gen.generate_batch(prompts, cfg)] == \
+            [r.token_ids for r in ref.generate_batch(prompts, cfg)]
+        assert len(graphs) == 2  # batch 2: one more graph
+        assert not gen._step._failed
+    finally:
+        decoding._compiled_forwards.pop((counting, None), None)
