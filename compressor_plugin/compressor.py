@@ -486,7 +486,24 @@ class Compressor(nn.Module):
         comp = cls(base, config)
         comp.load_weights(folder)
         comp.to(base.device)
+        comp.match_adapter_dtype()
         return comp
+
+    def match_adapter_dtype(self) -> None:
+        """Keep the LoRA weights in the base model's dtype, so a bf16 encoder runs in bf16 end to end.
+
+        peft keeps adapter weights in float32 on a half-precision model (for training), which casts
+        every adapted projection's input to float32 and back. Checkpoints store the weights in
+        bf16, so for a bf16 model loaded from one this loses nothing and the fingerprint is
+        unchanged. :meth:`from_pretrained` calls it; training keeps float32 adapters.
+        """
+        dtype = self.base.dtype
+        if dtype not in (torch.bfloat16, torch.float16):
+            return
+        with torch.no_grad():
+            for name, p in self.peft_model.named_parameters():
+                if "lora_" in name and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:

@@ -33,6 +33,11 @@ from .hf_compat import cache_kwargs, cache_layer
 BUCKET = 256
 """Static caches hold a multiple of this many slots."""
 
+COMPILE_MAX_BATCH = 8
+"""Largest batch whose decode step is compiled by default. CUDA graphs remove per-token launch
+overhead, which matters when a step has little work; a large batch shares that overhead among
+its rows, and each new batch size would cost another compilation."""
+
 
 def bucket_length(needed: int, bucket: int = BUCKET) -> int:
     """``needed`` slots rounded up to a multiple of ``bucket`` (at least one bucket)."""
@@ -157,23 +162,25 @@ class DecodeStep:
             ``"reduce-overhead"``, i.e. CUDA graphs).
         devices: device types on which the compiled step runs (default: CUDA only); on others
             the eager step runs.
+        max_batch: larger batches run the eager step (see :data:`COMPILE_MAX_BATCH`).
     """
 
     def __init__(self, compile: bool, *, backend: Any = "inductor", mode: str | None = "reduce-overhead",
-                 devices: tuple[str, ...] = ("cuda",)):
+                 devices: tuple[str, ...] = ("cuda",), max_batch: int = COMPILE_MAX_BATCH):
         self.compile = bool(compile)
         self.backend, self.mode, self.devices = backend, mode, tuple(devices)
+        self.max_batch = int(max_batch)
         self._failed = False
 
-    def active(self, device: torch.device) -> bool:
-        """Whether the compiled step runs on ``device``."""
-        return self.compile and not self._failed and device.type in self.devices
+    def active(self, device: torch.device, batch: int = 1) -> bool:
+        """Whether the compiled step runs on ``device`` for ``batch`` rows."""
+        return self.compile and not self._failed and device.type in self.devices and batch <= self.max_batch
 
     def __call__(self, lm: Any, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  attention_mask: torch.Tensor, slot: int) -> torch.Tensor:
         """Logits ``(batch, vocab)`` in float32 for ``input_ids`` ``(batch, 1)`` written at cache slot ``slot``."""
         kw = next(iter(cache_kwargs(lm, cache)))
-        if self.active(input_ids.device):
+        if self.active(input_ids.device, input_ids.shape[0]):
             try:
                 if input_ids.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()

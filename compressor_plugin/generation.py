@@ -210,8 +210,9 @@ class Generator:
             use it).
         compile: compile the one-token decode step with CUDA graphs
             (``torch.compile(mode="reduce-overhead")``). ``None`` (default): on when the model
-            is on a CUDA device and ``cache="static"``. Ignored on other devices. The first
-            answers of each batch size and cache bucket pay the compilation.
+            is on a CUDA device and ``cache="static"``. Ignored on other devices and for batches
+            of more than ``decoding.COMPILE_MAX_BATCH`` (8) rows. The first answer of each batch
+            size and cache bucket pays the compilation.
     """
 
     def __init__(self, base: BaseModel, compressor: Any | None = None, *, cache: str = "static",

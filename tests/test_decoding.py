@@ -147,6 +147,7 @@ def test_lone_surrogates_give_a_clear_error(generator, tiny_compressor):
 def test_compile_flag_is_ignored_off_cuda(tiny):
     gen = Generator(tiny, compile=True)
     assert gen.compile and not gen._step.active(tiny.device)
+    assert gen._step.active(torch.device("cuda")) and not gen._step.active(torch.device("cuda"), 64)
     ref = Generator(tiny, cache="dynamic")
     assert gen.generate(["hello there"], max_new_tokens=5, ignore_eos=True).token_ids == \
         ref.generate(["hello there"], max_new_tokens=5, ignore_eos=True).token_ids

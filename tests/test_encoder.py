@@ -85,3 +85,24 @@ def test_compress_and_cache_build_share_one_encode_path(tiny_compressor):
             (b.source_tokens, b.compressor_fingerprint, b.base_fingerprint, b.extra)
     # contexts made on the device own their storage (no view of the whole batch)
     assert api[0].keys.untyped_storage().nbytes() == api[0].keys.numel() * api[0].keys.element_size()
+
+
+def test_bf16_compressor_runs_its_adapter_in_bf16(tmp_path, tiny_compressor):
+    from compressor_plugin.compressor import Compressor
+    from compressor_plugin.models import tiny_random_llama
+
+    comp = _nontrivial(tiny_compressor)
+    path = comp.save_pretrained(tmp_path / "ckpt")  # bf16 weights, as shipped
+    fp32 = Compressor.from_pretrained(path, base=tiny_random_llama(seed=1))
+    base = tiny_random_llama(seed=1)
+    base.model.to(torch.bfloat16)
+    bf16 = Compressor.from_pretrained(path, base=base)
+    lora = [p for n, p in bf16.peft_model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.bfloat16 for p in lora)
+    assert all(p.dtype == torch.float32 for n, p in fp32.peft_model.named_parameters() if "lora_" in n)
+    bf16.invalidate_fingerprint()
+    assert bf16.fingerprint == fp32.fingerprint  # the bf16 checkpoint values are kept exactly
+    a = fp32.compress(TEXTS)[0]
+    b = bf16.compress(TEXTS)[0]
+    assert b.keys.dtype == torch.bfloat16
+    torch.testing.assert_close(b.keys.float(), a.keys, atol=0.1, rtol=0.05)
