@@ -21,9 +21,11 @@ far. Slots not written yet are masked, so stale values in a reused buffer are ne
 
 from __future__ import annotations
 
+import queue
 import threading
 import warnings
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -153,6 +155,51 @@ def _compiled(backend: Any = "inductor", mode: str | None = "reduce-overhead") -
         return fn
 
 
+class _StepThread:
+    """One long-lived thread that runs every compiled decode step of the process.
+
+    CUDA-graph state (graph trees, memory pools) is kept per thread: steps called from many
+    threads (a web server's workers, one worker thread per async stream) would capture the
+    graphs again in each thread. Running them all here captures once.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the step thread (under ``torch.no_grad``); its result or exception."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="compressor-plugin-decode", daemon=True)
+                self._thread.start()
+        done: Future = Future()
+        self._jobs.put((fn, args, done))
+        return done.result()
+
+    def _loop(self) -> None:
+        while True:
+            fn, args, done = self._jobs.get()
+            try:
+                with torch.no_grad():
+                    done.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.set_exception(exc)
+
+
+_step_thread = _StepThread()
+
+
+def _run_compiled(fn: Any, device: torch.device, *args: Any) -> torch.Tensor:
+    with torch.cuda.device(device):
+        torch.compiler.cudagraph_mark_step_begin()
+        # a copy: the graph's output buffer is overwritten by the next step
+        return fn(*args).to(torch.float32, copy=True)
+
+
 class DecodeStep:
     """Runs the one-token decode forward, compiled (CUDA graphs) or eager.
 
@@ -182,10 +229,11 @@ class DecodeStep:
         kw = next(iter(cache_kwargs(lm, cache)))
         if self.active(input_ids.device, input_ids.shape[0]):
             try:
+                fn = _compiled(self.backend, self.mode)
                 if input_ids.device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()
-                logits = _compiled(self.backend, self.mode)(lm, cache, input_ids, position_ids, attention_mask, kw)
-                return logits.to(torch.float32, copy=True)  # the graph's output buffer is reused next step
+                    return _step_thread.run(_run_compiled, fn, input_ids.device, lm, cache, input_ids, position_ids,
+                                            attention_mask, kw)
+                return fn(lm, cache, input_ids, position_ids, attention_mask, kw).float()
             except Exception as exc:  # noqa: BLE001 - a compiler failure must not end the answer
                 self._failed = True
                 warnings.warn(f"the compiled decode step failed ({type(exc).__name__}: {exc}); "

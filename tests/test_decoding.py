@@ -181,3 +181,32 @@ def test_compiled_decode_step_is_one_graph_without_recompiles():
         assert not gen._step._failed
     finally:
         decoding._compiled_forwards.pop((counting, None), None)
+
+
+def test_compiled_steps_run_on_one_thread_whoever_calls():
+    """CUDA-graph state is per thread: every compiled step runs on one long-lived thread."""
+    import threading
+
+    from compressor_plugin.decoding import _StepThread
+
+    worker = _StepThread()
+    seen = []
+
+    def job(x):
+        seen.append((threading.current_thread().name, torch.is_grad_enabled()))
+        if x < 0:
+            raise KeyError("bad step")
+        return x * 2
+
+    results = []
+    callers = [threading.Thread(target=lambda i=i: results.append(worker.run(job, i))) for i in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=30)
+    assert sorted(results) == [0, 2, 4, 6] and worker.run(job, 5) == 10
+    assert {name for name, _ in seen} == {"compressor-plugin-decode"}
+    assert not any(grad for _, grad in seen)  # steps run without autograd
+    with pytest.raises(KeyError, match="bad step"):
+        worker.run(job, -1)
+    assert worker.run(job, 1) == 2  # the thread survives a failed step
