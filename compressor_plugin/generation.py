@@ -407,6 +407,7 @@ class Generator:
                 n = len(lay.ids)
                 ids[b, T - n:] = torch.tensor(lay.ids, dtype=torch.long)
                 pos[b, T - n:] = torch.tensor(lay.pos, dtype=torch.long)
+            pos_host = pos
             ids, pos = ids.to(dev), pos.to(dev)
             if any(lay.embedded for lay in layouts):
                 embeds = lm.get_input_embeddings()(ids)
@@ -434,7 +435,8 @@ class Generator:
                         c += ctx.k
                     valid[b, :c] = True
                     valid[b, S - len(lay.ids):] = True
-                slot_pos[:, C:] = pos.cpu()
+                slot_pos[:, C:] = pos_host
+                all_valid = bool(valid.all())  # on the host: no device synchronisation
                 slot_pos, valid = slot_pos.to(dev), valid.to(dev)
                 q_pos, q_valid = slot_pos[:, C:], valid[:, C:]
                 is_chunk = torch.arange(S, device=dev) < C
@@ -446,7 +448,7 @@ class Generator:
                 own[torch.arange(T, device=dev), C + torch.arange(T, device=dev)] = True
                 visible |= own[None] & ~q_valid[:, :, None]  # padding inputs see themselves only
                 mask = _attention_mask(visible[:, None], impl, dt)  # (B, 1, T, S)
-                if bool(valid.all()):
+                if all_valid:
                     valid = None
             out = lm(**inputs, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=1,
                      **cache_kwargs(lm, cache))
