@@ -10,8 +10,8 @@ row) is compiled with ``torch.compile(mode="reduce-overhead")``, which captures 
 kernels once and replays them, removing the per-token Python and kernel-launch overhead.
 
 Shape buckets: a cache holds ``bucket_length(prompt + new tokens)`` slots, the needed length
-rounded up to a multiple of :data:`BUCKET` (256), so prompts of different lengths share a
-compiled step. Caches are kept in a small pool and reused: the compiled step sees the same
+rounded up to 256, 512, 768 or 1,024, or beyond that to a power of two (2,048, 4,096, ...), so
+prompts of different lengths share a compiled step. Caches are kept in a small pool and reused: the compiled step sees the same
 buffers again, so no recompilation or re-capture happens between requests of the same bucket.
 
 The attention mask of a decode step is a ``(batch, 1, 1, slots)`` tensor that marks the slots a
@@ -42,8 +42,17 @@ its rows, and each new batch size would cost another compilation."""
 
 
 def bucket_length(needed: int, bucket: int = BUCKET) -> int:
-    """``needed`` slots rounded up to a multiple of ``bucket`` (at least one bucket)."""
-    return max(bucket, -(-int(needed) // bucket) * bucket)
+    """The cache length for ``needed`` slots: a multiple of ``bucket`` up to ``4 * bucket``, then
+    the next power of two times ``bucket``.
+
+    Short prompts (the common case, and where padding costs most) get tight buckets; long ones
+    share a few, so a compiled step is compiled at most about ``4 + log2(max / (4 * bucket))``
+    times per batch size (7 up to 8,192 positions with buckets of 256).
+    """
+    n = max(1, -(-int(needed) // bucket))
+    if n > 4:
+        n = 1 << (n - 1).bit_length()
+    return n * bucket
 
 
 def new_static_cache(config: Any, slots: int) -> Any:

@@ -210,3 +210,12 @@ def test_compiled_steps_run_on_one_thread_whoever_calls():
     with pytest.raises(KeyError, match="bad step"):
         worker.run(job, -1)
     assert worker.run(job, 1) == 2  # the thread survives a failed step
+
+
+def test_cache_buckets():
+    from compressor_plugin.decoding import bucket_length
+
+    assert [bucket_length(n) for n in (1, 256, 257, 700, 1024, 1025, 2100, 4096, 4097, 8192)] == \
+        [256, 256, 512, 768, 1024, 2048, 4096, 4096, 8192, 8192]
+    # at most 7 distinct cache lengths up to 8,192 positions: few compilations
+    assert len({bucket_length(n) for n in range(1, 8193)}) == 7
