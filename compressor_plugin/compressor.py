@@ -486,7 +486,6 @@ class Compressor(nn.Module):
         comp = cls(base, config)
         comp.load_weights(folder)
         comp.to(base.device)
-        comp.match_adapter_dtype()
         return comp
 
     def match_adapter_dtype(self) -> None:
@@ -495,7 +494,8 @@ class Compressor(nn.Module):
         peft keeps adapter weights in float32 on a half-precision model (for training), which casts
         every adapted projection's input to float32 and back. Checkpoints store the weights in
         bf16, so for a bf16 model loaded from one this loses nothing and the fingerprint is
-        unchanged. :meth:`from_pretrained` calls it; training keeps float32 adapters.
+        unchanged. For inference only: :meth:`CompressionEngine.from_pretrained` calls it;
+        training keeps float32 adapters.
         """
         dtype = self.base.dtype
         if dtype not in (torch.bfloat16, torch.float16):

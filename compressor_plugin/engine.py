@@ -81,6 +81,7 @@ class CompressionEngine:
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "CompressionEngine":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store."""
         comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype)
+        comp.match_adapter_dtype()  # inference only: a bf16 model runs its encoder in bf16 end to end
         if store is not None and not isinstance(store, ContextStore):
             store = ContextStore(store)
         engine = cls(comp, store)

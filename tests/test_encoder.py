@@ -97,6 +97,8 @@ def test_bf16_compressor_runs_its_adapter_in_bf16(tmp_path, tiny_compressor):
     base = tiny_random_llama(seed=1)
     base.model.to(torch.bfloat16)
     bf16 = Compressor.from_pretrained(path, base=base)
+    assert all(p.dtype == torch.float32 for n, p in bf16.peft_model.named_parameters() if "lora_" in n)  # training
+    bf16.match_adapter_dtype()
     lora = [p for n, p in bf16.peft_model.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.bfloat16 for p in lora)
     assert all(p.dtype == torch.float32 for n, p in fp32.peft_model.named_parameters() if "lora_" in n)

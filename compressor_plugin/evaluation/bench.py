@@ -569,6 +569,7 @@ def bench_generate(
     ckpt, kk, mode, note = _parse_default_checkpoint(checkpoint, k, mode, log)
     lc = load_compressor(ckpt, k=kk, mode=mode, device=device, dtype=dtype)
     comp = lc.compressor
+    comp.match_adapter_dtype()  # as CompressionEngine.from_pretrained loads it
     base = comp.base
     tok = base.tokenizer
     if tokens > comp.config.max_length:
