@@ -89,12 +89,15 @@ class StaticCachePool:
 
     A cache is checked out for one generation and given back afterwards; two generations that
     run at the same time (streams consumed in turns) never share one. At most ``max_idle``
-    caches are kept.
+    caches are kept, and only those of at most ``max_batch`` rows: reuse matters for the
+    compiled step (same buffers, no new capture), while a large batch's cache would hold much
+    memory for little gain.
     """
 
-    def __init__(self, config: Any, max_idle: int = 4):
+    def __init__(self, config: Any, max_idle: int = 4, max_batch: int = COMPILE_MAX_BATCH):
         self.config = config
         self.max_idle = int(max_idle)
+        self.max_batch = int(max_batch)
         self._idle: OrderedDict[tuple, list[Any]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -116,7 +119,7 @@ class StaticCachePool:
     def release(self, cache: Any) -> None:
         """Give a cache back for reuse."""
         key = getattr(cache, "_pool_key", None)
-        if key is None:
+        if key is None or key[0] > self.max_batch:
             return
         with self._lock:
             self._idle.setdefault(key, []).append(cache)

@@ -219,3 +219,19 @@ def test_cache_buckets():
         [256, 256, 512, 768, 1024, 2048, 4096, 4096, 8192, 8192]
     # at most 7 distinct cache lengths up to 8,192 positions: few compilations
     assert len({bucket_length(n) for n in range(1, 8193)}) == 7
+
+
+def test_pool_keeps_only_small_batches(tiny):
+    from compressor_plugin.decoding import StaticCachePool
+
+    pool = StaticCachePool(tiny.model.config, max_idle=2, max_batch=2)
+    small = pool.acquire(2, 256, torch.float32, torch.device("cpu"))
+    big = pool.acquire(3, 256, torch.float32, torch.device("cpu"))
+    pool.release(big)
+    pool.release(small)
+    assert pool.acquire(2, 256, torch.float32, torch.device("cpu")) is small
+    assert pool.acquire(3, 256, torch.float32, torch.device("cpu")) is not big
+    extra = [pool.acquire(1, 512, torch.float32, torch.device("cpu")) for _ in range(3)]
+    for c in extra:
+        pool.release(c)
+    assert sum(len(v) for v in pool._idle.values()) == 2  # max_idle
