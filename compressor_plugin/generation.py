@@ -11,6 +11,7 @@ continues from that cache: greedy or sampled, with stop strings, streaming and b
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -210,7 +211,8 @@ class Generator:
             use it).
         compile: compile the one-token decode step with CUDA graphs
             (``torch.compile(mode="reduce-overhead")``). ``None`` (default): on when the model
-            is on a CUDA device and ``cache="static"``. Ignored on other devices and for batches
+            is on a CUDA device and ``cache="static"``, unless the environment variable
+            ``COMPRESSOR_PLUGIN_COMPILE`` is ``0``. Ignored on other devices and for batches
             of more than ``decoding.COMPILE_MAX_BATCH`` (8) rows. The first answer of each batch
             size and cache bucket pays the compilation.
     """
@@ -231,7 +233,8 @@ class Generator:
         self.rotary = RotaryHelper(base.model)
         self.cache = cache
         if compile is None:
-            compile = cache == "static" and torch.device(base.device).type == "cuda"
+            compile = (cache == "static" and torch.device(base.device).type == "cuda"
+                       and os.environ.get("COMPRESSOR_PLUGIN_COMPILE", "1").strip().lower() not in ("0", "false", "no"))
         if compile and cache != "static":
             raise ValueError("compile=True needs cache='static' (CUDA graphs need fixed shapes)")
         self.compile = bool(compile)

@@ -235,3 +235,17 @@ def test_pool_keeps_only_small_batches(tiny):
     for c in extra:
         pool.release(c)
     assert sum(len(v) for v in pool._idle.values()) == 2  # max_idle
+
+
+def test_compile_default_follows_the_environment(tiny, monkeypatch):
+    import compressor_plugin.generation as generation
+
+    class Cuda:  # a BaseModel stand-in on a CUDA device (nothing runs)
+        model, device = tiny.model, torch.device("cuda")
+
+    monkeypatch.setattr(generation, "RotaryHelper", lambda model: None)
+    assert Generator(Cuda(), cache="static").compile is True
+    assert Generator(Cuda(), cache="dynamic").compile is False
+    monkeypatch.setenv("COMPRESSOR_PLUGIN_COMPILE", "0")
+    assert Generator(Cuda(), cache="static").compile is False
+    assert Generator(Cuda(), cache="static", compile=True).compile is True
