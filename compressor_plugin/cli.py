@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+# Before torch is imported (it starts its OpenMP pool on import): waiting threads sleep instead of
+# spinning, which keeps a small or shared CPU fast. A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from typing import Sequence
 
 #: Modules whose ``register(subparsers)`` adds sub-commands, in help order.

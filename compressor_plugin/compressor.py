@@ -13,6 +13,7 @@ is the last hidden states of the memory positions, which the decoder reads as in
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -26,8 +27,9 @@ import torch
 from torch import nn
 
 from .context import CompressedContext, RotaryHelper
-from .hf_compat import cache_kwargs, cache_layer, inner_model, new_cache
+from .hf_compat import cache_kwargs, inner_model
 from .models import DEFAULT_MODEL, BaseModel, load_base_model, with_bos
+from .text import lone_surrogate, surrogate_message
 
 CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -164,9 +166,50 @@ class Compressor(nn.Module):
 
     @contextlib.contextmanager
     def decoder(self) -> Iterator[Any]:
-        """Context in which the model is exactly the base model (adapter disabled)."""
-        with self.lock, self.peft_model.disable_adapter():
-            yield causal_lm_of(self.peft_model)
+        """Context in which the model is exactly the base model (adapter disabled).
+
+        Entered around every decoder forward (once per generated token), so the switch is
+        cheap: it flips the disable flag of each LoRA layer (found once) instead of going
+        through ``PeftModel.disable_adapter``, which inspects the whole model on every entry
+        (about 30 ms for the default model on a CPU).
+        """
+        with self.lock:
+            layers = self._adapter_layers()
+            if layers is None:  # adapter types other than plain tuner layers: peft's own switch
+                with self.peft_model.disable_adapter():
+                    yield causal_lm_of(self.peft_model)
+                return
+            before = [layer._disable_adapters for layer in layers]
+            was = getattr(self.peft_model, "_adapters_disabled", False)
+            try:
+                for layer in layers:
+                    layer._disable_adapters = True
+                self.peft_model._adapters_disabled = True
+                yield causal_lm_of(self.peft_model)
+            finally:
+                for layer, flag in zip(layers, before):
+                    layer._disable_adapters = flag
+                self.peft_model._adapters_disabled = was
+
+    def _adapter_layers(self) -> list[Any] | None:
+        """The model's LoRA layers (cached), or None when the cheap adapter switch does not apply."""
+        if getattr(self, "_lora_layers", None) is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            try:
+                from peft.utils import ModulesToSaveWrapper
+            except ImportError:  # pragma: no cover - older peft
+                ModulesToSaveWrapper = ()  # noqa: N806
+            layers, other = [], False
+            for mod in self.peft_model.modules():
+                if isinstance(mod, BaseTunerLayer):
+                    layers.append(mod)
+                elif ModulesToSaveWrapper and isinstance(mod, ModulesToSaveWrapper):
+                    other = True
+            ok = not other and all(hasattr(m, "_disable_adapters") for m in layers)
+            self._lora_layers = layers if ok else []
+            self._lora_switch = ok
+        return self._lora_layers if self._lora_switch else None
 
     @contextlib.contextmanager
     def fast_encoder(self, *, merge: bool = True, compile: bool = False) -> Iterator[None]:
@@ -216,7 +259,8 @@ class Compressor(nn.Module):
         """Token ids of each text (no special tokens), validated.
 
         Raises:
-            CompressorError: a text is not a string, or is empty / whitespace only.
+            CompressorError: a text is not a string, is empty / whitespace only, or holds a lone
+                surrogate (not valid Unicode; the message names the text and the character).
             ContextTooLongError: a text is longer than ``config.max_length`` tokens and
                 ``truncate`` is False. With ``truncate=True`` it keeps the first tokens.
         """
@@ -233,6 +277,9 @@ class Compressor(nn.Module):
                 raise CompressorError(f"text {i} is {type(t).__name__}, not str")
             if not t.strip():
                 raise CompressorError(f"text {i} is empty; there is nothing to compress")
+            bad = lone_surrogate(t)
+            if bad is not None:
+                raise CompressorError(surrogate_message(t, bad, f"text {i}"))
             ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
             too_long = len(ids) > self.config.max_length
             if too_long:
@@ -293,19 +340,48 @@ class Compressor(nn.Module):
             h = out.last_hidden_state
             idx = mem_pos[..., None].expand(B, k, h.shape[-1])
             return {"embeddings": torch.gather(h, 1, idx)}
-        cache = new_cache(lm.config)
-        body(inputs_embeds=inputs, attention_mask=None, position_ids=pos, use_cache=True, **cache_kwargs(body, cache))
-        keys, values = [], []
-        n_layers = lm.config.num_hidden_layers
-        for layer in range(n_layers):
-            kl, vl = cache_layer(cache, layer)
-            idx = mem_pos[:, None, :, None].expand(B, kl.shape[1], k, kl.shape[-1])
-            keys.append(torch.gather(kl, 2, idx))
-            values.append(torch.gather(vl, 2, idx))
-        K = torch.stack(keys, dim=1)  # (B, L, H, k, D)
-        V = torch.stack(values, dim=1)
+        # Keep only the memory positions' K/V: each layer's keys and values are gathered as the
+        # forward computes them, instead of caching every position and gathering at the end.
+        kept = memory_slot_cache(lm.config, mem_pos)
+        body(inputs_embeds=inputs, attention_mask=None, position_ids=pos, use_cache=True, **cache_kwargs(body, kept))
+        K = torch.stack([k for k, _ in kept.kept], dim=1)  # (B, L, H, k, D)
+        V = torch.stack([v for _, v in kept.kept], dim=1)
         K = self.rotary.unrotate(K, mem_pos[:, None, None, :])
         return {"keys": K, "values": V}
+
+    @torch.no_grad()
+    def encode_contexts(self, ids: Sequence[Sequence[int]], *, host: bool = False,
+                        truncated: Sequence[bool] | None = None) -> list[CompressedContext]:
+        """Compress a batch of token-id lists with one encoder forward (the one encode path).
+
+        :meth:`compress` (the store's compute-on-miss path) and offline cache building
+        (:func:`compressor_plugin.caching.build.encode_contexts`) both make their contexts here.
+
+        Args:
+            ids: token ids per chunk (at most ``config.max_length`` each).
+            host: put the contexts on the CPU with one device-to-host copy for the whole batch
+                (cache building); otherwise they stay on the compressor's device.
+            truncated: per chunk, whether its text was cut to ``max_length`` (recorded in ``extra``).
+        """
+        if not ids:
+            return []
+        fp, base_fp = self.fingerprint, self.base.fingerprint
+        out = self.encode_ids([list(r) for r in ids])
+        if host:
+            out = {name: to_host(t) for name, t in out.items()}
+        flags = list(truncated) if truncated is not None else [False] * len(ids)
+        made = []
+        for j, row in enumerate(ids):
+            extra = {"truncated": "true"} if flags[j] else {}
+            # on the device, each context gets its own storage (a view would keep the whole batch alive)
+            take = (lambda t: t[j]) if host else (lambda t: t[j].clone())
+            if self.mode == "kv":
+                made.append(CompressedContext("kv", len(row), base_fp, fp, keys=take(out["keys"]),
+                                              values=take(out["values"]), extra=extra))
+            else:
+                made.append(CompressedContext("embedding", len(row), base_fp, fp, embeddings=take(out["embeddings"]),
+                                              extra=extra))
+        return made
 
     @torch.no_grad()
     def compress(
@@ -329,7 +405,6 @@ class Compressor(nn.Module):
         ids, cut = self._token_ids(texts, truncate=truncate)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         results: list[CompressedContext | None] = [None] * len(ids)
-        fp, base_fp = self.fingerprint, self.base.fingerprint
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -341,15 +416,8 @@ class Compressor(nn.Module):
         try:
             for s in range(0, len(order), batch_size):
                 chunk = order[s: s + batch_size]
-                out = self.encode_ids([ids[i] for i in chunk])
-                for j, i in enumerate(chunk):
-                    extra = {"truncated": "true"} if cut[i] else {}
-                    if self.mode == "kv":
-                        ctx = CompressedContext("kv", len(ids[i]), base_fp, fp,
-                                                keys=out["keys"][j].clone(), values=out["values"][j].clone(), extra=extra)
-                    else:
-                        ctx = CompressedContext("embedding", len(ids[i]), base_fp, fp,
-                                                embeddings=out["embeddings"][j].clone(), extra=extra)
+                made = self.encode_contexts([ids[i] for i in chunk], truncated=[cut[i] for i in chunk])
+                for i, ctx in zip(chunk, made):
                     results[i] = ctx
                 if bar is not None:
                     bar.update(len(chunk))
@@ -425,6 +493,23 @@ class Compressor(nn.Module):
         comp.to(base.device)
         return comp
 
+    def match_adapter_dtype(self) -> None:
+        """Keep the LoRA weights in the base model's dtype, so a bf16 encoder runs in bf16 end to end.
+
+        peft keeps adapter weights in float32 on a half-precision model (for training), which casts
+        every adapted projection's input to float32 and back. Checkpoints store the weights in
+        bf16, so for a bf16 model loaded from one this loses nothing and the fingerprint is
+        unchanged. For inference only: :meth:`CompressionEngine.from_pretrained` calls it;
+        training keeps float32 adapters.
+        """
+        dtype = self.base.dtype
+        if dtype not in (torch.bfloat16, torch.float16):
+            return
+        with torch.no_grad():
+            for name, p in self.peft_model.named_parameters():
+                if "lora_" in name and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """Folder and ``config.json`` contents of a checkpoint (path or shipped name), format checked.
@@ -494,3 +579,45 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return folder
     raise FileNotFoundError(
         f"no compressor checkpoint at {path!r}; shipped names: {sorted(shipped) or 'none'}")
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU; from a GPU through page-locked memory (several times faster than a
+    plain ``.to("cpu")``, which stages through pageable memory)."""
+    if t.device.type != "cuda":
+        return t.to("cpu")
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host
+
+
+def memory_slot_cache(config: Any, positions: torch.Tensor) -> Any:
+    """A K/V cache for one encoder forward that keeps only the keys and values at ``positions``.
+
+    ``positions`` is ``(batch, k)``; after the forward, ``cache.kept[layer]`` holds that layer's
+    ``(keys, values)``, each ``(batch, kv_heads, k, head_dim)`` (keys with the rotation of the
+    positions they were computed at). Nothing else is stored: no layer keeps the K/V of the
+    whole sequence.
+    """
+    cache = _memory_slots_class()(config=config)
+    cache.positions = positions
+    cache.kept = [None] * int(config.num_hidden_layers)
+    return cache
+
+
+@functools.lru_cache(maxsize=None)
+def _memory_slots_class() -> type:
+    from transformers import DynamicCache
+
+    class MemorySlots(DynamicCache):
+        """A DynamicCache whose ``update`` keeps only the K/V at ``self.positions`` (see :func:`memory_slot_cache`)."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            b, h, _, d = key_states.shape
+            idx = self.positions[:, None, :, None].expand(b, h, self.positions.shape[1], d)
+            self.kept[layer_idx] = (torch.gather(key_states, 2, idx), torch.gather(value_states, 2, idx))
+            return key_states, value_states
+
+    return MemorySlots

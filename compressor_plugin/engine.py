@@ -25,7 +25,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
-import torch
+# Before torch is imported (it starts its OpenMP pool on import): waiting threads sleep instead of
+# spinning, which keeps a small or shared CPU fast. A value the user set is kept; it has no effect
+# if torch was imported before this module.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from .compressor import Compressor
 from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator
@@ -95,6 +100,7 @@ class CompressionEngine:
         """
         with verbose_loading(verbose):
             comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype)
+        comp.match_adapter_dtype()  # inference only: a bf16 model runs its encoder in bf16 end to end
         if store is not None and not isinstance(store, ContextStore):
             store = ContextStore(store)
         engine = cls(comp, store, marker_secret=marker_secret)

@@ -11,6 +11,7 @@ continues from that cache: greedy or sampled, with stop strings, streaming and b
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -29,6 +30,14 @@ class PromptError(ValueError):
 
 class ContextMismatchError(PromptError):
     """A compressed context made for another base model."""
+
+
+class PromptTooLongError(PromptError):
+    """A prompt that takes more positions than the model has (``config.max_position_embeddings``)."""
+
+
+class InvalidTextError(PromptError):
+    """Prompt text that is not valid Unicode (a lone surrogate), which no tokenizer can encode."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class GenerationConfig:
     top_p: float = 1.0
     stop: Sequence[str] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # generate max_new_tokens even past end-of-sequence (benchmarks)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -93,6 +103,8 @@ class GenerationResult:
 
 @dataclass
 class Prefill:
+    """A prompt laid into a K/V cache: the cache, the prompt's length and its last logits."""
+
     cache: Any
     length: int
     last_logits: torch.Tensor  # (vocab,)
@@ -100,6 +112,42 @@ class Prefill:
     compressed_tokens: int = 0
     source_tokens: int = 0
     seconds: float = 0.0
+
+
+@dataclass
+class _Layout:
+    """One prompt's segments resolved to forward inputs and placed contexts (no tensors run yet)."""
+
+    ids: list[int]  # the forward's inputs: token ids (0 in embedding slots)
+    pos: list[int]  # their positions
+    embedded: list[tuple[int, torch.Tensor]]  # (first input index, embeddings)
+    placed: list[tuple[CompressedContext, int]]  # kv contexts and their first position
+    length: int  # positions the prompt takes
+    text_tokens: int = 0
+    compressed_tokens: int = 0
+    source_tokens: int = 0
+
+    @property
+    def cached(self) -> int:
+        """Cache slots taken by the kv contexts."""
+        return sum(ctx.k for ctx, _ in self.placed)
+
+
+@dataclass
+class _Batch:
+    """Prompts prefilled together: cache slots ``[0, slots)`` hold every row's prompt.
+
+    Row b's kv contexts fill slots ``[0, cached_b)`` (padding up to the longest), its forward
+    inputs the last ``inputs_b`` slots (left padding before them). ``valid`` marks the slots
+    that hold a row's prompt (None: all of them).
+    """
+
+    cache: Any
+    slots: int
+    valid: torch.Tensor | None  # (B, slots) bool
+    layouts: list[_Layout]
+    logits: torch.Tensor  # (B, vocab) float32
+    seconds: float
 
 
 class GenerationStream:
@@ -123,18 +171,19 @@ class GenerationStream:
 
     def _run(self, gen: "Generator", segments: Sequence[Segment], cfg: GenerationConfig) -> Iterator[str]:
         t0 = time.perf_counter()
-        pre = gen.prefill(segments)
+        lay = gen._layout(segments)
+        batch = gen._prefill_batch([lay])
         ttft = None
         state: dict = {"ids": [], "finish": "length", "text": ""}
-        for piece, state in gen._stream_text([pre], cfg):
+        for piece in gen._stream_text(batch, cfg, state):
             if ttft is None:
                 ttft = time.perf_counter() - t0
             yield piece
         if not state["ids"] and cfg.max_new_tokens:
             state["finish"] = "stop"
         total = time.perf_counter() - t0
-        self.result = GenerationResult(state["text"], list(state["ids"]), state["finish"], pre.length,
-                                       pre.text_tokens, pre.compressed_tokens, pre.source_tokens,
+        self.result = GenerationResult(state["text"], list(state["ids"]), state["finish"], lay.length,
+                                       lay.text_tokens, lay.compressed_tokens, lay.source_tokens,
                                        ttft if ttft is not None else total, total)
 
 
@@ -146,6 +195,8 @@ def _sync(device: torch.device) -> None:
 MASKED_ATTENTION = ("sdpa", "eager")
 """Attention implementations that accept the custom 4D mask :meth:`Generator.prefill` builds."""
 
+CACHE_KINDS = ("static", "dynamic")
+
 
 class Generator:
     """Runs the frozen base model over mixed prompts.
@@ -154,21 +205,51 @@ class Generator:
         base: the loaded base model.
         compressor: optional; when given, its adapter is disabled around every decoder call so
             the decoder is exactly the base model.
+        cache: ``"static"`` (default): decoding writes into a preallocated K/V cache
+            (:mod:`compressor_plugin.decoding`); ``"dynamic"``: a cache that grows by one
+            position per token (the reference path; models with sliding-window layers always
+            use it).
+        compile: compile the one-token decode step with CUDA graphs
+            (``torch.compile(mode="reduce-overhead")``). ``None`` (default): on when the model
+            is on a CUDA device and ``cache="static"``, unless the environment variable
+            ``COMPRESSOR_PLUGIN_COMPILE`` is ``0``. Ignored on other devices and for batches
+            of more than ``decoding.COMPILE_MAX_BATCH`` (8) rows. The first answer of each batch
+            size and cache bucket pays the compilation.
     """
 
-    def __init__(self, base: BaseModel, compressor: Any | None = None):
+    def __init__(self, base: BaseModel, compressor: Any | None = None, *, cache: str = "static",
+                 compile: bool | None = None):
         if compressor is None and hasattr(base.model, "peft_config") and not hasattr(base.model, "get_base_model"):
             raise ValueError(
                 "this base model carries a compressor's LoRA adapter (injected in place), so it is no longer "
                 "the plain base model; pass the compressor too: Generator(compressor.base, compressor), which "
                 "disables the adapter for every decoder call")
+        if cache not in CACHE_KINDS:
+            raise ValueError(f"cache must be one of {CACHE_KINDS}, not {cache!r}")
+        from .decoding import DecodeStep, StaticCachePool
+
         self.base = base
         self.compressor = compressor
         self.rotary = RotaryHelper(base.model)
+        self.cache = cache
+        if compile is None:
+            compile = (cache == "static" and torch.device(base.device).type == "cuda"
+                       and os.environ.get("COMPRESSOR_PLUGIN_COMPILE", "1").strip().lower() not in ("0", "false", "no"))
+        if compile and cache != "static":
+            raise ValueError("compile=True needs cache='static' (CUDA graphs need fixed shapes)")
+        self.compile = bool(compile)
+        self._step = DecodeStep(self.compile)
+        self._pool = StaticCachePool(base.model.config)
 
     @property
     def tokenizer(self) -> Any:
         return self.base.tokenizer
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's maximum positions (``config.max_position_embeddings``), if it declares one."""
+        n = getattr(self.base.model.config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
 
     @contextlib.contextmanager
     def _decoder(self) -> Iterator[Any]:
@@ -188,7 +269,7 @@ class Generator:
         """
         placeholders: dict[str, CompressedContext] = {}
         flat = []
-        for m in messages:
+        for i, m in enumerate(messages):
             content = m.get("content")
             if isinstance(content, (str, CompressedContext, TokenIds)):
                 content = [content]
@@ -201,6 +282,7 @@ class Generator:
                 elif isinstance(seg, TokenIds):
                     parts.append(self.tokenizer.decode(list(seg.ids)))
                 elif isinstance(seg, str):
+                    _check_text(seg, f"message {i} ({m.get('role')})")
                     parts.append(seg)
                 else:
                     raise PromptError(f"unsupported message content part {type(seg).__name__}")
@@ -223,6 +305,53 @@ class Generator:
         if ctx.mode == "kv" and ctx.keys.shape[0] != cfg.num_hidden_layers:
             raise ContextMismatchError("the context's layer count differs from the model's")
 
+    def _layout(self, segments: Sequence[Segment], where: str = "the prompt") -> _Layout:
+        """Resolve segments to forward inputs and placed contexts; validate the prompt."""
+        if isinstance(segments, (str, CompressedContext, TokenIds)):
+            segments = [segments]
+        if not segments:
+            raise PromptError(f"{where} is empty")
+        segments = with_bos_segments(self.tokenizer, segments)  # the BOS of models that need one (Gemma)
+        dev, dt = self.base.device, self.base.dtype
+        lay = _Layout([], [], [], [], 0)
+        ends_with_kv = False
+        for i, seg in enumerate(segments):
+            if isinstance(seg, (str, TokenIds)):
+                if isinstance(seg, str):
+                    _check_text(seg, f"segment {i} of {where}")
+                ids = seg.ids if isinstance(seg, TokenIds) else (
+                    self.tokenizer(seg, add_special_tokens=False)["input_ids"] if seg else [])
+                lay.ids.extend(ids)
+                lay.pos.extend(range(lay.length, lay.length + len(ids)))
+                lay.length += len(ids)
+                lay.text_tokens += len(ids)
+                ends_with_kv = ends_with_kv and not ids
+            elif isinstance(seg, CompressedContext):
+                self._check(seg)
+                ctx = seg.to(dev, dt)
+                if ctx.mode == "kv":
+                    lay.placed.append((ctx, lay.length))
+                    ends_with_kv = True
+                else:
+                    lay.embedded.append((len(lay.ids), ctx.embeddings))
+                    lay.ids.extend([0] * ctx.k)
+                    lay.pos.extend(range(lay.length, lay.length + ctx.k))
+                    ends_with_kv = False
+                lay.length += ctx.k
+                lay.compressed_tokens += ctx.k
+                lay.source_tokens += ctx.source_tokens
+            else:
+                raise PromptError(f"unsupported prompt segment {type(seg).__name__}; use str, TokenIds or CompressedContext")
+        if ends_with_kv or not lay.ids:
+            raise PromptError(f"{where} must end with text (for example the question), not a compressed context")
+        limit = self.max_positions
+        if limit is not None and lay.length > limit:
+            raise PromptTooLongError(
+                f"{where} takes {lay.length} positions ({lay.text_tokens} text tokens, {lay.compressed_tokens} "
+                f"compressed tokens), more than the {limit} positions of {self.base.name}; shorten it or use fewer "
+                "or compressed chunks")
+        return lay
+
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
     def prefill(self, segments: Sequence[Segment]) -> Prefill:
@@ -233,83 +362,110 @@ class Generator:
         put in the cache first. A mask then lets each input position see the cached contexts
         placed before it (and not those after), so the result equals reading the prompt
         left to right, segment by segment, with a single forward pass.
+
+        Raises:
+            PromptTooLongError: the prompt takes more positions than the model has.
+            InvalidTextError: prompt text holds a lone surrogate.
         """
-        if isinstance(segments, (str, CompressedContext, TokenIds)):
-            segments = [segments]
-        if not segments:
-            raise PromptError("the prompt is empty")
-        segments = with_bos_segments(self.tokenizer, segments)  # the BOS of models that need one (Gemma)
+        lay = self._layout(segments)
+        b = self._prefill_batch([lay])
+        return Prefill(b.cache, lay.length, b.logits[0], lay.text_tokens, lay.compressed_tokens, lay.source_tokens,
+                       b.seconds)
+
+    @torch.no_grad()
+    def _prefill_batch(self, layouts: Sequence[_Layout]) -> _Batch:
+        """Prefill several prompts with one forward (one prompt: no padding, no mask unless it has kv contexts).
+
+        Cache slots of row b: its kv contexts' keys (rotated to their positions) and values in
+        ``[0, cached_b)``, zero padding up to the longest ``C``; then its inputs, left-padded to
+        the longest ``T``, in ``[C, C + T)``. A 4D mask lets each input see the contexts placed
+        before it and the inputs up to itself; a padding input sees only itself (no empty
+        attention row) and nobody sees it.
+        """
         dev, dt = self.base.device, self.base.dtype
         t0 = time.perf_counter()
-        live_ids: list[int] = []  # the forward's inputs: token ids (0 in embedding slots)
-        live_pos: list[int] = []
-        embedded: list[tuple[int, torch.Tensor]] = []  # (first input index, embeddings)
-        placed: list[tuple[CompressedContext, int]] = []  # kv contexts and their first position
-        counts = {"text": 0, "comp": 0, "src": 0}
-        pos = 0
-        ends_with_kv = False
-        for seg in segments:
-            if isinstance(seg, (str, TokenIds)):
-                ids = seg.ids if isinstance(seg, TokenIds) else (
-                    self.tokenizer(seg, add_special_tokens=False)["input_ids"] if seg else [])
-                live_ids.extend(ids)
-                live_pos.extend(range(pos, pos + len(ids)))
-                pos += len(ids)
-                counts["text"] += len(ids)
-                ends_with_kv = ends_with_kv and not ids
-            elif isinstance(seg, CompressedContext):
-                self._check(seg)
-                ctx = seg.to(dev, dt)
-                if ctx.mode == "kv":
-                    placed.append((ctx, pos))
-                    ends_with_kv = True
-                else:
-                    embedded.append((len(live_ids), ctx.embeddings))
-                    live_ids.extend([0] * ctx.k)
-                    live_pos.extend(range(pos, pos + ctx.k))
-                    ends_with_kv = False
-                pos += ctx.k
-                counts["comp"] += ctx.k
-                counts["src"] += ctx.source_tokens
-            else:
-                raise PromptError(f"unsupported prompt segment {type(seg).__name__}; use str, TokenIds or CompressedContext")
-        if ends_with_kv or not live_ids:
-            raise PromptError("the prompt must end with text (for example the question), not a compressed context")
+        B = len(layouts)
+        C = max(lay.cached for lay in layouts)
+        T = max(len(lay.ids) for lay in layouts)
+        S = C + T
         with self._decoder() as lm:
             cache = new_cache(lm.config)
-            cached_pos: list[int] = []
-            if placed:  # all chunks of a layer in one update: (1, heads, sum of k, head_dim)
-                keys = torch.cat([ctx.keys_at(p, self.rotary) for ctx, p in placed], dim=2)
-                values = torch.cat([ctx.values for ctx, _ in placed], dim=2)
-                for layer in range(keys.shape[0]):
-                    cache.update(keys[layer][None], values[layer][None], layer)
-                for ctx, p in placed:
-                    cached_pos.extend(range(p, p + ctx.k))
-            q_pos = torch.tensor(live_pos, device=dev)
-            if embedded:
-                embeds = lm.get_input_embeddings()(torch.tensor([live_ids], device=dev))
-                for start, emb in embedded:
-                    embeds[0, start: start + emb.shape[0]] = emb.to(embeds.dtype)
+            if C:  # all chunks of a layer in one update: (B, heads, C, head_dim)
+                keys, values = [], []
+                for lay in layouts:
+                    if lay.placed:
+                        k = torch.cat([ctx.keys_at(p, self.rotary) for ctx, p in lay.placed], dim=2)
+                        v = torch.cat([ctx.values for ctx, _ in lay.placed], dim=2)
+                    else:
+                        shape = self._kv_shape()
+                        k = v = torch.zeros(shape[0], shape[1], 0, shape[2], dtype=dt, device=dev)
+                    padn = C - k.shape[2]
+                    keys.append(torch.nn.functional.pad(k, (0, 0, 0, padn)))
+                    values.append(torch.nn.functional.pad(v, (0, 0, 0, padn)))
+                K, V = torch.stack(keys, dim=1), torch.stack(values, dim=1)  # (layers, B, H, C, D)
+                for layer in range(K.shape[0]):
+                    cache.update(K[layer], V[layer], layer)
+            ids = torch.zeros(B, T, dtype=torch.long)
+            pos = torch.zeros(B, T, dtype=torch.long)
+            for b, lay in enumerate(layouts):
+                n = len(lay.ids)
+                ids[b, T - n:] = torch.tensor(lay.ids, dtype=torch.long)
+                pos[b, T - n:] = torch.tensor(lay.pos, dtype=torch.long)
+            pos_host = pos
+            ids, pos = ids.to(dev), pos.to(dev)
+            if any(lay.embedded for lay in layouts):
+                embeds = lm.get_input_embeddings()(ids)
+                for b, lay in enumerate(layouts):
+                    off = T - len(lay.ids)
+                    for start, emb in lay.embedded:
+                        embeds[b, off + start: off + start + emb.shape[0]] = emb.to(embeds.dtype)
                 inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
             else:
-                inputs = {"input_ids": torch.tensor([live_ids], device=dev)}
-            mask = None
-            if cached_pos:
+                inputs = {"input_ids": ids}
+            mask = valid = None
+            if C or B > 1:
                 impl = getattr(lm.config, "_attn_implementation", None) or "eager"
                 if impl not in MASKED_ATTENTION:
                     raise PromptError(
-                        f"compressed kv contexts need attention that takes a 4D mask ({', '.join(MASKED_ATTENTION)}), "
-                        f"and this model uses {impl!r}: load it with attn_implementation='sdpa' (the default of "
-                        "load_base_model)")
-                c_pos = torch.tensor(cached_pos, device=dev)
-                visible = torch.cat([c_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
-                mask = torch.zeros(visible.shape, dtype=dt, device=dev).masked_fill_(~visible, torch.finfo(dt).min)
-                mask = mask[None, None]  # (1, 1, inputs, cached + inputs): a ready 4D mask
-            out = lm(**inputs, position_ids=q_pos[None], attention_mask=mask, use_cache=True, logits_to_keep=1,
+                        f"compressed kv contexts and batches need attention that takes a 4D mask "
+                        f"({', '.join(MASKED_ATTENTION)}), and this model uses {impl!r}: load it with "
+                        "attn_implementation='sdpa' (the default of load_base_model)")
+                slot_pos = torch.zeros(B, S, dtype=torch.long)
+                valid = torch.zeros(B, S, dtype=torch.bool)
+                for b, lay in enumerate(layouts):
+                    c = 0
+                    for ctx, p in lay.placed:
+                        slot_pos[b, c: c + ctx.k] = torch.arange(p, p + ctx.k)
+                        c += ctx.k
+                    valid[b, :c] = True
+                    valid[b, S - len(lay.ids):] = True
+                slot_pos[:, C:] = pos_host
+                all_valid = bool(valid.all())  # on the host: no device synchronisation
+                slot_pos, valid = slot_pos.to(dev), valid.to(dev)
+                q_pos, q_valid = slot_pos[:, C:], valid[:, C:]
+                is_chunk = torch.arange(S, device=dev) < C
+                before = torch.where(is_chunk[None, None, :], slot_pos[:, None, :] < q_pos[:, :, None],
+                                     slot_pos[:, None, :] <= q_pos[:, :, None])
+                causal = torch.arange(S, device=dev)[None, :] <= (C + torch.arange(T, device=dev))[:, None]
+                visible = before & causal[None] & valid[:, None, :]
+                own = torch.zeros(T, S, dtype=torch.bool, device=dev)
+                own[torch.arange(T, device=dev), C + torch.arange(T, device=dev)] = True
+                visible |= own[None] & ~q_valid[:, :, None]  # padding inputs see themselves only
+                mask = _attention_mask(visible[:, None], impl, dt)  # (B, 1, T, S)
+                if all_valid:
+                    valid = None
+            out = lm(**inputs, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=1,
                      **cache_kwargs(lm, cache))
-            logits = out.logits[0, -1].float()
+            logits = out.logits[:, -1].float()
         _sync(dev)
-        return Prefill(cache, pos, logits, counts["text"], counts["comp"], counts["src"], time.perf_counter() - t0)
+        return _Batch(cache, S, valid, list(layouts), logits, time.perf_counter() - t0)
+
+    def _kv_shape(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim) of the model."""
+        cfg = self.base.model.config
+        heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        return int(cfg.num_hidden_layers), heads, head_dim
 
     # ------------------------------------------------------------------ decoding
     def _eos_ids(self) -> set[int]:
@@ -343,61 +499,84 @@ class Generator:
             return si.gather(-1, choice[:, None]).squeeze(-1)
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
-    def _token_stream(self, prefills: list[Prefill], cfg: GenerationConfig) -> Iterator[list[int | None]]:
-        """Yield, step by step, the chosen token of each row (None once a row finished with eos)."""
+    def _token_stream(self, batch: _Batch, cfg: GenerationConfig) -> Iterator[list[int | None]]:
+        """Yield, step by step, the chosen token of each row (None once a row finished with eos).
+
+        On a GPU the next decode forward is queued before the chosen tokens are read on the
+        host, so the host's work between tokens (stop strings, streaming) overlaps the GPU's.
+        """
         dev = self.base.device
-        B = len(prefills)
+        B = len(batch.layouts)
         gen = None
         if cfg.seed is not None:
             gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-        eos = self._eos_ids()
-        if B == 1:
-            cache, mask = prefills[0].cache, None
-        else:
-            cache, mask = self._merge(prefills)
-        lengths = torch.tensor([p.length for p in prefills], device=dev)
-        logits = torch.stack([p.last_logits for p in prefills])
-        done = [False] * B
-        for step in range(cfg.max_new_tokens):
-            nxt = self._select(logits, cfg, gen)
-            row = []
-            for b in range(B):
-                t = int(nxt[b])
-                if done[b] or t in eos:
-                    done[b] = True
-                    row.append(None)
-                else:
-                    row.append(t)
-            yield row
-            if all(done) or step == cfg.max_new_tokens - 1:
-                return
-            pos = (lengths + step)[:, None]
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
-            # The adapter is disabled around each forward only, never across a yield: code that
-            # runs between two streamed tokens (e.g. compressing more chunks) sees the encoder.
-            with torch.no_grad(), self._decoder() as lm:
-                out = lm(input_ids=nxt[:, None], position_ids=pos, attention_mask=mask, use_cache=True,
-                         **cache_kwargs(lm, cache))
-            logits = out.logits[:, -1].float()
+        eos = set() if cfg.ignore_eos else self._eos_ids()
+        steps = cfg.max_new_tokens
+        longest = max(lay.length for lay in batch.layouts)
+        if self.max_positions is not None:  # the last token chosen is never fed back
+            steps = min(steps, self.max_positions - longest + 1)
+        if steps <= 0:
+            return
+        lengths = torch.tensor([lay.length for lay in batch.layouts], device=dev)[:, None]
+        S = batch.slots
+        static = None
+        if self.cache == "static" and steps > 1:
+            from .decoding import bucket_length, fill_static
 
-    def _merge(self, prefills: list[Prefill]) -> tuple[Any, torch.Tensor]:
-        """Left-pad several single-row caches into one batch cache plus its attention mask."""
-        dev = self.base.device
-        L = max(p.length for p in prefills)
-        kv = []
-        for layer in range(num_cache_layers(prefills[0].cache)):
-            ks, vs = [], []
-            for p in prefills:
-                k, v = cache_layer(p.cache, layer)
-                padn = L - k.shape[2]
-                ks.append(torch.nn.functional.pad(k, (0, 0, padn, 0)))
-                vs.append(torch.nn.functional.pad(v, (0, 0, padn, 0)))
-            kv.append((torch.cat(ks), torch.cat(vs)))
-        mask = torch.zeros(len(prefills), L, dtype=torch.long, device=dev)
-        for b, p in enumerate(prefills):
-            mask[b, L - p.length:] = 1
-        return new_cache(self.base.model.config, kv), mask
+            static = self._pool.acquire(B, bucket_length(S + steps - 1), self.base.dtype, dev)
+            if static is not None:
+                fill_static(static, batch.cache, S)
+        cuda = dev.type == "cuda"
+        host = torch.empty(B, dtype=torch.long, pin_memory=True) if cuda else None
+        try:
+            if static is not None:
+                impl = getattr(self.base.model.config, "_attn_implementation", None) or "eager"
+                visible = torch.zeros(B, 1, 1, static.layers[0].max_cache_len, dtype=torch.bool, device=dev)
+                visible[:, 0, 0, :S] = True if batch.valid is None else batch.valid
+                mask = _attention_mask(visible, impl, self.base.dtype)
+                cache = static
+            else:
+                cache = batch.cache
+                mask = None if batch.valid is None else batch.valid.long()
+            batch.cache = None  # the prompt cache is copied (static) or owned by this loop now
+            logits = batch.logits
+            done = [False] * B
+            for step in range(steps):
+                nxt = self._select(logits, cfg, gen)
+                if cuda:
+                    host.copy_(nxt, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record()
+                if step < steps - 1:  # queue the next forward first: it runs while the host reads this token
+                    slot = S + step
+                    with torch.no_grad(), self._decoder() as lm:
+                        if static is not None:
+                            mask[:, :, :, slot] = True if mask.dtype == torch.bool else 0.0
+                            logits = self._step(lm, cache, nxt[:, None], lengths + step, mask, slot)
+                        else:
+                            if mask is not None:
+                                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
+                            out = lm(input_ids=nxt[:, None], position_ids=lengths + step, attention_mask=mask,
+                                     use_cache=True, **cache_kwargs(lm, cache))
+                            logits = out.logits[:, -1].float()
+                if cuda:
+                    ready.synchronize()
+                    toks = host.tolist()
+                else:
+                    toks = nxt.tolist()
+                row: list[int | None] = []
+                for b, t in enumerate(toks):
+                    if done[b] or t in eos:
+                        done[b] = True
+                        row.append(None)
+                    else:
+                        row.append(t)
+                yield row
+                if all(done):
+                    return
+        finally:
+            if static is not None:
+                self._pool.release(static)
 
     # ------------------------------------------------------------------ public API
     def stream(self, segments: Sequence[Segment], config: GenerationConfig | None = None, **kwargs: Any) -> Iterator[str]:
@@ -410,13 +589,13 @@ class Generator:
         reason, token accounting) is set once the pieces are exhausted."""
         return GenerationStream(self, segments, _make_config(config, kwargs))
 
-    def _stream_text(self, prefills: list[Prefill], cfg: GenerationConfig) -> Iterator[tuple[str, dict]]:
-        """Single-row text streaming; yields (new text, state) pairs. State carries ids and finish reason."""
-        ids: list[int] = []
+    def _stream_text(self, batch: _Batch, cfg: GenerationConfig, state: dict[str, Any]) -> Iterator[str]:
+        """Single-row text streaming: yields new text; ``state`` gets the ids, text and finish reason
+        (also when no text was yielded, e.g. an answer of special tokens only)."""
+        ids: list[int] = state["ids"]
         emitted = 0
         hold = max((len(s) for s in cfg.stop), default=0)
-        state = {"ids": ids, "finish": "length", "text": ""}
-        for row in self._token_stream(prefills, cfg):
+        for row in self._token_stream(batch, cfg):
             t = row[0]
             if t is None:
                 state["finish"] = "stop"
@@ -429,21 +608,28 @@ class Generator:
                 text = text[:cut]
                 state["text"] = text
                 if len(text) > emitted:
-                    yield text[emitted:], state
+                    yield text[emitted:]
                 return
             state["text"] = text
             safe = len(text) - hold if hold else len(text)
             if text.endswith("\ufffd"):
                 safe = min(safe, len(text) - 1)
             if safe > emitted:
-                yield text[emitted:safe], state
+                yield text[emitted:safe]
                 emitted = safe
         text = state["text"]
         if len(text) > emitted:
-            yield text[emitted:], state
+            yield text[emitted:]
 
     def generate(self, segments: Sequence[Segment], config: GenerationConfig | None = None, **kwargs: Any) -> GenerationResult:
-        """Generate a completion for one prompt."""
+        """Generate a completion for one prompt.
+
+        Raises:
+            PromptError: an empty prompt, one that ends with a compressed context, or an unsupported segment.
+            PromptTooLongError: the prompt takes more positions than the model has.
+            InvalidTextError: prompt text holds a lone surrogate.
+            ContextMismatchError: a compressed context made for another base model.
+        """
         stream = self.stream_result(segments, config, **kwargs)
         for _ in stream:
             pass
@@ -452,18 +638,19 @@ class Generator:
 
     def generate_batch(self, prompts: Sequence[Sequence[Segment]], config: GenerationConfig | None = None,
                        **kwargs: Any) -> list[GenerationResult]:
-        """Generate for several prompts at once (one batched decode loop)."""
+        """Generate for several prompts at once: one batched prefill forward, one batched decode loop."""
         cfg = _make_config(config, kwargs)
         if not prompts:
             return []
         t0 = time.perf_counter()
-        pres = [self.prefill(p) for p in prompts]
-        ids: list[list[int]] = [[] for _ in pres]
-        finish = ["length"] * len(pres)
-        texts = [""] * len(pres)
-        stopped = [False] * len(pres)
+        layouts = [self._layout(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        batch = self._prefill_batch(layouts)
+        ids: list[list[int]] = [[] for _ in layouts]
+        finish = ["length"] * len(layouts)
+        texts = [""] * len(layouts)
+        stopped = [False] * len(layouts)
         ttft = None
-        for row in self._token_stream(pres, cfg):
+        for row in self._token_stream(batch, cfg):
             if ttft is None:
                 ttft = time.perf_counter() - t0
             for b, t in enumerate(row):
@@ -482,14 +669,14 @@ class Generator:
                 break
         total = time.perf_counter() - t0
         out = []
-        for b, p in enumerate(pres):
+        for b, lay in enumerate(layouts):
             text = texts[b] if (stopped[b] and cfg.stop and finish[b] == "stop" and texts[b]) else \
                 self.tokenizer.decode(ids[b], skip_special_tokens=True)
             cut = _find_stop(text, cfg.stop)
             if cut is not None:
                 text = text[:cut]
-            out.append(GenerationResult(text, ids[b], finish[b], p.length, p.text_tokens, p.compressed_tokens,
-                                        p.source_tokens, ttft or total, total))
+            out.append(GenerationResult(text, ids[b], finish[b], lay.length, lay.text_tokens, lay.compressed_tokens,
+                                        lay.source_tokens, ttft or total, total))
         return out
 
     @torch.no_grad()
@@ -513,6 +700,22 @@ class Generator:
         values = torch.stack([v[0] for v in vs])
         keys = self.rotary.unrotate(keys, pos)
         return CompressedContext("kv", len(ids), self.base.fingerprint, "identity", keys=keys, values=values)
+
+
+def _attention_mask(visible: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D mask from a boolean "may attend" tensor: boolean for ``sdpa``, additive for ``eager``."""
+    if impl == "sdpa":
+        return visible
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+def _check_text(text: str, what: str) -> None:
+    """Raise :class:`InvalidTextError` if ``text`` holds a lone surrogate."""
+    from .text import lone_surrogate, surrogate_message
+
+    at = lone_surrogate(text)
+    if at is not None:
+        raise InvalidTextError(surrogate_message(text, at, what))
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
+from ..compressor import to_host  # noqa: F401  (re-exported: callers import it from here)
 from ..context import CompressedContext
 from ..store import ContextStore, context_key
 from .chunking import Chunk, Document, TokenChunker, input_files, iter_documents, total_input_bytes
@@ -276,34 +277,18 @@ def key_parts(compressor: "Compressor") -> dict[str, Any]:
             "k": compressor.k, "mode": compressor.mode, "dtype": str(compressor.base.dtype)}
 
 
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the CPU; from a GPU through page-locked memory (several times faster than a
-    plain ``.to("cpu")``, which stages through pageable memory)."""
-    if t.device.type != "cuda":
-        return t.to("cpu")
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    torch.cuda.current_stream(t.device).synchronize()
-    return host
-
-
 def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]]) -> list[CompressedContext]:
     """Compress a batch of token-id lists with one encoder forward; contexts on the CPU.
 
-    The same contexts :meth:`Compressor.compress` makes for the texts these ids come from,
-    built with one device-to-host copy per batch instead of one per chunk. On a CUDA
-    out-of-memory error the batch is split in halves and retried.
+    :meth:`Compressor.encode_contexts` (the encode path :meth:`Compressor.compress` uses too)
+    with one device-to-host copy per batch. On a CUDA out-of-memory error the batch is split in
+    halves and retried.
     """
     if not ids:
         return []
-    fp, base_fp = compressor.fingerprint, compressor.base.fingerprint
     try:
         with torch.inference_mode():
-            out = compressor.encode_ids([list(r) for r in ids])
-            if compressor.mode == "kv":
-                keys, values = to_host(out["keys"]), to_host(out["values"])
-            else:
-                emb = to_host(out["embeddings"])
+            return compressor.encode_contexts(ids, host=True)
     except _OOM:
         if len(ids) == 1:
             raise
@@ -312,10 +297,6 @@ def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]]) -> l
         half = len(ids) // 2
         logger.warning("out of memory with a batch of %d chunks; retrying as %d + %d", len(ids), half, len(ids) - half)
         return encode_contexts(compressor, ids[:half]) + encode_contexts(compressor, ids[half:])
-    if compressor.mode == "kv":
-        return [CompressedContext("kv", len(ids[j]), base_fp, fp, keys=keys[j], values=values[j])
-                for j in range(len(ids))]
-    return [CompressedContext("embedding", len(ids[j]), base_fp, fp, embeddings=emb[j]) for j in range(len(ids))]
 
 
 # ---------------------------------------------------------------------------------- windows

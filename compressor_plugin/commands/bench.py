@@ -8,6 +8,11 @@ import sys
 
 from .eval import int_list
 
+#: the systems of ``bench generate`` (compressor_plugin.evaluation.bench.GENERATE_SYSTEMS; repeated here so
+#: ``--help`` does not import torch)
+GENERATE_SYSTEMS = ("engine-text-static", "engine-text-dynamic", "engine-chunks-static", "engine-chunks-dynamic",
+                    "hf-dynamic", "hf-static")
+
 
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
@@ -33,7 +38,7 @@ def _output_args(p: argparse.ArgumentParser, plot: bool = True) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("bench", help="benchmarks: RAG latency, compression throughput, store, disk size",
+    b = sub.add_parser("bench", help="benchmarks: RAG latency, decode speed, compression throughput, store, disk size",
                        description="Latency, throughput and size benchmarks of compressed contexts.")
     bsub = b.add_subparsers(dest="bench_command", metavar="BENCH")
     bsub.required = True
@@ -70,6 +75,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     _device_args(cp)
     _output_args(cp)
     cp.set_defaults(func=_compress)
+
+    gn = bsub.add_parser(
+        "generate", help="decode ms/token and time to first token: the engine vs transformers generate",
+        description="One RAG prompt (N chunks of T tokens), answered with exactly --new-tokens greedy tokens by the "
+                    "engine (chunk texts in the prompt, and stored compressed chunks; static and dynamic K/V cache) "
+                    "and by plain transformers generate (dynamic cache, and cache_implementation='static', which "
+                    "transformers compiles on a GPU), in the same run. Prints a markdown table; writes JSON "
+                    "(--output), the table (--table) and a plot (--plot).")
+    gn.add_argument("--n", type=int, default=4, help="chunks in the prompt (default 4)")
+    gn.add_argument("--tokens", type=int, default=512, help="tokens per chunk (default 512)")
+    gn.add_argument("--new-tokens", type=int, default=64, help="tokens generated per answer (default 64)")
+    gn.add_argument("--repeats", type=int, default=3, help="timed runs per system after a warm-up (default 3)")
+    gn.add_argument("--systems", default=",".join(GENERATE_SYSTEMS),
+                    help=f"comma-separated subset of {','.join(GENERATE_SYSTEMS)}")
+    gn.add_argument("--no-compile", action="store_true",
+                    help="engine static cache without the compiled (CUDA-graph) decode step")
+    gn.add_argument("--table", default=None, help="also write the markdown table to this file")
+    _compressor_args(gn)
+    _device_args(gn)
+    _output_args(gn)
+    gn.set_defaults(func=_generate)
 
     st = bsub.add_parser("store", help="store hit path: read + verify one stored chunk",
                          description="Runs compressor_plugin.evaluation.bench_store.bench_hit_path.")
@@ -147,6 +173,28 @@ def _compress(args: argparse.Namespace) -> int:
     _write(result, args)
     if args.plot:
         print(f"wrote {plot_compress(result, args.plot)}", file=sys.stderr)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..evaluation.bench import bench_generate, generate_table, plot_generate
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    result = bench_generate(args.n, args.tokens, args.new_tokens, repeats=args.repeats, systems=systems,
+                            checkpoint=args.checkpoint, k=args.k, mode=args.mode, device=args.device,
+                            dtype=args.dtype, data=args.data, compile=False if args.no_compile else None,
+                            progress=not args.no_progress)
+    table = generate_table(result)
+    print(table)
+    print(f"\n{result['config']['timing']}")
+    _write(result, args)
+    if args.table:
+        Path(args.table).write_text(table + "\n")
+        print(f"wrote {args.table}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot_generate(result, args.plot)}", file=sys.stderr)
     return 0
 
 

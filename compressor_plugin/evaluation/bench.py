@@ -509,5 +509,195 @@ def disk_table(result: dict[str, Any]) -> str:
                           rows, digits=1)
 
 
-__all__ = ["bench_rag", "bench_compress", "bench_disk", "bench_store",
-           "rag_table", "compress_table", "disk_table", "MemoryProbe"]
+# ---------------------------------------------------------------------- bench generate
+GENERATE_SYSTEMS = ("engine-text-static", "engine-text-dynamic", "engine-chunks-static", "engine-chunks-dynamic",
+                    "hf-dynamic", "hf-static")
+
+
+def bench_generate(
+    n_chunks: int = 4,
+    tokens: int = 512,
+    new_tokens: int = 64,
+    *,
+    repeats: int = 3,
+    systems: Sequence[str] = GENERATE_SYSTEMS,
+    checkpoint: str | None = "default",
+    k: int | None = None,
+    mode: str = "kv",
+    device: Any = None,
+    dtype: Any = None,
+    data: str | None = None,
+    compile: bool | None = None,
+    progress: bool = True,
+    log: Log | None = _stderr,
+) -> dict[str, Any]:
+    """Decode speed and time to first token: the engine against plain transformers ``generate``.
+
+    One RAG prompt (``plain`` layout) over ``n_chunks`` chunks of ``tokens`` tokens, answered
+    with exactly ``new_tokens`` greedy tokens (end-of-sequence ignored) by each system:
+
+    * ``engine-text-*``: :meth:`CompressionEngine.generate` with the chunk texts in the prompt;
+    * ``engine-chunks-*``: the same prompt with the chunks as markers of stored compressed
+      chunks (store hits: lookup, injection, prefill, decoding);
+    * ``*-static`` / ``*-dynamic``: the engine's generator with ``cache="static"`` (compiled
+      CUDA-graph decode step on a GPU unless ``compile=False``) or ``cache="dynamic"``;
+    * ``hf-dynamic``: ``model.generate`` of a plain copy of the base model on the text prompt;
+    * ``hf-static``: the same with ``cache_implementation="static"`` (transformers compiles
+      the decode step itself on a GPU).
+
+    Every system runs once with ``new_tokens`` and once with one new token as a warm-up (this
+    is when compilation happens), then ``repeats`` rounds in which the systems take turns (a
+    one-token and a full answer each). ``ttft_ms`` is the median wall time of a one-token
+    answer (prompt to first token, including marker resolution for the engine);
+    ``ms_per_token`` is ``(median full time - ttft) / (new_tokens - 1)``; the ``*_min``
+    figures use the fastest runs instead (steadier on a busy machine).
+    """
+    import torch
+
+    from ..engine import CompressionEngine
+    from ..generation import GenerationConfig, Generator
+    from ..models import load_base_model
+    from ..store import ContextStore
+    from .report import environment
+
+    log = log or (lambda _m: None)
+    unknown = [s for s in systems if s not in GENERATE_SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(GENERATE_SYSTEMS)}")
+    if repeats < 1 or new_tokens < 2 or n_chunks < 1 or tokens < 1:
+        raise ValueError("repeats and n_chunks must be >= 1, new_tokens >= 2, tokens >= 1")
+    ckpt, kk, mode, note = _parse_default_checkpoint(checkpoint, k, mode, log)
+    lc = load_compressor(ckpt, k=kk, mode=mode, device=device, dtype=dtype)
+    comp = lc.compressor
+    comp.match_adapter_dtype()  # as CompressionEngine.from_pretrained loads it
+    base = comp.base
+    tok = base.tokenizer
+    if tokens > comp.config.max_length:
+        raise ValueError(f"--tokens {tokens} exceeds the compressor's max_length {comp.config.max_length}")
+    texts, source = bench_source(data)
+    chunks = make_chunks(texts, tok, n_chunks, tokens, offset=1)
+    prompt = qa_prompt("plain", RAG_QUESTION, tok)
+    text_prompt = "".join(prompt.segments(chunks))
+    tmp = tempfile.TemporaryDirectory(prefix="bench-generate-store-")
+    engine = CompressionEngine(comp, ContextStore(tmp.name))
+    chunk_prompt = prompt.before + "".join(engine.mark(chunks)) + prompt.after
+    generators = {"static": Generator(base, comp, cache="static", compile=compile),
+                  "dynamic": Generator(base, comp, cache="dynamic")}
+    plain = None
+    if any(s.startswith("hf-") for s in systems):
+        plain = load_base_model(device=base.device, dtype=base.dtype)
+    dev = base.device
+    ids = tok(text_prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(dev)
+
+    def engine_run(kind: str, text: str) -> Callable[[int], int]:
+        def run(n: int) -> int:
+            engine.generator = generators[kind]
+            res = engine.generate(text, GenerationConfig(max_new_tokens=n, ignore_eos=True))
+            return len(res.generation.token_ids)
+        return run
+
+    def hf_run(static: bool) -> Callable[[int], int]:
+        extra = {"cache_implementation": "static"} if static else {}
+
+        def run(n: int) -> int:
+            out = plain.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=False, pad_token_id=tok.pad_token_id or 0, **extra)
+            return int(out.shape[1] - ids.shape[1])
+        return run
+
+    runs = {"engine-text-static": engine_run("static", text_prompt),
+            "engine-text-dynamic": engine_run("dynamic", text_prompt),
+            "engine-chunks-static": engine_run("static", chunk_prompt),
+            "engine-chunks-dynamic": engine_run("dynamic", chunk_prompt),
+            "hf-dynamic": hf_run(False), "hf-static": hf_run(True)}
+    prompt_tokens = {"text": int(ids.shape[1]),
+                     "chunks": engine.generate(chunk_prompt, max_new_tokens=1).generation.prompt_tokens}
+    from tqdm.auto import tqdm
+
+    firsts: dict[str, list[float]] = {s: [] for s in systems}
+    fulls: dict[str, list[float]] = {s: [] for s in systems}
+    try:
+        for system in systems:  # warm-up (compilation happens here)
+            got = runs[system](new_tokens)
+            runs[system](1)
+            if got != new_tokens:
+                raise RuntimeError(f"bench generate: {system} made {got} tokens, not {new_tokens}")
+        # the systems take turns in every repeat, so a busy machine slows them alike
+        for _ in tqdm(range(repeats), desc="bench generate", unit="round", disable=not progress, leave=False):
+            for system in systems:
+                _sync(dev)
+                t0 = time.perf_counter()
+                runs[system](1)
+                _sync(dev)
+                firsts[system].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                runs[system](new_tokens)
+                _sync(dev)
+                fulls[system].append(time.perf_counter() - t0)
+    finally:
+        engine.store.close()
+        tmp.cleanup()
+    rows = []
+    for system in systems:
+        ttft, full = statistics.median(firsts[system]), statistics.median(fulls[system])
+        compiled = (system.endswith("static") and dev.type == "cuda"
+                    and (system.startswith("hf") or generators["static"].compile))
+        rows.append({"system": system, "prompt": "chunks" if "chunks" in system else "text",
+                     "prompt_tokens": prompt_tokens["chunks" if "chunks" in system else "text"],
+                     "new_tokens": new_tokens, "compiled": bool(compiled),
+                     "ttft_ms": ttft * 1e3, "ttft_ms_min": min(firsts[system]) * 1e3,
+                     "total_ms": full * 1e3, "total_ms_min": min(fulls[system]) * 1e3,
+                     "ms_per_token": (full - ttft) / (new_tokens - 1) * 1e3,
+                     "ms_per_token_min": (min(fulls[system]) - min(firsts[system])) / (new_tokens - 1) * 1e3})
+    ref = {r["system"]: r["ms_per_token"] for r in rows}
+    for r in rows:
+        r["decode_vs_hf_dynamic"] = (r["ms_per_token"] / ref["hf-dynamic"]) if ref.get("hf-dynamic") else None
+    env = environment(base)
+    return {"kind": "bench-generate", "rows": rows,
+            "config": {"n_chunks": n_chunks, "chunk_tokens": tokens, "new_tokens": new_tokens, "repeats": repeats,
+                       "question": RAG_QUESTION, "layout": "plain", "checkpoint": ckpt or "untrained", "k": kk,
+                       "mode": mode, "note": note, "text_source": source, "device": str(dev),
+                       "dtype": str(base.dtype), "compile": generators["static"].compile,
+                       "timing": "systems take turns in each repeat after a warm-up; medians (and fastest runs); "
+                                 "ttft = wall time of a one-token answer; ms_per_token = (full answer - ttft) / "
+                                 "(new_tokens - 1); eos ignored",
+                       **env}}
+
+
+def generate_table(result: dict[str, Any]) -> str:
+    """Markdown table of a ``bench generate`` result."""
+    from .report import markdown_table
+
+    rows = [[r["system"], r["prompt_tokens"], "yes" if r["compiled"] else "no", r["ttft_ms"], r["ms_per_token"],
+             r["ms_per_token_min"], r["total_ms"], r.get("decode_vs_hf_dynamic")] for r in result["rows"]]
+    return markdown_table(["system", "prompt positions", "compiled", "TTFT ms", "ms / token", "ms / token (fastest runs)",
+                           f"{result['config']['new_tokens']} tokens ms", "decode vs hf-dynamic"], rows, digits=2)
+
+
+def plot_generate(result: dict[str, Any], output: str | os.PathLike) -> Any:
+    """Bar charts of ms per token and time to first token per system, from a ``bench generate`` result."""
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    rows = result["rows"]
+    names = [r["system"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "ms_per_token", "ms per new token"), (axes[1], "ttft_ms", "time to first token (ms)")):
+        vals = [r[key] for r in rows]
+        colors = ["tab:blue" if n.startswith("engine") else "tab:gray" for n in names]
+        ax.barh(names, vals, color=colors)
+        for y, v in enumerate(vals):
+            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", alpha=0.3)
+    cfg = result["config"]
+    dev = cfg.get("cuda_device") or cfg.get("device", "")
+    fig.suptitle(f"decode speed: {cfg['n_chunks']} x {cfg['chunk_tokens']}-token chunks, {cfg['new_tokens']} new "
+                 f"tokens ({dev}, {cfg['dtype'].replace('torch.', '')})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, output)
+
+
+__all__ = ["bench_rag", "bench_compress", "bench_disk", "bench_store", "bench_generate",
+           "rag_table", "compress_table", "disk_table", "generate_table", "plot_generate", "MemoryProbe"]

@@ -1,0 +1,255 @@
+"""The fast decode path: preallocated (static) K/V caches and a one-token decode step.
+
+After the prompt has been laid into a cache (:meth:`Generator.prefill`), decoding appends one
+token per step. With a growing cache every step re-allocates and copies each layer's keys and
+values; with a static cache each layer's K/V lives in one buffer of fixed length, the prompt is
+written into its first slots once, and every decode step writes one slot in place.
+
+Fixed shapes are what CUDA graphs need: on a GPU the decode step (one forward of one token per
+row) is compiled with ``torch.compile(mode="reduce-overhead")``, which captures the step's
+kernels once and replays them, removing the per-token Python and kernel-launch overhead.
+
+Shape buckets: a cache holds ``bucket_length(prompt + new tokens)`` slots, the needed length
+rounded up to 256, 512, 768 or 1,024, or beyond that to a power of two (2,048, 4,096, ...), so
+prompts of different lengths share a compiled step. Caches are kept in a small pool and reused: the compiled step sees the same
+buffers again, so no recompilation or re-capture happens between requests of the same bucket.
+
+The attention mask of a decode step is a ``(batch, 1, 1, slots)`` tensor that marks the slots a
+row may see: its own prompt slots (batched prompts are padded) and the decode slots written so
+far. Slots not written yet are masked, so stale values in a reused buffer are never read.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from collections import OrderedDict
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from .hf_compat import cache_kwargs, cache_layer
+
+BUCKET = 256
+"""Static caches hold a multiple of this many slots."""
+
+COMPILE_MAX_BATCH = 8
+"""Largest batch whose decode step is compiled by default. CUDA graphs remove per-token launch
+overhead, which matters when a step has little work; a large batch shares that overhead among
+its rows, and each new batch size would cost another compilation."""
+
+
+def bucket_length(needed: int, bucket: int = BUCKET) -> int:
+    """The cache length for ``needed`` slots: a multiple of ``bucket`` up to ``4 * bucket``, then
+    the next power of two times ``bucket``.
+
+    Short prompts (the common case, and where padding costs most) get tight buckets; long ones
+    share a few, so a compiled step is compiled at most about ``4 + log2(max / (4 * bucket))``
+    times per batch size (7 up to 8,192 positions with buckets of 256).
+    """
+    n = max(1, -(-int(needed) // bucket))
+    if n > 4:
+        n = 1 << (n - 1).bit_length()
+    return n * bucket
+
+
+def new_static_cache(config: Any, slots: int) -> Any:
+    """A transformers ``StaticCache`` of ``slots`` positions, or None if the model's layers are not all full attention.
+
+    Sliding-window and other special layers keep their K/V differently; those models use the
+    growing cache instead.
+    """
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=config, max_cache_len=int(slots))
+    if not all(type(layer) is StaticLayer for layer in cache.layers):
+        return None
+    return cache
+
+
+def fill_static(cache: Any, prompt_cache: Any, slots: int) -> None:
+    """Copy the first ``slots`` positions of every layer of ``prompt_cache`` into ``cache``.
+
+    The static cache's write position becomes ``slots``: the next token is written after the prompt.
+    """
+    for i, layer in enumerate(cache.layers):
+        k, v = cache_layer(prompt_cache, i)
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        layer.keys[:, :, :slots].copy_(k)
+        layer.values[:, :, :slots].copy_(v)
+        layer.cumulative_length.fill_(slots)
+
+
+class StaticCachePool:
+    """Static caches kept for reuse, keyed by (batch, slots, dtype, device).
+
+    A cache is checked out for one generation and given back afterwards; two generations that
+    run at the same time (streams consumed in turns) never share one. At most ``max_idle``
+    caches are kept, and only those of at most ``max_batch`` rows: reuse matters for the
+    compiled step (same buffers, no new capture), while a large batch's cache would hold much
+    memory for little gain.
+    """
+
+    def __init__(self, config: Any, max_idle: int = 4, max_batch: int = COMPILE_MAX_BATCH):
+        self.config = config
+        self.max_idle = int(max_idle)
+        self.max_batch = int(max_batch)
+        self._idle: OrderedDict[tuple, list[Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def acquire(self, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> Any:
+        """A cache for ``batch`` rows of ``slots`` positions (None if the model needs a growing cache)."""
+        key = (int(batch), int(slots), dtype, str(device))
+        with self._lock:
+            free = self._idle.get(key)
+            if free:
+                cache = free.pop()
+                if not free:
+                    del self._idle[key]
+                return cache
+        cache = new_static_cache(self.config, slots)
+        if cache is not None:
+            cache._pool_key = key  # type: ignore[attr-defined]
+        return cache
+
+    def release(self, cache: Any) -> None:
+        """Give a cache back for reuse."""
+        key = getattr(cache, "_pool_key", None)
+        if key is None or key[0] > self.max_batch:
+            return
+        with self._lock:
+            self._idle.setdefault(key, []).append(cache)
+            self._idle.move_to_end(key)
+            while sum(len(v) for v in self._idle.values()) > self.max_idle:
+                old_key = next(iter(self._idle))
+                self._idle[old_key].pop(0)
+                if not self._idle[old_key]:
+                    del self._idle[old_key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+
+def _forward_one(lm: Any, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, cache_kw: str) -> torch.Tensor:
+    """One decode forward: logits ``(batch, vocab)`` of one new token per row.
+
+    ``cache_kw`` is the forward's name for the cache argument (``cache`` or ``past_key_values``),
+    looked up outside so that the compiled function does not trace the lookup.
+    """
+    out = lm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
+             **{cache_kw: cache})
+    return out.logits[:, -1, :]
+
+
+_compiled_forwards: dict[tuple[Any, str | None], Any] = {}
+_compile_lock = threading.Lock()
+
+
+def _compiled(backend: Any = "inductor", mode: str | None = "reduce-overhead") -> Any:
+    """The decode step compiled with ``backend`` and ``mode`` (one compiled function per process and setting)."""
+    with _compile_lock:
+        fn = _compiled_forwards.get((backend, mode))
+        if fn is None:
+            import torch._dynamo
+
+            # One graph per (batch, bucket) and per pooled cache: allow more than the default 8.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+            fn = _compiled_forwards[(backend, mode)] = torch.compile(_forward_one, backend=backend, mode=mode,
+                                                                     dynamic=False)
+        return fn
+
+
+class _StepThread:
+    """One long-lived thread that runs every compiled decode step of the process.
+
+    CUDA-graph state (graph trees, memory pools) is kept per thread: steps called from many
+    threads (a web server's workers, one worker thread per async stream) would capture the
+    graphs again in each thread. Running them all here captures once.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the step thread (under ``torch.no_grad``); its result or exception."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="compressor-plugin-decode", daemon=True)
+                self._thread.start()
+        done: Future = Future()
+        self._jobs.put((fn, args, done))
+        return done.result()
+
+    def _loop(self) -> None:
+        while True:
+            fn, args, done = self._jobs.get()
+            try:
+                with torch.no_grad():
+                    done.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.set_exception(exc)
+
+
+_step_thread = _StepThread()
+
+
+def _run_compiled(fn: Any, device: torch.device, *args: Any) -> torch.Tensor:
+    with torch.cuda.device(device):
+        torch.compiler.cudagraph_mark_step_begin()
+        # a copy: the graph's output buffer is overwritten by the next step
+        return fn(*args).to(torch.float32, copy=True)
+
+
+class DecodeStep:
+    """Runs the one-token decode forward, compiled (CUDA graphs) or eager.
+
+    Args:
+        compile: compile the step with ``torch.compile``.
+        backend, mode: the ``torch.compile`` settings (default: inductor with
+            ``"reduce-overhead"``, i.e. CUDA graphs).
+        devices: device types on which the compiled step runs (default: CUDA only); on others
+            the eager step runs.
+        max_batch: larger batches run the eager step (see :data:`COMPILE_MAX_BATCH`).
+    """
+
+    def __init__(self, compile: bool, *, backend: Any = "inductor", mode: str | None = "reduce-overhead",
+                 devices: tuple[str, ...] = ("cuda",), max_batch: int = COMPILE_MAX_BATCH):
+        self.compile = bool(compile)
+        self.backend, self.mode, self.devices = backend, mode, tuple(devices)
+        self.max_batch = int(max_batch)
+        self._failed = False
+
+    def active(self, device: torch.device, batch: int = 1) -> bool:
+        """Whether the compiled step runs on ``device`` for ``batch`` rows."""
+        return self.compile and not self._failed and device.type in self.devices and batch <= self.max_batch
+
+    def __call__(self, lm: Any, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, slot: int) -> torch.Tensor:
+        """Logits ``(batch, vocab)`` in float32 for ``input_ids`` ``(batch, 1)`` written at cache slot ``slot``."""
+        kw = next(iter(cache_kwargs(lm, cache)))
+        if self.active(input_ids.device, input_ids.shape[0]):
+            try:
+                fn = _compiled(self.backend, self.mode)
+                if input_ids.device.type == "cuda":
+                    return _step_thread.run(_run_compiled, fn, input_ids.device, lm, cache, input_ids, position_ids,
+                                            attention_mask, kw)
+                return fn(lm, cache, input_ids, position_ids, attention_mask, kw).float()
+            except Exception as exc:  # noqa: BLE001 - a compiler failure must not end the answer
+                self._failed = True
+                warnings.warn(f"the compiled decode step failed ({type(exc).__name__}: {exc}); "
+                              "decoding continues without compilation", RuntimeWarning, stacklevel=2)
+                for layer in cache.layers:  # the write position as before the failed call
+                    layer.cumulative_length.fill_(slot)
+        return _forward_one(lm, cache, input_ids, position_ids, attention_mask, kw).float()

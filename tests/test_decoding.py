@@ -1,0 +1,251 @@
+"""The static-cache decode path, batched prefill, prompt-length and text checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor_plugin.compressor import Compressor, CompressorConfig, CompressorError
+from compressor_plugin.generation import (GenerationConfig, Generator, InvalidTextError, PromptError,
+                                          PromptTooLongError, TokenIds)
+
+CTX = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+       "It was designed by the company of Gustave Eiffel and completed in 1889 for the World's Fair.")
+OTHER = "Mount Kilimanjaro is a dormant volcano in Tanzania, the highest mountain in Africa."
+QUESTION = "\nQuestion: When was the Eiffel Tower completed?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def both(base):
+    return Generator(base, cache="static"), Generator(base, cache="dynamic")
+
+
+def _chunk_prompt(gen):
+    a = gen.context_from_text(CTX)
+    b = gen.context_from_text(OTHER)
+    return ["Context: ", b, "\n\n", a, QUESTION]
+
+
+def test_static_cache_is_the_default_and_compile_only_on_cuda(base):
+    gen = Generator(base)
+    assert gen.cache == "static"
+    assert gen.compile is False  # a CPU model: no CUDA graphs
+    with pytest.raises(ValueError, match="cache"):
+        Generator(base, cache="paged")
+    with pytest.raises(ValueError, match="static"):
+        Generator(base, cache="dynamic", compile=True)
+
+
+@pytest.mark.parametrize("prompt", ["text", "chunks"])
+def test_static_decode_equals_dynamic_greedy(both, prompt):
+    static, dynamic = both
+    segments = [CTX + QUESTION] if prompt == "text" else _chunk_prompt(dynamic)
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    a = static.generate(segments, cfg)
+    b = dynamic.generate(segments, cfg)
+    assert len(a.token_ids) == 40  # ignore_eos: the full length, so 40 decode steps are compared
+    assert a.token_ids == b.token_ids
+    assert a.text == b.text and a.prompt_tokens == b.prompt_tokens
+    # the static path really ran: its cache went back to the pool
+    assert sum(len(v) for v in static._pool._idle.values()) >= 1
+    assert not dynamic._pool._idle
+
+
+def test_static_cache_is_reused_and_not_shared_between_live_streams(both):
+    static, _ = both
+    static._pool.clear()
+    s1 = static.stream([CTX + QUESTION], max_new_tokens=6, ignore_eos=True)
+    s2 = static.stream(["The capital of France is"], max_new_tokens=6, ignore_eos=True)
+    p1, p2 = [], []
+    for _ in range(3):  # interleave the two streams
+        p1.append(next(s1))
+        p2.append(next(s2))
+    p1 += list(s1)
+    p2 += list(s2)
+    assert "".join(p1) == static.generate([CTX + QUESTION], max_new_tokens=6, ignore_eos=True).text
+    assert "".join(p2) == static.generate(["The capital of France is"], max_new_tokens=6, ignore_eos=True).text
+    caches = [c for v in static._pool._idle.values() for c in v]
+    assert len(caches) == 2 and caches[0] is not caches[1]  # two live streams held two caches
+    before = {id(c) for c in caches}
+    static.generate(["Hello"], max_new_tokens=3, ignore_eos=True)
+    assert {id(c) for v in static._pool._idle.values() for c in v} == before  # reused, not reallocated
+
+
+def test_static_stream_stop_strings_and_sampling(both):
+    static, dynamic = both
+    full = static.generate([CTX + QUESTION], max_new_tokens=20)
+    assert "".join(static.stream([CTX + QUESTION], max_new_tokens=20)) == full.text
+    stopped = static.generate([CTX + QUESTION], GenerationConfig(max_new_tokens=20, stop=["1889"]))
+    assert "1889" not in stopped.text and stopped.finish_reason == "stop"
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    s1, s2 = static.generate([CTX + QUESTION], cfg), static.generate([CTX + QUESTION], cfg)
+    assert s1.token_ids == s2.token_ids  # seeded sampling is reproducible
+    assert s1.token_ids == dynamic.generate([CTX + QUESTION], cfg).token_ids
+
+
+def test_generate_batch_prefills_in_one_forward_and_matches_one_by_one(both, base):
+    static, dynamic = both
+    prompts = [_chunk_prompt(dynamic), [CTX + QUESTION], ["The capital of France is"],
+               ["Context: ", dynamic.context_from_text(OTHER), "\nQuestion: Where is Kilimanjaro?\nAnswer:"]]
+    lengths = []
+    hook = base.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: lengths.append(
+            (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape),
+        with_kwargs=True)
+    try:
+        batch = static.generate_batch(prompts, max_new_tokens=12)
+    finally:
+        hook.remove()
+    assert lengths[0][0] == len(prompts) and lengths[0][1] > 1  # one forward over all prompts
+    assert all(shape[1] == 1 for shape in lengths[1:])  # then one token per row per step
+    for gen in (static, dynamic):
+        single = [gen.generate(p, max_new_tokens=12) for p in prompts]
+        assert [r.token_ids for r in batch] == [r.token_ids for r in single]
+        assert [r.prompt_tokens for r in batch] == [r.prompt_tokens for r in single]
+    assert [r.token_ids for r in dynamic.generate_batch(prompts, max_new_tokens=12)] == \
+        [r.token_ids for r in batch]
+
+
+def test_batched_prefill_equals_single_prefill_logits(both):
+    _, dynamic = both
+    prompts = [_chunk_prompt(dynamic), ["A much shorter prompt"]]
+    batch = dynamic._prefill_batch([dynamic._layout(p) for p in prompts])
+    for row, p in enumerate(prompts):
+        torch.testing.assert_close(batch.logits[row], dynamic.prefill(p).last_logits, atol=2e-4, rtol=1e-4)
+
+
+def test_prompt_longer_than_the_model_is_refused(generator, tiny):
+    limit = generator.max_positions
+    assert limit == generator.base.model.config.max_position_embeddings
+    with pytest.raises(PromptTooLongError, match=f"{limit + 5} positions.*{limit}"):
+        generator.generate([TokenIds([42] * (limit + 5))], max_new_tokens=2)
+    assert issubclass(PromptTooLongError, PromptError)
+    # a prompt that fits but leaves little room: generation stops at the model's last position
+    gen = Generator(tiny)
+    old = tiny.model.config.max_position_embeddings
+    tiny.model.config.max_position_embeddings = 12
+    try:
+        res = gen.generate([TokenIds([5] * 10)], max_new_tokens=20, ignore_eos=True)
+        assert len(res.token_ids) == 3 and res.finish_reason == "length"  # positions 10 and 11 fed back
+        with pytest.raises(PromptTooLongError):
+            gen.generate([TokenIds([5] * 13)], max_new_tokens=1)
+    finally:
+        tiny.model.config.max_position_embeddings = old
+
+
+def test_lone_surrogates_give_a_clear_error(generator, tiny_compressor):
+    with pytest.raises(InvalidTextError, match=r"segment 1 of the prompt .*U\+D800"):
+        generator.generate(["Context: ", "bad \ud800 text", QUESTION], max_new_tokens=2)
+    with pytest.raises(InvalidTextError, match="prompt 1"):
+        generator.generate_batch([["fine"], ["also \udcff bad"]], max_new_tokens=2)
+    with pytest.raises(InvalidTextError, match="message 0"):
+        generator.chat_segments([{"role": "user", "content": "x\udc80y"}])
+    with pytest.raises(CompressorError, match=r"text 1 contains a lone surrogate U\+DC80"):
+        tiny_compressor.compress(["good text", "broken \udc80 text"])
+
+
+def test_compile_flag_is_ignored_off_cuda(tiny):
+    gen = Generator(tiny, compile=True)
+    assert gen.compile and not gen._step.active(tiny.device)
+    assert gen._step.active(torch.device("cuda")) and not gen._step.active(torch.device("cuda"), 64)
+    ref = Generator(tiny, cache="dynamic")
+    assert gen.generate(["hello there"], max_new_tokens=5, ignore_eos=True).token_ids == \
+        ref.generate(["hello there"], max_new_tokens=5, ignore_eos=True).token_ids
+
+
+def test_compiled_decode_step_is_one_graph_without_recompiles():
+    """The decode step traces as one graph and is reused across prompts of one bucket (CPU, eager backend)."""
+    from compressor_plugin import decoding
+    from compressor_plugin.models import tiny_random_llama
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    comp = Compressor(tiny_random_llama(seed=3), CompressorConfig(k=4, lora_r=4, max_length=64))
+    gen = Generator(comp.base, comp, compile=True)
+    gen._step = decoding.DecodeStep(True, backend=counting, mode=None, devices=("cpu",))
+    ref = Generator(comp.base, comp, cache="dynamic")
+    ctx = comp.compress(["some chunk of text to compress"])[0]
+    cfg = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    try:
+        for prompt in (["hello there, how are you"], ["Context: ", ctx, "\nQuestion: what?\nAnswer:"], ["short"]):
+            assert gen.generate(prompt, cfg).token_ids == ref.generate(prompt, cfg).token_ids
+        assert len(graphs) == 1  # one bucket, batch 1: compiled once, no graph breaks, no recompiles
+        prompts = [["hello there"], ["Context: ", ctx, "\nQ?"]]
+        assert [r.token_ids for r in gen.generate_batch(prompts, cfg)] == \
+            [r.token_ids for r in ref.generate_batch(prompts, cfg)]
+        assert len(graphs) == 2  # batch 2: one more graph
+        assert not gen._step._failed
+    finally:
+        decoding._compiled_forwards.pop((counting, None), None)
+
+
+def test_compiled_steps_run_on_one_thread_whoever_calls():
+    """CUDA-graph state is per thread: every compiled step runs on one long-lived thread."""
+    import threading
+
+    from compressor_plugin.decoding import _StepThread
+
+    worker = _StepThread()
+    seen = []
+
+    def job(x):
+        seen.append((threading.current_thread().name, torch.is_grad_enabled()))
+        if x < 0:
+            raise KeyError("bad step")
+        return x * 2
+
+    results = []
+    callers = [threading.Thread(target=lambda i=i: results.append(worker.run(job, i))) for i in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=30)
+    assert sorted(results) == [0, 2, 4, 6] and worker.run(job, 5) == 10
+    assert {name for name, _ in seen} == {"compressor-plugin-decode"}
+    assert not any(grad for _, grad in seen)  # steps run without autograd
+    with pytest.raises(KeyError, match="bad step"):
+        worker.run(job, -1)
+    assert worker.run(job, 1) == 2  # the thread survives a failed step
+
+
+def test_cache_buckets():
+    from compressor_plugin.decoding import bucket_length
+
+    assert [bucket_length(n) for n in (1, 256, 257, 700, 1024, 1025, 2100, 4096, 4097, 8192)] == \
+        [256, 256, 512, 768, 1024, 2048, 4096, 4096, 8192, 8192]
+    # at most 7 distinct cache lengths up to 8,192 positions: few compilations
+    assert len({bucket_length(n) for n in range(1, 8193)}) == 7
+
+
+def test_pool_keeps_only_small_batches(tiny):
+    from compressor_plugin.decoding import StaticCachePool
+
+    pool = StaticCachePool(tiny.model.config, max_idle=2, max_batch=2)
+    small = pool.acquire(2, 256, torch.float32, torch.device("cpu"))
+    big = pool.acquire(3, 256, torch.float32, torch.device("cpu"))
+    pool.release(big)
+    pool.release(small)
+    assert pool.acquire(2, 256, torch.float32, torch.device("cpu")) is small
+    assert pool.acquire(3, 256, torch.float32, torch.device("cpu")) is not big
+    extra = [pool.acquire(1, 512, torch.float32, torch.device("cpu")) for _ in range(3)]
+    for c in extra:
+        pool.release(c)
+    assert sum(len(v) for v in pool._idle.values()) == 2  # max_idle
+
+
+def test_compile_default_follows_the_environment(tiny, monkeypatch):
+    import compressor_plugin.generation as generation
+
+    class Cuda:  # a BaseModel stand-in on a CUDA device (nothing runs)
+        model, device = tiny.model, torch.device("cuda")
+
+    monkeypatch.setattr(generation, "RotaryHelper", lambda model: None)
+    assert Generator(Cuda(), cache="static").compile is True
+    assert Generator(Cuda(), cache="dynamic").compile is False
+    monkeypatch.setenv("COMPRESSOR_PLUGIN_COMPILE", "0")
+    assert Generator(Cuda(), cache="static").compile is False
+    assert Generator(Cuda(), cache="static", compile=True).compile is True
