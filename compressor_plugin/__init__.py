@@ -41,9 +41,10 @@ _EXPORTS = {
 _ERRORS = (
     "BrokenMarkerWarning", "CheckpointMismatchError", "CompressorError", "CompressorPluginError",
     "CompressorPluginWarning", "ContextFormatError", "ContextMismatchError", "ContextTooLongError", "DataError",
-    "EmptyDocumentWarning", "InvalidOptionError", "MissingChunkError", "MissingChunkWarning",
-    "ModelNotAvailableError", "PromptError", "StoreFormatError", "UnauthorizedMarkerWarning", "UnknownOptionError",
-    "UnsupportedModelError",
+    "EmptyDocumentWarning", "InvalidOptionError", "InvalidTextError", "MissingChunkError", "MissingChunkWarning",
+    "ModelNotAvailableError", "PromptError", "PromptTooLongError", "StoreError", "StoreFormatError",
+    "StoreReadOnlyError", "StoreWriteError", "UnauthorizedMarkerWarning", "UnknownOptionError",
+    "UnsupportedModelError", "ValueTooLargeError",
 )
 _EXPORTS.update({name: "compressor_plugin.errors" for name in _ERRORS})
 
@@ -66,14 +67,20 @@ if TYPE_CHECKING:  # pragma: no cover
         DataError,
         EmptyDocumentWarning,
         InvalidOptionError,
+        InvalidTextError,
         MissingChunkError,
         MissingChunkWarning,
         ModelNotAvailableError,
         PromptError,
+        PromptTooLongError,
+        StoreError,
         StoreFormatError,
+        StoreReadOnlyError,
+        StoreWriteError,
         UnauthorizedMarkerWarning,
         UnknownOptionError,
         UnsupportedModelError,
+        ValueTooLargeError,
     )
     from .markers import MarkerSigner
     from .models import load_base_model

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .context import CompressedContext, RotaryHelper
+from .errors import CheckpointMismatchError, CompressorError, ContextTooLongError
 from .hf_compat import cache_kwargs, inner_model
 from .models import DEFAULT_MODEL, BaseModel, load_base_model, with_bos
 from .text import lone_surrogate, surrogate_message
@@ -34,17 +35,6 @@ from .text import lone_surrogate, surrogate_message
 CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
-
-class CompressorError(ValueError):
-    """Invalid input to a compressor."""
-
-
-class ContextTooLongError(CompressorError):
-    """A text is longer than the compressor's maximum input length."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint was made for a different base model."""
 
 
 @dataclass

@@ -33,14 +33,20 @@ __all__ = [
     "DataError",
     "EmptyDocumentWarning",
     "InvalidOptionError",
+    "InvalidTextError",
     "MissingChunkError",
     "MissingChunkWarning",
     "ModelNotAvailableError",
     "PromptError",
+    "PromptTooLongError",
+    "StoreError",
     "StoreFormatError",
+    "StoreReadOnlyError",
+    "StoreWriteError",
     "UnauthorizedMarkerWarning",
     "UnknownOptionError",
     "UnsupportedModelError",
+    "ValueTooLargeError",
 ]
 
 
@@ -119,6 +125,14 @@ class ContextMismatchError(PromptError):
     """A compressed context made for another base model."""
 
 
+class PromptTooLongError(PromptError):
+    """A prompt that takes more positions than the model has (``config.max_position_embeddings``)."""
+
+
+class InvalidTextError(PromptError):
+    """Prompt text that is not valid Unicode (a lone surrogate), which no tokenizer can encode."""
+
+
 class DataError(CompressorPluginError, ValueError):
     """An evaluation data file that is missing fields or malformed (``path`` names it)."""
 
@@ -141,8 +155,24 @@ class ContextFormatError(CompressorPluginError, ValueError):
     """Bytes that are not a valid, intact serialised CompressedContext."""
 
 
-class StoreFormatError(CompressorPluginError, ValueError):
-    """The folder is not a store this version can open (``path`` names it)."""
+class StoreError(CompressorPluginError):
+    """Base class of the store's own errors."""
+
+
+class StoreFormatError(StoreError, ValueError):
+    """The folder is not a store this version can open, or its database is damaged (``path``)."""
+
+
+class StoreReadOnlyError(StoreError, PermissionError):
+    """A write to a store opened read-only (or found on a read-only volume)."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """A write failed (disk full, I/O error, permissions); nothing of the failed batch was kept."""
+
+
+class ValueTooLargeError(StoreError, ValueError):
+    """A value larger than the store accepts (its size limit, or the largest single value)."""
 
 
 class MissingChunkError(CompressorPluginError, KeyError):

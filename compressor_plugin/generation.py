@@ -21,23 +21,9 @@ import torch
 
 from .context import CompressedContext, RotaryHelper
 from .hf_compat import cache_kwargs, cache_layer, new_cache, num_cache_layers
+from .errors import ContextMismatchError, InvalidTextError, PromptError, PromptTooLongError
 from .models import BaseModel, with_bos_segments
 
-
-class PromptError(ValueError):
-    """A prompt that cannot be generated from."""
-
-
-class ContextMismatchError(PromptError):
-    """A compressed context made for another base model."""
-
-
-class PromptTooLongError(PromptError):
-    """A prompt that takes more positions than the model has (``config.max_position_embeddings``)."""
-
-
-class InvalidTextError(PromptError):
-    """Prompt text that is not valid Unicode (a lone surrogate), which no tokenizer can encode."""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .errors import StoreError, StoreFormatError, StoreReadOnlyError, StoreWriteError, ValueTooLargeError
+
 logger = logging.getLogger(__name__)
 
 DBNAME = "cache.db"  # diskcache's database file name
@@ -84,25 +86,6 @@ _SCHEMA = (
 _EXACT_FILE_BYTES = "SELECT coalesce(sum(CAST(size AS INTEGER)), 0) FROM Cache WHERE filename IS NOT NULL"
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
-
-class StoreError(Exception):
-    """Base class of the store's own errors."""
-
-
-class StoreFormatError(StoreError, ValueError):
-    """The folder is not a store this version can open, or its database is damaged."""
-
-
-class StoreReadOnlyError(StoreError, PermissionError):
-    """A write to a store opened read-only (or found on a read-only volume)."""
-
-
-class StoreWriteError(StoreError, OSError):
-    """A write failed (disk full, I/O error, permissions); nothing of the failed batch was kept."""
-
-
-class ValueTooLargeError(StoreError, ValueError):
-    """A value larger than the store accepts (its size limit, or the largest single value)."""
 
 
 class RefusedValue:

@@ -137,6 +137,19 @@ def test_mix_stage_distill_cloze_and_resume(tiny_base_dir, data_files, tmp_path)
     assert steps == list(range(1, 9))
 
 
+def test_mix_stage_cloze_steps_of_their_own(tiny_base_dir, data_files, tmp_path):
+    """With a cloze share in --mix, cloze questions get steps of their own instead of joining qa."""
+    out = tmp_path / "cloze"
+    cmd = _train_cmd(tiny_base_dir, out, data_files["corpus"], "--stage", "mix", "--k", "2", "--max-steps", "6",
+                     "--cloze-per-text", "1", "--mix", "qa=1,cloze=1")
+    cmd[cmd.index("--data") + 1:cmd.index("--data") + 2] = [str(data_files["corpus"]), str(data_files["qa"])]
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_samples"]["qa"] == 12 and summary["train_samples"]["cloze"] > 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {k for r in log for k in r if k.startswith("loss_")} == {"loss_qa", "loss_cloze"}
+
+
 def test_mix_schedule_and_bad_mix(data_files):
     from compressor_plugin.training import TrainConfig
     from compressor_plugin.training.trainer import parse_mix, task_of

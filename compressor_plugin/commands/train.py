@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-chunks", type=int, default=3, help="QA: up to this many chunks per prompt")
     p.add_argument("--layouts", default="plain,fewshot,chat", help="QA prompt layouts to train on")
     p.add_argument("--mix", default="regen=0.2,continue=0.3,qa=0.5",
-                   help="mix stage: share of steps per task, TASK=WEIGHT with TASK in regen, continue, qa "
-                        "(default regen=0.2,continue=0.3,qa=0.5)")
+                   help="mix stage: share of steps per task, TASK=WEIGHT with TASK in regen, continue, qa, cloze "
+                        "(default regen=0.2,continue=0.3,qa=0.5; without a cloze share, cloze questions join qa)")
     p.add_argument("--continue-tokens", type=int, default=128, help="continuation target length (default 128)")
     p.add_argument("--cloze-per-text", type=int, default=0,
                    help="mix stage: cloze questions on names, numbers and dates generated per corpus text (default 0)")

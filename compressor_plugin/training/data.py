@@ -98,13 +98,15 @@ def load_qa(paths: Sequence[str | Path], tokenizer: Any, *, max_tokens: int, lim
 
 def load_mix(paths: Sequence[str | Path], tokenizer: Any, *, max_tokens: int, max_qa_tokens: int,
              limit: int | None = None, cloze_per_text: int = 0, seed: int = 0
-             ) -> tuple[list[RegenSample], list[QASample]]:
+             ) -> tuple[list[RegenSample], list[QASample], list[QASample]]:
     """Corpus texts and QA samples from a mix of files, told apart by their rows.
 
     Corpus files (rows with ``text``) give regeneration/continuation texts, cut to ``max_tokens``;
     QA files (rows with ``context`` and ``question``) give QA samples, and their contexts are corpus
     texts too. With ``cloze_per_text`` > 0, every corpus text of a corpus file also gives up to that
     many cloze questions on its names, numbers and dates (:mod:`.questions`).
+
+    Returns ``(corpus, qa, cloze)``.
     """
     from .questions import cloze_rows
 
@@ -128,9 +130,11 @@ def load_mix(paths: Sequence[str | Path], tokenizer: Any, *, max_tokens: int, ma
         rows = cloze_rows(cut, seed=seed, per_text=cloze_per_text)
         uniq = list(dict.fromkeys(r["context"] for r in rows))
         ids = dict(zip(uniq, _tokenize(tokenizer, uniq)))
-        qa += [QASample(ids[r["context"]], r["context"], r["question"], r["answers"][0])
-               for r in rows if 0 < len(ids[r["context"]]) <= max_qa_tokens]
-    return corpus, qa
+        cloze = [QASample(ids[r["context"]], r["context"], r["question"], r["answers"][0])
+                 for r in rows if 0 < len(ids[r["context"]]) <= max_qa_tokens]
+    else:
+        cloze = []
+    return corpus, qa, cloze
 
 
 def length_batches(samples: Sequence[Any], batch_size: int, *, seed: int, epoch: int,

@@ -45,11 +45,15 @@ logger = logging.getLogger(__name__)
 
 
 #: Step tasks: regeneration, continuation, question answering.
-TASKS = ("regen", "continue", "qa")
+TASKS = ("regen", "continue", "qa", "cloze")
 
 
 def parse_mix(text: str) -> dict[str, float]:
-    """``"regen=0.2,continue=0.3,qa=0.5"`` -> ``{"regen": 0.2, "continue": 0.3, "qa": 0.5}``."""
+    """``"regen=0.2,continue=0.3,qa=0.5"`` -> ``{"regen": 0.2, "continue": 0.3, "qa": 0.5}``.
+
+    ``cloze`` gives the cloze questions (``cloze_per_text``) steps of their own; without it they
+    join the ``qa`` pool (and then outnumber the QA files' questions on a large corpus).
+    """
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, w = part.partition("=")
@@ -270,16 +274,17 @@ class StepModule(nn.Module):
         cfg = self.cfg
         dev = self.base.device
         task = task or ("qa" if cfg.stage == "qa" else "regen")
+        kind = "qa" if task == "cloze" else task  # cloze steps are QA steps on cloze questions
         B = len(samples)
-        layout = self._layout(rng, task)
+        layout = self._layout(rng, kind)
         n = 1
-        if task == "qa" and cfg.max_chunks > 1 and B > 1:
+        if kind == "qa" and cfg.max_chunks > 1 and B > 1:
             n = rng.randint(1, min(cfg.max_chunks, B))
         arrange = self._arrange(samples, n, rng) if n > 1 else [[i] for i in range(B)]
-        prefix = "" if task != "qa" else qa_prompt(layout, samples[0].question, self.tok).before
+        prefix = "" if kind != "qa" else qa_prompt(layout, samples[0].question, self.tok).before
         enc_ids, afters, targets = [], [], []
         for s in samples:
-            e, a, t = self._row(task, layout, s, rng)
+            e, a, t = self._row(kind, layout, s, rng)
             enc_ids.append(e)
             afters.append(a)
             targets.append(t)
@@ -329,7 +334,7 @@ class StepModule(nn.Module):
                 hidden = out.last_hidden_state[:, slots:]
             h = hidden[sel]
             info: dict[str, Any] = {}
-            if task == "qa" and cfg.distill > 0 and self.training:  # validation: CE on the gold answer only
+            if kind == "qa" and cfg.distill > 0 and self.training:  # validation: CE on the gold answer only
                 teacher = self._teacher_logprobs(self._full_rows(prefix, enc_ids, arrange, afters, targets))
                 student = torch.log_softmax(self._logits(lm, h), dim=-1)
                 ce = nn.functional.nll_loss(student, tgt[sel])
@@ -506,14 +511,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         val_set = load_qa(cfg.val_data, tok, max_tokens=cfg.max_tokens, limit=cfg.val_samples * 4)[: cfg.val_samples] if cfg.val_data else []
         val_task = "qa"
     else:
-        corpus, qa = load_mix(cfg.data, tok, max_tokens=regen_cap, max_qa_tokens=cfg.max_tokens, limit=cfg.limit,
-                              cloze_per_text=cfg.cloze_per_text, seed=cfg.seed)
-        pools = {"regen": corpus, "continue": [s_ for s_ in corpus if len(s_.ids) >= 12], "qa": qa}
+        corpus, qa, cloze = load_mix(cfg.data, tok, max_tokens=regen_cap, max_qa_tokens=cfg.max_tokens,
+                                     limit=cfg.limit, cloze_per_text=cfg.cloze_per_text, seed=cfg.seed)
+        if cfg.mix.get("cloze", 0) <= 0:
+            qa, cloze = qa + cloze, []
+        pools = {"regen": corpus, "continue": [s_ for s_ in corpus if len(s_.ids) >= 12], "qa": qa, "cloze": cloze}
         missing = [t for t in TASKS if cfg.mix.get(t, 0) > 0 and not pools[t]]
         if missing:
             raise ValueError(f"the mix asks for {missing} steps, but the data files give no samples for them "
-                             "(regen/continue need corpus rows with 'text', qa needs QA rows or --cloze-per-text)")
-        val_corpus, val_qa = load_mix(cfg.val_data, tok, max_tokens=regen_cap, max_qa_tokens=cfg.max_tokens,
+                             "(regen/continue need corpus rows with 'text', qa needs QA rows or --cloze-per-text, "
+                             "cloze needs --cloze-per-text and corpus rows)")
+        val_corpus, val_qa, _ = load_mix(cfg.val_data, tok, max_tokens=regen_cap, max_qa_tokens=cfg.max_tokens,
                                       limit=cfg.val_samples * 4) if cfg.val_data else ([], [])
         val_task = "qa" if val_qa else "regen"
         val_set = (val_qa or val_corpus)[: cfg.val_samples]
