@@ -20,6 +20,20 @@ def base():
 
 
 @pytest.fixture(scope="session")
+def shipped_compressor(base):
+    """The shipped default compressor (kv-k16) on the session's base model.
+
+    A compressor injects its LoRA into the base model in place, so the session's ``base`` can
+    carry one compressor only: every test module that needs the shipped one shares this fixture
+    (an untrained k=16 compressor when no checkpoint ships)."""
+    from compressor_plugin.compressor import Compressor, CompressorConfig, shipped_checkpoints
+
+    if "kv-k16" in shipped_checkpoints():
+        return Compressor.from_pretrained("default", base=base)
+    return Compressor(base, CompressorConfig(k=16))
+
+
+@pytest.fixture(scope="session")
 def generator(base):
     """A Generator over the plain default model (no compressor attached)."""
     from compressor_plugin.generation import Generator

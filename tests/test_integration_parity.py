@@ -45,10 +45,9 @@ QUESTIONS = ["Who planted the Veltmoor orchard?", "What is the name of the main 
 
 
 @pytest.fixture(scope="module")
-def engine(base, tmp_path_factory: pytest.TempPathFactory) -> CompressionEngine:
-    comp = Compressor.from_pretrained("default", base=base) if SHIPPED else Compressor(base, CompressorConfig(k=16))
+def engine(shipped_compressor, tmp_path_factory: pytest.TempPathFactory) -> CompressionEngine:
     store = ContextStore(tmp_path_factory.mktemp("parity"))
-    yield CompressionEngine(comp, store)
+    yield CompressionEngine(shipped_compressor, store)
     store.close()
 
 

@@ -190,7 +190,8 @@ async def test_ingestion_async_empty_nodes_and_pickling(engine, nodes):
     assert [n.metadata["store_key"] for n in out] == [n.metadata["store_key"] for n in nodes[:len(out)]]
 
     empty = TextNode(text="   ")
-    node = TextNode(text="A chunk that was never compressed before: the Rhine flows into the North Sea.")
+    node = TextNode(text="A chunk that was never compressed before: the Rhine rises in the Swiss Alps, flows "
+                         "through Germany and the Netherlands, and reaches the North Sea near Rotterdam.")
     res = await transform.acall([empty, node])
     assert res[0] is empty and not any(k in empty.metadata for k in COMPRESSION_METADATA_KEYS)
     assert engine.store.get(res[1].metadata["store_key"]) is not None

@@ -22,16 +22,15 @@ from compressor_plugin.store import ContextStore
 SHIPPED = "kv-k16" in shipped_checkpoints()
 SECRET_TEXT = ("Dana Whitfield's annual salary is 185,000 dollars. Her laptop password is sunflower42 "
                "and her badge number is 7731.")
-PUBLIC_TEXT = "The Rhine flows through Switzerland, Germany and the Netherlands into the North Sea."
+PUBLIC_TEXT = ("The Rhine rises in the Swiss Alps and flows through Switzerland, Germany and the Netherlands "
+               "before it reaches the North Sea near the port of Rotterdam.")
 QUESTION = "What is Dana Whitfield's salary and password?"
 
 
 # ---------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def compressor(base) -> Compressor:
-    if SHIPPED:
-        return Compressor.from_pretrained("default", base=base)
-    return Compressor(base, CompressorConfig(k=16))
+def compressor(shipped_compressor) -> Compressor:
+    return shipped_compressor
 
 
 @pytest.fixture(scope="module")
