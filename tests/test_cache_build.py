@@ -148,6 +148,7 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, tiny_ckpt, capsys):
         fh.write(b'[1, 2]\n')                                      # not_a_json_object
         fh.write(b'{"id": "no-text", "title": "t"}\n')             # missing_text_field
         fh.write(b'{"id": "blank", "text": "  \\n "}\n')           # empty_document
+        fh.write(b'{"id": "surrogate", "text": "half a pair: \\ud800 here"}\n')  # lone_surrogate
         fh.write(b"\n")                                            # blank line: ignored
         fh.write(b'{"id": "ctx", "context": "Falls back to the context field."}\n')
     (src / "latin1.txt").write_bytes("d\xe9j\xe0 vu".encode("latin-1"))   # not_utf8
@@ -159,9 +160,9 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, tiny_ckpt, capsys):
                "--chunk-tokens", "64", "--batch-size", "8", "--no-progress", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["skipped"] == {"bad_json": 1, "empty_document": 2, "missing_text_field": 1, "not_a_json_object": 1,
-                              "not_utf8": 2, "unreadable_file": 1, "unsupported_file": 1}
-    assert out["skipped_total"] == 9
+    assert out["skipped"] == {"bad_json": 1, "empty_document": 2, "lone_surrogate": 1, "missing_text_field": 1,
+                              "not_a_json_object": 1, "not_utf8": 2, "unreadable_file": 1, "unsupported_file": 1}
+    assert out["skipped_total"] == 10
     assert out["documents"] == 3 + 1 + 2  # 3 JSONL + the "context" line, notes.md, long.txt
     assert out["new"] == out["chunks"] > out["documents"] and out["store_entries"] == out["chunks"]
     assert out["compression_ratio"] == pytest.approx(out["source_tokens"] / (4 * out["chunks"]), rel=1e-3)

@@ -172,3 +172,27 @@ def test_mix_without_qa_data_is_a_clear_error(tiny_base_dir, data_files, tmp_pat
     cmd = _train_cmd(tiny_base_dir, tmp_path / "bad", data_files["corpus"], "--stage", "mix", "--max-steps", "1")
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "qa" in proc.stderr and "cloze" in proc.stderr
+
+
+def test_chat_layout_dropped_without_a_chat_template(tiny_base_dir, data_files, tmp_path):
+    """A base model whose tokenizer has no chat template trains the other layouts (with a warning)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "no-chat"
+    shutil.copytree(tiny_base_dir, base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = None
+    tok.save_pretrained(base)
+    for f in base.glob("chat_template.*"):
+        f.unlink()
+    out = tmp_path / "run"
+    proc = subprocess.run(_train_cmd(base, out, data_files["qa"], "--stage", "qa", "--k", "2", "--max-steps", "1"),
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "train_config.json").read_text())["layouts"] == ["plain", "fewshot"]
+    assert "no chat template" in proc.stderr
+    proc = subprocess.run(_train_cmd(base, tmp_path / "bad", data_files["qa"], "--stage", "qa", "--max-steps", "1",
+                                     "--layouts", "chat"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--layouts plain,fewshot" in proc.stderr

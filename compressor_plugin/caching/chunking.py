@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..text import lone_surrogate
 from ..store import normalize_text
 
 #: File name endings read as JSONL (one JSON object per line).
@@ -43,6 +44,7 @@ BAD_JSON = "bad_json"
 NOT_AN_OBJECT = "not_a_json_object"
 MISSING_TEXT = "missing_text_field"
 EMPTY_DOCUMENT = "empty_document"
+LONE_SURROGATE = "lone_surrogate"
 UNSUPPORTED_FILE = "unsupported_file"
 EMPTY_CHUNK = "whitespace_only_chunk"
 OVER_LIMIT = "chunk_over_token_limit"
@@ -242,6 +244,9 @@ def _read_jsonl(f: Path, rel: str, text_field: str | None, id_field: str, skippe
                 continue
             if not text.strip():
                 skipped[EMPTY_DOCUMENT] += 1
+                continue
+            if lone_surrogate(text) is not None:  # a "\ud800" escape: not Unicode, no tokenizer takes it
+                skipped[LONE_SURROGATE] += 1
                 continue
             doc_id = obj.get(id_field)
             doc_id = f"{rel}:{lineno}" if doc_id is None else str(doc_id)

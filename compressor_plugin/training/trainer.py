@@ -471,6 +471,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + rank)
     base = load_base_model(cfg.base, device=dev)
     tok = base.tokenizer
+    if "chat" in cfg.layouts and not getattr(tok, "chat_template", None):
+        cfg.layouts = [lay for lay in cfg.layouts if lay != "chat"]
+        if not cfg.layouts:
+            raise ValueError(f"{cfg.base}: the tokenizer has no chat template, so the chat layout cannot be "
+                             "trained; pass --layouts plain,fewshot")
+        logger.warning("%s has no chat template: training the %s layouts only", cfg.base, ",".join(cfg.layouts))
 
     compressor = None
     peft_model = None
