@@ -125,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "gradient checkpointing), compression chunks/s (512 tokens), stored bytes per chunk (k=16) "
                     "and one store-hit answer. Writes scale.json and scale.md to --out.")
     sc.add_argument("--shapes", default="llama-1b,qwen-3b,llama-8b",
-                    help="comma-separated: llama-1b, qwen-3b, llama-8b, tiny (default: the first three)")
+                    help="comma-separated: llama-1b, qwen-3b, llama-8b, smollm2-135m, tiny (default: the first three)")
     sc.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32, the recipe's)")
     sc.add_argument("--steps", type=int, default=5, help="timed training steps per stage and setting (default 5)")
     sc.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")

@@ -51,6 +51,11 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
                                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                 "original_max_position_embeddings": 8192})),
+    # HuggingFaceTB/SmolLM2-135M-Instruct, the default model (its training throughput at other batch sizes)
+    "smollm2-135m": ("llama", dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                                   head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+                                   max_position_embeddings=8192, rms_norm_eps=1e-5,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
     # plumbing checks on CPU
     "tiny": ("llama", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=128, vocab_size=49152, tie_word_embeddings=True,
