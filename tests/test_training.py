@@ -196,3 +196,20 @@ def test_chat_layout_dropped_without_a_chat_template(tiny_base_dir, data_files, 
     proc = subprocess.run(_train_cmd(base, tmp_path / "bad", data_files["qa"], "--stage", "qa", "--max-steps", "1",
                                      "--layouts", "chat"), env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--layouts plain,fewshot" in proc.stderr
+
+
+def test_teacher_targets_are_generated_once(tiny_base_dir, data_files, tmp_path):
+    """--teacher-targets: the frozen model's own full-text answers are generated once per question,
+    cached in the run folder, and reused when the run resumes."""
+    out = tmp_path / "teacher"
+    cmd = _train_cmd(tiny_base_dir, out, data_files["qa"], "--stage", "qa", "--k", "2", "--max-steps", "2",
+                     "--teacher-targets", "1.0")
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
+    cache = out / "teacher_answers_qa.json"
+    answers = json.loads(cache.read_text())
+    assert len(answers) == 12 and all(isinstance(a, str) for a in answers.values())
+    before = cache.stat().st_mtime_ns
+    cmd[cmd.index("--max-steps") + 1] = "3"
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
+    assert cache.stat().st_mtime_ns == before  # nothing left to generate on resume
+    assert json.loads((out / "summary.json").read_text())["step"] == 3

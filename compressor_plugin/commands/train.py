@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distill", type=float, default=0.0,
                    help="QA steps: weight of the KL to the frozen model reading the full text, against CE on the "
                         "gold answer (0 = gold only, 1 = teacher only; default 0)")
+    p.add_argument("--teacher-targets", type=float, default=0.0,
+                   help="QA steps: share of samples trained on the frozen model's own full-text answer (generated "
+                        "once, greedy, 3-shot layout; cached in the run folder) instead of the gold answer (default 0)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--target-modules", default="q_proj,v_proj")
@@ -75,7 +78,8 @@ def _run(args: argparse.Namespace) -> int:
                       seed=args.seed, limit=args.limit, log_every=args.log_every, eval_every=args.eval_every,
                       save_every=args.save_every, val_samples=args.val_samples, mix=parse_mix(args.mix),
                       continue_tokens=args.continue_tokens, cloze_per_text=args.cloze_per_text,
-                      distill=args.distill, gradient_checkpointing=args.gradient_checkpointing)
+                      distill=args.distill, teacher_targets=args.teacher_targets,
+                      gradient_checkpointing=args.gradient_checkpointing)
     if cfg.max_steps is None and cfg.max_minutes is None:
         raise ValueError("give --max-steps or --max-minutes")
     summary = train(cfg, progress=not args.no_progress)

@@ -26,6 +26,7 @@ class QASample:
     context: str
     question: str
     answer: str
+    teacher: str | None = None  # the frozen model's own answer from the full text (sequence-level distillation)
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:

@@ -111,6 +111,7 @@ class TrainConfig:
     continue_tokens: int = 128  # continuation target length
     cloze_per_text: int = 0  # cloze (detail) questions generated per corpus text, added to the QA pool
     distill: float = 0.0  # QA steps: weight of KL(full-text teacher || student) vs. CE on the gold answer
+    teacher_targets: float = 0.0  # QA steps: share of samples whose target is the teacher's own answer
     gradient_checkpointing: bool = False  # recompute the frozen MLP blocks in the backward pass
 
     def __post_init__(self) -> None:
@@ -121,6 +122,10 @@ class TrainConfig:
             raise ValueError(f"mix needs non-negative weights for tasks {TASKS}, got {self.mix}")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError("distill is a weight between 0 and 1")
+        if not 0.0 <= self.teacher_targets <= 1.0:
+            raise ValueError("teacher_targets is a share between 0 and 1")
+        if self.teacher_targets > 0 and self.mode == "full-tuned":
+            raise ValueError("teacher targets train compressors; the full-tuned reference reads the text itself")
         if self.distill > 0 and self.mode == "full-tuned":
             raise ValueError("distillation trains compressors; the full-tuned reference reads the text itself")
         if self.mode not in ("kv", "embedding", "full-tuned"):
@@ -211,7 +216,10 @@ class StepModule(nn.Module):
             rest = ids[cut:cut + 1 + cfg.continue_tokens]
             return ids[:cut], rest[:1], rest[1:]
         p = qa_prompt(layout, sample.question, self.tok)
-        return sample.ids, self._ids(p.after), self._ids(p.target(sample.answer))[: cfg.max_target_tokens]
+        answer = sample.answer
+        if sample.teacher and cfg.teacher_targets > 0 and rng.random() < cfg.teacher_targets:
+            answer = sample.teacher
+        return sample.ids, self._ids(p.after), self._ids(p.target(answer))[: cfg.max_target_tokens]
 
     @staticmethod
     def _arrange(samples: list[Any], n: int, rng: random.Random) -> list[list[int]]:
@@ -402,6 +410,44 @@ def build_compressor(base: BaseModel, cfg: TrainConfig) -> Compressor:
     return compressor
 
 
+def add_teacher_answers(compressor: Compressor, samples: Sequence[Any], cache_file: Path, *, batch_size: int = 64,
+                        max_new_tokens: int = 24, progress: bool = False) -> int:
+    """Set ``sample.teacher`` to the frozen model's greedy answer from the full text (sequence-level
+    distillation targets), in the best full-text layout (``fewshot``).
+
+    Answers are kept in ``cache_file`` (JSON, question + context -> answer), so a resumed run does
+    not generate them again. Returns how many answers were generated now.
+    """
+    import hashlib
+
+    from ..evaluation.metrics import first_line_answer
+    from ..generation import Generator
+
+    def key(s: Any) -> str:
+        return hashlib.sha256(f"{s.question}\x00{s.context}".encode("utf-8")).hexdigest()
+
+    cached: dict[str, str] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    todo = [s for s in samples if key(s) not in cached]
+    if todo:
+        gen = Generator(compressor.base, compressor)  # text-only prompts run on the unchanged model
+        tok = compressor.base.tokenizer
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(todo), batch_size)
+        for i in tqdm(starts, desc="teacher answers", unit="batch", disable=not progress):
+            chunk = todo[i:i + batch_size]
+            prompts = [qa_prompt("fewshot", s.question, tok).segments([s.context]) for s in chunk]
+            for s, res in zip(chunk, gen.generate_batch(prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                                                       stop=["\n"])):
+                cached[key(s)] = first_line_answer(res.text)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cached))
+        os.replace(tmp, cache_file)
+    for s in samples:
+        s.teacher = cached.get(key(s)) or None
+    return len(todo)
+
+
 def train_step(model: nn.Module, samples: list[Any], seed: int, opt: torch.optim.Optimizer,
                params: list[nn.Parameter], autocast: Any, task: str | None = None
                ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
@@ -534,6 +580,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     pools = {t: p_ for t, p_ in pools.items() if p_}
     if not pools:
         raise ValueError("no usable training samples in the data files")
+    if cfg.teacher_targets > 0 and compressor is not None:
+        for t in ("qa", "cloze"):
+            if t in pools:
+                add_teacher_answers(compressor, pools[t], out / f"teacher_answers_{t}.json", progress=progress and rank == 0)
     logger.info("loaded %s training samples in %.1fs", {t: len(p_) for t, p_ in pools.items()}, time.time() - t_load)
 
     # ---- resume
