@@ -345,6 +345,33 @@ def test_scale_benchmark_plumbing(tmp_path):
     assert "| tiny |" in md and "samples/s" in md
 
 
+def test_scale_benchmark_batch_sweep_training_only(tmp_path):
+    """Several batch sizes in one run; --training-only skips the serving measurements."""
+    import json
+
+    from compressor_plugin.cli import main
+
+    rc = main(["bench", "scale", "--shapes", "tiny", "--device", "cpu", "--batch-size", "1,3", "--steps", "1",
+               "--warmup", "0", "--stages", "regen", "--checkpointing", "off", "--training-only",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    (entry,) = json.loads((tmp_path / "scale.json").read_text())["results"]
+    assert [(r["batch_size"], r["fused_kernels"], r["status"]) for r in entry["training"]] == \
+        [(1, False, "ok"), (3, False, "ok")]
+    assert "compression" not in entry and "store_hit" not in entry
+    assert "| tiny |" in (tmp_path / "scale.md").read_text()
+
+
+def test_fused_kernels_refuse_cpu_and_unknown_families(tokenizer):
+    """Liger's kernels are CUDA-only: a clear error on the CPU instead of a Triton crash."""
+    from compressor_plugin.training.kernels import FusedKernelsError, apply_fused_kernels, fused_kernel_families
+
+    base = random_base_model(tiny_config("llama", tokenizer), tokenizer)
+    with pytest.raises(FusedKernelsError, match="CUDA only"):
+        apply_fused_kernels(base.model)
+    assert "llama" in fused_kernel_families() and "gemma3_text" in fused_kernel_families()
+
+
 def test_scale_shapes_match_the_public_checkpoints(tokenizer):
     from compressor_plugin.evaluation.bench_scale import shape_config
 

@@ -126,7 +126,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and one store-hit answer. Writes scale.json and scale.md to --out.")
     sc.add_argument("--shapes", default="llama-1b,qwen-3b,llama-8b",
                     help="comma-separated: llama-1b, qwen-3b, llama-8b, smollm2-135m, tiny (default: the first three)")
-    sc.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32, the recipe's)")
+    sc.add_argument("--batch-size", type=int_list, default=[32],
+                    help="training batch sizes, comma-separated (default 32, the recipe's)")
+    sc.add_argument("--fused-kernels", action="store_true",
+                    help="Liger's fused Triton kernels in the training step (CUDA; the [fast] extra)")
+    sc.add_argument("--training-only", action="store_true",
+                    help="skip the compression throughput and store-hit measurements")
     sc.add_argument("--steps", type=int, default=5, help="timed training steps per stage and setting (default 5)")
     sc.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     sc.add_argument("--stages", default="regen,qa", help="default regen,qa")
@@ -222,7 +227,8 @@ def _scale(args: argparse.Namespace) -> int:
     from ..evaluation.bench_scale import ScaleSettings, bench_scale, scale_table, write_scale
 
     ckpt = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
-    settings = ScaleSettings(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+    settings = ScaleSettings(batch_sizes=tuple(args.batch_size), fused_kernels=args.fused_kernels,
+                             serving=not args.training_only, steps=args.steps, warmup=args.warmup,
                              stages=tuple(s for s in args.stages.split(",") if s), checkpointing=ckpt,
                              compress_batch_sizes=tuple(args.compress_batch_sizes))
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]

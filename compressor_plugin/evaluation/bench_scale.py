@@ -72,7 +72,7 @@ CHUNK_TOKENS = 512
 class ScaleSettings:
     """What one benchmark run measures."""
 
-    batch_size: int = 32
+    batch_sizes: tuple[int, ...] = (32,)  # training batch sizes, each measured
     steps: int = 5  # timed training steps per stage and setting
     warmup: int = 2
     stages: tuple[str, ...] = ("regen", "qa")
@@ -82,6 +82,8 @@ class ScaleSettings:
     k: int = 16
     max_new_tokens: int = 16
     seed: int = 0
+    fused_kernels: bool = False  # Liger's Triton kernels in the training step (training/kernels.py)
+    serving: bool = True  # also measure compression throughput and a store-hit answer
 
 
 def shape_config(shape: str, tokenizer: Any) -> Any:
@@ -133,15 +135,23 @@ def _samples(stage: str, n: int, tokenizer: Any, rng: random.Random) -> list[Any
             for i in range(n)]
 
 
-def bench_training(base: Any, stage: str, checkpointing: bool, settings: ScaleSettings, data_file: str) -> dict[str, Any]:
-    """Samples/s and peak memory of the real training step for one stage and setting."""
+def bench_training(base: Any, stage: str, checkpointing: bool, settings: ScaleSettings, data_file: str,
+                   batch_size: int) -> dict[str, Any]:
+    """Samples/s and peak memory of the real training step for one stage, setting and batch size."""
     from ..training.trainer import StepModule, TrainConfig, build_compressor, enable_mlp_checkpointing, train_step
 
     dev = base.device
-    cfg = TrainConfig(stage=stage, mode="kv", k=settings.k, data=[data_file], batch_size=settings.batch_size,
-                      max_target_tokens=REGEN_TOKENS, gradient_checkpointing=checkpointing, seed=settings.seed)
+    cfg = TrainConfig(stage=stage, mode="kv", k=settings.k, data=[data_file], batch_size=batch_size,
+                      max_target_tokens=REGEN_TOKENS, gradient_checkpointing=checkpointing, seed=settings.seed,
+                      fused_kernels=settings.fused_kernels)
     comp = build_compressor(base, cfg)
+    head = {"stage": stage, "gradient_checkpointing": checkpointing, "fused_kernels": settings.fused_kernels,
+            "batch_size": batch_size}
     try:
+        if settings.fused_kernels:
+            from ..training.kernels import apply_fused_kernels
+
+            apply_fused_kernels(comp.peft_model)
         if checkpointing:
             enable_mlp_checkpointing(base.model)
         module = StepModule(base, cfg, comp)
@@ -154,7 +164,7 @@ def bench_training(base: Any, stage: str, checkpointing: bool, settings: ScaleSe
         _reset_peak(dev)
         times, losses, tokens = [], [], 0
         for step in range(settings.warmup + settings.steps):
-            samples = _samples(stage, settings.batch_size, base.tokenizer, rng)
+            samples = _samples(stage, batch_size, base.tokenizer, rng)
             _sync(dev)
             t0 = time.perf_counter()
             loss, info, _ = train_step(module, samples, settings.seed + step, opt, params, autocast)
@@ -165,13 +175,11 @@ def bench_training(base: Any, stage: str, checkpointing: bool, settings: ScaleSe
                 losses.append(lv)
                 tokens += info["enc_tokens"] + info["dec_tokens"]
         total = sum(times)
-        return {"stage": stage, "gradient_checkpointing": checkpointing, "batch_size": settings.batch_size,
-                "steps": len(times), "seconds_per_step": total / len(times),
-                "samples_per_s": settings.batch_size * len(times) / total, "tokens_per_s": tokens / total,
+        return {**head, "steps": len(times), "seconds_per_step": total / len(times),
+                "samples_per_s": batch_size * len(times) / total, "tokens_per_s": tokens / total,
                 "peak_memory_gb": _peak_gb(dev), "loss": sum(losses) / len(losses), "status": "ok"}
     except torch.cuda.OutOfMemoryError as exc:
-        return {"stage": stage, "gradient_checkpointing": checkpointing, "batch_size": settings.batch_size,
-                "status": "out of memory", "error": str(exc).splitlines()[0]}
+        return {**head, "status": "out of memory", "error": str(exc).splitlines()[0]}
     finally:
         _unwrap(base, comp)
         if dev.type == "cuda":
@@ -283,10 +291,16 @@ def bench_scale(shapes: Sequence[str], *, device: str | None = None, settings: S
                                      "build_seconds": build_s, "training": []}
             for stage in settings.stages:
                 for ckpt in settings.checkpointing:
-                    row = bench_training(base, stage, ckpt, settings, data_file)
-                    entry["training"].append(row)
-                    if progress:
-                        print(f"{shape} train {stage} checkpointing={ckpt}: {json.dumps(row)}", flush=True)
+                    for bs in settings.batch_sizes:
+                        row = bench_training(base, stage, ckpt, settings, data_file, bs)
+                        entry["training"].append(row)
+                        if progress:
+                            print(f"{shape} train {stage} checkpointing={ckpt} batch={bs}: {json.dumps(row)}",
+                                  flush=True)
+            if not settings.serving:
+                results.append(entry)
+                del base
+                continue
             comp = Compressor(base, CompressorConfig(k=settings.k, lora_r=16, max_length=CHUNK_TOKENS),
                               seed=settings.seed)
             comp.to(dev)
@@ -318,22 +332,25 @@ def _params(n: int) -> str:
 
 def scale_table(result: dict[str, Any]) -> str:
     """Markdown tables of a :func:`bench_scale` result."""
-    lines = ["| shape | params | stage | grad. ckpt | batch | samples/s | s/step | peak GB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | params | stage | grad. ckpt | fused kernels | batch | samples/s | s/step | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for e in result["results"]:
         for r in e["training"]:
             if r.get("status") != "ok":
                 lines.append(f"| {e['shape']} | {_params(e['parameters'])} | {r['stage']} | "
-                             f"{'on' if r['gradient_checkpointing'] else 'off'} | {r['batch_size']} | "
-                             f"{r['status']} | | |")
+                             f"{'on' if r['gradient_checkpointing'] else 'off'} | "
+                             f"{'on' if r.get('fused_kernels') else 'off'} | {r['batch_size']} | {r['status']} | | |")
                 continue
             peak = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
             lines.append(f"| {e['shape']} | {_params(e['parameters'])} | {r['stage']} | "
-                         f"{'on' if r['gradient_checkpointing'] else 'off'} | {r['batch_size']} | "
+                         f"{'on' if r['gradient_checkpointing'] else 'off'} | "
+                         f"{'on' if r.get('fused_kernels') else 'off'} | {r['batch_size']} | "
                          f"{r['samples_per_s']:.1f} | {r['seconds_per_step']:.2f} | {peak} |")
     lines += ["", "| shape | compression chunks/s (512 tokens) by batch | stored bytes/chunk (k=16, bf16) | "
                   "store hit: TTFT s | store hit: 16 tokens s |", "|---|---|---|---|---|"]
     for e in result["results"]:
+        if "compression" not in e:
+            continue
         comp = ", ".join(f"{c['batch_size']}: {c['chunks_per_s']:.1f}" if c.get("status") == "ok"
                          else f"{c['batch_size']}: {c['status']}" for c in e["compression"])
         hit = e["store_hit"]

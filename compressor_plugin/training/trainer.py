@@ -113,6 +113,7 @@ class TrainConfig:
     distill: float = 0.0  # QA steps: weight of KL(full-text teacher || student) vs. CE on the gold answer
     teacher_targets: float = 0.0  # QA steps: share of samples whose target is the teacher's own answer
     gradient_checkpointing: bool = False  # recompute the frozen MLP blocks in the backward pass
+    fused_kernels: bool = False  # Liger's Triton RMSNorm / rotary / SwiGLU (CUDA, training/kernels.py)
 
     def __post_init__(self) -> None:
         if self.stage not in ("regen", "qa", "mix"):
@@ -225,11 +226,17 @@ class StepModule(nn.Module):
     def _arrange(samples: list[Any], n: int, rng: random.Random) -> list[list[int]]:
         """Chunk order per row: its own context plus ``n - 1`` other contexts of the batch, shuffled."""
         B = len(samples)
+        keys = [hash(tuple(s.ids)) for s in samples]
+        distinct = len(set(keys))
         arrange = []
         for i in range(B):
-            others = [j for j in range(B) if j != i and samples[j].ids is not samples[i].ids
-                      and samples[j].ids != samples[i].ids]
-            row = [i] + rng.sample(others, min(n - 1, len(others)))
+            want = min(n - 1, distinct - 1)  # other contexts with different text exist for this many
+            row, seen = [i], {keys[i]}
+            while len(row) - 1 < want:  # rejection sampling: O(n) per row instead of O(B)
+                j = rng.randrange(B)
+                if keys[j] not in seen:
+                    seen.add(keys[j])
+                    row.append(j)
             while len(row) < n:
                 row.append(i)
             rng.shuffle(row)
@@ -538,6 +545,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     else:
         compressor = build_compressor(base, cfg)
         params = compressor.trainable_parameters()
+    if cfg.fused_kernels:  # before checkpointing, which wraps whatever MLP forward is in place
+        from .kernels import apply_fused_kernels
+
+        apply_fused_kernels(base.model)
     if cfg.gradient_checkpointing:
         enable_mlp_checkpointing(base.model)
     step_module = StepModule(base, cfg, compressor, peft_model)
@@ -637,30 +648,32 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         if compressor is not None:
             compressor.invalidate_fingerprint()
         step += 1
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"non-finite loss at step {step}")
+        # losses stay on the device between log steps: reading one per step would make the host
+        # wait for every step and leave the GPU idle while the next batch is built
         window["samples"] += len(samples) * world
         window["tokens"] += (info["enc_tokens"] + info["dec_tokens"]) * world
-        window["loss"] += lv
+        window["loss"] = window["loss"] + loss
         window["n"] += 1
         tl = window["tasks"].setdefault(task, [0.0, 0])
-        tl[0] += lv
+        tl[0] = tl[0] + loss
         tl[1] += 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{lv:.3f}")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            mean_loss = float(window["loss"]) / window["n"]  # the one sync per log window
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"non-finite loss in steps {step - window['n'] + 1}..{step}")
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.3f}")
         if rank == 0 and step % cfg.log_every == 0:
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
             dt = time.time() - window["t"]
-            rec = {"step": step, "epoch": epoch, "loss": window["loss"] / window["n"], "lr": _lr_at(step, cfg),
+            rec = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": _lr_at(step, cfg),
                    "grad_norm": float(gnorm), "samples_per_s": window["samples"] / dt,
                    "tokens_per_s": window["tokens"] / dt,
                    "tflops": 6 * n_params * window["tokens"] / dt / 1e12,
                    "elapsed_min": (time.time() - t0) / 60, "samples_seen": step * cfg.batch_size * world}
             if cfg.stage == "mix":
-                rec.update({f"loss_{t}": v[0] / v[1] for t, v in window["tasks"].items()})
+                rec.update({f"loss_{t}": float(v[0]) / v[1] for t, v in window["tasks"].items()})
             log.write(json.dumps(rec) + "\n")
             log.flush()
             window = {"t": time.time(), "samples": 0, "tokens": 0, "loss": 0.0, "n": 0, "tasks": {}}
