@@ -1,37 +1,43 @@
 #!/usr/bin/env bash
-# Evaluate the runs of scripts/train_fidelity.sh (best/ checkpoints) against full text, on one GPU:
-# several `eval qa` processes side by side. JSON results land in $RUNS/eval/.
+# Fidelity evaluation on one GPU: several `eval qa` processes side by side, each against the
+# full-text systems of the same run (F1/EM, retention, agreement with the best full-text answer).
+# JSON results and logs land in $OUT.
 #
-#   DATA=../shared/data RUNS=runs bash scripts/eval_fidelity.sh
+#   DATA=../shared/data OUT=eval CKPTS="kv-k16 kv-k4 kv-k1" BEST=kv-k16 bash scripts/eval_fidelity.sh
+#
+#   CKPTS    compressor checkpoints (shipped names or folders) for SQuAD dev and invented facts
+#   BEST     the one checkpoint also run with 3 and 5 chunks per prompt and on every other QA file
+#   EXTRA    more `eval qa` arguments for every process (e.g. "--anchors 0,32")
+#   N        questions per file (default 300); the base model is the checkpoints' own
 set -u
 DATA=${DATA:-../shared/data}
-RUNS=${RUNS:-runs}
+OUT=${OUT:-eval}
 PY=${PY:-python3}
 N=${N:-300}
-out="$RUNS/eval"
-mkdir -p "$out"
-[ -f "$out/invented_dev.jsonl" ] || $PY -m compressor_plugin.cli eval make-invented --output "$out/invented_dev.jsonl" \
+CKPTS=${CKPTS:-"kv-k16 kv-k4 kv-k1"}
+BEST=${BEST:-kv-k16}
+EXTRA=${EXTRA:-}
+mkdir -p "$OUT"
+[ -f "$OUT/invented_dev.jsonl" ] || $PY -m compressor_plugin.cli eval make-invented --output "$OUT/invented_dev.jsonl" \
     --paragraphs 50 --seed 0 >/dev/null
 ev() {  # name data extra-args...
   local name=$1 data=$2
   shift 2
+  # shellcheck disable=SC2086
   $PY -m compressor_plugin.cli eval qa --data "$data" --limit "$N" --batch-size 64 --no-progress \
-      --systems full,compressed --output "$out/$name.json" "$@" > "$out/$name.log" 2>&1 \
-      && echo "DONE $name" || echo "FAILED $name"
+      --systems full,compressed --output "$OUT/$name.json" $EXTRA "$@" \
+      > "$OUT/$name.log" 2>&1 && echo "DONE $name" || echo "FAILED $name"
 }
-ship="$RUNS/kv-k16/best $RUNS/kv-k4/best $RUNS/kv-k1/best $RUNS/embedding-k1/best kv-k16"
-ablate="$RUNS/old/best $RUNS/mix/best $RUNS/mix-cloze/best $RUNS/mix-kd/best"
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-ev squad-ship "$DATA/squad1.1_dev.jsonl" --checkpoint $ship &
-ev invented-ship "$out/invented_dev.jsonl" --checkpoint $ship &
-ev squad-ablate "$DATA/squad1.1_dev.jsonl" --checkpoint $ablate &
-ev invented-ablate "$out/invented_dev.jsonl" --checkpoint $ablate &
-ev squad-3chunks "$DATA/squad1.1_dev.jsonl" --chunks 3 --checkpoint "$RUNS/kv-k16/best" &
-ev squad-5chunks "$DATA/squad1.1_dev.jsonl" --chunks 5 --checkpoint "$RUNS/kv-k16/best" &
-wait
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_WAIT_POLICY=PASSIVE
+# shellcheck disable=SC2086
+ev squad "$DATA/squad1.1_dev.jsonl" --checkpoint $CKPTS &
+# shellcheck disable=SC2086
+ev invented "$OUT/invented_dev.jsonl" --checkpoint $CKPTS &
+ev squad-3chunks "$DATA/squad1.1_dev.jsonl" --chunks 3 --checkpoint "$BEST" &
+ev squad-5chunks "$DATA/squad1.1_dev.jsonl" --chunks 5 --checkpoint "$BEST" &
 for f in nq_open_goldpara relation_extraction_mrqa_dev squadshifts_new_wiki squadshifts_reddit \
          squadshifts_amazon_reviews hotpotqa_dev_goldpara pubmedqa_labeled; do
-  ev "$f" "$DATA/$f.jsonl" --checkpoint "$RUNS/kv-k16/best" &
+  [ -f "$DATA/$f.jsonl" ] && ev "$f" "$DATA/$f.jsonl" --checkpoint "$BEST" &
 done
 wait
 echo EVAL_DONE

@@ -591,10 +591,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     pools = {t: p_ for t, p_ in pools.items() if p_}
     if not pools:
         raise ValueError("no usable training samples in the data files")
-    if cfg.teacher_targets > 0 and compressor is not None:
-        for t in ("qa", "cloze"):
-            if t in pools:
-                add_teacher_answers(compressor, pools[t], out / f"teacher_answers_{t}.json", progress=progress and rank == 0)
+    if cfg.teacher_targets > 0 and compressor is not None and "qa" in pools:
+        # the QA pool only: cloze questions of their own share keep their exact-span answers, which
+        # are what the text says (and generating answers for tens of thousands of them is slow)
+        add_teacher_answers(compressor, pools["qa"], out / "teacher_answers_qa.json", progress=progress and rank == 0)
     logger.info("loaded %s training samples in %.1fs", {t: len(p_) for t, p_ in pools.items()}, time.time() - t_load)
 
     # ---- resume
