@@ -72,7 +72,7 @@ for b in (256, 512)]))" ;;
   esac
 }
 
-for s in ${@:-decode-check generate rag encoder cache-build eval-time train-sweep scale}; do
+for s in ${@:-train-sweep decode-check generate rag encoder cache-build eval-time scale}; do
   run_step "$s"
 done
 echo BENCH_DONE | tee -a "$OUT/steps.txt"
