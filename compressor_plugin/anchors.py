@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["select_anchors", "anchor_spans", "anchor_text", "anchored_fingerprint", "check_budget",
+__all__ = ["select_anchors", "with_anchors", "anchor_spans", "anchor_text", "anchored_fingerprint", "check_budget",
            "LEAD_IN", "SEPARATOR", "MAX_ANCHOR_TOKENS", "DEFAULT_LEFT_CONTEXT"]
 
 #: Text before the spans (dropped when the budget is too small to pay for it).
@@ -223,3 +223,25 @@ def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int 
         if chosen:
             return ids
     return []
+
+
+def with_anchors(ctx: Any, ids: Any, tokenizer: Any, budget: int, *,
+                 left_context: int = DEFAULT_LEFT_CONTEXT) -> Any:
+    """A copy of a :class:`~compressor_plugin.context.CompressedContext` with the anchors of its chunk.
+
+    ``ids`` are the chunk's token ids (what was compressed): the spans are chosen from their
+    decoded text, so a truncated chunk anchors only what it kept. The copy records
+    :func:`anchored_fingerprint` as its compressor fingerprint (hence its own store key). A
+    budget of 0 returns ``ctx`` unchanged.
+    """
+    import dataclasses
+
+    import torch
+
+    budget = check_budget(budget)
+    if budget == 0:
+        return ctx
+    chosen = select_anchors(tokenizer.decode(list(ids)), tokenizer, budget, left_context=left_context)
+    return dataclasses.replace(
+        ctx, compressor_fingerprint=anchored_fingerprint(ctx.compressor_fingerprint, budget),
+        anchor_ids=torch.tensor(chosen, dtype=torch.long) if chosen else None)

@@ -358,11 +358,12 @@ class Compressor(nn.Module):
                 compressor fingerprint it records is
                 :func:`~compressor_plugin.anchors.anchored_fingerprint`. 0: no anchors.
         """
-        from .anchors import anchored_fingerprint, select_anchors
+        from .anchors import check_budget, with_anchors
 
+        check_budget(anchors)
         if not ids:
             return []
-        fp, base_fp = anchored_fingerprint(self.fingerprint, anchors), self.base.fingerprint
+        fp, base_fp = self.fingerprint, self.base.fingerprint
         out = self.encode_ids([list(r) for r in ids])
         if host:
             out = {name: to_host(t) for name, t in out.items()}
@@ -372,16 +373,13 @@ class Compressor(nn.Module):
             extra = {"truncated": "true"} if flags[j] else {}
             # on the device, each context gets its own storage (a view would keep the whole batch alive)
             take = (lambda t: t[j]) if host else (lambda t: t[j].clone())
-            anchor_ids = None
-            if anchors:
-                chosen = select_anchors(self.tokenizer.decode(list(row)), self.tokenizer, anchors)
-                anchor_ids = torch.tensor(chosen, dtype=torch.long) if chosen else None
             if self.mode == "kv":
-                made.append(CompressedContext("kv", len(row), base_fp, fp, keys=take(out["keys"]),
-                                              values=take(out["values"]), extra=extra, anchor_ids=anchor_ids))
+                ctx = CompressedContext("kv", len(row), base_fp, fp, keys=take(out["keys"]),
+                                        values=take(out["values"]), extra=extra)
             else:
-                made.append(CompressedContext("embedding", len(row), base_fp, fp, embeddings=take(out["embeddings"]),
-                                              extra=extra, anchor_ids=anchor_ids))
+                ctx = CompressedContext("embedding", len(row), base_fp, fp, embeddings=take(out["embeddings"]),
+                                        extra=extra)
+            made.append(with_anchors(ctx, row, self.tokenizer, anchors))
         return made
 
     @torch.no_grad()
