@@ -7,11 +7,14 @@ official SQuAD normalisation (EM and F1, maximised over the gold answers). Syste
 * ``full-<layout>``: the context text in the prompt, for each layout (``plain``, ``fewshot``,
   ``chat``); ``full`` repeats the best of them by F1 (its ``layout`` says which).
 * ``none``: no context at all (the best full layout without its context).
-* ``truncate-k{K}``: each context cut to its first K tokens, in the best full layout.
+* ``truncate-k{K}``: each context cut to its first K tokens, in the best full layout (also
+  ``truncate-k{K+N}`` for each anchor budget N: the same prompt budget as ``{mode}-k{K}+a{N}``).
 * ``{mode}-k{K}``: contexts compressed by a compressor (a checkpoint, or an untrained one
   for smoke tests), answered in the layout(s) the checkpoint was trained for. With one
   layout the system is ``{mode}-k{K}``; with several (or none recorded: every layout of
   ``--layouts``) each is ``{mode}-k{K}-{layout}`` and ``{mode}-k{K}`` is the best of them.
+* ``{mode}-k{K}+a{N}``: the same compressed contexts with anchors (``--anchors``): up to N
+  tokens of each chunk's exact names, numbers and dates read as text after its k slots.
 * ``full-tuned``: the context text in the prompt of a base model fine-tuned with a LoRA
   adapter (the upper bound a compressor is usually compared with).
 
@@ -419,7 +422,8 @@ def run_qa_eval(
         else:
             ks_for_truncate.append(int((metas[ckpt].get("config") or {}).get("k", 16)))
     if "truncate" in groups:
-        for kk in dict.fromkeys(ks_for_truncate):
+        # the same prompt budget as each compressed system: k, and k + N for each anchor budget N
+        for kk in dict.fromkeys(kk + a for kk in ks_for_truncate for a in anchors):
             run_text_system(f"truncate-k{kk}", plain_gen, best_layout,
                             lambda ex, kk=kk: [_truncate(tok, c, kk) for c in ex.contexts], src_tokens, k=kk)
     del plain_gen, base
