@@ -235,3 +235,17 @@ def test_engine_budget_keys_and_short_chunk_rule(comp, tmp_path):
     assert res.resolved_chunks == 1 and res.generation.compressed_tokens == r16.context.positions
     with pytest.raises(ValueError):
         CompressionEngine(comp, store, anchors=-1)
+
+
+def test_cache_build_with_anchors_matches_the_engine(comp, tmp_path):
+    from compressor_plugin.caching.build import build_cache
+    from compressor_plugin.caching.chunking import Document
+    from compressor_plugin.engine import CompressionEngine
+
+    summary = build_cache([Document("a", TEXT, "mem")], tmp_path / "s", comp, chunk_tokens=128, progress=False,
+                          merge_lora=False, anchors=16)
+    assert summary.anchors == 16 and 0 < summary.anchor_tokens <= 16
+    assert summary.compressed_tokens == comp.k + summary.anchor_tokens
+    engine = CompressionEngine(comp, ContextStore(tmp_path / "s"), anchors=16)
+    (r,) = engine.compress([TEXT])
+    assert r.hit and r.context.anchor_count == summary.anchor_tokens
