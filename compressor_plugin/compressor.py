@@ -341,7 +341,7 @@ class Compressor(nn.Module):
 
     @torch.no_grad()
     def encode_contexts(self, ids: Sequence[Sequence[int]], *, host: bool = False,
-                        truncated: Sequence[bool] | None = None) -> list[CompressedContext]:
+                        truncated: Sequence[bool] | None = None, anchors: int = 0) -> list[CompressedContext]:
         """Compress a batch of token-id lists with one encoder forward (the one encode path).
 
         :meth:`compress` (the store's compute-on-miss path) and offline cache building
@@ -352,7 +352,15 @@ class Compressor(nn.Module):
             host: put the contexts on the CPU with one device-to-host copy for the whole batch
                 (cache building); otherwise they stay on the compressor's device.
             truncated: per chunk, whether its text was cut to ``max_length`` (recorded in ``extra``).
+            anchors: anchor token budget per chunk (:mod:`compressor_plugin.anchors`): each
+                context also gets the ids of its chunk's salient exact spans (chosen from the
+                text of ``ids``, so a truncated chunk anchors what was compressed), and the
+                compressor fingerprint it records is
+                :func:`~compressor_plugin.anchors.anchored_fingerprint`. 0: no anchors.
         """
+        from .anchors import check_budget, with_anchors
+
+        check_budget(anchors)
         if not ids:
             return []
         fp, base_fp = self.fingerprint, self.base.fingerprint
@@ -366,11 +374,12 @@ class Compressor(nn.Module):
             # on the device, each context gets its own storage (a view would keep the whole batch alive)
             take = (lambda t: t[j]) if host else (lambda t: t[j].clone())
             if self.mode == "kv":
-                made.append(CompressedContext("kv", len(row), base_fp, fp, keys=take(out["keys"]),
-                                              values=take(out["values"]), extra=extra))
+                ctx = CompressedContext("kv", len(row), base_fp, fp, keys=take(out["keys"]),
+                                        values=take(out["values"]), extra=extra)
             else:
-                made.append(CompressedContext("embedding", len(row), base_fp, fp, embeddings=take(out["embeddings"]),
-                                              extra=extra))
+                ctx = CompressedContext("embedding", len(row), base_fp, fp, embeddings=take(out["embeddings"]),
+                                        extra=extra)
+            made.append(with_anchors(ctx, row, self.tokenizer, anchors))
         return made
 
     @torch.no_grad()
@@ -381,6 +390,7 @@ class Compressor(nn.Module):
         batch_size: int = 16,
         truncate: bool = False,
         progress: bool = False,
+        anchors: int = 0,
     ) -> list[CompressedContext]:
         """Compress texts into contexts (in input order).
 
@@ -391,7 +401,11 @@ class Compressor(nn.Module):
             batch_size: texts per encoder forward.
             truncate: keep the first ``max_length`` tokens of longer texts instead of raising.
             progress: show a tqdm progress bar.
+            anchors: anchor token budget per chunk (see :meth:`encode_contexts`); 0: none.
         """
+        from .anchors import check_budget
+
+        check_budget(anchors)
         ids, cut = self._token_ids(texts, truncate=truncate)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         results: list[CompressedContext | None] = [None] * len(ids)
@@ -406,7 +420,8 @@ class Compressor(nn.Module):
         try:
             for s in range(0, len(order), batch_size):
                 chunk = order[s: s + batch_size]
-                made = self.encode_contexts([ids[i] for i in chunk], truncated=[cut[i] for i in chunk])
+                made = self.encode_contexts([ids[i] for i in chunk], truncated=[cut[i] for i in chunk],
+                                            anchors=anchors)
                 for i, ctx in zip(chunk, made):
                     results[i] = ctx
                 if bar is not None:

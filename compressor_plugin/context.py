@@ -9,6 +9,10 @@ a chunk placed at position p gets exactly the keys it would have had if computed
 In ``embedding`` mode (the ICAE baseline) a context holds k vectors that the decoder reads as
 input embeddings.
 
+Either mode may also carry *anchors* (:mod:`compressor_plugin.anchors`): ``anchor_ids``, token
+ids of the chunk's salient exact spans that the decoder reads as ordinary text right after the
+k slots. Anchor tokens are prompt tokens: :attr:`CompressedContext.positions` counts them.
+
 Contexts serialise to safetensors bytes (never pickle) with a sha256 digest of the tensor
 data, so truncated or corrupted bytes fail loudly in :meth:`CompressedContext.from_bytes`.
 """
@@ -22,10 +26,13 @@ from typing import Any
 
 import torch
 
+from .anchors import MAX_ANCHOR_TOKENS
 from .errors import ContextFormatError  # noqa: F401  (kept importable from here)
 
 FORMAT_VERSION = 1
 MODES = ("kv", "embedding")
+#: dtypes accepted for ``anchor_ids`` (serialised as int64).
+ANCHOR_DTYPES = (torch.int64, torch.int32)
 
 
 
@@ -38,6 +45,8 @@ class CompressedContext:
         keys: ``(layers, kv_heads, k, head_dim)`` position-free keys (``kv`` mode).
         values: ``(layers, kv_heads, k, head_dim)`` values (``kv`` mode).
         embeddings: ``(k, hidden)`` input embeddings (``embedding`` mode).
+        anchor_ids: optional 1-D integer tensor of token ids read as text right after the k
+            slots (:mod:`compressor_plugin.anchors`); ``None``: no anchors.
         source_tokens: number of tokens of the text it was made from.
         base_fingerprint: :func:`compressor_plugin.models.model_fingerprint` of the base model.
         compressor_fingerprint: identity of the compressor that made it (``"identity"`` for
@@ -52,9 +61,11 @@ class CompressedContext:
     values: torch.Tensor | None = field(default=None, repr=False)
     embeddings: torch.Tensor | None = field(default=None, repr=False)
     extra: dict[str, str] = field(default_factory=dict)
+    anchor_ids: torch.Tensor | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
-        return (f"CompressedContext(mode={self.mode!r}, k={self.k}, source_tokens={self.source_tokens}, "
+        anchors = f", anchors={self.anchor_count}" if self.anchor_ids is not None else ""
+        return (f"CompressedContext(mode={self.mode!r}, k={self.k}{anchors}, source_tokens={self.source_tokens}, "
                 f"dtype={self.dtype}, base={self.base_fingerprint}, compressor={self.compressor_fingerprint})")
 
     def __post_init__(self) -> None:
@@ -70,12 +81,34 @@ class CompressedContext:
         else:
             if self.embeddings is None or self.embeddings.dim() != 2:
                 raise ValueError("an embedding context needs embeddings of shape (k, hidden)")
+        if self.anchor_ids is not None:
+            a = self.anchor_ids
+            if not isinstance(a, torch.Tensor) or a.dim() != 1 or a.dtype not in ANCHOR_DTYPES:
+                raise ValueError("anchor_ids must be a 1-D tensor of int64 or int32 token ids")
+            if a.numel() > MAX_ANCHOR_TOKENS:
+                raise ValueError(f"{a.numel()} anchor ids; at most {MAX_ANCHOR_TOKENS} are allowed")
+            if a.numel() and int(a.min()) < 0:
+                raise ValueError("anchor ids must be >= 0")
 
     # ------------------------------------------------------------------ properties
     @property
     def k(self) -> int:
         """Number of compressed tokens."""
         return int(self.keys.shape[2] if self.mode == "kv" else self.embeddings.shape[0])
+
+    @property
+    def anchor_count(self) -> int:
+        """Number of anchor tokens (0 without anchors)."""
+        return 0 if self.anchor_ids is None else int(self.anchor_ids.numel())
+
+    @property
+    def positions(self) -> int:
+        """Prompt positions the context takes: its k slots plus its anchor tokens."""
+        return self.k + self.anchor_count
+
+    def anchor_list(self) -> list[int]:
+        """The anchor token ids as a list (empty without anchors)."""
+        return [] if self.anchor_ids is None else [int(i) for i in self.anchor_ids.tolist()]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -87,8 +120,8 @@ class CompressedContext:
 
     @property
     def compression_ratio(self) -> float:
-        """Source tokens per compressed token."""
-        return self.source_tokens / max(self.k, 1)
+        """Source tokens per prompt position the context takes (anchor tokens included)."""
+        return self.source_tokens / max(self.positions, 1)
 
     @property
     def nbytes(self) -> int:
@@ -98,8 +131,9 @@ class CompressedContext:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "CompressedContext":
         """A copy on another device and/or dtype."""
         conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        anchors = None if self.anchor_ids is None else self.anchor_ids.to(device=device)  # ids keep their dtype
         return CompressedContext(self.mode, self.source_tokens, self.base_fingerprint, self.compressor_fingerprint,
-                                 conv(self.keys), conv(self.values), conv(self.embeddings), dict(self.extra))
+                                 conv(self.keys), conv(self.values), conv(self.embeddings), dict(self.extra), anchors)
 
     # ------------------------------------------------------------------ positions
     def keys_at(self, start: int, rotary: "RotaryHelper") -> torch.Tensor:
@@ -112,8 +146,12 @@ class CompressedContext:
     # ------------------------------------------------------------------ bytes
     def _tensors(self) -> dict[str, torch.Tensor]:
         if self.mode == "kv":
-            return {"keys": self.keys.detach().contiguous().cpu(), "values": self.values.detach().contiguous().cpu()}
-        return {"embeddings": self.embeddings.detach().contiguous().cpu()}
+            out = {"keys": self.keys.detach().contiguous().cpu(), "values": self.values.detach().contiguous().cpu()}
+        else:
+            out = {"embeddings": self.embeddings.detach().contiguous().cpu()}
+        if self.anchor_ids is not None:
+            out["anchor_ids"] = self.anchor_ids.detach().to("cpu", torch.int64).contiguous()
+        return out
 
     @staticmethod
     def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -177,11 +215,14 @@ class CompressedContext:
         if cls._digest(tensors) != meta.get("digest"):
             raise ContextFormatError("digest mismatch: the tensor data is corrupted")
         mode = meta.get("mode")
+        allowed = ({"keys", "values"} if mode == "kv" else {"embeddings"}) | {"anchor_ids"}
+        if set(tensors) - allowed:
+            raise ContextFormatError(f"unexpected tensors {sorted(set(tensors) - allowed)} in a {mode!r} context")
         try:
             ctx = cls(mode=mode, source_tokens=int(meta["source_tokens"]),
                       base_fingerprint=meta["base_fingerprint"], compressor_fingerprint=meta["compressor_fingerprint"],
                       keys=tensors.get("keys"), values=tensors.get("values"), embeddings=tensors.get("embeddings"),
-                      extra=json.loads(meta.get("extra") or "{}"))
+                      extra=json.loads(meta.get("extra") or "{}"), anchor_ids=tensors.get("anchor_ids"))
         except (KeyError, ValueError, TypeError) as exc:
             raise ContextFormatError(f"inconsistent context metadata: {exc}") from exc
         if ctx.k != int(meta.get("k", -1)):

@@ -78,10 +78,18 @@ class CompressionEngine:
             default a random one kept in memory: only markers this engine issued are resolved,
             by this engine only. Give several processes the same secret (and store) when one
             issues markers that another must resolve.
+        anchors: anchor token budget per chunk (:mod:`compressor_plugin.anchors`): besides its
+            k compressed tokens, each chunk keeps up to this many tokens of its salient exact
+            spans (names, numbers, dates, rare words) that the model reads as text right after
+            the chunk. They are prompt tokens: a chunk then takes ``k + anchors`` positions at
+            most. Part of every store key. Default 0 (off).
     """
 
     def __init__(self, compressor: Compressor, store: ContextStore | None = None, *,
-                 marker_secret: bytes | None = None):
+                 marker_secret: bytes | None = None, anchors: int = 0):
+        from .anchors import check_budget
+
+        self.anchors = check_budget(anchors)
         self.compressor = compressor
         self.store = store if store is not None else ContextStore()
         self.signer = MarkerSigner(marker_secret, scope=str(getattr(self.store, "directory", "")))
@@ -92,18 +100,19 @@ class CompressionEngine:
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *, store: ContextStore | str | os.PathLike | None = None,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                        marker_secret: bytes | None = None, verbose: bool = False) -> "CompressionEngine":
+                        marker_secret: bytes | None = None, verbose: bool = False,
+                        anchors: int = 0) -> "CompressionEngine":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
 
         ``verbose=True`` shows the loading library's progress bars and info messages (off by
-        default); ``marker_secret`` is as for :class:`CompressionEngine`.
+        default); ``marker_secret`` and ``anchors`` are as for :class:`CompressionEngine`.
         """
         with verbose_loading(verbose):
             comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype)
         comp.match_adapter_dtype()  # inference only: a bf16 model runs its encoder in bf16 end to end
         if store is not None and not isinstance(store, ContextStore):
             store = ContextStore(store)
-        engine = cls(comp, store, marker_secret=marker_secret)
+        engine = cls(comp, store, marker_secret=marker_secret, anchors=anchors)
         engine.checkpoint = str(checkpoint)
         return engine
 
@@ -119,11 +128,12 @@ class CompressionEngine:
     def keep_text_tokens(self) -> int:
         """Chunks of at most this many tokens stay text (the short-chunk rule).
 
-        A chunk that is not longer than its compressed form (k positions) plus a margin of
-        :data:`SHORT_TEXT_MARGIN` tokens saves (almost) nothing when compressed, and the text
-        itself is exact, where compression loses names and numbers. So it stays text.
+        A chunk that is not longer than its compressed form (k positions, plus the anchor
+        budget when anchors are on) plus a margin of :data:`SHORT_TEXT_MARGIN` tokens saves
+        (almost) nothing when compressed, and the text itself is exact, where compression loses
+        names and numbers. So it stays text.
         """
-        return int(self.compressor.k) + SHORT_TEXT_MARGIN
+        return int(self.compressor.k) + self.anchors + SHORT_TEXT_MARGIN
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -131,10 +141,12 @@ class CompressionEngine:
     # ------------------------------------------------------------------ compression
     def compress(self, texts: Sequence[str], *, batch_size: int = 16, truncate: bool = False,
                  progress: bool = False) -> list[StoreResult]:
-        """Look chunks up in the store, compress the misses in batches, store them (input order)."""
+        """Look chunks up in the store, compress the misses in batches, store them (input order).
+
+        Contexts carry anchors when the engine's ``anchors`` budget is not 0."""
         with self._lock:
             return self.store.get_or_compress(texts, self.compressor, batch_size=batch_size, truncate=truncate,
-                                              progress=progress)
+                                              progress=progress, anchors=self.anchors)
 
     async def acompress(self, texts: Sequence[str], **kwargs: Any) -> list[StoreResult]:
         return await asyncio.to_thread(self.compress, texts, **kwargs)

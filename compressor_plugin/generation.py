@@ -4,7 +4,8 @@ A prompt is a sequence of segments: ``str`` (tokenised), :class:`TokenIds` (alre
 ids) and :class:`~compressor_plugin.context.CompressedContext`. The prompt is laid out left
 to right: text is run through the (unchanged) decoder into a K/V cache, a ``kv`` context's
 keys are rotated to the positions it occupies and appended to the cache as they are, an
-``embedding`` context is run through the decoder as input embeddings. Generation then
+``embedding`` context is run through the decoder as input embeddings. A context's anchor ids
+(:mod:`compressor_plugin.anchors`) follow its slots as ordinary input tokens. Generation then
 continues from that cache: greedy or sampled, with stop strings, streaming and batching.
 """
 
@@ -76,7 +77,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (eos or stop string) or "length"
     prompt_tokens: int  # positions the model attended to (text tokens + compressed tokens)
     text_tokens: int  # real text tokens in the prompt
-    compressed_tokens: int  # compressed tokens in the prompt
+    compressed_tokens: int  # positions the compressed contexts take (their k slots and anchor tokens)
     source_tokens: int  # tokens the compressed contexts stand for
     ttft_s: float = 0.0  # prompt processing until the first token is chosen
     total_s: float = 0.0
@@ -290,6 +291,12 @@ class Generator:
         cfg = self.base.model.config
         if ctx.mode == "kv" and ctx.keys.shape[0] != cfg.num_hidden_layers:
             raise ContextMismatchError("the context's layer count differs from the model's")
+        if ctx.anchor_ids is not None and ctx.anchor_count:
+            vocab = int(self.base.model.get_input_embeddings().weight.shape[0])
+            lo, hi = int(ctx.anchor_ids.min()), int(ctx.anchor_ids.max())
+            if lo < 0 or hi >= vocab:
+                raise ContextMismatchError(f"the context's anchor ids ({lo}..{hi}) lie outside the model's "
+                                           f"vocabulary of {vocab} tokens")
 
     def _layout(self, segments: Sequence[Segment], where: str = "the prompt") -> _Layout:
         """Resolve segments to forward inputs and placed contexts; validate the prompt."""
@@ -324,7 +331,13 @@ class Generator:
                     lay.pos.extend(range(lay.length, lay.length + ctx.k))
                     ends_with_kv = False
                 lay.length += ctx.k
-                lay.compressed_tokens += ctx.k
+                anchors = seg.anchor_list()
+                if anchors:  # the chunk's anchor ids, read as text right after its slots
+                    lay.ids.extend(anchors)
+                    lay.pos.extend(range(lay.length, lay.length + len(anchors)))
+                    lay.length += len(anchors)
+                    ends_with_kv = False
+                lay.compressed_tokens += ctx.k + len(anchors)
                 lay.source_tokens += ctx.source_tokens
             else:
                 raise PromptError(f"unsupported prompt segment {type(seg).__name__}; use str, TokenIds or CompressedContext")

@@ -26,7 +26,10 @@ is the safetensors bytes of :meth:`CompressedContext.to_bytes`, whose ``extra`` 
 key it was stored under and an *entry digest*: sha256 over the key, every header field
 (mode, k, source tokens, fingerprints, extra, dtype, shapes) and the digest of the tensor
 data. Reads check that digest and the range of every field (k >= 1, source tokens >= 0,
-floating-point tensors with finite values). Texts carry a sha256 bound to their key. A bad
+floating-point tensors with finite values, no tensors but the mode's own and ``anchor_ids``,
+anchor ids a 1-D int64 tensor of at most ``MAX_ANCHOR_TOKENS`` ids >= 0; compute-on-miss
+also checks them against the compressor's vocabulary). Anchor ids are always fed to the model
+as ids, never decoded and re-read as text, so no string inside a chunk can act as a marker. Texts carry a sha256 bound to their key. A bad
 entry is logged, deleted and reported as a miss; it never raises. Nothing is ever pickled.
 
 The digests are not signatures: whoever can write the folder can still plant well-formed
@@ -77,7 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ContextStore", "StoreResult", "StoreError", "StoreFormatError", "StoreReadOnlyError", "StoreWriteError",
     "ValueTooLargeError", "RefusedValue", "FOREIGN_KEY", "context_key", "normalize_text", "default_store_dir",
-    "encode_context", "decode_context", "encode_text", "decode_text", "DEFAULT_SIZE_LIMIT", "DEFAULT_MAX_VALUE_SIZE",
+    "encode_context", "decode_context", "check_anchor_ids", "encode_text", "decode_text", "DEFAULT_SIZE_LIMIT", "DEFAULT_MAX_VALUE_SIZE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -153,10 +156,14 @@ def context_key(
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def _key_parts(compressor: "Compressor") -> dict[str, Any]:
+def _key_parts(compressor: "Compressor", anchors: int = 0) -> dict[str, Any]:
+    """The key fields of ``compressor``'s contexts; an anchor budget changes the compressor
+    fingerprint (:func:`~compressor_plugin.anchors.anchored_fingerprint`), hence every key."""
+    from .anchors import anchored_fingerprint
+
     return {
         "base_fingerprint": compressor.base.fingerprint,
-        "compressor_fingerprint": compressor.fingerprint,
+        "compressor_fingerprint": anchored_fingerprint(compressor.fingerprint, anchors),
         "k": compressor.k,
         "mode": compressor.mode,
         "dtype": str(compressor.base.dtype),
@@ -172,6 +179,8 @@ def _check_key(key: str) -> None:
 def _entry_digest(key: str, ctx: CompressedContext, tensor_digest: str, extra: dict[str, Any]) -> str:
     """sha256 over the key, every header field and the tensor digest (which covers the data)."""
     tensors = {"keys": ctx.keys, "values": ctx.values} if ctx.mode == "kv" else {"embeddings": ctx.embeddings}
+    if ctx.anchor_ids is not None:  # absent for entries without anchors: their digest is unchanged
+        tensors["anchor_ids"] = ctx.anchor_ids
     payload = {
         "key": key,
         "mode": ctx.mode,
@@ -207,6 +216,7 @@ def check_context_fields(ctx: CompressedContext) -> None:
     extra = ctx.extra
     if not isinstance(extra, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in extra.items()):
         raise ValueError("extra must map strings to strings")
+    check_anchor_ids(ctx.anchor_ids)
     tensors = [ctx.keys, ctx.values] if ctx.mode == "kv" else [ctx.embeddings]
     for t in tensors:
         if t.dtype not in _FLOAT_DTYPES:
@@ -218,6 +228,30 @@ def check_context_fields(ctx: CompressedContext) -> None:
         lo, hi = t.aminmax()
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             raise ValueError("tensors hold NaN or infinite values")
+
+
+def check_anchor_ids(anchor_ids: torch.Tensor | None, vocab_size: int | None = None) -> None:
+    """Range checks on a context's anchor token ids (``None``, no anchors, passes).
+
+    Raises:
+        ValueError: not a 1-D int64 tensor, longer than
+            :data:`~compressor_plugin.anchors.MAX_ANCHOR_TOKENS`, empty, a negative id, or (when
+            ``vocab_size`` is given) an id outside the vocabulary.
+    """
+    from .anchors import MAX_ANCHOR_TOKENS
+
+    if anchor_ids is None:
+        return
+    if not isinstance(anchor_ids, torch.Tensor) or anchor_ids.dtype != torch.int64 or anchor_ids.dim() != 1:
+        raise ValueError("anchor_ids must be a 1-D int64 tensor")
+    n = anchor_ids.numel()
+    if not 1 <= n <= MAX_ANCHOR_TOKENS:
+        raise ValueError(f"anchor_ids has {n} ids; it must have 1 to {MAX_ANCHOR_TOKENS}")
+    lo, hi = int(anchor_ids.min()), int(anchor_ids.max())
+    if lo < 0:
+        raise ValueError(f"anchor id {lo} is negative")
+    if vocab_size is not None and hi >= vocab_size:
+        raise ValueError(f"anchor id {hi} is outside the vocabulary ({vocab_size} tokens)")
 
 
 def encode_context(key: str, ctx: CompressedContext) -> bytes:
@@ -470,9 +504,10 @@ class ContextStore:
             raise
 
     # ------------------------------------------------------------------ keys
-    def key_for(self, text: str, compressor: "Compressor") -> str:
-        """The key of ``text`` compressed by ``compressor`` (see :func:`context_key`)."""
-        return context_key(text, **_key_parts(compressor))
+    def key_for(self, text: str, compressor: "Compressor", *, anchors: int = 0) -> str:
+        """The key of ``text`` compressed by ``compressor`` (see :func:`context_key`) with an
+        anchor budget of ``anchors`` tokens (:mod:`compressor_plugin.anchors`; 0: none)."""
+        return context_key(text, **_key_parts(compressor, anchors))
 
     # ------------------------------------------------------------------ low level
     def _raw_get(self, cache: SafeCache, name: str, *, touch: bool = True) -> Any:

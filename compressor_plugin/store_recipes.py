@@ -31,6 +31,7 @@ from .store import (
     ContextStore,
     StoreResult,
     _key_parts,
+    check_anchor_ids,
     context_key,
     decode_context,
     decode_text,
@@ -54,6 +55,7 @@ def get_or_compress(
     truncate: bool = False,
     progress: bool = False,
     device: torch.device | str | None = None,
+    anchors: int = 0,
 ) -> list[StoreResult]:
     """Contexts of ``texts`` from ``store``, compressing (and storing) only the misses.
 
@@ -69,6 +71,10 @@ def get_or_compress(
         truncate: passed to :meth:`Compressor.compress`.
         progress: show a progress bar over the misses.
         device: where returned contexts live; default the compressor's device.
+        anchors: anchor token budget per chunk (:mod:`compressor_plugin.anchors`; 0: none).
+            Part of every key, so entries made with another budget are never returned. A
+            stored entry whose anchor ids lie outside the compressor's vocabulary is removed
+            and compressed again.
 
     Returns:
         one :class:`StoreResult` per input text, in input order.
@@ -92,8 +98,9 @@ def get_or_compress(
             raise CompressorError(f"text {i} is empty; there is nothing to compress")
         norm.append(n)
     target = torch.device(device) if device is not None else compressor.device
-    parts = _key_parts(compressor)
+    parts = _key_parts(compressor, anchors)
     keys = [context_key(n, **parts) for n in norm]
+    vocab = _vocab_size(compressor)
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
         first.setdefault(key, i)
@@ -101,6 +108,12 @@ def get_or_compress(
     hits: set[str] = set()
     for key in first:
         ctx = store.get(key)
+        if ctx is not None and ctx.anchor_ids is not None:
+            try:
+                check_anchor_ids(ctx.anchor_ids, vocab)
+            except ValueError as exc:
+                store._discard(store._kv, _CTX + key, str(exc))
+                ctx = None
         if ctx is not None:
             found[key] = ctx
             hits.add(key)
@@ -116,7 +129,7 @@ def get_or_compress(
             batch = misses[s: s + batch_size]
             try:
                 made = compressor.compress([norm[first[k]] for k in batch], batch_size=batch_size,
-                                           truncate=truncate, progress=False)
+                                           truncate=truncate, progress=False, anchors=anchors)
             except CompressorError as exc:
                 renamed = _reindex_error(exc, [first[k] for k in batch])
                 if renamed is exc:
@@ -143,6 +156,14 @@ def get_or_compress(
             ctx = found[key] = ctx.to(target)
         out.append(StoreResult(key, ctx, key in hits))
     return out
+
+
+def _vocab_size(compressor: "Compressor") -> int | None:
+    """Rows of the base model's input embedding (the ids it can read), if known."""
+    try:
+        return int(compressor.base.model.get_input_embeddings().weight.shape[0])
+    except (AttributeError, TypeError):  # pragma: no cover - unusual models
+        return None
 
 
 def _reindex_error(exc: Exception, positions: list[int]) -> Exception:

@@ -75,7 +75,10 @@ class BuildSummary:
         already_stored: chunks whose key was already in the store, or that repeat a chunk
             compressed earlier in this build.
         skipped: skipped inputs by reason (see :func:`~compressor_plugin.caching.chunking.iter_documents`).
-        source_tokens: tokens of all chunks; ``compressed_tokens``: k per chunk.
+        source_tokens: tokens of all chunks; ``compressed_tokens``: k per chunk plus its anchor
+            tokens (for chunks already stored, the anchor budget: an upper bound).
+        anchors: the anchor token budget per chunk; ``anchor_tokens``: anchor tokens of the
+            chunks this build compressed.
         stored_bytes: tensor bytes of the contexts this build stored.
         store_entries, store_bytes: the store's entry count and disk use at the end.
         map_rows: chunk-map rows written by this build (rows already in the map are not repeated).
@@ -91,6 +94,8 @@ class BuildSummary:
     skipped: dict[str, int] = field(default_factory=dict)
     source_tokens: int = 0
     compressed_tokens: int = 0
+    anchors: int = 0
+    anchor_tokens: int = 0
     stored_bytes: int = 0
     store_entries: int | None = None
     store_bytes: int | None = None
@@ -271,24 +276,28 @@ def read_chunk_map(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- encoding
-def key_parts(compressor: "Compressor") -> dict[str, Any]:
-    """The arguments of :func:`~compressor_plugin.store.context_key` besides the text."""
-    return {"base_fingerprint": compressor.base.fingerprint, "compressor_fingerprint": compressor.fingerprint,
+def key_parts(compressor: "Compressor", anchors: int = 0) -> dict[str, Any]:
+    """The arguments of :func:`~compressor_plugin.store.context_key` besides the text (an anchor
+    budget changes the compressor fingerprint, see :func:`~compressor_plugin.anchors.anchored_fingerprint`)."""
+    from ..anchors import anchored_fingerprint
+
+    return {"base_fingerprint": compressor.base.fingerprint,
+            "compressor_fingerprint": anchored_fingerprint(compressor.fingerprint, anchors),
             "k": compressor.k, "mode": compressor.mode, "dtype": str(compressor.base.dtype)}
 
 
-def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]]) -> list[CompressedContext]:
+def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]], anchors: int = 0) -> list[CompressedContext]:
     """Compress a batch of token-id lists with one encoder forward; contexts on the CPU.
 
     :meth:`Compressor.encode_contexts` (the encode path :meth:`Compressor.compress` uses too)
     with one device-to-host copy per batch. On a CUDA out-of-memory error the batch is split in
-    halves and retried.
+    halves and retried. ``anchors``: anchor token budget per chunk (0: none).
     """
     if not ids:
         return []
     try:
         with torch.inference_mode():
-            return compressor.encode_contexts(ids, host=True)
+            return compressor.encode_contexts(ids, host=True, anchors=anchors)
     except _OOM:
         if len(ids) == 1:
             raise
@@ -296,7 +305,7 @@ def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]]) -> l
             torch.cuda.empty_cache()
         half = len(ids) // 2
         logger.warning("out of memory with a batch of %d chunks; retrying as %d + %d", len(ids), half, len(ids) - half)
-        return encode_contexts(compressor, ids[:half]) + encode_contexts(compressor, ids[half:])
+        return encode_contexts(compressor, ids[:half], anchors) + encode_contexts(compressor, ids[half:], anchors)
 
 
 # ---------------------------------------------------------------------------------- windows
@@ -398,6 +407,7 @@ def build_cache(
     size_limit: int | None = None,
     merge_lora: bool = True,
     compile: bool = False,
+    anchors: int = 0,
 ) -> BuildSummary:
     """Compress a corpus into a store; resumable, see the module docstring.
 
@@ -422,6 +432,8 @@ def build_cache(
             settings (LoRA folded into the weights, blocks compiled with ``torch.compile``).
             The compressor's lock is held for the whole build: no decoding on this compressor
             in other threads meanwhile.
+        anchors: anchor token budget per chunk (:mod:`compressor_plugin.anchors`; 0, the
+            default: none). Part of every key: use the budget the application's engine uses.
 
     Returns:
         A :class:`BuildSummary`. A Ctrl-C ends the build early with ``interrupted=True``
@@ -439,11 +451,14 @@ def build_cache(
     window_chunks = int(window_chunks or max(512, 16 * batch_size))
     st = open_store(store, size_limit)
     chunker = TokenChunker(compressor.tokenizer, chunk_tokens, overlap)
-    parts = key_parts(compressor)
+    from ..anchors import check_budget
+
+    anchors = check_budget(anchors)
+    parts = key_parts(compressor, anchors)
     skipped: Counter = Counter()
     summary = BuildSummary(store=str(st.directory), map=str(map_path) if map_path else None, device=str(device),
                            dtype=parts["dtype"], k=compressor.k, mode=compressor.mode, chunk_tokens=int(chunk_tokens),
-                           overlap=int(overlap), batch_size=batch_size)
+                           overlap=int(overlap), batch_size=batch_size, anchors=anchors)
     if isinstance(source, (str, os.PathLike)):
         total_bytes = total_input_bytes(input_files(source)[1])
         documents: Iterator[Document] = iter_documents(source, text_field=text_field, id_field=id_field,
@@ -515,7 +530,7 @@ def build_cache(
             batch_futures: list[tuple[cf.Future, list[str]]] = []
             for s in range(0, len(todo), batch_size):
                 idx = todo[s: s + batch_size]
-                ctxs = encode_contexts(compressor, [window.chunks[i].ids for i in idx])
+                ctxs = encode_contexts(compressor, [window.chunks[i].ids for i in idx], anchors)
                 keys = [window.keys[i] for i in idx]
                 with pending_lock:
                     pending.update(keys)
@@ -529,6 +544,7 @@ def build_cache(
                 summary.chunks += len(idx)
                 summary.source_tokens += sum(window.chunks[i].n_tokens for i in idx)
                 summary.stored_bytes += sum(c.nbytes for c in ctxs)
+                summary.anchor_tokens += sum(c.anchor_count for c in ctxs)
                 if bar is not None:
                     bar.update(len(idx))
                     bar.set_postfix(new=summary.new, stored=summary.already_stored, skipped=sum(skipped.values()),
@@ -570,7 +586,8 @@ def finish_summary(summary: BuildSummary, skipped: Counter, *, k: int, t0: float
                    warn_size: bool = True) -> None:
     """Fill the closing fields of a build summary from the store (and close it if we opened it)."""
     summary.skipped = {key: v for key, v in sorted(skipped.items()) if v}
-    summary.compressed_tokens = summary.chunks * k
+    # anchor tokens: exact for the chunks compressed now, the budget (an upper bound) for stored ones
+    summary.compressed_tokens = summary.chunks * k + summary.anchor_tokens + summary.already_stored * summary.anchors
     summary.seconds = time.perf_counter() - t0
     stats = store.stats()
     if close:

@@ -68,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compressor checkpoint folder or shipped name (default: kv-k16)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--anchors", type=_non_negative, default=0, metavar="N",
+                   help="anchor token budget per chunk: salient exact spans (names, numbers, dates) kept as text "
+                        "beside the K/V; counted as prompt tokens and part of every key (default: 0, off)")
     p.add_argument("--map", default=None, metavar="OUT.jsonl",
                    help="write the chunk map here (appended to and deduplicated when it exists)")
     p.add_argument("--limit", type=_positive, default=None, metavar="N", help="read at most N documents")
@@ -112,6 +115,8 @@ def _build(args: argparse.Namespace) -> int:
     if args.ray:
         from ..caching.ray_build import build_cache_ray
 
+        if args.anchors:
+            raise ValueError("--anchors is not supported with --ray yet; build without --ray")
         summary = build_cache_ray(
             args.input, _open(store, args.size_limit, args.remote), args.checkpoint, text_field=args.text_field,
             id_field=args.id_field, chunk_tokens=args.chunk_tokens, overlap=args.overlap, batch_size=args.batch_size,
@@ -129,7 +134,7 @@ def _build(args: argparse.Namespace) -> int:
             id_field=args.id_field,
             chunk_tokens=args.chunk_tokens, overlap=args.overlap, batch_size=args.batch_size, map_path=args.map,
             limit=args.limit, writer_threads=args.writer_threads, progress=progress,
-            merge_lora=not args.no_merge_lora, compile=args.compile)
+            merge_lora=not args.no_merge_lora, compile=args.compile, anchors=args.anchors)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:

@@ -18,6 +18,19 @@ def int_list(text: str) -> list[int]:
     return vals
 
 
+def budget_list(text: str) -> list[int]:
+    """``"0,16,32"`` -> ``[0, 16, 32]``: anchor token budgets (argparse type; 0 allowed)."""
+    from ..anchors import MAX_ANCHOR_TOKENS
+
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not vals or min(vals) < 0 or max(vals) > MAX_ANCHOR_TOKENS:
+        raise argparse.ArgumentTypeError(f"expected budgets between 0 and {MAX_ANCHOR_TOKENS}, got {text!r}")
+    return vals
+
+
 def str_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     """argparse type for a comma-separated list drawn from ``choices``."""
     def parse(text: str) -> list[str]:
@@ -72,6 +85,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     qa.add_argument("--chunks", type=int, default=1,
                     help="contexts per question: the gold one among CHUNKS-1 seeded distractors (default 1)")
     qa.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default 24)")
+    qa.add_argument("--anchors", type=budget_list, default=[0], metavar="N[,N...]",
+                    help="anchor token budgets: each compressed system is also evaluated with up to N tokens of "
+                         "its chunk's exact names, numbers and dates beside the K/V, as {mode}-k{K}+a{N} "
+                         "(default 0: none)")
+    qa.add_argument("--anchor-context", type=int, default=None, metavar="W",
+                    help="words kept before each number or date in anchors ('born in 1962'; default "
+                         "compressor_plugin.anchors.DEFAULT_LEFT_CONTEXT)")
     add_model_args(qa)
     qa.add_argument("--output", default=None, help="result JSON file")
     qa.add_argument("--plot", default=None, help="also plot F1 vs compression ratio to this PNG")
@@ -156,7 +176,8 @@ def _qa(args: argparse.Namespace) -> int:
     result = run_qa_eval(args.data, limit=args.limit, seed=args.seed, checkpoints=args.checkpoint, k=args.k,
                          mode=args.mode, full_tuned=args.full_tuned, layouts=args.layouts, systems=args.systems,
                          device=args.device, dtype=args.dtype, batch_size=args.batch_size, chunks=args.chunks,
-                         max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                         max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                         anchors=args.anchors, anchor_context=args.anchor_context)
     return _finish(result, qa_table(result), args, lambda: plot_qa([result], args.plot))
 
 

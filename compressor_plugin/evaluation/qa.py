@@ -7,11 +7,14 @@ official SQuAD normalisation (EM and F1, maximised over the gold answers). Syste
 * ``full-<layout>``: the context text in the prompt, for each layout (``plain``, ``fewshot``,
   ``chat``); ``full`` repeats the best of them by F1 (its ``layout`` says which).
 * ``none``: no context at all (the best full layout without its context).
-* ``truncate-k{K}``: each context cut to its first K tokens, in the best full layout.
+* ``truncate-k{K}``: each context cut to its first K tokens, in the best full layout (also
+  ``truncate-k{K+N}`` for each anchor budget N: the same prompt budget as ``{mode}-k{K}+a{N}``).
 * ``{mode}-k{K}``: contexts compressed by a compressor (a checkpoint, or an untrained one
   for smoke tests), answered in the layout(s) the checkpoint was trained for. With one
   layout the system is ``{mode}-k{K}``; with several (or none recorded: every layout of
   ``--layouts``) each is ``{mode}-k{K}-{layout}`` and ``{mode}-k{K}`` is the best of them.
+* ``{mode}-k{K}+a{N}``: the same compressed contexts with anchors (``--anchors``): up to N
+  tokens of each chunk's exact names, numbers and dates read as text after its k slots.
 * ``full-tuned``: the context text in the prompt of a base model fine-tuned with a LoRA
   adapter (the upper bound a compressor is usually compared with).
 
@@ -301,6 +304,8 @@ def run_qa_eval(
     max_new_tokens: int = MAX_NEW_TOKENS,
     progress: bool = True,
     log: Log | None = _stderr,
+    anchors: Sequence[int] = (0,),
+    anchor_context: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate QA systems on a seeded subset of ``data`` and return the result dict.
 
@@ -319,7 +324,14 @@ def run_qa_eval(
         max_new_tokens: answer length limit.
         progress: tqdm progress bars.
         log: called with one line per finished system (``None`` for silence).
+        anchors: anchor token budgets (:mod:`compressor_plugin.anchors`); every compressed
+            system is evaluated at each, as ``{mode}-k{K}+a{N}`` (budget 0 keeps the plain
+            name). The K/V is computed once; only the anchor ids differ.
+        anchor_context: words kept before numbers and dates in anchors (default
+            :data:`~compressor_plugin.anchors.DEFAULT_LEFT_CONTEXT`); recorded in the config.
     """
+    from ..anchors import DEFAULT_LEFT_CONTEXT, check_budget, with_anchors
+
     from ..compressor import checkpoints_base
     from ..generation import Generator
     from ..models import load_base_model
@@ -339,6 +351,8 @@ def run_qa_eval(
         raise ValueError("mode must be 'kv' or 'embedding'")
     if full_tuned is not None:
         groups.add("full-tuned")
+    anchors = list(dict.fromkeys(check_budget(int(a)) for a in anchors)) or [0]
+    left = DEFAULT_LEFT_CONTEXT if anchor_context is None else int(anchor_context)
 
     t_start = time.perf_counter()
     examples = load_qa(data, limit=limit, seed=seed, chunks=chunks)
@@ -408,7 +422,8 @@ def run_qa_eval(
         else:
             ks_for_truncate.append(int((metas[ckpt].get("config") or {}).get("k", 16)))
     if "truncate" in groups:
-        for kk in dict.fromkeys(ks_for_truncate):
+        # the same prompt budget as each compressed system: k, and k + N for each anchor budget N
+        for kk in dict.fromkeys(kk + a for kk in ks_for_truncate for a in anchors):
             run_text_system(f"truncate-k{kk}", plain_gen, best_layout,
                             lambda ex, kk=kk: [_truncate(tok, c, kk) for c in ex.contexts], src_tokens, k=kk)
     del plain_gen, base
@@ -436,32 +451,38 @@ def run_qa_eval(
             limit_tok = int(comp.config.max_length)
             n_trunc = sum(1 for c in uniq if _token_count(tok, c) > limit_tok)
             ctxs = comp.compress(uniq, batch_size=batch_size, truncate=True, progress=progress)
-            by_text = dict(zip(uniq, ctxs))
             compress_s = time.perf_counter() - t0
+            uniq_ids = comp.tokenize(uniq, truncate=True)
             eval_layouts = [lay for lay in _eval_layouts(lc.layouts, layouts) if lay in stop_of]
             if not eval_layouts:
                 raise ValueError(f"{lc.name}: none of its layouts {lc.layouts} can be used with this tokenizer")
             single = len(eval_layouts) == 1
-            names = []
-            for lay in eval_layouts:
-                sys_name = name if single else f"{name}-{lay}"
-                t1 = time.perf_counter()
-                prompts = [qa_prompt(lay, ex.question, tok).segments([by_text[c] for c in ex.contexts])
-                           for ex in examples]
-                res = answer_all(gen, prompts, stop=stop_of[lay], batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, desc=sys_name, progress=progress)
-                rows = score_rows(examples, res, source_tokens=[r.source_tokens for r in res],
-                                  context_tokens=[r.compressed_tokens for r in res], label_task=label_task)
-                # each system is charged the compression of all its contexts (done once, shared by layouts)
-                secs = time.perf_counter() - t1 + compress_s
-                results[sys_name] = summarize(rows, secs, layout=lay, k=lc.k, mode=lc.mode, checkpoint=lc.name,
-                                              untrained=lc.untrained, compress_seconds=round(compress_s, 3),
-                                              truncated_contexts=n_trunc)
-                s = results[sys_name]
-                log(f"{sys_name}: F1 {s['f1']:.3f} EM {s['em']:.3f} ({s['seconds']:.1f} s)")
-                names.append(sys_name)
-            if not single:
-                pick_best(name, names)
+            for budget in anchors:
+                by_text = {c: with_anchors(x, ids, tok, budget, left_context=left)
+                           for c, x, ids in zip(uniq, ctxs, uniq_ids)}
+                a_name = name if budget == 0 else f"{name}+a{budget}"
+                names = []
+                for lay in eval_layouts:
+                    sys_name = a_name if single else f"{a_name}-{lay}"
+                    t1 = time.perf_counter()
+                    prompts = [qa_prompt(lay, ex.question, tok).segments([by_text[c] for c in ex.contexts])
+                               for ex in examples]
+                    res = answer_all(gen, prompts, stop=stop_of[lay], batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens, desc=sys_name, progress=progress)
+                    rows = score_rows(examples, res, source_tokens=[r.source_tokens for r in res],
+                                      context_tokens=[r.compressed_tokens for r in res], label_task=label_task)
+                    # each system is charged the compression of all its contexts (done once, shared by layouts)
+                    secs = time.perf_counter() - t1 + compress_s
+                    results[sys_name] = summarize(rows, secs, layout=lay, k=lc.k, mode=lc.mode, checkpoint=lc.name,
+                                                  untrained=lc.untrained, compress_seconds=round(compress_s, 3),
+                                                  truncated_contexts=n_trunc, anchors=budget,
+                                                  anchor_tokens_mean=sum(x.anchor_count for x in by_text.values())
+                                                  / max(len(by_text), 1))
+                    s = results[sys_name]
+                    log(f"{sys_name}: F1 {s['f1']:.3f} EM {s['em']:.3f} ({s['seconds']:.1f} s)")
+                    names.append(sys_name)
+                if not single:
+                    pick_best(a_name, names)
             del gen, comp, lc, ctxs, by_text
             _free()
 
@@ -496,12 +517,16 @@ def run_qa_eval(
         rows = s.pop("_rows") if "_rows" in s else []
         examples_out[name] = [{k2: r[k2] for k2 in ("id", "question", "golds", "prediction", "f1", "em")}
                               for r in rows[:N_EXAMPLES]]
+        ctx_mean = s.get("context_tokens_mean")
+        # prompt positions one chunk takes (its text, or its k slots plus anchor tokens)
+        s["tokens_per_chunk"] = ctx_mean / chunks if isinstance(ctx_mean, (int, float)) else None
     ordered = _order(results)
     config: dict[str, Any] = {
         "limit": limit, "chunks": chunks, "layouts": layouts, "best_layout": best_layout if "full" in groups else None,
         "systems": sorted(groups), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
         "decoding": "greedy", "label_task": label_task, "checkpoints": checkpoint_meta,
         "full_tuned": str(full_tuned) if full_tuned else None, "skipped": skipped,
+        "anchors": anchors, "anchor_context": left,
         "total_seconds": round(time.perf_counter() - t_start, 3),
         **env,
     }

@@ -247,7 +247,7 @@ class CompressedText:
 
     def metadata(self) -> dict[str, Any]:
         """The metadata both integrations add: ``compressed`` (True), ``store_key`` (the first
-        piece's key), ``store_keys`` (all, in order), ``compressed_tokens`` (k per piece),
+        piece's key), ``store_keys`` (all, in order), ``compressed_tokens`` (k plus anchor tokens per piece),
         ``source_tokens``, ``compression_ratio`` and, only when text was cut, ``truncated``."""
         meta: dict[str, Any] = {
             "compressed": True,
@@ -277,7 +277,7 @@ def _assemble(engine: "CompressionEngine", plans: Sequence[Plan], results: Seque
         keys = [r.key for r in mine]
         out.append(CompressedText(
             keys=keys, markers=[engine.marker(k) for k in keys],
-            compressed_tokens=sum(r.context.k for r in mine),
+            compressed_tokens=sum(r.context.positions for r in mine),
             source_tokens=sum(r.context.source_tokens for r in mine),
             truncated=any(r.context.extra.get("truncated") == "true" for r in mine),
             hits=sum(1 for r in mine if r.hit)))
@@ -289,7 +289,7 @@ def _own(engine: "CompressionEngine", keys: list[str]) -> CompressedText:
     comp = src = 0
     for key in keys:
         ctx = engine.store.get(key)
-        comp += ctx.k if ctx is not None else int(engine.compressor.k)
+        comp += ctx.positions if ctx is not None else int(engine.compressor.k) + engine.anchors
         src += ctx.source_tokens if ctx is not None else 0
     return CompressedText(keys=list(keys), markers=[engine.marker(k) for k in keys], compressed_tokens=comp,
                           source_tokens=src, hits=len(keys))

@@ -339,8 +339,9 @@ def _compression_info(result: EngineResult) -> dict[str, Any]:
 
 
 def _load_engine(checkpoint: str | os.PathLike, store: ContextStore | str | os.PathLike | None,
-                 device: Any, dtype: Any = None, verbose: bool = False) -> CompressionEngine:
-    return CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose)
+                 device: Any, dtype: Any = None, verbose: bool = False, anchors: int = 0) -> CompressionEngine:
+    return CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose,
+                                             anchors=anchors)
 
 
 class BaseCompressedModel(BaseModel):
@@ -391,7 +392,8 @@ class BaseCompressedModel(BaseModel):
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
                         store: ContextStore | str | os.PathLike | None = None,
-                        device: Any = None, dtype: Any = None, verbose: bool = False, **kwargs: Any) -> Any:
+                        device: Any = None, dtype: Any = None, verbose: bool = False, anchors: int = 0,
+                        **kwargs: Any) -> Any:
         """Load a compressor checkpoint (shipped name or folder) with its base model and open a store.
 
         Args:
@@ -401,9 +403,11 @@ class BaseCompressedModel(BaseModel):
             dtype: ``"bfloat16"``, ``"float32"``... (default: bf16 on GPU, fp32 on CPU); part of
                 every store key, so use the dtype the store was built with.
             verbose: show the model loader's progress bars and messages.
+            anchors: anchor token budget per chunk (see :class:`~compressor_plugin.engine.CompressionEngine`);
+                default 0 (off).
             **kwargs: other fields (``max_tokens``, ``temperature``, ``stop``, ...).
         """
-        return cls(_load_engine(checkpoint, store, device, dtype, verbose), **kwargs)
+        return cls(_load_engine(checkpoint, store, device, dtype, verbose, anchors), **kwargs)
 
     def _extra_identifying_params(self) -> dict[str, Any]:
         return {}

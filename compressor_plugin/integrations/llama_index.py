@@ -137,7 +137,7 @@ def marker_aware_tokenizer(engine: "CompressionEngine") -> Callable[[str], list[
     for a marker are placeholders: only the length is meaningful.
     """
     tok = engine.tokenizer
-    k = int(engine.compressor.k)
+    k = int(engine.compressor.k) + int(getattr(engine, "anchors", 0))  # anchor tokens: at most the budget
     filler = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def encode(text: str) -> list[int]:
@@ -193,6 +193,8 @@ class CompressTransform(TransformComponent):
         checkpoint: a name for the compressor, recorded in the cache key and used to reload the
             engine after unpickling (e.g. in ``num_workers`` pipelines). Default: the engine's
             checkpoint name when known, else ``"custom"``.
+        anchors: the engine's anchor token budget per chunk (recorded, so the cache key differs
+            per budget; set from the engine).
         batch_size: chunks per encoder forward.
         on_long: ``"split"`` (default), ``"truncate"`` or ``"error"`` (raise
             :class:`~compressor_plugin.errors.ContextTooLongError`).
@@ -209,6 +211,7 @@ class CompressTransform(TransformComponent):
     compressor_fingerprint: str = Field(default="", description="fingerprint of the compressor weights and config")
     k: int = Field(default=16, description="compressed tokens per chunk")
     mode: str = Field(default="kv", description="'kv' or 'embedding'")
+    anchors: int = Field(default=0, ge=0, description="anchor token budget per chunk (0: none)")
     store_dir: str = Field(default="", description="store folder")
     batch_size: int = Field(default=16, ge=1, description="chunks per encoder forward")
     on_long: OnLong = Field(default="split", description="'split', 'truncate' or 'error' for over-long texts")
@@ -228,7 +231,8 @@ class CompressTransform(TransformComponent):
             comp = engine.compressor
             data.setdefault("checkpoint", getattr(engine, "checkpoint", None) or "custom")
             data.update(base_fingerprint=comp.base.fingerprint, compressor_fingerprint=comp.fingerprint,
-                        k=int(comp.k), mode=str(comp.mode), store_dir=str(engine.store.directory))
+                        k=int(comp.k), mode=str(comp.mode), anchors=int(engine.anchors),
+                        store_dir=str(engine.store.directory))
         elif not data.get("compressor_fingerprint"):
             raise TypeError("CompressTransform needs an engine (CompressTransform(engine))")
         data.pop("class_name", None)
@@ -242,13 +246,13 @@ class CompressTransform(TransformComponent):
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *,
                         store: Any = None, device: Any = None, dtype: Any = None, verbose: bool = False,
-                        **kwargs: Any) -> "CompressTransform":
-        """Load an engine from a checkpoint (shipped name or folder) and wrap it (``dtype`` as
-        for :meth:`CompressedLLM.from_pretrained`)."""
+                        anchors: int = 0, **kwargs: Any) -> "CompressTransform":
+        """Load an engine from a checkpoint (shipped name or folder) and wrap it (``dtype`` and
+        ``anchors`` as for :meth:`CompressedLLM.from_pretrained`)."""
         from ..engine import CompressionEngine
 
         engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype,
-                                                   verbose=verbose)
+                                                   verbose=verbose, anchors=anchors)
         kwargs.setdefault("checkpoint", str(checkpoint))
         return cls(engine, **kwargs)
 
@@ -281,7 +285,7 @@ class CompressTransform(TransformComponent):
                 "this CompressTransform lost its engine (it was copied to another process) and was built from an "
                 "engine without a checkpoint name; run the pipeline without num_workers, or build the transform "
                 "with CompressTransform.from_pretrained(<checkpoint>) so workers can reload it")
-        engine = CompressionEngine.from_pretrained(self.checkpoint, store=self.store_dir or None)
+        engine = CompressionEngine.from_pretrained(self.checkpoint, store=self.store_dir or None, anchors=self.anchors)
         if engine.compressor.fingerprint != self.compressor_fingerprint:
             raise RuntimeError(f"checkpoint {self.checkpoint!r} no longer matches this transform (compressor "
                                f"fingerprint {engine.compressor.fingerprint} != {self.compressor_fingerprint})")
@@ -496,7 +500,7 @@ class CompressedLLM(CustomLLM):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
-                        dtype: Any = None, verbose: bool = False, **kwargs: Any) -> "CompressedLLM":
+                        dtype: Any = None, verbose: bool = False, anchors: int = 0, **kwargs: Any) -> "CompressedLLM":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
 
         Args:
@@ -507,11 +511,14 @@ class CompressedLLM(CustomLLM):
             dtype: ``"bfloat16"``, ``"float32"``... (default: bf16 on GPU, fp32 on CPU); part of
                 every store key, so use the dtype the store was built with.
             verbose: show the model loader's progress bars and messages.
+            anchors: anchor token budget per chunk (see :class:`~compressor_plugin.engine.CompressionEngine`);
+                default 0 (off).
             **kwargs: :class:`CompressedLLM` settings.
         """
         from ..engine import CompressionEngine
 
-        engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose)
+        engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose,
+                                                   anchors=anchors)
         return cls(engine, **kwargs)
 
     @classmethod

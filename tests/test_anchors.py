@@ -1,0 +1,252 @@
+"""Anchors: salient exact spans kept as token ids beside a chunk's K/V."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from compressor_plugin import store as store_mod
+from compressor_plugin.anchors import (
+    MAX_ANCHOR_TOKENS,
+    anchor_spans,
+    anchored_fingerprint,
+    select_anchors,
+    with_anchors,
+)
+from compressor_plugin.context import CompressedContext
+from compressor_plugin.errors import ContextFormatError, ContextMismatchError
+from compressor_plugin.generation import Generator, TokenIds
+from compressor_plugin.store import ContextStore, decode_context
+
+TEXT = ("Marta Ilvane was born in Veskary on 3 May 1962. After studying botany at the Trellis Guild, "
+        "she opened a workshop on Orvel Street in 1991 that employed 652 people. She is best remembered "
+        "for the zyrdyfeirk, a small instrument that measured the moisture of grain.")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from compressor_plugin.models import tiny_random_llama
+
+    return tiny_random_llama(seed=0).tokenizer
+
+
+@pytest.fixture()
+def comp():
+    """A fresh untrained kv compressor (k=4) on its own tiny random Llama."""
+    from compressor_plugin.compressor import Compressor, CompressorConfig
+    from compressor_plugin.models import tiny_random_llama
+
+    return Compressor(tiny_random_llama(seed=1), CompressorConfig(k=4, mode="kv", lora_r=4, max_length=128))
+
+
+# ---------------------------------------------------------------------------------- selection
+def test_selection_keeps_numbers_dates_names_and_rare_words(tok):
+    spans = {TEXT[a:b] for a, b, _ in anchor_spans(TEXT, tok, left_context=0)}
+    assert {"3 May 1962", "652 people", "1991", "Marta Ilvane", "zyrdyfeirk"} <= spans
+    assert "After" not in spans and "She" not in spans  # sentence-initial common words
+    assert "1962" not in spans  # inside the date already kept
+
+
+@pytest.mark.parametrize("budget", [4, 8, 16, 32, 64])
+def test_selection_fits_the_budget_and_is_deterministic(tok, budget):
+    ids = select_anchors(TEXT, tok, budget)
+    assert 0 < len(ids) <= budget
+    assert ids == select_anchors(TEXT, tok, budget)
+    text = tok.decode(ids)
+    # whole spans only, in text order
+    pieces = [p.strip() for p in text.replace("Key terms:", "").split(";")]
+    assert all(p in TEXT for p in pieces if p)
+    assert [TEXT.index(p) for p in pieces if p] == sorted(TEXT.index(p) for p in pieces if p)
+
+
+def test_larger_budget_keeps_more_and_small_budget_prefers_numbers(tok):
+    small, large = tok.decode(select_anchors(TEXT, tok, 16)), tok.decode(select_anchors(TEXT, tok, 64))
+    assert "1962" in small
+    assert all(s in large for s in ("Marta Ilvane", "652 people", "zyrdyfeirk", "1962"))
+
+
+def test_left_context_keeps_words_before_numbers(tok):
+    text = tok.decode(select_anchors(TEXT, tok, 64, left_context=2))
+    assert "Veskary on 3 May 1962" in text and "employed 652 people" in text
+    bare = tok.decode(select_anchors(TEXT, tok, 64, left_context=0))
+    assert "3 May 1962" in bare and "on 3 May" not in bare
+
+
+def test_budget_zero_bad_budgets_and_empty_text(tok):
+    assert select_anchors(TEXT, tok, 0) == []
+    assert select_anchors("   ", tok, 16) == []
+    assert select_anchors("the cat sat on the mat", tok, 16) == []
+    for bad in (-1, MAX_ANCHOR_TOKENS + 1, 1.5, True):
+        with pytest.raises(ValueError):
+            select_anchors(TEXT, tok, bad)
+
+
+# ---------------------------------------------------------------------------------- bytes and store
+def _ctx(comp, budget: int = 16) -> CompressedContext:
+    return comp.compress([TEXT], anchors=budget)[0]
+
+
+def test_round_trip_with_and_without_anchors(comp):
+    ctx = _ctx(comp)
+    assert ctx.anchor_count > 0 and ctx.positions == ctx.k + ctx.anchor_count
+    assert ctx.compressor_fingerprint == anchored_fingerprint(comp.fingerprint, 16)
+    back = CompressedContext.from_bytes(ctx.to_bytes())
+    assert torch.equal(back.anchor_ids, ctx.anchor_ids) and back.anchor_ids.dtype == torch.int64
+    assert torch.equal(back.keys, ctx.keys)
+    plain = comp.compress([TEXT])[0]
+    again = CompressedContext.from_bytes(plain.to_bytes())
+    assert again.anchor_ids is None and again.positions == again.k
+    assert plain.compressor_fingerprint == comp.fingerprint
+    assert torch.equal(plain.keys, ctx.keys)  # anchors change nothing in the K/V
+
+
+def test_unknown_tensor_names_are_refused(comp):
+    from safetensors.torch import load, save
+
+    ctx = comp.compress([TEXT])[0]
+    tensors = ctx._tensors()
+    tensors["payload"] = torch.zeros(3)
+    header_meta = store_mod._header_meta(ctx.to_bytes())
+    header_meta["digest"] = CompressedContext._digest(tensors)
+    with pytest.raises(ContextFormatError, match="unexpected tensors"):
+        CompressedContext.from_bytes(save(tensors, metadata=header_meta))
+    assert load(ctx.to_bytes()).keys() == {"keys", "values"}
+
+
+def test_store_round_trip_and_keys_differ_by_budget(comp, tmp_path):
+    store = ContextStore(tmp_path / "s")
+    keys = {b: store.key_for(TEXT, comp, anchors=b) for b in (0, 16, 32)}
+    assert len(set(keys.values())) == 3
+    assert keys[0] == store.key_for(TEXT, comp)  # no anchors: the keys of before
+    r16 = store.get_or_compress([TEXT], comp, anchors=16)[0]
+    r0 = store.get_or_compress([TEXT], comp)[0]
+    assert r16.key == keys[16] and r0.key == keys[0]
+    assert r16.context.anchor_count > 0 and r0.context.anchor_ids is None
+    hit = store.get_or_compress([TEXT], comp, anchors=16)[0]
+    assert hit.hit and torch.equal(hit.context.anchor_ids.cpu(), r16.context.anchor_ids.cpu())
+
+
+def _forged(key: str, ctx: CompressedContext, anchor_ids: torch.Tensor) -> bytes:
+    """Well-formed bytes (valid tensor and entry digests) carrying arbitrary anchor ids, as an
+    attacker who can write the store folder can make them."""
+    from safetensors.torch import save
+
+    tensors = dict(ctx._tensors(), anchor_ids=anchor_ids.contiguous())
+    fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)}
+    fake = SimpleNamespace(**dict(fields, anchor_ids=anchor_ids, k=ctx.k))
+    extra = {"store_key": key}
+    extra["store_digest"] = store_mod._entry_digest(key, fake, CompressedContext._digest(tensors), extra)
+    meta = dict(store_mod._header_meta(ctx.to_bytes()), digest=CompressedContext._digest(tensors),
+                extra=json.dumps(extra, sort_keys=True))
+    return save(tensors, metadata=meta)
+
+
+@pytest.mark.parametrize("case", ["flipped", "negative", "float", "2d", "too_long"])
+def test_tampered_anchor_ids_are_refused(comp, tmp_path, case, caplog):
+    store = ContextStore(tmp_path / "s")
+    r = store.get_or_compress([TEXT], comp, anchors=16)[0]
+    stored = store._kv.get("ctx:" + r.key)
+    ids = r.context.anchor_ids.cpu()
+    if case == "flipped":  # change the ids, keep the header: the tensor digest catches it
+        raw = bytearray(stored)
+        needle = ids.numpy().tobytes()
+        at = bytes(raw).find(needle)
+        raw[at:at + 8] = (5).to_bytes(8, "little")
+        bad = bytes(raw)
+    else:
+        planted = {"negative": torch.tensor([-3, 5]), "float": torch.tensor([1.0, 2.0]),
+                   "2d": torch.tensor([[1, 2]]),
+                   "too_long": torch.ones(MAX_ANCHOR_TOKENS + 1, dtype=torch.long)}[case]
+        bad = _forged(r.key, r.context.to("cpu"), planted)
+    with pytest.raises((ValueError, ContextFormatError)):
+        decode_context(bad, r.key)
+    store._kv.set("ctx:" + r.key, bad)
+    with caplog.at_level(logging.WARNING):
+        assert store.get(r.key) is None
+    assert r.key not in store
+
+
+def test_ids_outside_the_vocabulary_are_refused(comp, tmp_path):
+    ctx = _ctx(comp)
+    vocab = comp.base.model.get_input_embeddings().weight.shape[0]
+    outside = dataclasses.replace(ctx, anchor_ids=torch.tensor([1, vocab + 10]))
+    gen = Generator(comp.base, comp)
+    with pytest.raises(ContextMismatchError, match="vocabulary"):
+        gen.generate(["Context: ", outside, " Q?"], max_new_tokens=2)
+    # a stored entry with such ids (well-formed otherwise) is recompressed, not served
+    store = ContextStore(tmp_path / "s")
+    key = store.key_for(TEXT, comp, anchors=16)
+    store.put(key, outside.to("cpu"), TEXT)
+    r = store.get_or_compress([TEXT], comp, anchors=16)[0]
+    assert not r.hit and int(r.context.anchor_ids.max()) < vocab
+
+
+# ---------------------------------------------------------------------------------- generation
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+@pytest.mark.parametrize("mode", ["kv", "embedding"])
+def test_generation_reads_anchors_as_text_after_the_slots(cache, mode):
+    from compressor_plugin.compressor import Compressor, CompressorConfig
+    from compressor_plugin.models import tiny_random_llama
+
+    comp = Compressor(tiny_random_llama(seed=3), CompressorConfig(k=4, mode=mode, lora_r=4, max_length=128))
+    ctx = comp.compress([TEXT], anchors=16)[0]
+    plain = dataclasses.replace(ctx, anchor_ids=None)
+    gen = Generator(comp.base, comp, cache=cache)
+    with_a = ["Context: ", ctx, "\nQuestion: When was Marta Ilvane born?\nAnswer:"]
+    as_text = ["Context: ", plain, TokenIds(ctx.anchor_list()), "\nQuestion: When was Marta Ilvane born?\nAnswer:"]
+    p1, p2 = gen.prefill(with_a), gen.prefill(as_text)
+    assert p1.length == p2.length
+    torch.testing.assert_close(p1.last_logits, p2.last_logits, rtol=1e-4, atol=1e-4)
+    a, b = gen.generate(with_a, max_new_tokens=6), gen.generate(as_text, max_new_tokens=6)
+    assert a.token_ids == b.token_ids
+    assert a.compressed_tokens == ctx.k + ctx.anchor_count and a.prompt_tokens == b.prompt_tokens
+    assert a.tokens_saved == ctx.source_tokens - ctx.positions
+    streamed = gen.stream_result(with_a, max_new_tokens=6)
+    assert "".join(streamed) == a.text and streamed.result.token_ids == a.token_ids
+    # batched with a prompt without anchors: the same answers as one by one
+    other = ["Hello ", plain, " What is it about?"]
+    batch = gen.generate_batch([with_a, other], max_new_tokens=6)
+    assert batch[0].token_ids == a.token_ids
+    assert batch[1].token_ids == gen.generate(other, max_new_tokens=6).token_ids
+
+
+# ---------------------------------------------------------------------------------- engine
+def test_engine_budget_keys_and_short_chunk_rule(comp, tmp_path):
+    from compressor_plugin.engine import SHORT_TEXT_MARGIN, CompressionEngine
+
+    store = ContextStore(tmp_path / "s")
+    plain = CompressionEngine(comp, store)
+    anchored = CompressionEngine(comp, store, anchors=16)
+    assert plain.keep_text_tokens == comp.k + SHORT_TEXT_MARGIN
+    assert anchored.keep_text_tokens == comp.k + 16 + SHORT_TEXT_MARGIN
+    (r0,), (r16,) = plain.compress([TEXT]), anchored.compress([TEXT])
+    assert r0.key != r16.key and r16.context.anchor_count > 0
+    # a chunk just longer than k + margin is compressed without anchors, kept as text with them
+    words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
+    n = plain.count_tokens(words)
+    assert plain.keep_text_tokens < n <= anchored.keep_text_tokens
+    assert plain.mark([words])[0] != words and anchored.mark([words])[0] == words
+    marker = anchored.mark([TEXT])[0]
+    res = anchored.generate(f"Context: {marker}\nQuestion: When was she born?\nAnswer:", max_new_tokens=3)
+    assert res.resolved_chunks == 1 and res.generation.compressed_tokens == r16.context.positions
+    with pytest.raises(ValueError):
+        CompressionEngine(comp, store, anchors=-1)
+
+
+def test_cache_build_with_anchors_matches_the_engine(comp, tmp_path):
+    from compressor_plugin.caching.build import build_cache
+    from compressor_plugin.caching.chunking import Document
+    from compressor_plugin.engine import CompressionEngine
+
+    summary = build_cache([Document("a", TEXT, "mem")], tmp_path / "s", comp, chunk_tokens=128, progress=False,
+                          merge_lora=False, anchors=16)
+    assert summary.anchors == 16 and 0 < summary.anchor_tokens <= 16
+    assert summary.compressed_tokens == comp.k + summary.anchor_tokens
+    engine = CompressionEngine(comp, ContextStore(tmp_path / "s"), anchors=16)
+    (r,) = engine.compress([TEXT])
+    assert r.hit and r.context.anchor_count == summary.anchor_tokens
