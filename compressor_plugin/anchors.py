@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["select_anchors", "with_anchors", "anchor_spans", "anchor_text", "anchored_fingerprint", "check_budget",
+__all__ = ["select_anchors", "with_anchors", "anchor_spans", "anchored_fingerprint", "check_budget",
            "LEAD_IN", "SEPARATOR", "MAX_ANCHOR_TOKENS", "DEFAULT_LEFT_CONTEXT"]
 
 #: Text before the spans (dropped when the budget is too small to pay for it).
@@ -178,11 +178,6 @@ def anchor_spans(text: str, tokenizer: Any, *, left_context: int = DEFAULT_LEFT_
         kept.append(s)
         seen.add(key)
     return [(s.start, s.end, s.kind) for s in kept]
-
-
-def anchor_text(spans: list[str]) -> str:
-    """The text the decoder reads after a chunk's slots for these spans (text order)."""
-    return LEAD_IN + SEPARATOR.join(spans) if spans else ""
 
 
 def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int = DEFAULT_LEFT_CONTEXT) -> list[int]:
