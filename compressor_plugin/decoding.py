@@ -151,8 +151,39 @@ _compiled_forwards: dict[tuple[Any, str | None], Any] = {}
 _compile_lock = threading.Lock()
 
 
+def prepare_graph_tls() -> None:
+    """Give the calling thread the thread-local state of torch's CUDA-graph trees.
+
+    Up to torch 2.11, ``torch._inductor.cudagraph_trees`` creates that state only in the thread
+    that imports it first, and a CUDA-graph function called from any other plain thread fails
+    with an ``AssertionError``. The compiled decode step runs on its own thread, so without this
+    the first of the two threads to import the module would leave the other one broken: a
+    process that decodes with this package could no longer run, say, transformers'
+    ``generate(cache_implementation="static")`` compiled on its main thread. Newer torch
+    versions create the state lazily in every thread, and then this does nothing.
+    """
+    try:
+        from torch._inductor import cudagraph_trees as graphs
+    except Exception:  # noqa: BLE001 - no inductor: nothing to prepare
+        return
+    names = ("tree_manager_containers", "tree_manager_locks")
+    if all(hasattr(graphs.local, n) or torch._C._is_key_in_tls(n) for n in names):
+        return
+    init = getattr(graphs, "_initialize_tls", None)
+    if init is not None:
+        init(graphs.local)
+        return
+    from collections import defaultdict
+
+    graphs.local.tree_manager_containers = {}
+    graphs.local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", graphs.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", graphs.local.tree_manager_locks)
+
+
 def _compiled(backend: Any = "inductor", mode: str | None = "reduce-overhead") -> Any:
     """The decode step compiled with ``backend`` and ``mode`` (one compiled function per process and setting)."""
+    prepare_graph_tls()  # the calling thread (usually the main one) keeps working CUDA-graph state
     with _compile_lock:
         fn = _compiled_forwards.get((backend, mode))
         if fn is None:
@@ -193,6 +224,7 @@ class _StepThread:
         return done.result()
 
     def _loop(self) -> None:
+        prepare_graph_tls()
         while True:
             fn, args, done = self._jobs.get()
             try:

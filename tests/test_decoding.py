@@ -249,3 +249,27 @@ def test_compile_default_follows_the_environment(tiny, monkeypatch):
     monkeypatch.setenv("COMPRESSOR_PLUGIN_COMPILE", "0")
     assert Generator(Cuda(), cache="static").compile is False
     assert Generator(Cuda(), cache="static", compile=True).compile is True
+
+
+def test_every_thread_gets_cuda_graph_state():
+    """The decode thread and the caller both get the CUDA-graph trees' thread-local state, so a
+    compiled step on one thread does not break CUDA-graph functions (transformers' static
+    generate, say) on another (torch <= 2.11 created it only in the importing thread)."""
+    import threading
+
+    from torch._inductor import cudagraph_trees as graphs
+
+    from compressor_plugin.decoding import _StepThread, prepare_graph_tls
+
+    def has_state():
+        return all(hasattr(graphs.local, n) or torch._C._is_key_in_tls(n)
+                   for n in ("tree_manager_containers", "tree_manager_locks"))
+
+    prepare_graph_tls()
+    assert has_state()
+    seen = []
+    fresh = threading.Thread(target=lambda: seen.append((has_state(), prepare_graph_tls(), has_state())))
+    fresh.start()
+    fresh.join(timeout=30)
+    assert seen and seen[0][2]  # prepared in a plain thread
+    assert _StepThread().run(has_state)  # the decode thread prepares itself
