@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from .anchors import DEFAULT_ANCHORS
 from .compressor import Compressor
 from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator
 from .markers import MarkerSigner, Resolution, resolve_markers
@@ -86,7 +87,7 @@ class CompressionEngine:
     """
 
     def __init__(self, compressor: Compressor, store: ContextStore | None = None, *,
-                 marker_secret: bytes | None = None, anchors: int = 0):
+                 marker_secret: bytes | None = None, anchors: int = DEFAULT_ANCHORS):
         from .anchors import check_budget
 
         self.anchors = check_budget(anchors)
@@ -101,7 +102,7 @@ class CompressionEngine:
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *, store: ContextStore | str | os.PathLike | None = None,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         marker_secret: bytes | None = None, verbose: bool = False,
-                        anchors: int = 0) -> "CompressionEngine":
+                        anchors: int = DEFAULT_ANCHORS) -> "CompressionEngine":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
 
         ``verbose=True`` shows the loading library's progress bars and info messages (off by

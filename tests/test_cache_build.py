@@ -157,7 +157,7 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, tiny_ckpt, capsys):
     (src / "dangling.txt").symlink_to(tmp_path / "missing")               # unreadable_file
     store = tmp_path / "store"
     rc = main(["cache", "build", "--input", str(src), "--store", str(store), "--checkpoint", str(tiny_ckpt),
-               "--chunk-tokens", "64", "--batch-size", "8", "--no-progress", "--json"])
+               "--chunk-tokens", "64", "--batch-size", "8", "--no-progress", "--json", "--anchors", "0"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["skipped"] == {"bad_json": 1, "empty_document": 2, "lone_surrogate": 1, "missing_text_field": 1,

@@ -402,7 +402,10 @@ def test_short_chunks_stay_text():
 
     comp = Compressor(tiny_random_llama(seed=2), CompressorConfig(k=4, mode="kv", lora_r=4, max_length=64))
     with tempfile.TemporaryDirectory() as folder:
-        engine = CompressionEngine(comp, ContextStore(folder))
+        from compressor_plugin.anchors import DEFAULT_ANCHORS
+
+        assert CompressionEngine(comp, ContextStore(folder)).keep_text_tokens == 4 + DEFAULT_ANCHORS + SHORT_TEXT_MARGIN
+        engine = CompressionEngine(comp, ContextStore(folder), anchors=0)
         assert engine.keep_text_tokens == 4 + SHORT_TEXT_MARGIN
         short = "Paris, 1889."
         long = " ".join(f"w{i}" for i in range(20))

@@ -47,7 +47,7 @@ QUESTIONS = ["Who planted the Veltmoor orchard?", "What is the name of the main 
 @pytest.fixture(scope="module")
 def engine(shipped_compressor, tmp_path_factory: pytest.TempPathFactory) -> CompressionEngine:
     store = ContextStore(tmp_path_factory.mktemp("parity"))
-    yield CompressionEngine(shipped_compressor, store)
+    yield CompressionEngine(shipped_compressor, store, anchors=0)
     store.close()
 
 
@@ -57,7 +57,7 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> CompressionEngine:
 
     comp = Compressor(tiny_random_llama(seed=1), CompressorConfig(k=4, lora_r=4, max_length=64))
     store = ContextStore(tmp_path_factory.mktemp("parity-tiny"))
-    yield CompressionEngine(comp, store)
+    yield CompressionEngine(comp, store, anchors=0)
     store.close()
 
 

@@ -66,10 +66,10 @@ def _example() -> ModuleType:
 # ---------------------------------------------------------------------------------- fixtures
 def _engine_for(store: ContextStore) -> CompressionEngine:
     if SHIPPED:
-        return CompressionEngine.from_pretrained("default", store=store, device="cpu")
+        return CompressionEngine.from_pretrained("default", store=store, device="cpu", anchors=0)
     from compressor_plugin.models import load_base_model
 
-    return CompressionEngine(Compressor(load_base_model(device="cpu"), CompressorConfig(k=K)), store)
+    return CompressionEngine(Compressor(load_base_model(device="cpu"), CompressorConfig(k=K)), store, anchors=0)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> CompressionEngine:
 
     comp = Compressor(tiny_random_llama(seed=1), CompressorConfig(k=4, lora_r=4, max_length=64))
     store = ContextStore(tmp_path_factory.mktemp("lc-tiny"))
-    yield CompressionEngine(comp, store)
+    yield CompressionEngine(comp, store, anchors=0)
     store.close()
 
 
@@ -312,7 +312,7 @@ def test_missing_entry_falls_back_to_text(engine, docs, tmp_path):
     # used entries at once, so the second is written again if it went too.
     per_context = engine.store.get(engine.store.key_for(docs[0].page_content, engine.compressor)).nbytes
     store = ContextStore(tmp_path / "small", size_limit=int(per_context * 1.5), text_size_limit=2**24)
-    small = CompressionEngine(engine.compressor, store)
+    small = CompressionEngine(engine.compressor, store, anchors=0)
     first = CompressedDocumentTransformer(small).transform_documents(docs[:1])[0]
     second = CompressedDocumentTransformer(small).transform_documents(docs[1:2])[0]
     k1, k2 = first.metadata["store_key"], second.metadata["store_key"]

@@ -75,8 +75,8 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> CompressionEngine:
     """The real default model with the shipped compressor, or an untrained one until it ships."""
     store = ContextStore(tmp_path_factory.mktemp("li_store"))
     if SHIPPED:
-        return CompressionEngine.from_pretrained("default", store=store, device="cpu")
-    return CompressionEngine(Compressor(load_base_model(device="cpu"), CompressorConfig(k=16)), store)
+        return CompressionEngine.from_pretrained("default", store=store, device="cpu", anchors=0)
+    return CompressionEngine(Compressor(load_base_model(device="cpu"), CompressorConfig(k=16)), store, anchors=0)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def _counting(monkeypatch: pytest.MonkeyPatch, engine: CompressionEngine) -> lis
 
 # ---------------------------------------------------------------------------------- ingestion
 def test_ingestion_fills_store_and_cached_second_run_compresses_nothing(engine, tmp_path, monkeypatch):
-    fresh = CompressionEngine(engine.compressor, ContextStore(tmp_path / "store"))
+    fresh = CompressionEngine(engine.compressor, ContextStore(tmp_path / "store"), anchors=0)
     calls = _counting(monkeypatch, fresh)
     docs = _documents()[:2]
     cache = IngestionCache()
@@ -283,7 +283,7 @@ def test_llm_metadata_and_marker_tokenizer(engine, llm):
 
 
 def test_missing_entry_falls_back_to_text_with_warning(engine, nodes, tmp_path):
-    own = CompressionEngine(engine.compressor, ContextStore(tmp_path / "store"))
+    own = CompressionEngine(engine.compressor, ContextStore(tmp_path / "store"), anchors=0)
     texts = [n.text for n in nodes[:2]]
     for n in nodes[:2]:  # copy two ingested chunks into a store of our own
         key = n.metadata["store_key"]

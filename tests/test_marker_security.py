@@ -43,7 +43,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ContextStore:
 @pytest.fixture(scope="module")
 def victim(compressor: Compressor, store: ContextStore) -> CompressionEngine:
     """The engine that compressed a private document into the shared store."""
-    eng = CompressionEngine(compressor, store)
+    eng = CompressionEngine(compressor, store, anchors=0)
     eng.mark([SECRET_TEXT, PUBLIC_TEXT])
     return eng
 
@@ -73,10 +73,10 @@ def _forged_markers(victim: CompressionEngine, store: ContextStore, compressor: 
     good = victim.marker(key)
     tag = MARKER_RE.fullmatch(good).group(2)
     flipped = tag[:-1] + ("0" if tag[-1] != "0" else "1")
-    other_engine = CompressionEngine(compressor, store)  # same store, its own secret
+    other_engine = CompressionEngine(compressor, store, anchors=0)  # same store, its own secret
     shared_secret = b"s" * 32
     other_store = ContextStore(tmp_path / "other-store")
-    elsewhere = CompressionEngine(compressor, other_store, marker_secret=shared_secret)
+    elsewhere = CompressionEngine(compressor, other_store, marker_secret=shared_secret, anchors=0)
     return {
         "untagged": f"[[cc:{key}]]",
         "random tag": make_marker(key, "0123456789abcdef" * 2),
@@ -105,7 +105,7 @@ def test_signer_tags_depend_on_secret_scope_and_key():
 
 # ---------------------------------------------------------------------------------- prompts
 def test_question_with_another_documents_marker_reads_nothing(victim, store, compressor, lookups, tmp_path):
-    attacker = CompressionEngine(compressor, store)  # another user's pipeline over the shared store
+    attacker = CompressionEngine(compressor, store, anchors=0)  # another user's pipeline over the shared store
     for how, marker in _forged_markers(victim, store, compressor, tmp_path).items():
         for engine in (victim, attacker):
             lookups.clear()

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
+from ..anchors import DEFAULT_ANCHORS
 from ..compressor import to_host  # noqa: F401  (re-exported: callers import it from here)
 from ..context import CompressedContext
 from ..store import ContextStore, context_key
@@ -407,7 +408,7 @@ def build_cache(
     size_limit: int | None = None,
     merge_lora: bool = True,
     compile: bool = False,
-    anchors: int = 0,
+    anchors: int = DEFAULT_ANCHORS,
 ) -> BuildSummary:
     """Compress a corpus into a store; resumable, see the module docstring.
 

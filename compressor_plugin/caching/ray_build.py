@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..store import ContextStore, context_key
+from ..anchors import DEFAULT_ANCHORS, check_budget
 from .build import (BuildSummary, ChunkMapWriter, finish_summary, default_batch_size, encode_contexts, key_parts, map_row,
                     open_store)
 from .chunking import Document, TokenChunker, iter_documents
@@ -102,7 +103,7 @@ class ShardCompressor:
 
     def __init__(self, checkpoint: str, device: str, dtype: torch.dtype, shard_root: str,
                  expected_parts: dict[str, Any], threads: int | None = None, merge_lora: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, anchors: int = 0):
         if threads:
             torch.set_num_threads(int(threads))
         from ..compressor import Compressor
@@ -112,7 +113,8 @@ class ShardCompressor:
         # The actor never decodes: it keeps the fast encoder for its whole life.
         self._fast = contextlib.ExitStack()
         self._fast.enter_context(self.compressor.fast_encoder(merge=merge_lora, compile=compile))
-        parts = key_parts(self.compressor)
+        self.anchors = int(anchors)
+        parts = key_parts(self.compressor, self.anchors)
         if parts != expected_parts:
             raise RuntimeError(f"the compressor loaded on this worker ({parts}) differs from the driver's "
                                f"({expected_parts}); install the same package version and checkpoint everywhere")
@@ -132,12 +134,13 @@ class ShardCompressor:
         texts = [str(t) for t in batch["text"]]
         ids = self.compressor.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                                         verbose=False)["input_ids"]
-        ctxs = encode_contexts(self.compressor, ids)
+        ctxs = encode_contexts(self.compressor, ids, self.anchors)
         self.shard.put_many(zip(keys, ctxs, texts))  # raises if a key is not its text's key
         n = len(keys)
         return {"key": np.array(keys, dtype=object), "shard": np.array([str(self.shard.directory)] * n, dtype=object),
                 "host": np.array([self.host] * n, dtype=object),
-                "nbytes": np.array([c.nbytes for c in ctxs], dtype=np.int64)}
+                "nbytes": np.array([c.nbytes for c in ctxs], dtype=np.int64),
+                "anchor_tokens": np.array([c.anchor_count for c in ctxs], dtype=np.int64)}
 
 
 def _init_ray(ray: Any, address: str | None, num_workers: int, cpus_per_worker: float, gpus_per_worker: float) -> bool:
@@ -181,6 +184,7 @@ def build_cache_ray(
     size_limit: int | None = None,
     merge_lora: bool = True,
     compile: bool = False,
+    anchors: int = DEFAULT_ANCHORS,
 ) -> BuildSummary:
     """:func:`~compressor_plugin.caching.build.build_cache` on a Ray cluster (see the module docstring).
 
@@ -225,7 +229,8 @@ def build_cache_ray(
         raise ValueError(f"chunk_tokens must be between 1 and the compressor's max_length ({max_len}), "
                          f"not {chunk_tokens}")
     batch_size = int(batch_size or default_batch_size(worker_device))
-    parts = key_parts(driver)
+    anchors = check_budget(anchors)
+    parts = key_parts(driver, anchors)
     # Shipped names travel as names (each node resolves them in its own install), folders as absolute paths.
     name = str(checkpoint)
     shipped = name == "default" or name in shipped_checkpoints()
@@ -289,7 +294,7 @@ def build_cache_ray(
                 fn_constructor_kwargs={
                     "checkpoint": ckpt_arg, "device": str(worker_device), "dtype": _as_dtype(worker_dtype),
                     "shard_root": str(shard_root), "expected_parts": parts, "merge_lora": merge_lora,
-                    "compile": compile,
+                    "compile": compile, "anchors": anchors,
                     "threads": max(1, int(num_cpus_per_worker)) if worker_device == "cpu" else None})
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 results.append(batch)
@@ -305,6 +310,8 @@ def build_cache_ray(
     produced = {str(k) for b in results for k in b["key"]}
     summary.new = len(produced)
     summary.stored_bytes = int(sum(int(b["nbytes"].sum()) for b in results))
+    summary.anchors = anchors
+    summary.anchor_tokens = int(sum(int(b["anchor_tokens"].sum()) for b in results))
     missing = [k for k in todo if k not in target]
     if merged["unmerged"]:
         summary.warnings.append(f"{len(merged['unmerged'])} shard(s) were written on other nodes and are not merged: "

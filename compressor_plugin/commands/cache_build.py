@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..anchors import DEFAULT_ANCHORS
 from .cache import add_store_argument, cache_subparsers
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -68,9 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compressor checkpoint folder or shipped name (default: kv-k16)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--anchors", type=_non_negative, default=0, metavar="N",
+    p.add_argument("--anchors", type=_non_negative, default=DEFAULT_ANCHORS, metavar="N",
                    help="anchor token budget per chunk: salient exact spans (names, numbers, dates) kept as text "
-                        "beside the K/V; counted as prompt tokens and part of every key (default: 0, off)")
+                        "beside the K/V; counted as prompt tokens and part of every key (default: %(default)s; 0 = the K/V alone)")
     p.add_argument("--map", default=None, metavar="OUT.jsonl",
                    help="write the chunk map here (appended to and deduplicated when it exists)")
     p.add_argument("--limit", type=_positive, default=None, metavar="N", help="read at most N documents")
@@ -115,15 +116,13 @@ def _build(args: argparse.Namespace) -> int:
     if args.ray:
         from ..caching.ray_build import build_cache_ray
 
-        if args.anchors:
-            raise ValueError("--anchors is not supported with --ray yet; build without --ray")
         summary = build_cache_ray(
             args.input, _open(store, args.size_limit, args.remote), args.checkpoint, text_field=args.text_field,
             id_field=args.id_field, chunk_tokens=args.chunk_tokens, overlap=args.overlap, batch_size=args.batch_size,
             device=args.device, dtype=args.dtype, map_path=args.map, limit=args.limit, address=args.ray_address,
             num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
             num_cpus_per_worker=args.num_cpus_per_worker, shard_dir=args.shard_dir, progress=progress,
-            merge_lora=not args.no_merge_lora, compile=args.compile)
+            merge_lora=not args.no_merge_lora, compile=args.compile, anchors=args.anchors)
     else:
         from ..caching.build import build_cache
         from ..compressor import Compressor

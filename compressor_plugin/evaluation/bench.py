@@ -579,7 +579,7 @@ def bench_generate(
     prompt = qa_prompt("plain", RAG_QUESTION, tok)
     text_prompt = "".join(prompt.segments(chunks))
     tmp = tempfile.TemporaryDirectory(prefix="bench-generate-store-")
-    engine = CompressionEngine(comp, ContextStore(tmp.name))
+    engine = CompressionEngine(comp, ContextStore(tmp.name), anchors=0)  # decode speed of the K/V alone
     chunk_prompt = prompt.before + "".join(engine.mark(chunks)) + prompt.after
     generators = {"static": Generator(base, comp, cache="static", compile=compile),
                   "dynamic": Generator(base, comp, cache="dynamic")}

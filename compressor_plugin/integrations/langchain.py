@@ -68,6 +68,7 @@ from langchain_core.outputs import (
 from langchain_core.runnables import RunnableLambda
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..anchors import DEFAULT_ANCHORS
 from ..engine import CompressionEngine, EngineResult
 from ..errors import EmptyDocumentWarning
 from ..store import ContextStore, normalize_text
@@ -339,7 +340,7 @@ def _compression_info(result: EngineResult) -> dict[str, Any]:
 
 
 def _load_engine(checkpoint: str | os.PathLike, store: ContextStore | str | os.PathLike | None,
-                 device: Any, dtype: Any = None, verbose: bool = False, anchors: int = 0) -> CompressionEngine:
+                 device: Any, dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS) -> CompressionEngine:
     return CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose,
                                              anchors=anchors)
 
@@ -392,7 +393,7 @@ class BaseCompressedModel(BaseModel):
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
                         store: ContextStore | str | os.PathLike | None = None,
-                        device: Any = None, dtype: Any = None, verbose: bool = False, anchors: int = 0,
+                        device: Any = None, dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
                         **kwargs: Any) -> Any:
         """Load a compressor checkpoint (shipped name or folder) with its base model and open a store.
 

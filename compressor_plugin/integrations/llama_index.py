@@ -63,6 +63,7 @@ from llama_index.core.prompts import ChatPromptTemplate, PromptTemplate
 from llama_index.core.prompts.base import BasePromptTemplate
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle, TransformComponent
 
+from ..anchors import DEFAULT_ANCHORS
 from ..errors import BrokenMarkerWarning, ContextTooLongError  # noqa: F401  (ContextTooLongError: on_long="error")
 from ..generation import GenerationConfig
 from ..markers import MARKER_RE, MARKER_START, split_markers
@@ -211,7 +212,7 @@ class CompressTransform(TransformComponent):
     compressor_fingerprint: str = Field(default="", description="fingerprint of the compressor weights and config")
     k: int = Field(default=16, description="compressed tokens per chunk")
     mode: str = Field(default="kv", description="'kv' or 'embedding'")
-    anchors: int = Field(default=0, ge=0, description="anchor token budget per chunk (0: none)")
+    anchors: int = Field(default=DEFAULT_ANCHORS, ge=0, description="anchor token budget per chunk (0: none)")
     store_dir: str = Field(default="", description="store folder")
     batch_size: int = Field(default=16, ge=1, description="chunks per encoder forward")
     on_long: OnLong = Field(default="split", description="'split', 'truncate' or 'error' for over-long texts")
@@ -246,7 +247,7 @@ class CompressTransform(TransformComponent):
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *,
                         store: Any = None, device: Any = None, dtype: Any = None, verbose: bool = False,
-                        anchors: int = 0, **kwargs: Any) -> "CompressTransform":
+                        anchors: int = DEFAULT_ANCHORS, **kwargs: Any) -> "CompressTransform":
         """Load an engine from a checkpoint (shipped name or folder) and wrap it (``dtype`` and
         ``anchors`` as for :meth:`CompressedLLM.from_pretrained`)."""
         from ..engine import CompressionEngine
@@ -500,7 +501,7 @@ class CompressedLLM(CustomLLM):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
-                        dtype: Any = None, verbose: bool = False, anchors: int = 0, **kwargs: Any) -> "CompressedLLM":
+                        dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS, **kwargs: Any) -> "CompressedLLM":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
 
         Args:
