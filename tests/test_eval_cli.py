@@ -274,6 +274,20 @@ def test_bench_rag_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert _run(["eval", "plot", out, "--output", plot2]) == 0 and _is_png(plot2)
 
 
+
+def test_bench_rag_with_anchors_counts_them_as_prompt_tokens(tmp_path: Path) -> None:
+    """--anchors: each stored chunk brings up to N anchor tokens, read (and timed) with the prompt."""
+    out = tmp_path / "rag.json"
+    data = Path(__file__).parent / "fixtures" / "docs_small.jsonl"  # Wikipedia paragraphs: names and dates
+    assert _run(["bench", "rag", "--n", 1, "--tokens", 64, "--repeats", 1, "--k", 4, "--max-new-tokens", 2,
+                 "--anchors", 8, "--data", data, "--output", out, "--no-progress"]) == 0
+    r = json.loads(out.read_text())
+    rows = {row["system"]: row for row in r["rows"]}
+    assert r["config"]["anchors"] == 8
+    extra = rows["full"]["source_tokens"] - 4 - (rows["full"]["prompt_tokens"] - rows["store-hit"]["prompt_tokens"])
+    assert 0 < extra <= 8  # the anchor tokens beside the 4 slots
+    assert rows["store-hit"]["prompt_tokens"] == rows["store-miss"]["prompt_tokens"]
+
 def test_bench_compress_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "compress.json"
     rc = _run(["bench", "compress", "--batch-sizes", "1,2", "--tokens", 32, "--k", 4, "--repeats", 1,

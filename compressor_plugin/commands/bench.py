@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rag.add_argument("--tokens", type=int_list, default=[128, 256, 512], help="chunk lengths (default 128,256,512)")
     rag.add_argument("--repeats", type=int, default=3, help="timed repeats per cell after a warm-up (default 3)")
     rag.add_argument("--max-new-tokens", type=int, default=16)
+    rag.add_argument("--anchors", type=int, default=0,
+                     help="anchor tokens per compressed chunk (default 0: the K/V alone; the engine's default is 32)")
     rag.add_argument("--store-dir", default=None,
                      help="folder in which the benchmark makes its temporary store (default: the system temp dir); "
                           "existing stores there are not touched")
@@ -156,7 +158,8 @@ def _rag(args: argparse.Namespace) -> int:
 
     result = bench_rag(args.n, args.tokens, checkpoint=args.checkpoint, k=args.k, mode=args.mode,
                        repeats=args.repeats, max_new_tokens=args.max_new_tokens, device=args.device,
-                       dtype=args.dtype, data=args.data, store_dir=args.store_dir, progress=not args.no_progress)
+                       dtype=args.dtype, data=args.data, store_dir=args.store_dir, progress=not args.no_progress,
+                       anchors=args.anchors)
     print(rag_table(result))
     print(f"\n{result['config']['memory_note']}")
     _write(result, args)

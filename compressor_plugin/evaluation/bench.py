@@ -130,8 +130,12 @@ def bench_rag(
     store_dir: str | None = None,
     progress: bool = True,
     log: Log | None = _stderr,
+    anchors: int = 0,
 ) -> dict[str, Any]:
     """Time a RAG answer over ``n`` chunks of ``T`` tokens for every (n, T), three ways.
+
+    ``anchors``: anchor tokens per compressed chunk (0: the K/V alone); they are read as text
+    after each chunk's slots, so they add prefill work to every store hit.
 
     Systems (rows of the result):
 
@@ -183,7 +187,7 @@ def bench_rag(
         # warm-up: kernels, tokenizer, store connection
         warm = make_chunks(texts, tok, 2, min(tokens), offset=0)
         gen.generate(prompt_of(warm), **gen_kwargs)
-        sr = store.get_or_compress(warm, comp, truncate=True)
+        sr = store.get_or_compress(warm, comp, truncate=True, anchors=anchors)
         gen.generate(prompt_of([r.context for r in sr]), **gen_kwargs)
         store.clear()
 
@@ -214,7 +218,7 @@ def bench_rag(
             for _ in range(repeats):
                 store.clear()
                 t0 = time.perf_counter()
-                sr = store.get_or_compress(chunks, comp, truncate=True)
+                sr = store.get_or_compress(chunks, comp, truncate=True, anchors=anchors)
                 _sync(base.device)
                 t_c = time.perf_counter() - t0
                 if any(r.hit for r in sr):
@@ -234,7 +238,7 @@ def bench_rag(
             probe.start()
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                sr = store.get_or_compress(chunks, comp, truncate=True)
+                sr = store.get_or_compress(chunks, comp, truncate=True, anchors=anchors)
                 _sync(base.device)
                 t_l = time.perf_counter() - t0
                 if not all(r.hit for r in sr):
@@ -263,7 +267,7 @@ def bench_rag(
     return {"kind": "bench-rag", "rows": rows,
             "config": {"n_chunks": list(n_chunks), "chunk_tokens": list(tokens), "repeats": repeats,
                        "max_new_tokens": max_new_tokens, "question": RAG_QUESTION, "layout": "plain",
-                       "checkpoint": ckpt or "untrained", "k": kk, "mode": mode, "note": note,
+                       "checkpoint": ckpt or "untrained", "k": kk, "mode": mode, "note": note, "anchors": anchors,
                        "text_source": source, "memory_note": probe.note, "store_parent_dir": store_dir,
                        "timing": "medians over repeats after one warm-up; ttft = store/compress time + prefill + "
                                  "first token", **env}}
