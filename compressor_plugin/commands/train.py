@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "for models of 1B parameters and more)")
     p.add_argument("--fused-kernels", action="store_true",
                    help="Liger's fused Triton kernels for RMSNorm, rotary and the MLP (CUDA; pip install "
-                        "'compressor-plugin[fast]'); same numerics, less element-wise time")
+                        "'compressor-plugin[fast]'): the same functions in fewer kernels, up to rounding")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
