@@ -102,6 +102,7 @@ def run_demo(engine: Any, *, questions: int = 4, top_k: int = 2, full_layout: st
         "documents": len(docs), "store_hits": hits, "compressed_now": len(docs) - hits, "compress_seconds": compress_s,
         "k": engine.compressor.k, "mode": engine.compressor.mode,
         "source_tokens": sum(r.context.source_tokens for r in results),
+        "anchors": engine.anchors, "compressed_positions": sum(r.context.positions for r in results),
         "rows": [r.__dict__ for r in rows],
         "f1_compressed": score("compressed_answer"), "f1_full": score("full_answer"),
         "layouts": {"compressed": compressed_layout, "full": full_layout},
@@ -111,9 +112,11 @@ def run_demo(engine: Any, *, questions: int = 4, top_k: int = 2, full_layout: st
 def format_report(rep: dict[str, Any], checkpoint: str, store_dir: str) -> str:
     """Human-readable demo output."""
     lines = [
-        f"Compressor: {checkpoint} ({rep['mode']}, k={rep['k']}); store: {store_dir}",
+        f"Compressor: {checkpoint} ({rep['mode']}, k={rep['k']}, up to {rep['anchors']} anchor tokens per chunk); "
+        f"store: {store_dir}",
         f"Documents: {rep['documents']} paragraphs, {rep['source_tokens']} tokens -> "
-        f"{rep['documents'] * rep['k']} compressed tokens; {rep['compressed_now']} compressed now, "
+        f"{rep['compressed_positions']} prompt positions ({rep['documents'] * rep['k']} compressed tokens + "
+        f"{rep['compressed_positions'] - rep['documents'] * rep['k']} anchor tokens); {rep['compressed_now']} compressed now, "
         f"{rep['store_hits']} already in the store ({rep['compress_seconds']:.2f} s)",
         "",
     ]
