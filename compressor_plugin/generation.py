@@ -292,11 +292,12 @@ class Generator:
         if ctx.mode == "kv" and ctx.keys.shape[0] != cfg.num_hidden_layers:
             raise ContextMismatchError("the context's layer count differs from the model's")
         if ctx.anchor_ids is not None and ctx.anchor_count:
-            vocab = int(self.base.model.get_input_embeddings().weight.shape[0])
-            lo, hi = int(ctx.anchor_ids.min()), int(ctx.anchor_ids.max())
-            if lo < 0 or hi >= vocab:
-                raise ContextMismatchError(f"the context's anchor ids ({lo}..{hi}) lie outside the model's "
-                                           f"vocabulary of {vocab} tokens")
+            from .store import check_anchor_ids
+
+            try:
+                check_anchor_ids(ctx.anchor_ids, self.base.vocab_size)
+            except ValueError as exc:
+                raise ContextMismatchError(f"the context's anchors do not fit this model: {exc}") from None
 
     def _layout(self, segments: Sequence[Segment], where: str = "the prompt") -> _Layout:
         """Resolve segments to forward inputs and placed contexts; validate the prompt."""

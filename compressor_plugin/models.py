@@ -319,6 +319,11 @@ class BaseModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the token ids the model can read."""
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
 
 def bos_prefix(tokenizer: Any) -> list[int]:
     """Token ids the tokenizer puts before every text it encodes with special tokens (usually ``[bos]``).

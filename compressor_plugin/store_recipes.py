@@ -100,7 +100,7 @@ def get_or_compress(
     target = torch.device(device) if device is not None else compressor.device
     parts = _key_parts(compressor, anchors)
     keys = [context_key(n, **parts) for n in norm]
-    vocab = _vocab_size(compressor)
+    vocab = compressor.base.vocab_size
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
         first.setdefault(key, i)
@@ -156,14 +156,6 @@ def get_or_compress(
             ctx = found[key] = ctx.to(target)
         out.append(StoreResult(key, ctx, key in hits))
     return out
-
-
-def _vocab_size(compressor: "Compressor") -> int | None:
-    """Rows of the base model's input embedding (the ids it can read), if known."""
-    try:
-        return int(compressor.base.model.get_input_embeddings().weight.shape[0])
-    except (AttributeError, TypeError):  # pragma: no cover - unusual models
-        return None
 
 
 def _reindex_error(exc: Exception, positions: list[int]) -> Exception:
