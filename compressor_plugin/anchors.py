@@ -63,7 +63,6 @@ _QUOTED_RE = re.compile(r"[\"\u201c\u00ab]([^\"\u201d\u00bb\n]{2,60})[\"\u201d\u
 _CAP_WORD = r"[A-Z][\w'\u2019-]*"
 _NAME_RE = re.compile(rf"\b{_CAP_WORD}(?:\s+(?:(?:of|the|de|del|da|van|von|der|la|le|du|al|bin)\s+)*{_CAP_WORD})*")
 _WORD_RE = re.compile(r"\b[^\W\d_][^\W\d_'-]{3,}\b")
-_SENTENCE_END = re.compile(r"[.!?:;\n]\s*$")
 #: Unit words that are not units (a number followed by them keeps no unit).
 _NOT_UNITS = frozenset("and or the a an to of in on at by for with from as is was were are be been that which "
                        "who when where while after before but if than then".split())
@@ -109,8 +108,17 @@ def anchored_fingerprint(compressor_fingerprint: str, budget: int) -> str:
 
 
 def _sentence_start(text: str, i: int) -> bool:
-    before = text[:i]
-    return not before.strip() or bool(_SENTENCE_END.search(before))
+    """Whether position ``i`` opens the text or a sentence (after ``.!?:;`` or a line break).
+
+    Walks back over the whitespace before ``i`` only, so it costs no more than that run:
+    scanning the whole prefix for every candidate would be quadratic in the chunk's length.
+    """
+    j = i
+    while j > 0 and text[j - 1].isspace():
+        if text[j - 1] == "\n":
+            return True
+        j -= 1
+    return j == 0 or text[j - 1] in ".!?:;"
 
 
 def _pieces(tokenizer: Any, word: str, cache: dict[str, int]) -> int:
@@ -119,10 +127,19 @@ def _pieces(tokenizer: Any, word: str, cache: dict[str, int]) -> int:
     return cache[word]
 
 
+_LEFT_WORD = re.compile(r"([^\W\d_][\w'-]*)\s+$")
+_WORD_RUN = re.compile(r"[\w'-]*\s*")
+_LEFT_WINDOW = 64  # characters searched before a span; the whole prefix only when one run fills them
+
+
 def _with_left_context(text: str, start: int, words: int) -> int:
     """Move ``start`` left over up to ``words`` words of the same sentence (not across punctuation)."""
     for _ in range(words):
-        m = re.search(r"([^\W\d_][\w'-]*)\s+$", text[:start])
+        lo = max(0, start - _LEFT_WINDOW)
+        m = _LEFT_WORD.search(text, lo, start)
+        # a match (or the run that failed to match) touching the window's edge may begin before it
+        if lo > 0 and _WORD_RUN.fullmatch(text, lo, m.start() if m is not None else start):
+            m = _LEFT_WORD.search(text, 0, start)
         if m is None or m.group(1).lower() in _CLAUSE_WORDS:
             break
         start = m.start(1)

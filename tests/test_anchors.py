@@ -254,3 +254,22 @@ def test_cache_build_with_anchors_matches_the_engine(comp, tmp_path):
     (r,) = engine.compress([TEXT])
     assert r.hit and r.context.anchor_count == summary.anchor_tokens
 
+
+
+def test_left_context_and_sentence_starts_look_past_the_search_window(tok):
+    """Chunk text is untrusted: span context is found in a bounded window before each span (a
+    whole-prefix scan per span made a 54k-token crafted text take 13 s), yet a word or a space
+    run longer than the window is still handled as if the whole prefix were read."""
+    from compressor_plugin.anchors import _LEFT_WINDOW, _sentence_start, _with_left_context
+
+    long_word = "x" * (_LEFT_WINDOW + 20)
+    text = f"Then {long_word} 1962"
+    assert _with_left_context(text, text.index("1962"), 1) == text.index(long_word)
+    spaced = "born" + " " * (_LEFT_WINDOW + 5) + "1962"
+    assert _with_left_context(spaced, spaced.index("1962"), 1) == 0
+    assert _with_left_context("(1962)", 1, 2) == 1  # punctuation stops it
+    assert _sentence_start("   Zed", 3) and _sentence_start("end.\n\n   Zed", 9) and _sentence_start("a;  Zed", 4)
+    assert not _sentence_start("the Zed", 4)
+    crafted = "Ab-Cd'Ef 1,2,3:4.5% " * 3000
+    ids = select_anchors(crafted, tok, 32)
+    assert 0 < len(ids) <= 32
