@@ -32,6 +32,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .text import literal_ids
+
 __all__ = ["select_anchors", "with_anchors", "anchor_spans", "anchored_fingerprint", "check_budget",
            "LEAD_IN", "SEPARATOR", "MAX_ANCHOR_TOKENS", "DEFAULT_LEFT_CONTEXT",
            "DEFAULT_ANCHORS"]
@@ -123,7 +125,7 @@ def _sentence_start(text: str, i: int) -> bool:
 
 def _pieces(tokenizer: Any, word: str, cache: dict[str, int]) -> int:
     if word not in cache:
-        cache[word] = len(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
+        cache[word] = len(literal_ids(tokenizer, " " + word))
     return cache[word]
 
 
@@ -228,7 +230,7 @@ def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int 
         return []
 
     def encode(s: str) -> list[int]:
-        return tokenizer(s, add_special_tokens=False)["input_ids"]
+        return literal_ids(tokenizer, s)  # a chunk's "<|im_end|>" stays text
 
     spans = anchor_spans(text, tokenizer, left_context=left_context)
     for lead in (LEAD_IN, " "):  # the lead-in, or a bare space when it leaves no room

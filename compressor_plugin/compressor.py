@@ -30,7 +30,7 @@ from .context import CompressedContext, RotaryHelper
 from .errors import CheckpointMismatchError, CompressorError, ContextTooLongError
 from .hf_compat import cache_kwargs, inner_model
 from .models import DEFAULT_MODEL, BaseModel, load_base_model, with_bos
-from .text import lone_surrogate, surrogate_message
+from .text import literal_ids, lone_surrogate, surrogate_message
 
 CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -270,7 +270,7 @@ class Compressor(nn.Module):
             bad = lone_surrogate(t)
             if bad is not None:
                 raise CompressorError(surrogate_message(t, bad, f"text {i}"))
-            ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            ids = literal_ids(self.tokenizer, t)  # "<|im_end|>" in a chunk is text, not a control token
             too_long = len(ids) > self.config.max_length
             if too_long:
                 if not truncate:

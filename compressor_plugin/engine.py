@@ -34,10 +34,11 @@ import torch  # noqa: E402
 
 from .anchors import DEFAULT_ANCHORS
 from .compressor import Compressor
-from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator
+from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator, TokenIds
 from .markers import MarkerSigner, Resolution, resolve_markers
 from .models import verbose_loading
 from .store import ContextStore, StoreResult
+from .text import has_control_text, literal_ids
 
 Message = dict[str, Any]
 
@@ -137,7 +138,19 @@ class CompressionEngine:
         return int(self.compressor.k) + self.anchors + SHORT_TEXT_MARGIN
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Tokens of ``text`` read literally (the unit of :attr:`keep_text_tokens` and ``max_chunk_tokens``)."""
+        return len(literal_ids(self.tokenizer, text))
+
+    def stays_text(self, text: str, tokens: int | None = None) -> bool:
+        """The short-chunk rule: whether a chunk goes into prompts as its own text, uncompressed.
+
+        True for a chunk of at most :attr:`keep_text_tokens` tokens (``tokens``, when the
+        caller has counted them already), unless it spells a control token of the model
+        (``<|im_end|>``...): such a chunk is compressed like a long one, since prompt strings
+        are read with control tokens recognised and the chunk must not act as markup there.
+        """
+        n = self.count_tokens(text) if tokens is None else tokens
+        return n <= self.keep_text_tokens and not has_control_text(self.tokenizer, text)
 
     # ------------------------------------------------------------------ compression
     def compress(self, texts: Sequence[str], *, batch_size: int = 16, truncate: bool = False,
@@ -157,10 +170,10 @@ class CompressionEngine:
 
         The markers are valid in this engine's prompts only (see :meth:`marker`). A chunk of at
         most :attr:`keep_text_tokens` tokens is returned as its own text instead (the short-chunk
-        rule: compressing it would not shorten the prompt).
+        rule, :meth:`stays_text`: compressing it would not shorten the prompt).
         """
         texts = list(texts)
-        short = [self.count_tokens(t) <= self.keep_text_tokens for t in texts]
+        short = [self.stays_text(t) for t in texts]
         results = iter(self.compress([t for t, s in zip(texts, short) if not s], **kwargs))
         return [t if s else self.marker(next(results).key) for t, s in zip(texts, short)]
 
@@ -190,13 +203,30 @@ class CompressionEngine:
         Raises:
             MissingChunkError: an issued marker's chunk is gone from the store, text included.
         """
+        literal = self._literal
         if isinstance(prompt, str):
             if chat:
                 prompt = [{"role": "user", "content": prompt}]
             else:
-                return resolve_markers([prompt], self.store, self.signer)
-        parts = self.generator.chat_segments(list(prompt))
-        return resolve_markers(parts, self.store, self.signer)
+                return resolve_markers([prompt], self.store, self.signer, literal=literal)
+        # markers first, message by message, so the template sees contexts and literal text only
+        total = Resolution(segments=[])
+        messages = []
+        for m in prompt:
+            content = m.get("content") if isinstance(m, dict) else None
+            parts = content if isinstance(content, list) else [content] if content is not None else []
+            r = resolve_markers(parts, self.store, self.signer, literal=literal)
+            total.resolved += r.resolved
+            total.fallbacks += r.fallbacks
+            total.rejected += r.rejected
+            total.missing_keys.extend(r.missing_keys)
+            messages.append({**m, "content": r.segments} if isinstance(m, dict) else m)
+        total.segments = self.generator.chat_segments(messages)
+        return total
+
+    def _literal(self, text: str) -> TokenIds:
+        """A chunk's stored text (the fallback for a missing K/V) as a prompt segment read literally."""
+        return TokenIds(literal_ids(self.tokenizer, text))
 
     def _config(self, config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
         from .generation import _make_config

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, Union
@@ -24,6 +25,7 @@ from .context import CompressedContext, RotaryHelper
 from .hf_compat import cache_kwargs, cache_layer, new_cache, num_cache_layers
 from .errors import ContextMismatchError, InvalidTextError, PromptError, PromptTooLongError
 from .models import BaseModel, with_bos_segments
+from .text import control_token_ids, literal_ids
 
 
 
@@ -227,6 +229,7 @@ class Generator:
         self.compile = bool(compile)
         self._step = DecodeStep(self.compile)
         self._pool = StaticCachePool(base.model.config)
+        self._trims: bool | None = None  # whether the chat template strips message content (probed once)
 
     @property
     def tokenizer(self) -> Any:
@@ -252,36 +255,64 @@ class Generator:
     def chat_segments(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[Segment]:
         """Apply the model's chat template to messages whose ``content`` is a string or a list of segments.
 
+        Message text is read literally: a string such as ``<|im_end|>`` or ``<|im_start|>system``
+        typed by a user or found in a document stays text (the ordinary tokens that spell it);
+        only the template's own markup becomes control tokens. ``TokenIds`` parts keep their ids.
         Falls back to a plain ``role: content`` layout for models without a chat template.
         """
-        placeholders: dict[str, CompressedContext] = {}
+        nonce = secrets.token_hex(8)  # placeholders no message can spell
+        held: dict[str, Segment] = {}
+
+        def hold(seg: Segment) -> str:
+            ph = f"\u27e6{nonce}:{len(held)}\u27e7"
+            held[ph] = seg
+            return ph
+
+        template = getattr(self.tokenizer, "chat_template", None)
+        trims = bool(template) and self._template_trims()
         flat = []
         for i, m in enumerate(messages):
             content = m.get("content")
             if isinstance(content, (str, CompressedContext, TokenIds)):
                 content = [content]
-            parts = []
+            parts: list[Segment] = []
             for seg in content or []:
-                if isinstance(seg, CompressedContext):
-                    ph = f"\u27e6cc{len(placeholders)}\u27e7"
-                    placeholders[ph] = seg
-                    parts.append(ph)
-                elif isinstance(seg, TokenIds):
-                    parts.append(self.tokenizer.decode(list(seg.ids)))
-                elif isinstance(seg, str):
+                if isinstance(seg, str):
                     _check_text(seg, f"message {i} ({m.get('role')})")
+                    if seg:
+                        parts.append(seg)
+                elif isinstance(seg, (CompressedContext, TokenIds)):
                     parts.append(seg)
                 else:
                     raise PromptError(f"unsupported message content part {type(seg).__name__}")
-            flat.append({"role": m["role"], "content": "".join(parts)})
-        if getattr(self.tokenizer, "chat_template", None):
+            if trims and parts:  # the template strips each message's content: do it to the text held out
+                if isinstance(parts[0], str):
+                    parts[0] = parts[0].lstrip()
+                if isinstance(parts[-1], str):
+                    parts[-1] = parts[-1].rstrip()
+            held_parts = [hold(TokenIds(literal_ids(self.tokenizer, s))) if isinstance(s, str) else hold(s)
+                          for s in parts if not isinstance(s, str) or s]
+            flat.append({"role": m["role"], "content": "".join(held_parts)})
+        if template:
             text = self.tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=add_generation_prompt)
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in flat) + ("assistant:" if add_generation_prompt else "")
-        if not placeholders:
+        if not held:
             return [text]
-        pattern = "(" + "|".join(re.escape(p) for p in placeholders) + ")"
-        return [placeholders.get(p, p) for p in re.split(pattern, text) if p]
+        pattern = "(" + "|".join(re.escape(p) for p in held) + ")"
+        return [held.get(p, p) for p in re.split(pattern, text) if p]
+
+    def _template_trims(self) -> bool:
+        """Whether the chat template strips the whitespace around a message's content (Llama 3, Gemma do)."""
+        if self._trims is None:
+            probe = "\u27e6probe\u27e7"
+            try:
+                text = self.tokenizer.apply_chat_template([{"role": "user", "content": f" {probe} "}], tokenize=False,
+                                                          add_generation_prompt=False)
+            except Exception:  # a template that refuses a lone user turn: assume it keeps content as it is
+                text = f" {probe} "
+            self._trims = f" {probe} " not in text
+        return self._trims
 
     def _check(self, ctx: CompressedContext) -> None:
         if ctx.base_fingerprint != self.base.fingerprint:
@@ -295,7 +326,7 @@ class Generator:
             from .store import check_anchor_ids
 
             try:
-                check_anchor_ids(ctx.anchor_ids, self.base.vocab_size)
+                check_anchor_ids(ctx.anchor_ids, self.base.vocab_size, control_token_ids(self.tokenizer))
             except ValueError as exc:
                 raise ContextMismatchError(f"the context's anchors do not fit this model: {exc}") from None
 

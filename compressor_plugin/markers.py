@@ -26,7 +26,7 @@ import re
 import secrets
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from .context import CompressedContext
 from .errors import MissingChunkError, MissingChunkWarning, UnauthorizedMarkerWarning  # noqa: F401
@@ -143,7 +143,7 @@ class Resolution:
 
 
 def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: MarkerSigner | None, *,
-                    fallback: str = "text") -> Resolution:
+                    fallback: str = "text", literal: Callable[[str], Any] | None = None) -> Resolution:
     """Replace the markers ``signer`` issued, inside string parts, with stored contexts.
 
     Args:
@@ -152,6 +152,8 @@ def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: Ma
         signer: the signer whose markers may be resolved; ``None`` resolves nothing.
         fallback: for an issued marker whose K/V is missing, ``"text"`` (use the stored text
             and warn) or ``"error"`` (raise :class:`~compressor_plugin.errors.MissingChunkError`).
+        literal: makes the segment for a fallback text; the engine passes one that tokenises it
+            literally (a stored ``<|im_end|>`` stays text). ``None`` keeps the text a string.
 
     A marker that ``signer`` did not issue stays in the prompt as plain text, with an
     :class:`~compressor_plugin.errors.UnauthorizedMarkerWarning`; the store is not consulted
@@ -196,7 +198,7 @@ def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: Ma
             warnings.warn(f"compressed chunk {key[:12]}... missing from the store; using its text", MissingChunkWarning,
                           stacklevel=2)
             logger.warning("compressed chunk %s missing; falling back to text", key[:12])
-            raw.append(text)
+            raw.append(literal(text) if literal is not None else text)
             res.fallbacks += 1
             res.missing_keys.append(key)
     # drop whitespace-only strings sitting between two compressed contexts

@@ -230,13 +230,17 @@ def check_context_fields(ctx: CompressedContext) -> None:
             raise ValueError("tensors hold NaN or infinite values")
 
 
-def check_anchor_ids(anchor_ids: torch.Tensor | None, vocab_size: int | None = None) -> None:
+def check_anchor_ids(anchor_ids: torch.Tensor | None, vocab_size: int | None = None,
+                     control_ids: frozenset[int] = frozenset()) -> None:
     """Range checks on a context's anchor token ids (``None``, no anchors, passes).
+
+    Anchors are chunk text tokenised literally, so they never hold a control token: an id in
+    ``control_ids`` (the model's special tokens) means the entry was not made by this package.
 
     Raises:
         ValueError: not a 1-D int64 tensor, longer than
-            :data:`~compressor_plugin.anchors.MAX_ANCHOR_TOKENS`, empty, a negative id, or (when
-            ``vocab_size`` is given) an id outside the vocabulary.
+            :data:`~compressor_plugin.anchors.MAX_ANCHOR_TOKENS`, empty, a negative id, (when
+            ``vocab_size`` is given) an id outside the vocabulary, or an id in ``control_ids``.
     """
     from .anchors import MAX_ANCHOR_TOKENS
 
@@ -252,6 +256,10 @@ def check_anchor_ids(anchor_ids: torch.Tensor | None, vocab_size: int | None = N
         raise ValueError(f"anchor id {lo} is negative")
     if vocab_size is not None and hi >= vocab_size:
         raise ValueError(f"anchor id {hi} is outside the vocabulary ({vocab_size} tokens)")
+    if control_ids:
+        bad = sorted(control_ids.intersection(anchor_ids.tolist()))
+        if bad:
+            raise ValueError(f"anchor ids {bad[:4]} are control tokens of the model; anchors are plain text")
 
 
 def encode_context(key: str, ctx: CompressedContext) -> bytes:

@@ -1,6 +1,8 @@
-"""Checks on input text shared by the compressor and the generator."""
+"""Checks on input text, and literal tokenisation, shared by the compressor and the generator."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def lone_surrogate(text: str) -> int | None:
@@ -22,3 +24,35 @@ def surrogate_message(text: str, index: int, what: str) -> str:
     return (f"{what} contains a lone surrogate U+{ord(text[index]):04X} at character {index} (near {around!r}); "
             "it is not valid Unicode and cannot be tokenised. Decode the source bytes with errors='replace' or "
             "remove the character")
+
+
+def literal_ids(tokenizer: Any, text: str | list[str], **kwargs: Any) -> Any:
+    """Token ids of ``text`` read as plain characters: no special tokens added, none recognised.
+
+    A tokenizer called the usual way turns a string such as ``<|im_end|>`` or ``<s>`` found in
+    the text into the control token of that name. Text that comes from documents, users or a
+    store must never do that (a retrieved page could otherwise end the user's turn and open a
+    system turn), so every chunk, anchor and chat message is tokenised through this function:
+    such strings become the ordinary tokens that spell them. A list of texts gives a list of
+    id lists; extra keyword arguments (``return_offsets_mapping``...) go to the tokenizer, and
+    the tokenizer's whole output is returned when any are given.
+    """
+    out = tokenizer(text, add_special_tokens=False, split_special_tokens=True, **kwargs)
+    return out if kwargs else out["input_ids"]
+
+
+def has_control_text(tokenizer: Any, text: str) -> bool:
+    """Whether ``text`` spells a special or added token of ``tokenizer`` (``<|im_start|>``, ``</s>``...).
+
+    True when reading the text the usual way would give other ids than :func:`literal_ids`.
+    """
+    return tokenizer(text, add_special_tokens=False)["input_ids"] != literal_ids(tokenizer, text)
+
+
+def control_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens (``<|im_start|>``, ``</s>``...): what literal text never gives."""
+    ids = {int(i) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+           if getattr(t, "special", False)}
+    ids.update(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None)
+    ids.discard(getattr(tokenizer, "unk_token_id", None))  # literal text may hold characters a vocabulary lacks
+    return frozenset(ids)

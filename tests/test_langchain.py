@@ -226,7 +226,7 @@ def _text_tokens(engine: CompressionEngine, rendered: str) -> int:
     for i, part in enumerate(parts):
         if 0 < i < len(parts) - 1 and not part.strip():
             continue
-        total += engine.count_tokens(part) if part else 0
+        total += len(engine.tokenizer(part, add_special_tokens=False)["input_ids"]) if part else 0  # template markup parsed
     return total
 
 

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..text import lone_surrogate
+from ..text import literal_ids, lone_surrogate
 from ..store import normalize_text
 
 #: File name endings read as JSONL (one JSON object per line).
@@ -364,8 +364,8 @@ class TokenChunker:
         self._aim = self.chunk_tokens - (2 if self.chunk_tokens >= 64 else 0)
 
     def _encode(self, texts: list[str], offsets: bool) -> Any:
-        return self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets,
-                              return_attention_mask=False, verbose=False)
+        return literal_ids(self.tokenizer, texts, return_offsets_mapping=offsets, return_attention_mask=False,
+                           verbose=False)
 
     def _spans(self, text: str, offsets: Sequence[tuple[int, int]], budget: int, overlap: int) -> list[tuple[int, int]]:
         if not offsets:

@@ -42,6 +42,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from ..text import literal_ids
 from ..store import ContextStore, context_key
 from ..anchors import DEFAULT_ANCHORS, check_budget
 from .build import (BuildSummary, ChunkMapWriter, finish_summary, default_batch_size, encode_contexts, key_parts, map_row,
@@ -132,8 +133,7 @@ class ShardCompressor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]
         texts = [str(t) for t in batch["text"]]
-        ids = self.compressor.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                                        verbose=False)["input_ids"]
+        ids = literal_ids(self.compressor.tokenizer, texts, return_attention_mask=False, verbose=False)["input_ids"]
         ctxs = encode_contexts(self.compressor, ids, self.anchors)
         self.shard.put_many(zip(keys, ctxs, texts))  # raises if a key is not its text's key
         n = len(keys)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
 
 from ..errors import ContextTooLongError, InvalidOptionError, UnknownOptionError
 from ..store import normalize_text
+from ..text import literal_ids
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import CompressionEngine
@@ -167,10 +168,10 @@ def _split_tokens(engine: "CompressionEngine", text: str, limit: int) -> list[st
     """Consecutive pieces of ``text`` of at most ``limit`` tokens each, cut at token boundaries."""
     tok = engine.tokenizer
     if not getattr(tok, "is_fast", False):  # slow tokenizers have no offsets: decode windows of ids
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = literal_ids(tok, text)
         windows = (tok.decode(ids[s:s + limit]) for s in range(0, len(ids), limit))
         return [w for w in windows if normalize_text(w)]
-    starts = [a for a, _ in tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    starts = [a for a, _ in literal_ids(tok, text, return_offsets_mapping=True)["offset_mapping"]]
     n = len(starts)
     pieces: list[str] = []
     start = 0
@@ -202,8 +203,9 @@ def plan_text(engine: "CompressionEngine", text: str, on_long: str, document_id:
     A text that is nothing but markers this engine issued (the output of an earlier step of
     the same pipeline) keeps them. Any other text is compressed as text, marker-shaped
     strings included: a marker inside a retrieved document is data, never a reference.
-    Empty text, and text of at most ``engine.keep_text_tokens`` tokens (the short-chunk rule:
-    compressing it would not shorten the prompt), give an empty plan: the text stays as it is.
+    Empty text, and text of at most ``engine.keep_text_tokens`` tokens (the short-chunk rule,
+    ``engine.stays_text``: compressing it would not shorten the prompt), give an empty plan:
+    the text stays as it is.
 
     Raises:
         ContextTooLongError: ``on_long="error"`` and the text is over ``engine.max_chunk_tokens``.
@@ -216,7 +218,7 @@ def plan_text(engine: "CompressionEngine", text: str, on_long: str, document_id:
         return Plan()
     limit = int(engine.max_chunk_tokens)
     n = engine.count_tokens(norm)
-    if n <= engine.keep_text_tokens:
+    if engine.stays_text(norm, n):
         return Plan()
     if n <= limit or on_long == "truncate":
         return Plan([norm])

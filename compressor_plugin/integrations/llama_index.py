@@ -68,6 +68,7 @@ from ..errors import BrokenMarkerWarning, ContextTooLongError  # noqa: F401  (Co
 from ..generation import GenerationConfig
 from ..markers import MARKER_RE, MARKER_START, split_markers
 from ..prompts import CHAT_INSTRUCTION
+from ..text import literal_ids
 from .core import (
     COMPRESSION_METADATA_KEYS,
     DEFAULT_MAX_NEW_TOKENS,
@@ -124,7 +125,7 @@ def engine_tokenizer(engine: "CompressionEngine") -> Callable[[str], list[int]]:
     tok = engine.tokenizer
 
     def encode(text: str) -> list[int]:
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(literal_ids(tok, text))
 
     return encode
 
@@ -146,7 +147,7 @@ def marker_aware_tokenizer(engine: "CompressionEngine") -> Callable[[str], list[
         for piece in split_markers(text or ""):
             if isinstance(piece, str):
                 if piece:
-                    ids.extend(tok(piece, add_special_tokens=False)["input_ids"])
+                    ids.extend(literal_ids(tok, piece))
             else:
                 ids.extend([filler] * k)
         return ids
