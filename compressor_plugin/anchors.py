@@ -205,7 +205,49 @@ def anchor_spans(text: str, tokenizer: Any, *, left_context: int = DEFAULT_LEFT_
     return [(s.start, s.end, s.kind) for s in kept]
 
 
-def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int = DEFAULT_LEFT_CONTEXT) -> list[int]:
+_QUESTION_STOP = frozenset(
+    "the and for from with what which who whom whose when where why how did does was were are has have had that "
+    "this these those its into than then their his her they she him them there been being about after before "
+    "many much name named called long year years time".split())
+_SENTENCE_END = re.compile(r"[.!?;](?=\s)|\n")
+
+
+def _stems(text: str) -> set[str]:
+    """Content words of ``text`` for question matching: lower case, 3+ letters, cut to 5 characters."""
+    return {w[:5] for w in re.findall(r"[^\W_]{3,}", text.lower()) if w not in _QUESTION_STOP}
+
+
+def _by_question(text: str, spans: list[tuple[int, int, str]], question: str) -> list[tuple[int, int, str]]:
+    """``spans`` reordered: those whose sentence shares the most words with ``question`` first.
+
+    Within a sentence, a span that shares a word with the question and adds one comes first
+    (``employed 652 people`` for "How many people did it employ?"), and a span the question
+    already spells (``AFC`` for "Which team represented the AFC?") last: it tells the model
+    nothing new. Ties keep the salience order of :func:`anchor_spans`.
+    """
+    q = _stems(question)
+    if not q:
+        return spans
+    cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
+    bounds = list(zip([0] + cuts, cuts + [len(text)]))
+    overlap = [len(q & _stems(text[a:b])) for a, b in bounds]
+    import bisect
+
+    def score(j: int) -> tuple[int, int, int]:
+        start, end, _ = spans[j]
+        i = min(bisect.bisect_right(cuts, start), len(bounds) - 1)
+        own = _stems(text[start:end])
+        # within a sentence: spans that share a word with the question and add one ("employed 652
+        # people" for "how many people did it employ?") first, then the others, then spans it spells
+        tier = 2 if own and own <= q else 0 if own & q else 1
+        return -overlap[i], tier, j
+
+    order = sorted(range(len(spans)), key=score)
+    return [spans[j] for j in order]
+
+
+def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int = DEFAULT_LEFT_CONTEXT,
+                   question: str | None = None, spans: list[tuple[int, int, str]] | None = None) -> list[int]:
     """Token ids of the salient exact spans of ``text``, at most ``budget`` of them.
 
     Pure and deterministic: the same text, tokenizer and budget always give the same ids.
@@ -221,6 +263,11 @@ def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int 
         budget: most tokens to return; 0 returns ``[]``.
         left_context: words of the sentence kept before each number or date
             (``born in 1962`` with 2).
+        question: when given, the spans of the sentences that share the most words with it
+            are taken first (*question anchors*: the same budget spent on what this question
+            is about); spans the question already spells come after the others of their sentence.
+        spans: ``anchor_spans(text, tokenizer, left_context=...)`` when the caller has them
+            (they depend on the text only, so a chunk asked about many times computes them once).
 
     Raises:
         ValueError: ``budget`` is not an integer in ``[0, MAX_ANCHOR_TOKENS]``.
@@ -232,7 +279,10 @@ def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int 
     def encode(s: str) -> list[int]:
         return literal_ids(tokenizer, s)  # a chunk's "<|im_end|>" stays text
 
-    spans = anchor_spans(text, tokenizer, left_context=left_context)
+    if spans is None:
+        spans = anchor_spans(text, tokenizer, left_context=left_context)
+    if question:
+        spans = _by_question(text, spans, question)
     for lead in (LEAD_IN, " "):  # the lead-in, or a bare space when it leaves no room
         chosen: list[tuple[int, int]] = []
         ids: list[int] = []
@@ -247,7 +297,7 @@ def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int 
 
 
 def with_anchors(ctx: Any, ids: Any, tokenizer: Any, budget: int, *,
-                 left_context: int = DEFAULT_LEFT_CONTEXT) -> Any:
+                 left_context: int = DEFAULT_LEFT_CONTEXT, question: str | None = None) -> Any:
     """A copy of a :class:`~compressor_plugin.context.CompressedContext` with the anchors of its chunk.
 
     ``ids`` are the chunk's token ids (what was compressed): the spans are chosen from their
@@ -262,7 +312,8 @@ def with_anchors(ctx: Any, ids: Any, tokenizer: Any, budget: int, *,
     budget = check_budget(budget)
     if budget == 0:
         return ctx
-    chosen = select_anchors(tokenizer.decode(list(ids)), tokenizer, budget, left_context=left_context)
+    chosen = select_anchors(tokenizer.decode(list(ids)), tokenizer, budget, left_context=left_context,
+                            question=question)
     return dataclasses.replace(
         ctx, compressor_fingerprint=anchored_fingerprint(ctx.compressor_fingerprint, budget),
         anchor_ids=torch.tensor(chosen, dtype=torch.long) if chosen else None)

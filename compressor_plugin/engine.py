@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
@@ -35,7 +37,7 @@ import torch  # noqa: E402
 from .anchors import DEFAULT_ANCHORS
 from .compressor import Compressor
 from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator, TokenIds
-from .markers import MarkerSigner, Resolution, resolve_markers
+from .markers import MarkerSigner, Resolution, resolve_markers, split_markers
 from .models import verbose_loading
 from .store import ContextStore, StoreResult
 from .text import has_control_text, literal_ids
@@ -66,6 +68,8 @@ class EngineResult:
                 "tokens_saved": g.tokens_saved}
 
 
+#: Chunks whose anchor spans an engine keeps in memory for question anchors (least recently used dropped).
+_SPAN_CACHE = 4096
 #: Tokens a chunk may exceed k by and still stay text (see CompressionEngine.keep_text_tokens).
 SHORT_TEXT_MARGIN = 8
 
@@ -84,14 +88,24 @@ class CompressionEngine:
             k compressed tokens, each chunk keeps up to this many tokens of its salient exact
             spans (names, numbers, dates, rare words) that the model reads as text right after
             the chunk. They are prompt tokens: a chunk then takes ``k + anchors`` positions at
-            most. Part of every store key. Default 0 (off).
+            most. Part of every store key. Default :data:`~compressor_plugin.anchors.DEFAULT_ANCHORS`;
+            0 gives the K/V alone.
+        question_anchors: spend each chunk's anchor budget on what the prompt asks: when a
+            prompt is resolved, the spans of the chunk's sentences that share words with the
+            prompt's own text (the question) are taken first, from the chunk's stored text
+            (:func:`~compressor_plugin.anchors.select_anchors` with ``question``). Same budget,
+            same store entries; a chunk whose text is not in the store keeps the anchors stored
+            with it. Default True.
     """
 
     def __init__(self, compressor: Compressor, store: ContextStore | None = None, *,
-                 marker_secret: bytes | None = None, anchors: int = DEFAULT_ANCHORS):
+                 marker_secret: bytes | None = None, anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True):
         from .anchors import check_budget
 
         self.anchors = check_budget(anchors)
+        self.question_anchors = bool(question_anchors)
+        self._spans: OrderedDict[str, tuple[str, list]] = OrderedDict()  # key -> (text, anchor spans), bounded
+        self._spans_lock = threading.Lock()
         self.compressor = compressor
         self.store = store if store is not None else ContextStore()
         self.signer = MarkerSigner(marker_secret, scope=str(getattr(self.store, "directory", "")))
@@ -103,18 +117,19 @@ class CompressionEngine:
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *, store: ContextStore | str | os.PathLike | None = None,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         marker_secret: bytes | None = None, verbose: bool = False,
-                        anchors: int = DEFAULT_ANCHORS) -> "CompressionEngine":
+                        anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True) -> "CompressionEngine":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
 
         ``verbose=True`` shows the loading library's progress bars and info messages (off by
-        default); ``marker_secret`` and ``anchors`` are as for :class:`CompressionEngine`.
+        default); ``marker_secret``, ``anchors`` and ``question_anchors`` are as for
+        :class:`CompressionEngine`.
         """
         with verbose_loading(verbose):
             comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype)
         comp.match_adapter_dtype()  # inference only: a bf16 model runs its encoder in bf16 end to end
         if store is not None and not isinstance(store, ContextStore):
             store = ContextStore(store)
-        engine = cls(comp, store, marker_secret=marker_secret, anchors=anchors)
+        engine = cls(comp, store, marker_secret=marker_secret, anchors=anchors, question_anchors=question_anchors)
         engine.checkpoint = str(checkpoint)
         return engine
 
@@ -208,14 +223,16 @@ class CompressionEngine:
             if chat:
                 prompt = [{"role": "user", "content": prompt}]
             else:
-                return resolve_markers([prompt], self.store, self.signer, literal=literal)
+                return resolve_markers([prompt], self.store, self.signer, literal=literal,
+                                       on_context=self._anchor_hook([prompt]))
+        on_context = self._anchor_hook([m.get("content") for m in prompt if isinstance(m, dict)])
         # markers first, message by message, so the template sees contexts and literal text only
         total = Resolution(segments=[])
         messages = []
         for m in prompt:
             content = m.get("content") if isinstance(m, dict) else None
             parts = content if isinstance(content, list) else [content] if content is not None else []
-            r = resolve_markers(parts, self.store, self.signer, literal=literal)
+            r = resolve_markers(parts, self.store, self.signer, literal=literal, on_context=on_context)
             total.resolved += r.resolved
             total.fallbacks += r.fallbacks
             total.rejected += r.rejected
@@ -223,6 +240,52 @@ class CompressionEngine:
             messages.append({**m, "content": r.segments} if isinstance(m, dict) else m)
         total.segments = self.generator.chat_segments(messages)
         return total
+
+    def _anchor_hook(self, contents: Sequence[Any]) -> Callable[[str, Any], Any] | None:
+        """What resolution applies to each stored context: question anchors, when they are on.
+
+        The question is the prompt's own text (every string part, markers taken out).
+        """
+        if not (self.anchors and self.question_anchors):
+            return None
+        pieces: list[str] = []
+        for content in contents:
+            for part in content if isinstance(content, list) else [content]:
+                if isinstance(part, str):
+                    pieces.extend(p for p in split_markers(part) if isinstance(p, str))
+        question = " ".join(pieces)
+        if not question.strip():
+            return None
+        return lambda key, ctx: self._question_anchored(key, ctx, question)
+
+    def _question_anchored(self, key: str, ctx: Any, question: str) -> Any:
+        """``ctx`` with its anchors chosen for ``question`` from the chunk's stored text (as it is without one)."""
+        from .anchors import anchor_spans, select_anchors
+
+        if not ctx.anchor_count:  # no salient span in the chunk (or an entry made without anchors)
+            return ctx
+        with self._spans_lock:
+            hit = self._spans.get(key)
+            if hit is not None:
+                self._spans.move_to_end(key)
+        if hit is None:
+            text = self.store.get_text(key)
+            if text is None:
+                return ctx
+            ids = literal_ids(self.tokenizer, text)
+            limit = int(self.compressor.config.max_length)
+            if len(ids) > limit:  # a truncated chunk: anchor what was compressed
+                text = self.tokenizer.decode(ids[:limit])
+            hit = (text, anchor_spans(text, self.tokenizer))
+            with self._spans_lock:
+                self._spans[key] = hit
+                while len(self._spans) > _SPAN_CACHE:
+                    self._spans.popitem(last=False)
+        text, spans = hit
+        chosen = select_anchors(text, self.tokenizer, self.anchors, question=question, spans=spans)
+        if not chosen:
+            return ctx
+        return dataclasses.replace(ctx, anchor_ids=torch.tensor(chosen, dtype=torch.long))
 
     def _literal(self, text: str) -> TokenIds:
         """A chunk's stored text (the fallback for a missing K/V) as a prompt segment read literally."""

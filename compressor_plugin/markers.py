@@ -143,7 +143,8 @@ class Resolution:
 
 
 def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: MarkerSigner | None, *,
-                    fallback: str = "text", literal: Callable[[str], Any] | None = None) -> Resolution:
+                    fallback: str = "text", literal: Callable[[str], Any] | None = None,
+                    on_context: Callable[[str, Any], Any] | None = None) -> Resolution:
     """Replace the markers ``signer`` issued, inside string parts, with stored contexts.
 
     Args:
@@ -154,6 +155,7 @@ def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: Ma
             and warn) or ``"error"`` (raise :class:`~compressor_plugin.errors.MissingChunkError`).
         literal: makes the segment for a fallback text; the engine passes one that tokenises it
             literally (a stored ``<|im_end|>`` stays text). ``None`` keeps the text a string.
+        on_context: applied to each stored context with its key (the engine's question anchors).
 
     A marker that ``signer`` did not issue stays in the prompt as plain text, with an
     :class:`~compressor_plugin.errors.UnauthorizedMarkerWarning`; the store is not consulted
@@ -186,7 +188,7 @@ def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: Ma
                 continue
             ctx = store.get(key)
             if ctx is not None:
-                raw.append(ctx)
+                raw.append(on_context(key, ctx) if on_context is not None else ctx)
                 res.resolved += 1
                 continue
             text = store.get_text(key)

@@ -273,3 +273,47 @@ def test_left_context_and_sentence_starts_look_past_the_search_window(tok):
     crafted = "Ab-Cd'Ef 1,2,3:4.5% " * 3000
     ids = select_anchors(crafted, tok, 32)
     assert 0 < len(ids) <= 32
+
+
+# ---------------------------------------------------------------------------------- question anchors
+def test_question_anchors_spend_the_budget_on_the_asked_sentence(tok):
+    static = tok.decode(select_anchors(TEXT, tok, 12))
+    asked = tok.decode(select_anchors(TEXT, tok, 12, question="How many people did her workshop employ?"))
+    assert "652" not in static and "employed 652 people" in asked
+    # a span the question already spells goes after the others of its sentence
+    who = tok.decode(select_anchors(TEXT, tok, 16, question="Where was Marta Ilvane born?"))
+    assert "3 May 1962" in who and "Marta Ilvane" not in who
+    # same ids without a question (or with one that shares no word with the text); spans may be passed in
+    assert select_anchors(TEXT, tok, 12, question="zzz qqq") == select_anchors(TEXT, tok, 12)
+    spans = anchor_spans(TEXT, tok)
+    assert select_anchors(TEXT, tok, 12, question="employ?", spans=spans) == select_anchors(TEXT, tok, 12,
+                                                                                             question="employ?")
+
+
+def test_engine_question_anchors_come_from_the_stored_text(comp, tmp_path, monkeypatch):
+    from compressor_plugin.engine import CompressionEngine
+
+    store = ContextStore(tmp_path / "s")
+    engine = CompressionEngine(comp, store, anchors=12)
+    fixed = CompressionEngine(comp, store, anchors=12, question_anchors=False)
+    assert engine.question_anchors and not fixed.question_anchors
+    prompt = "Context: {}\nQuestion: How many people did her workshop employ?\nAnswer:"
+
+    def anchor_text(eng, p) -> str:
+        (ctx,) = [s for s in eng.resolve(p).segments if isinstance(s, CompressedContext)]
+        return eng.tokenizer.decode(ctx.anchor_list())
+
+    (marker,) = engine.mark([TEXT])
+    (stored,) = engine.compress([TEXT])  # the stored entry: anchors chosen without a question
+    assert "652" not in engine.tokenizer.decode(stored.context.anchor_list())
+    assert "employed 652 people" in anchor_text(engine, prompt.format(marker))
+    assert "652" not in anchor_text(fixed, prompt.format(fixed.mark([TEXT])[0]))
+    # chat messages: the question is the messages' own text
+    assert "employed 652 people" in anchor_text(engine, [{"role": "user", "content": prompt.format(marker)}])
+    # never more positions than the stored anchors' budget
+    res = engine.generate(prompt.format(marker), max_new_tokens=2)
+    assert res.generation.compressed_tokens <= comp.k + 12
+    # a chunk whose text is gone from the store keeps the anchors stored with it
+    engine._spans.clear()
+    monkeypatch.setattr(store, "get_text", lambda key: None)
+    assert anchor_text(engine, prompt.format(marker)) == engine.tokenizer.decode(stored.context.anchor_list())

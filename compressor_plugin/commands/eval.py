@@ -89,6 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="anchor token budgets: each compressed system is also evaluated with up to N tokens of "
                          "its chunk's exact names, numbers and dates beside the K/V, as {mode}-k{K}+a{N} "
                          "(default 0: none)")
+    qa.add_argument("--question-anchors", action="store_true",
+                    help="also evaluate anchors chosen for each question (+qN systems: spans from the sentences "
+                         "that share words with the question first), at each budget N > 0")
     qa.add_argument("--anchor-context", type=int, default=None, metavar="W",
                     help="words kept before each number or date in anchors ('born in 1962'; default "
                          "compressor_plugin.anchors.DEFAULT_LEFT_CONTEXT)")
@@ -177,7 +180,8 @@ def _qa(args: argparse.Namespace) -> int:
                          mode=args.mode, full_tuned=args.full_tuned, layouts=args.layouts, systems=args.systems,
                          device=args.device, dtype=args.dtype, batch_size=args.batch_size, chunks=args.chunks,
                          max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                         anchors=args.anchors, anchor_context=args.anchor_context)
+                         anchors=args.anchors, anchor_context=args.anchor_context,
+                         question_anchors=args.question_anchors)
     return _finish(result, qa_table(result), args, lambda: plot_qa([result], args.plot))
 
 

@@ -306,6 +306,7 @@ def run_qa_eval(
     log: Log | None = _stderr,
     anchors: Sequence[int] = (0,),
     anchor_context: int | None = None,
+    question_anchors: bool = False,
 ) -> dict[str, Any]:
     """Evaluate QA systems on a seeded subset of ``data`` and return the result dict.
 
@@ -329,6 +330,9 @@ def run_qa_eval(
             name). The K/V is computed once; only the anchor ids differ.
         anchor_context: words kept before numbers and dates in anchors (default
             :data:`~compressor_plugin.anchors.DEFAULT_LEFT_CONTEXT`); recorded in the config.
+        question_anchors: also evaluate, for each budget N > 0, ``{mode}-k{K}+q{N}``: anchors
+            chosen for each question (spans of the sentences that share words with it first;
+            ``select_anchors(question=...)``), the same budget.
     """
     from ..anchors import DEFAULT_LEFT_CONTEXT, check_budget, with_anchors
 
@@ -457,16 +461,22 @@ def run_qa_eval(
             if not eval_layouts:
                 raise ValueError(f"{lc.name}: none of its layouts {lc.layouts} can be used with this tokenizer")
             single = len(eval_layouts) == 1
-            for budget in anchors:
+            plain_of = {c: (x, ids) for c, x, ids in zip(uniq, ctxs, uniq_ids)}
+            variants = [(b, False) for b in anchors] + [(b, True) for b in anchors if b and question_anchors]
+            for budget, by_question in variants:
                 by_text = {c: with_anchors(x, ids, tok, budget, left_context=left)
-                           for c, x, ids in zip(uniq, ctxs, uniq_ids)}
-                a_name = name if budget == 0 else f"{name}+a{budget}"
+                           for c, (x, ids) in plain_of.items()}
+                if by_question:  # anchors chosen for each question: contexts per example
+                    per_example = [[with_anchors(*plain_of[c], tok, budget, left_context=left, question=ex.question)
+                                    for c in ex.contexts] for ex in examples]
+                else:
+                    per_example = [[by_text[c] for c in ex.contexts] for ex in examples]
+                a_name = name if budget == 0 else f"{name}+{'q' if by_question else 'a'}{budget}"
                 names = []
                 for lay in eval_layouts:
                     sys_name = a_name if single else f"{a_name}-{lay}"
                     t1 = time.perf_counter()
-                    prompts = [qa_prompt(lay, ex.question, tok).segments([by_text[c] for c in ex.contexts])
-                               for ex in examples]
+                    prompts = [qa_prompt(lay, ex.question, tok).segments(cs) for ex, cs in zip(examples, per_example)]
                     res = answer_all(gen, prompts, stop=stop_of[lay], batch_size=batch_size,
                                      max_new_tokens=max_new_tokens, desc=sys_name, progress=progress)
                     rows = score_rows(examples, res, source_tokens=[r.source_tokens for r in res],
@@ -476,8 +486,9 @@ def run_qa_eval(
                     results[sys_name] = summarize(rows, secs, layout=lay, k=lc.k, mode=lc.mode, checkpoint=lc.name,
                                                   untrained=lc.untrained, compress_seconds=round(compress_s, 3),
                                                   truncated_contexts=n_trunc, anchors=budget,
-                                                  anchor_tokens_mean=sum(x.anchor_count for x in by_text.values())
-                                                  / max(len(by_text), 1))
+                                                  question_anchors=by_question,
+                                                  anchor_tokens_mean=sum(x.anchor_count for cs in per_example for x in cs)
+                                                  / max(sum(len(cs) for cs in per_example), 1))
                     s = results[sys_name]
                     log(f"{sys_name}: F1 {s['f1']:.3f} EM {s['em']:.3f} ({s['seconds']:.1f} s)")
                     names.append(sys_name)
@@ -526,7 +537,7 @@ def run_qa_eval(
         "systems": sorted(groups), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
         "decoding": "greedy", "label_task": label_task, "checkpoints": checkpoint_meta,
         "full_tuned": str(full_tuned) if full_tuned else None, "skipped": skipped,
-        "anchors": anchors, "anchor_context": left,
+        "anchors": anchors, "anchor_context": left, "question_anchors": bool(question_anchors),
         "total_seconds": round(time.perf_counter() - t_start, 3),
         **env,
     }
