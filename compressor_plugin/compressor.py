@@ -16,10 +16,12 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
+import stat
 import threading
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,6 +36,10 @@ from .text import literal_ids, lone_surrogate, surrogate_message
 
 CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+#: The largest ``config.json`` a checkpoint may have (a real one is under 1 KB).
+MAX_CONFIG_BYTES = 1 << 20
+#: safetensors dtypes a checkpoint's tensors may have.
+_CHECKPOINT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
 
 
@@ -52,12 +58,46 @@ class CompressorConfig:
     base_fingerprint: str = ""
 
     def __post_init__(self) -> None:
+        # every field is checked for type and range: a checkpoint's config.json is read from disk
         if self.mode not in ("kv", "embedding"):
             raise ValueError(f"mode must be 'kv' or 'embedding', not {self.mode!r}")
-        if not 1 <= int(self.k) <= 512:
-            raise ValueError(f"k must be between 1 and 512, not {self.k!r}")
-        if int(self.max_length) < 1:
-            raise ValueError("max_length must be positive")
+        if not _is_int(self.k) or not 1 <= self.k <= 512:
+            raise ValueError(f"k must be an integer between 1 and 512, not {self.k!r}")
+        if not _is_int(self.max_length) or self.max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, not {self.max_length!r}")
+        if not _is_int(self.lora_r) or self.lora_r < 1:
+            raise ValueError(f"lora_r must be a positive integer, not {self.lora_r!r}")
+        if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, not {self.lora_alpha!r}")
+        if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), not {self.lora_dropout!r}")
+        if (not isinstance(self.target_modules, (list, tuple)) or not self.target_modules
+                or not all(isinstance(m, str) and m for m in self.target_modules)):
+            raise ValueError(f"target_modules must be a non-empty list of module names, not {self.target_modules!r}")
+        for name in ("base_model", "base_fingerprint"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, not {getattr(self, name)!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_rank_fits(config: CompressorConfig, base: BaseModel) -> None:
+    """Raise ValueError when ``config.lora_r`` exceeds the base model's hidden size.
+
+    A larger rank adds nothing a rank of the hidden size cannot express, and a rank read from
+    a checkpoint's config would otherwise decide how much memory the LoRA matrices take.
+    """
+    cfg = base.model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    hidden = int(getattr(text_cfg, "hidden_size", 0) or 0)
+    if hidden and config.lora_r > hidden:
+        raise ValueError(f"lora_r={config.lora_r} is larger than the base model's hidden size ({hidden})")
 
 
 class Compressor(nn.Module):
@@ -81,6 +121,7 @@ class Compressor(nn.Module):
                 "Load a fresh base model for each compressor: load_base_model()")
         self.base = base
         cfg = config or CompressorConfig()
+        check_rank_fits(cfg, base)
         cfg.base_model = cfg.base_model or base.name
         cfg.base_fingerprint = base.fingerprint
         self.config = cfg
@@ -450,19 +491,50 @@ class Compressor(nn.Module):
         return path
 
     def load_weights(self, path: str | os.PathLike) -> None:
-        """Load adapter and memory weights saved by :meth:`save_pretrained` into this compressor."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        """Load adapter and memory weights saved by :meth:`save_pretrained` into this compressor.
 
-        tensors = load_file(str(Path(path) / "weights.safetensors"))
+        The file must hold exactly this compressor's tensors, each of its shape, floating point
+        and finite; everything is checked from the safetensors header before any tensor is read.
+
+        Raises:
+            CheckpointMismatchError: naming the file and what is wrong with it.
+        """
+        from peft import set_peft_model_state_dict
+        from safetensors import SafetensorError, safe_open
+
+        file = Path(path) / "weights.safetensors"
+
+        def bad(why: str) -> CheckpointMismatchError:
+            return CheckpointMismatchError(f"{file}: {why}", path=file)
+
+        _check_regular_file(file)
+        expected = {name: tuple(t.shape) for name, t in self.trainable_state_dict().items()}
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                names = set(fh.keys())
+                missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+                if missing:
+                    raise bad(f"{len(missing)} tensors of this compressor are missing, e.g. {missing[:3]}")
+                if unexpected:
+                    raise bad(f"checkpoint has weights this compressor lacks: {unexpected[:3]}")
+                for name, shape in expected.items():
+                    part = fh.get_slice(name)
+                    if tuple(part.get_shape()) != shape:
+                        raise bad(f"tensor {name} has shape {tuple(part.get_shape())}, this compressor needs {shape}")
+                    if part.get_dtype() not in _CHECKPOINT_DTYPES:
+                        raise bad(f"tensor {name} is {part.get_dtype()}, not floating point")
+                tensors = {name: fh.get_tensor(name) for name in expected}
+        except SafetensorError as exc:
+            raise bad(f"not a valid safetensors file ({exc})") from exc
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise bad(f"tensor {name} holds NaN or infinite values")
         mem = tensors.pop("memory")
-        if mem.shape != self.memory.shape:
-            raise CheckpointMismatchError(f"memory shape {tuple(mem.shape)} != {tuple(self.memory.shape)}")
         adapter = {n[len("adapter."):]: t for n, t in tensors.items() if n.startswith("adapter.")}
         res = set_peft_model_state_dict(self.peft_model, adapter)
         unexpected = getattr(res, "unexpected_keys", [])
         if unexpected:
-            raise CheckpointMismatchError(f"checkpoint has weights this compressor lacks: {unexpected[:3]}")
+            raise bad(f"checkpoint has weights this compressor lacks: {unexpected[:3]}")
         with torch.no_grad():
             self.memory.copy_(mem.to(self.memory.device, self.memory.dtype))
         self.invalidate_fingerprint()
@@ -489,10 +561,14 @@ class Compressor(nn.Module):
             CheckpointMismatchError: the checkpoint was trained for another base model.
         """
         folder, meta = read_checkpoint(path)
-        config = CompressorConfig(**meta["config"])
+        config = checkpoint_config(folder, meta)
         if base is None:
             base = load_base_model(config.base_model or None, device=device, dtype=dtype)
         check_base(folder, meta, base)
+        try:
+            check_rank_fits(config, base)
+        except ValueError as exc:
+            raise CheckpointMismatchError(f"{folder / 'config.json'}: {exc}", path=folder) from None
         comp = cls(base, config)
         comp.load_weights(folder)
         comp.to(base.device)
@@ -524,13 +600,50 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         CheckpointMismatchError: the folder is not a compressor checkpoint.
     """
     folder = resolve_checkpoint(path)
+    file = folder / "config.json"
+    size = _check_regular_file(file)
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointMismatchError(f"{file} is too large ({size} bytes; at most {MAX_CONFIG_BYTES})", path=file)
     try:
-        meta = json.loads((folder / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointMismatchError(f"{folder / 'config.json'} is not valid JSON ({exc}); the checkpoint is damaged") from exc
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointMismatchError(f"{folder} is not a compressor checkpoint ({meta.get('format')!r})")
+        with open(file, "rb") as fh:
+            meta = json.loads(fh.read(MAX_CONFIG_BYTES + 1).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointMismatchError(f"{file} is not valid JSON ({exc}); the checkpoint is damaged", path=file) from exc
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointMismatchError(f"{folder} is not a compressor checkpoint ({found!r})", path=folder)
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointMismatchError(f"{file}: 'config' is not a JSON object", path=file)
     return folder, meta
+
+
+def checkpoint_config(folder: Path, meta: dict[str, Any]) -> CompressorConfig:
+    """The :class:`CompressorConfig` of a checkpoint read by :func:`read_checkpoint`, every field checked.
+
+    Raises:
+        CheckpointMismatchError: an unknown field, or a field of the wrong type or range.
+    """
+    file = folder / "config.json"
+    known = {f.name for f in fields(CompressorConfig)}
+    unknown = sorted(set(meta["config"]) - known)
+    if unknown:
+        raise CheckpointMismatchError(f"{file}: unknown config fields {unknown[:5]}", path=file)
+    try:
+        return CompressorConfig(**meta["config"])
+    except ValueError as exc:
+        raise CheckpointMismatchError(f"{file}: {exc}", path=file) from None
+
+
+def _check_regular_file(file: Path) -> int:
+    """The size of ``file``, which must be (or link to) a regular file: a FIFO or a device
+    would block or never end when read."""
+    try:
+        st = os.stat(file)
+    except OSError as exc:
+        raise CheckpointMismatchError(f"{file} cannot be read ({exc.strerror})", path=file) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointMismatchError(f"{file} is not a regular file", path=file)
+    return st.st_size
 
 
 def checkpoints_base(checkpoints: Sequence[str | os.PathLike]) -> str | None:

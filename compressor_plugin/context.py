@@ -219,10 +219,16 @@ class CompressedContext:
         if set(tensors) - allowed:
             raise ContextFormatError(f"unexpected tensors {sorted(set(tensors) - allowed)} in a {mode!r} context")
         try:
+            extra = json.loads(meta.get("extra") or "{}")
+        except (ValueError, RecursionError) as exc:
+            raise ContextFormatError(f"extra in the metadata is not valid JSON: {exc}") from None
+        if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+            raise ContextFormatError("extra in the metadata must be a JSON object of strings")
+        try:
             ctx = cls(mode=mode, source_tokens=int(meta["source_tokens"]),
                       base_fingerprint=meta["base_fingerprint"], compressor_fingerprint=meta["compressor_fingerprint"],
                       keys=tensors.get("keys"), values=tensors.get("values"), embeddings=tensors.get("embeddings"),
-                      extra=json.loads(meta.get("extra") or "{}"), anchor_ids=tensors.get("anchor_ids"))
+                      extra=extra, anchor_ids=tensors.get("anchor_ids"))
         except (KeyError, ValueError, TypeError) as exc:
             raise ContextFormatError(f"inconsistent context metadata: {exc}") from exc
         if ctx.k != int(meta.get("k", -1)):

@@ -322,6 +322,15 @@ class Generator:
         cfg = self.base.model.config
         if ctx.mode == "kv" and ctx.keys.shape[0] != cfg.num_hidden_layers:
             raise ContextMismatchError("the context's layer count differs from the model's")
+        # the fingerprint is a public string: check every dimension, so a context of another shape
+        # is refused here instead of failing inside attention (or, for a width of 1, being broadcast)
+        if ctx.mode == "kv":
+            layers, heads, head_dim = self._kv_shape()
+            got, want = tuple(ctx.keys.shape), (layers, heads, ctx.k, head_dim)
+        else:
+            got, want = tuple(ctx.embeddings.shape), (ctx.k, int(self.base.model.get_input_embeddings().embedding_dim))
+        if got != want:
+            raise ContextMismatchError(f"the context's {ctx.mode} tensors have shape {got}; this model needs {want}")
         if ctx.anchor_ids is not None and ctx.anchor_count:
             from .store import check_anchor_ids
 

@@ -216,7 +216,7 @@ class ChunkMapWriter:
                 continue
             try:
                 row = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 bad += 1
                 continue
             if isinstance(row, dict):
@@ -269,7 +269,7 @@ def read_chunk_map(path: str | os.PathLike) -> list[dict[str, Any]]:
             if line.endswith("\n") and line.strip():
                 try:
                     row = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(row, dict):
                     rows.append(row)

@@ -189,6 +189,9 @@ def iter_documents(
 
 
 def _read_text_file(f: Path, rel: str, skipped: Counter) -> Iterator[Document]:
+    if not f.is_file():  # a FIFO or a device would block or never end
+        skipped[UNREADABLE_FILE] += 1
+        return
     try:
         data = f.read_bytes()
     except OSError:
@@ -206,6 +209,9 @@ def _read_text_file(f: Path, rel: str, skipped: Counter) -> Iterator[Document]:
 
 
 def _read_jsonl(f: Path, rel: str, text_field: str | None, id_field: str, skipped: Counter) -> Iterator[Document]:
+    if not f.is_file():  # a FIFO or a device would block or never end
+        skipped[UNREADABLE_FILE] += 1
+        return
     try:
         fh = open(f, "rb")
     except OSError:
@@ -231,7 +237,7 @@ def _read_jsonl(f: Path, rel: str, text_field: str | None, id_field: str, skippe
                 continue
             try:
                 obj = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 skipped[BAD_JSON] += 1
                 continue
             if not isinstance(obj, dict):

@@ -70,6 +70,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from exc
+            except RecursionError:
+                raise DataError(f"{p}:{lineno}: not valid JSON (nested too deeply)") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             obj.setdefault("_line", lineno)

@@ -40,6 +40,8 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from exc
+            except RecursionError:
+                raise ValueError(f"{path}:{n}: not valid JSON (nested too deeply)") from None
             if limit is not None and len(rows) >= limit:
                 break
     return rows
