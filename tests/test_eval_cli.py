@@ -257,7 +257,7 @@ def test_bench_rag_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     r = json.loads(out.read_text())
     assert r["kind"] == "bench-rag"
     rows = {row["system"]: row for row in r["rows"]}
-    assert set(rows) == {"full", "store-hit", "store-miss"}
+    assert set(rows) == {"full", "store-hit", "store-miss", "engine-hit"}
     for name, row in rows.items():
         assert row["n_chunks"] == 1 and row["chunk_tokens"] == 64
         assert 0 < row["ttft_s_median"] <= row["e2e_s_median"], name
@@ -267,6 +267,9 @@ def test_bench_rag_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert rows["store-hit"]["prompt_tokens"] == rows["store-miss"]["prompt_tokens"]
     assert rows["full"]["prompt_tokens"] - rows["store-hit"]["prompt_tokens"] == rows["full"]["source_tokens"] - 4
     assert rows["store-hit"]["lookup_s_median"] > 0 and rows["store-miss"]["compress_s_median"] > 0
+    # the engine's path (markers resolved from the store) lays out the same prompt
+    assert rows["engine-hit"]["prompt_tokens"] == rows["store-hit"]["prompt_tokens"]
+    assert 0 < rows["engine-hit"]["resolve_s_median"] < rows["engine-hit"]["ttft_s_median"]
     assert rows["full"]["ttft_speedup_vs_full"] == 1.0
     assert "ru_maxrss" in r["config"]["memory_note"]
     assert _is_png(png)
@@ -287,6 +290,10 @@ def test_bench_rag_with_anchors_counts_them_as_prompt_tokens(tmp_path: Path) -> 
     extra = rows["full"]["source_tokens"] - 4 - (rows["full"]["prompt_tokens"] - rows["store-hit"]["prompt_tokens"])
     assert 0 < extra <= 8  # the anchor tokens beside the 4 slots
     assert rows["store-hit"]["prompt_tokens"] == rows["store-miss"]["prompt_tokens"]
+    # the engine chooses the anchors for the question, within the same budget
+    assert r["config"]["question_anchors"] is True
+    engine_extra = rows["full"]["source_tokens"] - 4 - (rows["full"]["prompt_tokens"] - rows["engine-hit"]["prompt_tokens"])
+    assert 0 < engine_extra <= 8
 
 def test_bench_compress_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "compress.json"

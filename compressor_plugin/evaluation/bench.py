@@ -145,6 +145,10 @@ def bench_rag(
       move to the device) through injection, prefill and decoding.
     * ``store-miss``: the store is empty; timed from compressing the chunks (and writing
       them to the store) through the answer.
+    * ``engine-hit``: what a LangChain or LlamaIndex user runs on a store hit: a prompt string
+      holding the chunks' markers, resolved by :meth:`CompressionEngine.resolve` (marker
+      checks, store lookups and, with anchors, question anchors chosen from each chunk's
+      stored text), then answered; ``resolve_s`` is the resolution alone.
 
     ``ttft_s`` is the time until the first answer token is chosen, ``e2e_s`` until the answer
     is complete (at most ``max_new_tokens`` tokens, no stop string; an end-of-sequence token
@@ -152,6 +156,7 @@ def bench_rag(
     """
     import torch
 
+    from ..engine import CompressionEngine
     from ..generation import Generator
     from ..store import ContextStore
 
@@ -183,6 +188,9 @@ def bench_rag(
         os.makedirs(store_dir, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="bench-rag-store-", dir=store_dir)
     store = ContextStore(tmp.name)
+    engine = CompressionEngine(comp, store, anchors=anchors)  # the user's path, question anchors included
+    engine.generator = gen
+    prompt = qa_prompt("plain", RAG_QUESTION, tok)
     try:
         # warm-up: kernels, tokenizer, store connection
         warm = make_chunks(texts, tok, 2, min(tokens), offset=0)
@@ -252,6 +260,29 @@ def bench_rag(
                          "source_tokens": src, "new_tokens_mean": statistics.fmean(new),
                          **_stats(ttft, "ttft_s"), **_stats(e2e, "e2e_s"), **_stats(look, "lookup_s"),
                          **probe.peak()})
+
+            # (d) the engine on a store hit: markers in a prompt string, resolved, answered
+            marks = engine.mark(chunks)  # a chunk under the short-chunk rule stays text
+            marked = prompt.before + "".join(marks) + prompt.after
+            expected = sum(m != c for m, c in zip(marks, chunks))
+            ttft, e2e, resolve_s, new = [], [], [], []
+            probe.start()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                resolved = engine.resolve(marked)
+                _sync(base.device)
+                t_r = time.perf_counter() - t0
+                if resolved.resolved != expected:
+                    raise RuntimeError("bench rag: the engine did not resolve every chunk from the store")
+                res = gen.generate(resolved.segments, **gen_kwargs)
+                resolve_s.append(t_r)
+                ttft.append(t_r + res.ttft_s)
+                e2e.append(t_r + res.total_s)
+                new.append(len(res.token_ids))
+            rows.append({"system": "engine-hit", "n_chunks": n, "chunk_tokens": T, "prompt_tokens": res.prompt_tokens,
+                         "source_tokens": src, "new_tokens_mean": statistics.fmean(new),
+                         **_stats(ttft, "ttft_s"), **_stats(e2e, "e2e_s"), **_stats(resolve_s, "resolve_s"),
+                         **probe.peak()})
             rows.append(miss_row)
     finally:
         store.close()
@@ -268,6 +299,7 @@ def bench_rag(
             "config": {"n_chunks": list(n_chunks), "chunk_tokens": list(tokens), "repeats": repeats,
                        "max_new_tokens": max_new_tokens, "question": RAG_QUESTION, "layout": "plain",
                        "checkpoint": ckpt or "untrained", "k": kk, "mode": mode, "note": note, "anchors": anchors,
+                       "question_anchors": bool(anchors) and engine.question_anchors,
                        "text_source": source, "memory_note": probe.note, "store_parent_dir": store_dir,
                        "timing": "medians over repeats after one warm-up; ttft = store/compress time + prefill + "
                                  "first token", **env}}
