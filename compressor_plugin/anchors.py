@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from .text import literal_ids
 
-__all__ = ["select_anchors", "with_anchors", "anchor_spans", "anchored_fingerprint", "check_budget",
+__all__ = ["select_anchors", "with_anchors", "question_anchors", "share_budget", "relevance", "anchor_spans", "anchored_fingerprint", "check_budget",
            "LEAD_IN", "SEPARATOR", "MAX_ANCHOR_TOKENS", "DEFAULT_LEFT_CONTEXT",
            "DEFAULT_ANCHORS"]
 
@@ -246,6 +246,55 @@ def _by_question(text: str, spans: list[tuple[int, int, str]], question: str) ->
     return [spans[j] for j in order]
 
 
+def relevance(text: str, question: str) -> int:
+    """How well ``text`` matches ``question``: the most question words one of its sentences shares."""
+    q = _stems(question)
+    if not q:
+        return 0
+    cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return max(len(q & _stems(text[a:b])) for a, b in zip([0] + cuts, cuts + [len(text)]))
+
+
+def share_budget(relevances: Sequence[int], budget: int) -> list[int]:
+    """Split ``budget`` tokens per chunk across the chunks of one prompt by their relevance.
+
+    Every chunk keeps half its budget; the other halves are pooled and shared in proportion
+    to the square of each chunk's :func:`relevance` (equally when no chunk matches the
+    question), so the chunk that answers gets most of the pool. The total stays
+    ``budget * len(relevances)``, each share at most :data:`MAX_ANCHOR_TOKENS`.
+    """
+    budget = check_budget(budget)
+    n = len(relevances)
+    if n <= 1 or budget == 0:
+        return [budget] * n
+    floor = budget // 2
+    pool = (budget - floor) * n
+    weights = [max(int(r), 0) ** 2 for r in relevances]
+    if not any(weights):
+        weights = [1] * n
+    total = sum(weights)
+    shares = [min(floor + pool * w // total, MAX_ANCHOR_TOKENS) for w in weights]
+    best = max(range(n), key=lambda i: (weights[i], -i))  # rounding leftovers to the best match
+    shares[best] = min(shares[best] + budget * n - sum(shares), MAX_ANCHOR_TOKENS)
+    return shares
+
+
+def question_anchors(chunks: Sequence[tuple[str, list[tuple[int, int, str]] | None]], tokenizer: Any, budget: int,
+                     question: str, *, share: bool = True) -> list[list[int]]:
+    """Anchor ids for each chunk of one prompt, chosen for ``question``.
+
+    Args:
+        chunks: ``(text, spans)`` per chunk, in prompt order (``spans`` from
+            :func:`anchor_spans`, or ``None`` to compute them).
+        budget: anchor tokens per chunk.
+        share: split the prompt's ``budget * len(chunks)`` tokens by relevance
+            (:func:`share_budget`): the chunk that matches the question can hold more of its
+            spans, the others fewer. ``False``: every chunk gets ``budget``.
+    """
+    budgets = share_budget([relevance(t, question) for t, _ in chunks], budget) if share else [budget] * len(chunks)
+    return [select_anchors(t, tokenizer, b, question=question, spans=sp) for (t, sp), b in zip(chunks, budgets)]
+
+
 def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int = DEFAULT_LEFT_CONTEXT,
                    question: str | None = None, spans: list[tuple[int, int, str]] | None = None) -> list[int]:
     """Token ids of the salient exact spans of ``text``, at most ``budget`` of them.
@@ -297,7 +346,7 @@ def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int 
 
 
 def with_anchors(ctx: Any, ids: Any, tokenizer: Any, budget: int, *,
-                 left_context: int = DEFAULT_LEFT_CONTEXT, question: str | None = None) -> Any:
+                 left_context: int = DEFAULT_LEFT_CONTEXT) -> Any:
     """A copy of a :class:`~compressor_plugin.context.CompressedContext` with the anchors of its chunk.
 
     ``ids`` are the chunk's token ids (what was compressed): the spans are chosen from their
@@ -312,8 +361,7 @@ def with_anchors(ctx: Any, ids: Any, tokenizer: Any, budget: int, *,
     budget = check_budget(budget)
     if budget == 0:
         return ctx
-    chosen = select_anchors(tokenizer.decode(list(ids)), tokenizer, budget, left_context=left_context,
-                            question=question)
+    chosen = select_anchors(tokenizer.decode(list(ids)), tokenizer, budget, left_context=left_context)
     return dataclasses.replace(
         ctx, compressor_fingerprint=anchored_fingerprint(ctx.compressor_fingerprint, budget),
         anchor_ids=torch.tensor(chosen, dtype=torch.long) if chosen else None)

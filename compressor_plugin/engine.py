@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from .anchors import DEFAULT_ANCHORS
 from .compressor import Compressor
+from .context import CompressedContext
 from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator, TokenIds
 from .markers import MarkerSigner, Resolution, resolve_markers, split_markers
 from .models import verbose_loading
@@ -219,35 +220,43 @@ class CompressionEngine:
             MissingChunkError: an issued marker's chunk is gone from the store, text included.
         """
         literal = self._literal
-        if isinstance(prompt, str):
-            if chat:
+        asked = bool(self.anchors and self.question_anchors)
+        found: list[tuple[str, Any]] = []  # (key, context) of each stored context, for question anchors
+        on_context = (lambda key, ctx: found.append((key, ctx)) or ctx) if asked else None
+        if isinstance(prompt, str) and not chat:
+            res = resolve_markers([prompt], self.store, self.signer, literal=literal, on_context=on_context)
+            contents: list[Any] = [prompt]
+        else:
+            if isinstance(prompt, str):
                 prompt = [{"role": "user", "content": prompt}]
-            else:
-                return resolve_markers([prompt], self.store, self.signer, literal=literal,
-                                       on_context=self._anchor_hook([prompt]))
-        on_context = self._anchor_hook([m.get("content") for m in prompt if isinstance(m, dict)])
-        # markers first, message by message, so the template sees contexts and literal text only
-        total = Resolution(segments=[])
-        messages = []
-        for m in prompt:
-            content = m.get("content") if isinstance(m, dict) else None
-            parts = content if isinstance(content, list) else [content] if content is not None else []
-            r = resolve_markers(parts, self.store, self.signer, literal=literal, on_context=on_context)
-            total.resolved += r.resolved
-            total.fallbacks += r.fallbacks
-            total.rejected += r.rejected
-            total.missing_keys.extend(r.missing_keys)
-            messages.append({**m, "content": r.segments} if isinstance(m, dict) else m)
-        total.segments = self.generator.chat_segments(messages)
-        return total
+            contents = [m.get("content") for m in prompt if isinstance(m, dict)]
+            # markers first, message by message, so the template sees contexts and literal text only
+            res = Resolution(segments=[])
+            messages = []
+            for m in prompt:
+                content = m.get("content") if isinstance(m, dict) else None
+                parts = content if isinstance(content, list) else [content] if content is not None else []
+                r = resolve_markers(parts, self.store, self.signer, literal=literal, on_context=on_context)
+                res.resolved += r.resolved
+                res.fallbacks += r.fallbacks
+                res.rejected += r.rejected
+                res.missing_keys.extend(r.missing_keys)
+                messages.append({**m, "content": r.segments} if isinstance(m, dict) else m)
+            res.segments = self.generator.chat_segments(messages)
+        if found:
+            self._ask_anchors(res, found, contents)
+        return res
 
-    def _anchor_hook(self, contents: Sequence[Any]) -> Callable[[str, Any], Any] | None:
-        """What resolution applies to each stored context: question anchors, when they are on.
+    def _ask_anchors(self, res: Resolution, found: list[tuple[str, Any]], contents: Sequence[Any]) -> None:
+        """Question anchors: re-choose the anchors of the prompt's stored contexts for its question.
 
-        The question is the prompt's own text (every string part, markers taken out).
+        The question is the prompt's own text (every string part, markers taken out). Each
+        chunk's spans come from its stored text (kept in memory for the next question); the
+        prompt's anchor budget is shared by relevance (:func:`~compressor_plugin.anchors.question_anchors`).
+        A context without anchors, or whose text is gone from the store, keeps what it has.
         """
-        if not (self.anchors and self.question_anchors):
-            return None
+        from .anchors import question_anchors
+
         pieces: list[str] = []
         for content in contents:
             for part in content if isinstance(content, list) else [content]:
@@ -255,37 +264,38 @@ class CompressionEngine:
                     pieces.extend(p for p in split_markers(part) if isinstance(p, str))
         question = " ".join(pieces)
         if not question.strip():
-            return None
-        return lambda key, ctx: self._question_anchored(key, ctx, question)
+            return
+        chosen = [(ctx, spans) for key, ctx in found if ctx.anchor_count
+                  for spans in [self._chunk_spans(key)] if spans is not None]
+        if not chosen:
+            return
+        ids = question_anchors([sp for _, sp in chosen], self.tokenizer, self.anchors, question)
+        new = {id(ctx): dataclasses.replace(ctx, anchor_ids=torch.tensor(a, dtype=torch.long) if a else None)
+               for (ctx, _), a in zip(chosen, ids)}
+        res.segments = [new.get(id(s), s) if isinstance(s, CompressedContext) else s for s in res.segments]
 
-    def _question_anchored(self, key: str, ctx: Any, question: str) -> Any:
-        """``ctx`` with its anchors chosen for ``question`` from the chunk's stored text (as it is without one)."""
-        from .anchors import anchor_spans, select_anchors
+    def _chunk_spans(self, key: str) -> tuple[str, list] | None:
+        """A stored chunk's text (as compressed: cut to ``max_length`` tokens) and its anchor spans; None without text."""
+        from .anchors import anchor_spans
 
-        if not ctx.anchor_count:  # no salient span in the chunk (or an entry made without anchors)
-            return ctx
         with self._spans_lock:
             hit = self._spans.get(key)
             if hit is not None:
                 self._spans.move_to_end(key)
-        if hit is None:
-            text = self.store.get_text(key)
-            if text is None:
-                return ctx
-            ids = literal_ids(self.tokenizer, text)
-            limit = int(self.compressor.config.max_length)
-            if len(ids) > limit:  # a truncated chunk: anchor what was compressed
-                text = self.tokenizer.decode(ids[:limit])
-            hit = (text, anchor_spans(text, self.tokenizer))
-            with self._spans_lock:
-                self._spans[key] = hit
-                while len(self._spans) > _SPAN_CACHE:
-                    self._spans.popitem(last=False)
-        text, spans = hit
-        chosen = select_anchors(text, self.tokenizer, self.anchors, question=question, spans=spans)
-        if not chosen:
-            return ctx
-        return dataclasses.replace(ctx, anchor_ids=torch.tensor(chosen, dtype=torch.long))
+                return hit
+        text = self.store.get_text(key)
+        if text is None:
+            return None
+        ids = literal_ids(self.tokenizer, text)
+        limit = int(self.compressor.config.max_length)
+        if len(ids) > limit:  # a truncated chunk: anchor what was compressed
+            text = self.tokenizer.decode(ids[:limit])
+        hit = (text, anchor_spans(text, self.tokenizer))
+        with self._spans_lock:
+            self._spans[key] = hit
+            while len(self._spans) > _SPAN_CACHE:
+                self._spans.popitem(last=False)
+        return hit
 
     def _literal(self, text: str) -> TokenIds:
         """A chunk's stored text (the fallback for a missing K/V) as a prompt segment read literally."""

@@ -317,3 +317,32 @@ def test_engine_question_anchors_come_from_the_stored_text(comp, tmp_path, monke
     engine._spans.clear()
     monkeypatch.setattr(store, "get_text", lambda key: None)
     assert anchor_text(engine, prompt.format(marker)) == engine.tokenizer.decode(stored.context.anchor_list())
+
+
+def test_prompt_budget_is_shared_by_relevance(tok):
+    from compressor_plugin.anchors import question_anchors, relevance, share_budget
+
+    assert share_budget([3], 32) == [32] and share_budget([0, 0, 0], 32) == [32, 32, 32]
+    shares = share_budget([4, 1, 1], 32)
+    assert sum(shares) == 96 and shares[0] > 32 > shares[1] >= 16 and shares[1] == shares[2]
+    assert share_budget([5, 0], 512) == [512, 256]  # capped at the largest anchor budget
+    other = "The Keldor river floods every spring near the town of Amsel, 41 kilometres from the coast."
+    question = "How many people did her workshop employ?"
+    assert relevance(TEXT, question) > relevance(other, question) == 0
+    shared = question_anchors([(other, None), (TEXT, None)], tok, 10, question)
+    each = question_anchors([(other, None), (TEXT, None)], tok, 10, question, share=False)
+    assert len(shared[1]) > 10 >= len(shared[0]) and all(len(a) <= 10 for a in each)
+    assert "employed 652 people" in tok.decode(shared[1]) and len(shared[1]) > len(each[1])
+
+
+def test_engine_shares_the_anchor_budget_across_a_prompts_chunks(comp, tmp_path):
+    from compressor_plugin.engine import CompressionEngine
+
+    engine = CompressionEngine(comp, ContextStore(tmp_path / "s"), anchors=10)
+    other = ("The Keldor river floods every spring near the town of Amsel, 41 kilometres from the coast, "
+             "and the Ostrander Bridge built in 1877 still crosses it.")
+    markers = engine.mark([other, TEXT])
+    res = engine.resolve(f"Context: {''.join(markers)}\nQuestion: How many people did her workshop employ?\nAnswer:")
+    first, second = [s for s in res.segments if isinstance(s, CompressedContext)]
+    assert first.anchor_count + second.anchor_count <= 20 and second.anchor_count > 10
+    assert "employed 652 people" in engine.tokenizer.decode(second.anchor_list())

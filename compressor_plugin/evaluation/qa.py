@@ -331,10 +331,17 @@ def run_qa_eval(
         anchor_context: words kept before numbers and dates in anchors (default
             :data:`~compressor_plugin.anchors.DEFAULT_LEFT_CONTEXT`); recorded in the config.
         question_anchors: also evaluate, for each budget N > 0, ``{mode}-k{K}+q{N}``: anchors
-            chosen for each question (spans of the sentences that share words with it first;
-            ``select_anchors(question=...)``), the same budget.
+            chosen for each question as the engine chooses them
+            (:func:`~compressor_plugin.anchors.question_anchors`: spans of the sentences that
+            share words with it first, the prompt's budget shared by relevance). With several
+            chunks also ``+q{N}-unshared``: every chunk keeps N.
     """
-    from ..anchors import DEFAULT_LEFT_CONTEXT, check_budget, with_anchors
+    import dataclasses
+
+    import torch
+
+    from ..anchors import DEFAULT_LEFT_CONTEXT, anchor_spans, check_budget, with_anchors
+    from ..anchors import question_anchors as question_anchor_ids
 
     from ..compressor import checkpoints_base
     from ..generation import Generator
@@ -461,17 +468,28 @@ def run_qa_eval(
             if not eval_layouts:
                 raise ValueError(f"{lc.name}: none of its layouts {lc.layouts} can be used with this tokenizer")
             single = len(eval_layouts) == 1
-            plain_of = {c: (x, ids) for c, x, ids in zip(uniq, ctxs, uniq_ids)}
-            variants = [(b, False) for b in anchors] + [(b, True) for b in anchors if b and question_anchors]
+            spans_of: dict[str, tuple[str, list]] = {}
+            if question_anchors:  # each chunk's text as compressed, and its candidate spans
+                for c, ids in zip(uniq, uniq_ids):
+                    t = tok.decode(list(ids))
+                    spans_of[c] = (t, anchor_spans(t, tok, left_context=left))
+            # (budget, question anchors: None = chosen once / "shared" = the engine's / "each" = not shared)
+            variants = [(b, None) for b in anchors] + [(b, "shared") for b in anchors if b and question_anchors]
+            if question_anchors and chunks > 1:
+                variants += [(b, "each") for b in anchors if b]
             for budget, by_question in variants:
                 by_text = {c: with_anchors(x, ids, tok, budget, left_context=left)
-                           for c, (x, ids) in plain_of.items()}
-                if by_question:  # anchors chosen for each question: contexts per example
-                    per_example = [[with_anchors(*plain_of[c], tok, budget, left_context=left, question=ex.question)
-                                    for c in ex.contexts] for ex in examples]
-                else:
-                    per_example = [[by_text[c] for c in ex.contexts] for ex in examples]
+                           for c, x, ids in zip(uniq, ctxs, uniq_ids)}
+                per_example = [[by_text[c] for c in ex.contexts] for ex in examples]
+                if by_question:  # anchors chosen for each question (as the engine does): contexts per example
+                    per_example = [
+                        [dataclasses.replace(x, anchor_ids=torch.tensor(a, dtype=torch.long) if a else None)
+                         for x, a in zip(cs, question_anchor_ids([spans_of[c] for c in ex.contexts], tok, budget,
+                                                                 ex.question, share=by_question == "shared"))]
+                        for ex, cs in zip(examples, per_example)]
                 a_name = name if budget == 0 else f"{name}+{'q' if by_question else 'a'}{budget}"
+                if by_question == "each":
+                    a_name += "-unshared"
                 names = []
                 for lay in eval_layouts:
                     sys_name = a_name if single else f"{a_name}-{lay}"
@@ -486,7 +504,7 @@ def run_qa_eval(
                     results[sys_name] = summarize(rows, secs, layout=lay, k=lc.k, mode=lc.mode, checkpoint=lc.name,
                                                   untrained=lc.untrained, compress_seconds=round(compress_s, 3),
                                                   truncated_contexts=n_trunc, anchors=budget,
-                                                  question_anchors=by_question,
+                                                  question_anchors=by_question or False,
                                                   anchor_tokens_mean=sum(x.anchor_count for cs in per_example for x in cs)
                                                   / max(sum(len(cs) for cs in per_example), 1))
                     s = results[sys_name]
