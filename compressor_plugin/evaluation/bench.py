@@ -208,81 +208,53 @@ def bench_rag(
             offset += n + 1
             src = sum(len(tok(c, add_special_tokens=False)["input_ids"]) for c in chunks)
 
-            # (a) full text
-            ttft, e2e, new = [], [], []
-            probe.start()
-            for _ in range(repeats):
-                res = gen.generate(prompt_of(chunks), **gen_kwargs)
-                ttft.append(res.ttft_s)
-                e2e.append(res.total_s)
-                new.append(len(res.token_ids))
-            rows.append({"system": "full", "n_chunks": n, "chunk_tokens": T, "prompt_tokens": res.prompt_tokens,
-                         "source_tokens": src, "new_tokens_mean": statistics.fmean(new),
-                         **_stats(ttft, "ttft_s"), **_stats(e2e, "e2e_s"), **probe.peak()})
+            def measure(system: str, before: Callable[[], tuple[list[Any], float]], step: str | None) -> dict[str, Any]:
+                """``repeats`` answers, each after ``before()`` (the prompt's segments and the seconds to get them)."""
+                ttft, e2e, pre, new = [], [], [], []
+                probe.start()
+                for _ in range(repeats):
+                    segments, t_pre = before()
+                    res = gen.generate(segments, **gen_kwargs)
+                    pre.append(t_pre)
+                    ttft.append(t_pre + res.ttft_s)
+                    e2e.append(t_pre + res.total_s)
+                    new.append(len(res.token_ids))
+                return {"system": system, "n_chunks": n, "chunk_tokens": T, "prompt_tokens": res.prompt_tokens,
+                        "source_tokens": src, "new_tokens_mean": statistics.fmean(new), **_stats(ttft, "ttft_s"),
+                        **_stats(e2e, "e2e_s"), **(_stats(pre, step) if step else {}), **probe.peak()}
 
-            # (c) store miss: compress (and store) then answer
-            ttft, e2e, comp_s, new = [], [], [], []
-            probe.start()
-            for _ in range(repeats):
-                store.clear()
+            def from_store(expect_hit: bool) -> tuple[list[Any], float]:
+                if not expect_hit:
+                    store.clear()
                 t0 = time.perf_counter()
                 sr = store.get_or_compress(chunks, comp, truncate=True, anchors=anchors)
                 _sync(base.device)
-                t_c = time.perf_counter() - t0
-                if any(r.hit for r in sr):
-                    raise RuntimeError("bench rag: a cleared store reported a hit")
-                res = gen.generate(prompt_of([r.context for r in sr]), **gen_kwargs)
-                comp_s.append(t_c)
-                ttft.append(t_c + res.ttft_s)
-                e2e.append(t_c + res.total_s)
-                new.append(len(res.token_ids))
-            miss_row = {"system": "store-miss", "n_chunks": n, "chunk_tokens": T, "prompt_tokens": res.prompt_tokens,
-                        "source_tokens": src, "new_tokens_mean": statistics.fmean(new),
-                        **_stats(ttft, "ttft_s"), **_stats(e2e, "e2e_s"), **_stats(comp_s, "compress_s"),
-                        **probe.peak()}
-
-            # (b) store hit: the chunks are in the store from the last miss run
-            ttft, e2e, look, new = [], [], [], []
-            probe.start()
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                sr = store.get_or_compress(chunks, comp, truncate=True, anchors=anchors)
-                _sync(base.device)
-                t_l = time.perf_counter() - t0
-                if not all(r.hit for r in sr):
+                t = time.perf_counter() - t0
+                if expect_hit and not all(r.hit for r in sr):
                     raise RuntimeError("bench rag: a chunk that was just stored was not found in the store")
-                res = gen.generate(prompt_of([r.context for r in sr]), **gen_kwargs)
-                look.append(t_l)
-                ttft.append(t_l + res.ttft_s)
-                e2e.append(t_l + res.total_s)
-                new.append(len(res.token_ids))
-            rows.append({"system": "store-hit", "n_chunks": n, "chunk_tokens": T, "prompt_tokens": res.prompt_tokens,
-                         "source_tokens": src, "new_tokens_mean": statistics.fmean(new),
-                         **_stats(ttft, "ttft_s"), **_stats(e2e, "e2e_s"), **_stats(look, "lookup_s"),
-                         **probe.peak()})
+                if not expect_hit and any(r.hit for r in sr):
+                    raise RuntimeError("bench rag: a cleared store reported a hit")
+                return prompt_of([r.context for r in sr]), t
 
-            # (d) the engine on a store hit: markers in a prompt string, resolved, answered
-            marks = engine.mark(chunks)  # a chunk under the short-chunk rule stays text
-            marked = prompt.before + "".join(marks) + prompt.after
-            expected = sum(m != c for m, c in zip(marks, chunks))
-            ttft, e2e, resolve_s, new = [], [], [], []
-            probe.start()
-            for _ in range(repeats):
+            def from_engine() -> tuple[list[Any], float]:
                 t0 = time.perf_counter()
                 resolved = engine.resolve(marked)
                 _sync(base.device)
-                t_r = time.perf_counter() - t0
+                t = time.perf_counter() - t0
                 if resolved.resolved != expected:
                     raise RuntimeError("bench rag: the engine did not resolve every chunk from the store")
-                res = gen.generate(resolved.segments, **gen_kwargs)
-                resolve_s.append(t_r)
-                ttft.append(t_r + res.ttft_s)
-                e2e.append(t_r + res.total_s)
-                new.append(len(res.token_ids))
-            rows.append({"system": "engine-hit", "n_chunks": n, "chunk_tokens": T, "prompt_tokens": res.prompt_tokens,
-                         "source_tokens": src, "new_tokens_mean": statistics.fmean(new),
-                         **_stats(ttft, "ttft_s"), **_stats(e2e, "e2e_s"), **_stats(resolve_s, "resolve_s"),
-                         **probe.peak()})
+                return resolved.segments, t
+
+            # (a) full text; (c) store miss: compress (and store) then answer; (b) store hit: the
+            # chunks are in the store from the last miss run; (d) the engine on a store hit:
+            # markers in a prompt string, resolved, answered
+            rows.append(measure("full", lambda: (prompt_of(chunks), 0.0), None))
+            miss_row = measure("store-miss", lambda: from_store(False), "compress_s")
+            rows.append(measure("store-hit", lambda: from_store(True), "lookup_s"))
+            marks = engine.mark(chunks)  # a chunk under the short-chunk rule stays text
+            marked = prompt.before + "".join(marks) + prompt.after
+            expected = sum(m != c for m, c in zip(marks, chunks))
+            rows.append(measure("engine-hit", from_engine, "resolve_s"))
             rows.append(miss_row)
     finally:
         store.close()
