@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from .context import CompressedContext, RotaryHelper
-from .errors import CheckpointMismatchError, CompressorError, ContextTooLongError
+from .errors import CheckpointMismatchError, CompressorError, ContextTooLongError, ModelNotAvailableError
 from .hf_compat import cache_kwargs, inner_model
-from .models import DEFAULT_MODEL, BaseModel, load_base_model, with_bos
+from .models import DEFAULT_MODEL, GGUF_MODELS, BaseModel, load_base_model, with_bos
 from .text import literal_ids, lone_surrogate, surrogate_message
 
 CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
@@ -522,6 +522,7 @@ class Compressor(nn.Module):
         base: BaseModel | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        allow_download: bool = False,
     ) -> "Compressor":
         """Load a saved compressor.
 
@@ -530,15 +531,30 @@ class Compressor(nn.Module):
                 ``"kv-k4"``, ``"kv-k1"``, ``"embedding-k16"``, ``"embedding-k1"``).
             base: an already loaded base model (its fingerprint must match the checkpoint's);
                 by default the checkpoint's base model is loaded.
+            allow_download: without ``base``, let the checkpoint's base model be downloaded from
+                the Hugging Face Hub. By default it must be the default model, a local folder or
+                already in the local Hugging Face cache: a checkpoint does not choose what is
+                downloaded.
 
         Raises:
             FileNotFoundError: no checkpoint there.
             CheckpointMismatchError: the checkpoint was trained for another base model.
+            ModelNotAvailableError: the checkpoint's base model is not here (and not downloaded).
         """
         folder, meta = read_checkpoint(path)
         config = checkpoint_config(folder, meta)
         if base is None:
-            base = load_base_model(config.base_model or None, device=device, dtype=dtype)
+            try:
+                base = load_base_model(config.base_model or None, device=device, dtype=dtype,
+                                       local_files_only=not allow_download)
+            except ModelNotAvailableError as exc:
+                if allow_download or (config.base_model or "default") in ("default", *GGUF_MODELS):
+                    raise  # a package to install, not a download
+                raise ModelNotAvailableError(
+                    f"{folder / 'config.json'} names the base model {config.base_model!r}, which is not on this "
+                    f"machine, and a checkpoint's base model is not downloaded unless asked. If you trust it, "
+                    f"download it (hf download {config.base_model}) and load again, or pass "
+                    f"base=load_base_model({config.base_model!r}) or allow_download=True", path=folder) from exc
         check_base(folder, meta, base)
         try:
             check_rank_fits(config, base)
