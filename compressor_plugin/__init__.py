@@ -43,7 +43,7 @@ _ERRORS = (
     "CompressorPluginWarning", "ContextFormatError", "ContextMismatchError", "ContextTooLongError", "DataError",
     "EmptyDocumentWarning", "InvalidOptionError", "InvalidTextError", "MissingChunkError", "MissingChunkWarning",
     "ModelNotAvailableError", "PromptError", "PromptTooLongError", "StoreError", "StoreFormatError",
-    "StoreReadOnlyError", "StoreWriteError", "UnauthorizedMarkerWarning", "UnknownOptionError",
+    "StoreReadOnlyError", "StoreWriteError", "TrainingStateError", "UnauthorizedMarkerWarning", "UnknownOptionError",
     "UnsupportedModelError", "ValueTooLargeError",
 )
 _EXPORTS.update({name: "compressor_plugin.errors" for name in _ERRORS})
@@ -77,6 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover
         StoreFormatError,
         StoreReadOnlyError,
         StoreWriteError,
+        TrainingStateError,
         UnauthorizedMarkerWarning,
         UnknownOptionError,
         UnsupportedModelError,

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from .context import CompressedContext, RotaryHelper
-from .errors import CheckpointMismatchError, CompressorError, ContextTooLongError
+from .errors import CheckpointMismatchError, CompressorError, ContextTooLongError, ModelNotAvailableError
 from .hf_compat import cache_kwargs, inner_model
-from .models import DEFAULT_MODEL, BaseModel, load_base_model, with_bos
+from .models import DEFAULT_MODEL, GGUF_MODELS, BaseModel, load_base_model, with_bos
 from .text import literal_ids, lone_surrogate, surrogate_message
 
 CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
@@ -500,41 +500,16 @@ class Compressor(nn.Module):
             CheckpointMismatchError: naming the file and what is wrong with it.
         """
         from peft import set_peft_model_state_dict
-        from safetensors import SafetensorError, safe_open
 
         file = Path(path) / "weights.safetensors"
-
-        def bad(why: str) -> CheckpointMismatchError:
-            return CheckpointMismatchError(f"{file}: {why}", path=file)
-
-        _check_regular_file(file)
-        expected = {name: tuple(t.shape) for name, t in self.trainable_state_dict().items()}
-        try:
-            with safe_open(str(file), framework="pt") as fh:
-                names = set(fh.keys())
-                missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
-                if missing:
-                    raise bad(f"{len(missing)} tensors of this compressor are missing, e.g. {missing[:3]}")
-                if unexpected:
-                    raise bad(f"checkpoint has weights this compressor lacks: {unexpected[:3]}")
-                for name, shape in expected.items():
-                    part = fh.get_slice(name)
-                    if tuple(part.get_shape()) != shape:
-                        raise bad(f"tensor {name} has shape {tuple(part.get_shape())}, this compressor needs {shape}")
-                    if part.get_dtype() not in _CHECKPOINT_DTYPES:
-                        raise bad(f"tensor {name} is {part.get_dtype()}, not floating point")
-                tensors = {name: fh.get_tensor(name) for name in expected}
-        except SafetensorError as exc:
-            raise bad(f"not a valid safetensors file ({exc})") from exc
-        for name, t in tensors.items():
-            if not bool(torch.isfinite(t).all()):
-                raise bad(f"tensor {name} holds NaN or infinite values")
+        tensors = read_checked_tensors(file, {name: tuple(t.shape) for name, t in self.trainable_state_dict().items()})
         mem = tensors.pop("memory")
         adapter = {n[len("adapter."):]: t for n, t in tensors.items() if n.startswith("adapter.")}
         res = set_peft_model_state_dict(self.peft_model, adapter)
         unexpected = getattr(res, "unexpected_keys", [])
         if unexpected:
-            raise bad(f"checkpoint has weights this compressor lacks: {unexpected[:3]}")
+            raise CheckpointMismatchError(f"{file}: checkpoint has weights this compressor lacks: {unexpected[:3]}",
+                                          path=file)
         with torch.no_grad():
             self.memory.copy_(mem.to(self.memory.device, self.memory.dtype))
         self.invalidate_fingerprint()
@@ -547,6 +522,7 @@ class Compressor(nn.Module):
         base: BaseModel | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        allow_download: bool = False,
     ) -> "Compressor":
         """Load a saved compressor.
 
@@ -555,15 +531,30 @@ class Compressor(nn.Module):
                 ``"kv-k4"``, ``"kv-k1"``, ``"embedding-k16"``, ``"embedding-k1"``).
             base: an already loaded base model (its fingerprint must match the checkpoint's);
                 by default the checkpoint's base model is loaded.
+            allow_download: without ``base``, let the checkpoint's base model be downloaded from
+                the Hugging Face Hub. By default it must be the default model, a local folder or
+                already in the local Hugging Face cache: a checkpoint does not choose what is
+                downloaded.
 
         Raises:
             FileNotFoundError: no checkpoint there.
             CheckpointMismatchError: the checkpoint was trained for another base model.
+            ModelNotAvailableError: the checkpoint's base model is not here (and not downloaded).
         """
         folder, meta = read_checkpoint(path)
         config = checkpoint_config(folder, meta)
         if base is None:
-            base = load_base_model(config.base_model or None, device=device, dtype=dtype)
+            try:
+                base = load_base_model(config.base_model or None, device=device, dtype=dtype,
+                                       local_files_only=not allow_download)
+            except ModelNotAvailableError as exc:
+                if allow_download or (config.base_model or "default") in ("default", *GGUF_MODELS):
+                    raise  # a package to install, not a download
+                raise ModelNotAvailableError(
+                    f"{folder / 'config.json'} names the base model {config.base_model!r}, which is not on this "
+                    f"machine, and a checkpoint's base model is not downloaded unless asked. If you trust it, "
+                    f"download it (hf download {config.base_model}) and load again, or pass "
+                    f"base=load_base_model({config.base_model!r}) or allow_download=True", path=folder) from exc
         check_base(folder, meta, base)
         try:
             check_rank_fits(config, base)
@@ -632,6 +623,44 @@ def checkpoint_config(folder: Path, meta: dict[str, Any]) -> CompressorConfig:
         return CompressorConfig(**meta["config"])
     except ValueError as exc:
         raise CheckpointMismatchError(f"{file}: {exc}", path=file) from None
+
+
+def read_checked_tensors(file: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors ``file``, which must hold exactly ``expected`` (name: shape).
+
+    Every tensor must have its expected shape and a floating-point dtype, checked from the
+    header before any tensor is read, and be finite. The file must be (or link to) a regular file.
+
+    Raises:
+        CheckpointMismatchError: naming the file and what is wrong with it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    def bad(why: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(f"{file}: {why}", path=file)
+
+    _check_regular_file(file)
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            names = set(fh.keys())
+            missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+            if missing:
+                raise bad(f"{len(missing)} expected tensors are missing, e.g. {missing[:3]}")
+            if unexpected:
+                raise bad(f"the file has tensors that are not expected: {unexpected[:3]}")
+            for name, shape in expected.items():
+                part = fh.get_slice(name)
+                if tuple(part.get_shape()) != shape:
+                    raise bad(f"tensor {name} has shape {tuple(part.get_shape())}, {shape} is expected")
+                if part.get_dtype() not in _CHECKPOINT_DTYPES:
+                    raise bad(f"tensor {name} is {part.get_dtype()}, not floating point")
+            tensors = {name: fh.get_tensor(name) for name in expected}
+    except SafetensorError as exc:
+        raise bad(f"not a valid safetensors file ({exc})") from exc
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise bad(f"tensor {name} holds NaN or infinite values")
+    return tensors
 
 
 def _check_regular_file(file: Path) -> int:

@@ -118,15 +118,16 @@ class CompressionEngine:
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *, store: ContextStore | str | os.PathLike | None = None,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         marker_secret: bytes | None = None, verbose: bool = False,
-                        anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True) -> "CompressionEngine":
+                        anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True,
+                        allow_download: bool = False) -> "CompressionEngine":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
 
         ``verbose=True`` shows the loading library's progress bars and info messages (off by
         default); ``marker_secret``, ``anchors`` and ``question_anchors`` are as for
-        :class:`CompressionEngine`.
+        :class:`CompressionEngine`; ``allow_download`` as for :meth:`Compressor.from_pretrained`.
         """
         with verbose_loading(verbose):
-            comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype)
+            comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype, allow_download=allow_download)
         comp.match_adapter_dtype()  # inference only: a bf16 model runs its encoder in bf16 end to end
         if store is not None and not isinstance(store, ContextStore):
             store = ContextStore(store)

@@ -43,6 +43,7 @@ __all__ = [
     "StoreFormatError",
     "StoreReadOnlyError",
     "StoreWriteError",
+    "TrainingStateError",
     "UnauthorizedMarkerWarning",
     "UnknownOptionError",
     "UnsupportedModelError",
@@ -148,6 +149,10 @@ class UnsupportedModelError(CompressorPluginError, ValueError):
 
 class CheckpointMismatchError(CompressorPluginError, ValueError):
     """A checkpoint was made for a different base model, or is not a checkpoint (``path``)."""
+
+
+class TrainingStateError(CompressorPluginError, ValueError):
+    """A training run's ``state.pt`` that cannot be resumed from: damaged, or not of this run (``path``)."""
 
 
 # ---------------------------------------------------------------------------------- store and contexts

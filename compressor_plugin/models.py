@@ -419,6 +419,7 @@ def load_base_model(
     home: str | os.PathLike | None = None,
     attn_implementation: str | None = "sdpa",
     verbose: bool | None = None,
+    local_files_only: bool = False,
 ) -> BaseModel:
     """Load a base causal LM and its tokenizer.
 
@@ -432,6 +433,8 @@ def load_base_model(
         attn_implementation: passed to ``from_pretrained``.
         verbose: show transformers' progress bars and info messages while loading; default
             off (on inside a :func:`verbose_loading` block).
+        local_files_only: never download: a Hugging Face id loads only when it is in the local
+            Hugging Face cache (the default model and :data:`GGUF_MODELS` never download).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -449,8 +452,8 @@ def load_base_model(
             path = name_or_path
             name = str(name_or_path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            kwargs: dict[str, Any] = {"dtype": dt}
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+            kwargs: dict[str, Any] = {"dtype": dt, "local_files_only": local_files_only}
             if attn_implementation:
                 kwargs["attn_implementation"] = attn_implementation
             try:

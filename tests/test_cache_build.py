@@ -154,7 +154,7 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, tiny_ckpt, capsys):
     (src / "latin1.txt").write_bytes("d\xe9j\xe0 vu".encode("latin-1"))   # not_utf8
     (src / "empty.md").write_text("   \n")                                 # empty_document
     (src / "image.png").write_bytes(b"\x89PNG")                            # unsupported_file
-    (src / "dangling.txt").symlink_to(tmp_path / "missing")               # unreadable_file
+    (src / "dangling.txt").symlink_to(src / "missing")                    # unreadable_file
     store = tmp_path / "store"
     rc = main(["cache", "build", "--input", str(src), "--store", str(store), "--checkpoint", str(tiny_ckpt),
                "--chunk-tokens", "64", "--batch-size", "8", "--no-progress", "--json", "--anchors", "0"])
@@ -166,6 +166,26 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, tiny_ckpt, capsys):
     assert out["documents"] == 3 + 1 + 2  # 3 JSONL + the "context" line, notes.md, long.txt
     assert out["new"] == out["chunks"] > out["documents"] and out["store_entries"] == out["chunks"]
     assert out["compression_ratio"] == pytest.approx(out["source_tokens"] / (4 * out["chunks"]), rel=1e-3)
+
+
+def test_links_out_of_the_input_folder_are_skipped_unless_asked(tmp_path, tiny_ckpt, capsys):
+    (tmp_path / "id_rsa").write_text("SECRET KEY")
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_text("inside text")
+    (src / "notes.txt").symlink_to(tmp_path / "id_rsa")
+    args = ["cache", "build", "--input", str(src), "--checkpoint", str(tiny_ckpt), "--no-progress", "--json",
+            "--anchors", "0", "--chunk-tokens", "32"]
+
+    def texts(store: Path) -> list[str]:
+        return sorted(text for *_, text in store_entries(store).values())
+
+    assert main(args + ["--store", str(tmp_path / "s1")]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == {"outside_input": 1}
+    assert texts(tmp_path / "s1") == ["inside text"]
+    assert main(args + ["--store", str(tmp_path / "s2"), "--follow-symlinks"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == {}
+    assert texts(tmp_path / "s2") == ["SECRET KEY", "inside text"]
 
 
 def test_missing_input_is_a_clear_error(tmp_path, tiny_ckpt, capsys):

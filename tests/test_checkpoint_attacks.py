@@ -146,3 +146,53 @@ def test_weights_that_are_a_fifo_or_a_device_are_refused_without_hanging(good, t
     os.symlink("/dev/zero", d / "weights.safetensors")
     with pytest.raises(CheckpointMismatchError, match="regular file"):
         load(d)
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Every name lookup and connection attempt is recorded and fails."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    try:  # huggingface_hub fetches a list for its User-Agent header once per process, even for local loads
+        from huggingface_hub.utils import _detect_agent
+
+        monkeypatch.setattr(_detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}}, raising=False)
+    except ImportError:
+        pass
+    return attempts
+
+
+def test_a_base_model_that_is_not_here_is_not_downloaded(good, tmp_path, no_network, monkeypatch):
+    from compressor_plugin.errors import ModelNotAvailableError
+
+    d = variant(good, tmp_path, config=lambda c: c.update(base_model="someone/any-model"))
+    with pytest.raises(ModelNotAvailableError, match=r"someone/any-model.*(base=|allow_download=True)"):
+        Compressor.from_pretrained(d)
+    assert no_network == []
+    calls = []  # asked for, the model may be downloaded
+
+    def load(name, **kwargs):
+        calls.append((name, kwargs["local_files_only"]))
+        raise ModelNotAvailableError("stop here")
+
+    monkeypatch.setattr("compressor_plugin.compressor.load_base_model", load)
+    with pytest.raises(ModelNotAvailableError, match="stop here"):
+        Compressor.from_pretrained(d, allow_download=True)
+    assert calls == [("someone/any-model", False)]
+
+
+def test_a_base_model_in_a_local_folder_loads_without_network(tmp_path, no_network):
+    base = tiny_random_llama(seed=1)
+    base.model.save_pretrained(tmp_path / "base")
+    base.tokenizer.save_pretrained(tmp_path / "base")
+    d = Compressor(base, CompressorConfig(k=4, lora_r=4, max_length=64, base_model=str(tmp_path / "base"))
+                   ).save_pretrained(tmp_path / "ckpt")
+    assert Compressor.from_pretrained(d).k == 4 and no_network == []

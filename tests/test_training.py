@@ -85,6 +85,21 @@ def test_qa_stage_modes(tiny_base_dir, data_files, tmp_path, mode):
     assert json.loads((out / "summary.json").read_text())["step"] == 2
     if mode == "full-tuned":
         assert (out / "checkpoint" / "adapter_model.safetensors").is_file()
+        # the adapter passes the same checks as compressor weights when the run resumes
+        cmd[cmd.index("--max-steps") + 1] = "3"
+        subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
+        assert json.loads((out / "summary.json").read_text())["step"] == 3
+
+
+def test_a_planted_state_is_refused_before_resuming(tiny_base_dir, data_files, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"optimizer": {"state": {}, "param_groups": []}, "step": 10 ** 15}, out / "state.pt")
+    cmd = _train_cmd(tiny_base_dir, out, data_files["corpus"], "--stage", "regen", "--k", "2", "--max-steps", "2")
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "state.pt: step 1000000000000000 is not an integer from 0 to 2" in res.stderr
 
 
 def test_bad_training_arguments(data_files, tmp_path):

@@ -88,6 +88,36 @@ def test_cache_build_input_skips_nested_json_fifos_and_devices(tmp_path):
     os.mkfifo(folder / "b.txt")  # reading it would block forever
     os.symlink("/dev/zero", folder / "c.txt")  # reading it would never end
     skipped: Counter = Counter()
-    docs = [d.text for d in iter_documents(folder, skipped=skipped)]
+    docs = [d.text for d in iter_documents(folder, skipped=skipped, follow_symlinks=True)]
     assert docs == ["first", "second"]
     assert skipped["bad_json"] == 1 and skipped["unreadable_file"] == 2
+    skipped.clear()  # without follow_symlinks, the link to /dev/zero leads out of the folder
+    assert [d.text for d in iter_documents(folder, skipped=skipped)] == ["first", "second"]
+    assert skipped["unreadable_file"] == 1 and skipped["outside_input"] == 1
+
+
+def test_cache_build_input_skips_symlinks_that_lead_out_of_the_folder(tmp_path):
+    from compressor_plugin.caching.chunking import input_files, iter_documents
+
+    (tmp_path / "id_rsa").write_text("SECRET KEY")
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("inside")
+    os.symlink(tmp_path / "id_rsa", folder / "notes.txt")  # absolute, out of the folder
+    os.symlink("../../id_rsa", folder / "sub" / "rel.md")  # relative, out of the folder
+    os.symlink("../notes.txt", folder / "sub" / "chain.txt")  # a link in the folder to a link out of it
+    os.symlink(tmp_path / "gone", folder / "dangling.txt")  # nothing there, but out of the folder
+    os.symlink("../a.txt", folder / "sub" / "same.txt")  # stays in the folder: read
+    os.symlink(tmp_path, folder / "up")  # a symlinked folder is never entered
+    skipped: Counter = Counter()
+    docs = {d.source: d.text for d in iter_documents(folder, skipped=skipped)}
+    assert docs == {"a.txt": "inside", "sub/same.txt": "inside"}
+    assert skipped == Counter(outside_input=4)
+    assert len(input_files(folder)[1]) == 2
+    skipped.clear()
+    docs = {d.source: d.text for d in iter_documents(folder, skipped=skipped, follow_symlinks=True)}
+    assert docs["notes.txt"] == docs["sub/rel.md"] == docs["sub/chain.txt"] == "SECRET KEY"
+    assert skipped == Counter(unreadable_file=1)
+    # a single file named as the input is read wherever it links to: the user chose it
+    assert [d.text for d in iter_documents(folder / "notes.txt")] == ["SECRET KEY"]
+

@@ -409,6 +409,7 @@ def build_cache(
     merge_lora: bool = True,
     compile: bool = False,
     anchors: int = DEFAULT_ANCHORS,
+    follow_symlinks: bool = False,
 ) -> BuildSummary:
     """Compress a corpus into a store; resumable, see the module docstring.
 
@@ -435,6 +436,8 @@ def build_cache(
             in other threads meanwhile.
         anchors: anchor token budget per chunk (:mod:`compressor_plugin.anchors`; 0, the
             default: none). Part of every key: use the budget the application's engine uses.
+        follow_symlinks: read symlinked files of a ``source`` folder whose target lies outside
+            it (by default they are skipped and counted as ``outside_input``).
 
     Returns:
         A :class:`BuildSummary`. A Ctrl-C ends the build early with ``interrupted=True``
@@ -461,9 +464,10 @@ def build_cache(
                            dtype=parts["dtype"], k=compressor.k, mode=compressor.mode, chunk_tokens=int(chunk_tokens),
                            overlap=int(overlap), batch_size=batch_size, anchors=anchors)
     if isinstance(source, (str, os.PathLike)):
-        total_bytes = total_input_bytes(input_files(source)[1])
+        total_bytes = total_input_bytes(input_files(source, follow_symlinks=follow_symlinks)[1])
         documents: Iterator[Document] = iter_documents(source, text_field=text_field, id_field=id_field,
-                                                       skipped=skipped, limit=limit)
+                                                       skipped=skipped, limit=limit,
+                                                       follow_symlinks=follow_symlinks)
     else:
         total_bytes = 0
         documents = iter(source) if limit is None else _take(source, limit)

@@ -46,6 +46,7 @@ MISSING_TEXT = "missing_text_field"
 EMPTY_DOCUMENT = "empty_document"
 LONE_SURROGATE = "lone_surrogate"
 UNSUPPORTED_FILE = "unsupported_file"
+OUTSIDE_INPUT = "outside_input"
 EMPTY_CHUNK = "whitespace_only_chunk"
 OVER_LIMIT = "chunk_over_token_limit"
 _MAX_RESPLITS = 6
@@ -112,12 +113,16 @@ class Chunk:
 
 
 # ---------------------------------------------------------------------------------- reading
-def input_files(path: str | os.PathLike) -> tuple[Path, list[Path]]:
+def input_files(path: str | os.PathLike, *, follow_symlinks: bool = False,
+                skipped: Counter | None = None) -> tuple[Path, list[Path]]:
     """The root and the files to read for an input path (a file, or a folder walked recursively).
 
     Hidden files and folders (names starting with ``.``) are left out; in a folder, files with
     other endings than :data:`JSONL_SUFFIXES` and :data:`TEXT_SUFFIXES` are listed too and
-    counted as unsupported when read.
+    counted as unsupported when read. Symlinked folders are not entered, and a symlinked file
+    whose target lies outside the folder is left out (counted as ``outside_input`` in
+    ``skipped``) unless ``follow_symlinks``: a link planted in a corpus folder cannot pull in
+    other files of the machine.
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -127,10 +132,18 @@ def input_files(path: str | os.PathLike) -> tuple[Path, list[Path]]:
         return p.parent, [p]
     if not p.is_dir():
         raise FileNotFoundError(f"input not found: {p}")
+    real_root = os.path.realpath(p)
     files = []
     for dirpath, dirnames, filenames in os.walk(p):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+        for name in sorted(n for n in filenames if not n.startswith(".")):
+            f = Path(dirpath) / name
+            if not follow_symlinks and f.is_symlink() and os.path.commonpath(
+                    [real_root, os.path.realpath(f)]) != real_root:
+                if skipped is not None:
+                    skipped[OUTSIDE_INPUT] += 1
+                continue
+            files.append(f)
     return p, files
 
 
@@ -152,6 +165,7 @@ def iter_documents(
     id_field: str = "id",
     skipped: Counter | None = None,
     limit: int | None = None,
+    follow_symlinks: bool = False,
 ) -> Iterator[Document]:
     """Yield the documents of a file or folder, counting what is skipped and why.
 
@@ -162,11 +176,13 @@ def iter_documents(
         id_field: JSONL field holding the document id (lines without it get ``"<file>:<line>"``).
         skipped: a Counter that receives one count per skipped input, keyed by reason
             (``unreadable_file``, ``not_utf8``, ``bad_json``, ``not_a_json_object``,
-            ``missing_text_field``, ``empty_document``, ``unsupported_file``).
+            ``missing_text_field``, ``empty_document``, ``unsupported_file``, ``outside_input``).
         limit: stop after this many documents.
+        follow_symlinks: also read symlinked files whose target lies outside the folder (see
+            :func:`input_files`).
     """
     skipped = skipped if skipped is not None else Counter()
-    root, files = input_files(path)
+    root, files = input_files(path, follow_symlinks=follow_symlinks, skipped=skipped)
     single = Path(path).expanduser().is_file()
     count = 0
     for f in files:

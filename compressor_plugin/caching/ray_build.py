@@ -185,6 +185,7 @@ def build_cache_ray(
     merge_lora: bool = True,
     compile: bool = False,
     anchors: int = DEFAULT_ANCHORS,
+    follow_symlinks: bool = False,
 ) -> BuildSummary:
     """:func:`~compressor_plugin.caching.build.build_cache` on a Ray cluster (see the module docstring).
 
@@ -250,7 +251,8 @@ def build_cache_ray(
     chunker = TokenChunker(driver.tokenizer, chunk_tokens, overlap)
     if isinstance(source, (str, os.PathLike)):
         docs_iter: Iterable[Document] = iter_documents(source, text_field=text_field, id_field=id_field,
-                                                       skipped=skipped, limit=limit)
+                                                       skipped=skipped, limit=limit,
+                                                       follow_symlinks=follow_symlinks)
     else:
         docs_iter = itertools.islice(source, limit) if limit is not None else source
     rows: list[tuple[dict[str, Any], str]] = []

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "skipped and counted.")
     p.add_argument("--input", required=True, metavar="PATH",
                    help="JSONL file (one document per line), .txt/.md file, or a folder of them (recursive)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="in an --input folder, also read symlinked files whose target lies outside the folder "
+                        "(default: skip them, counted as outside_input; links within the folder are read)")
     add_store_argument(p)
     p.add_argument("--text-field", default=None, metavar="NAME",
                    help="JSONL field with the document text (default: 'text', else 'context')")
@@ -122,7 +125,8 @@ def _build(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, map_path=args.map, limit=args.limit, address=args.ray_address,
             num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
             num_cpus_per_worker=args.num_cpus_per_worker, shard_dir=args.shard_dir, progress=progress,
-            merge_lora=not args.no_merge_lora, compile=args.compile, anchors=args.anchors)
+            merge_lora=not args.no_merge_lora, compile=args.compile, anchors=args.anchors,
+            follow_symlinks=args.follow_symlinks)
     else:
         from ..caching.build import build_cache
         from ..compressor import Compressor
@@ -133,7 +137,8 @@ def _build(args: argparse.Namespace) -> int:
             id_field=args.id_field,
             chunk_tokens=args.chunk_tokens, overlap=args.overlap, batch_size=args.batch_size, map_path=args.map,
             limit=args.limit, writer_threads=args.writer_threads, progress=progress,
-            merge_lora=not args.no_merge_lora, compile=args.compile, anchors=args.anchors)
+            merge_lora=not args.no_merge_lora, compile=args.compile, anchors=args.anchors,
+            follow_symlinks=args.follow_symlinks)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:

@@ -34,7 +34,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..compressor import Compressor, CompressorConfig, resolve_checkpoint
+from ..compressor import Compressor, CompressorConfig, read_checked_tensors, resolve_checkpoint
+from ..errors import TrainingStateError
 from ..context import RotaryHelper
 from ..hf_compat import cache_kwargs, causal_lm, inner_model, new_cache
 from ..models import BaseModel, load_base_model, with_bos
@@ -46,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 #: Step tasks: regeneration, continuation, question answering.
 TASKS = ("regen", "continue", "qa", "cloze")
+#: The highest step a run without ``max_steps`` resumes at (a bound for a step read from ``state.pt``).
+MAX_RESUME_STEPS = 10_000_000
+#: The per-parameter state AdamW keeps.
+_ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -601,10 +606,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     step = 0
     state_path = out / "state.pt"
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        opt_state, step = read_resume_state(state_path, opt, cfg.max_steps)
         _load_trainable(compressor, peft_model, out / "checkpoint")
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+        opt.load_state_dict(opt_state)
         logger.info("resumed from step %d", step)
     best = float("inf")
     best_path = out / "best" / "val.json"
@@ -757,13 +761,63 @@ def _save_state(compressor: Compressor | None, peft_model: Any, opt: Any, out: P
     os.replace(tmp, out / "state.pt")
 
 
+def read_resume_state(path: Path, opt: torch.optim.Optimizer, max_steps: int | None) -> tuple[dict[str, Any], int]:
+    """The optimizer state to load into ``opt`` and the step to resume at, from a run's ``state.pt``.
+
+    Nothing is unpickled but tensors and plain containers, and every field is checked before
+    use: the step is an integer from 0 to ``max_steps`` (:data:`MAX_RESUME_STEPS` without one);
+    the optimizer state has ``opt``'s parameter groups and parameters, and each parameter's
+    AdamW moments have its shape, a floating-point dtype and finite values. The optimizer
+    settings (learning rate, weight decay, betas...) are the run's, not the file's.
+
+    Raises:
+        TrainingStateError: naming the file and the fault.
+    """
+    def bad(why: str) -> TrainingStateError:
+        return TrainingStateError(f"{path}: {why}", path=path)
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged archive, or a pickle of anything but tensors and containers
+        raise bad(f"not a training state ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(state, dict):
+        raise bad(f"not a dict but {type(state).__name__}")
+    missing, unknown = {"optimizer", "step"} - set(state), sorted(map(repr, set(state) - {"optimizer", "step"}))
+    if missing or unknown:
+        raise bad(f"missing keys {sorted(missing)}" if missing else f"unknown keys {unknown[:5]}")
+    step, limit = state["step"], MAX_RESUME_STEPS if max_steps is None else max_steps
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= limit:
+        raise bad(f"step {step!r} is not an integer from 0 to {limit}"
+                  + (" (this run's --max-steps)" if max_steps is not None else ""))
+    saved, ours = state["optimizer"], opt.state_dict()
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
+            or not isinstance(saved.get("param_groups"), list):
+        raise bad("the optimizer state is not a dict of 'state' and 'param_groups'")
+    groups = saved["param_groups"]
+    if len(groups) != len(ours["param_groups"]) or any(
+            not isinstance(g, dict) or g.get("params") != o["params"] for g, o in zip(groups, ours["param_groups"])):
+        raise bad("the optimizer state's parameter groups are not those of this run's optimizer")
+    params = {i: p for g, o in zip(opt.param_groups, ours["param_groups"]) for i, p in zip(o["params"], g["params"])}
+    for i, entry in saved["state"].items():
+        if i not in params:
+            raise bad(f"the optimizer state has a parameter {i!r} this run's optimizer lacks")
+        if not isinstance(entry, dict) or set(entry) != _ADAMW_STATE or not all(
+                isinstance(t, torch.Tensor) and t.is_floating_point() and bool(torch.isfinite(t).all())
+                for t in entry.values()):
+            raise bad(f"the optimizer state of parameter {i} is not finite AdamW moments {sorted(_ADAMW_STATE)}")
+        if entry["step"].numel() != 1 or float(entry["step"]) < 0 or any(
+                entry[k].shape != params[i].shape for k in ("exp_avg", "exp_avg_sq")):
+            raise bad(f"the optimizer state of parameter {i} does not fit its shape {tuple(params[i].shape)}")
+    return {"state": saved["state"], "param_groups": ours["param_groups"]}, step
+
+
 def _load_trainable(compressor: Compressor | None, peft_model: Any, path: Path) -> None:
     if compressor is not None:
         compressor.load_weights(path)
         for p in compressor.trainable_parameters():
             p.data = p.data.float()
     else:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        set_peft_model_state_dict(peft_model, load_file(str(path / "adapter_model.safetensors")))
+        expected = {n: tuple(t.shape) for n, t in get_peft_model_state_dict(peft_model).items()}
+        set_peft_model_state_dict(peft_model, read_checked_tensors(path / "adapter_model.safetensors", expected))
