@@ -88,14 +88,18 @@ def run_demo(engine: Any, *, questions: int = 4, top_k: int = 2, full_layout: st
     gen = engine.generator
     for q in data["questions"][:questions]:
         idx = bm25.top(q["question"], top_k)
-        ctxs = [results[i].context for i in idx]
         texts = [docs[i]["text"] for i in idx]
         pc = qa_prompt(compressed_layout, q["question"], engine.tokenizer)
-        rc = gen.generate(pc.segments(ctxs), max_new_tokens=max_new_tokens, stop=list(pc.stop))
+        # the user's path: a prompt holding the chunks' markers, resolved by the engine (store
+        # lookups, and anchors chosen for this question from each chunk's stored text)
+        marked = pc.before + "".join(engine.marker(results[i].key) for i in idx) + pc.after
+        t1 = time.perf_counter()
+        rc = engine.generate(marked, max_new_tokens=max_new_tokens, stop=list(pc.stop), chat=False)
+        rc_s = time.perf_counter() - t1
         pf = qa_prompt(full_layout, q["question"], engine.tokenizer)
         rf = gen.generate(pf.segments(texts), max_new_tokens=max_new_tokens, stop=list(pf.stop))
         rows.append(DemoRow(q["question"], q["answers"], [docs[i]["id"] for i in idx],
-                            first_line_answer(rc.text), rc.prompt_tokens, rc.total_s,
+                            first_line_answer(rc.text), rc.generation.prompt_tokens, rc_s,
                             first_line_answer(rf.text), rf.prompt_tokens, rf.total_s))
     score = lambda attr: sum(squad_scores(getattr(r, attr), r.gold)["f1"] for r in rows) / max(len(rows), 1)  # noqa: E731
     return {
