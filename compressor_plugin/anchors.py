@@ -208,7 +208,7 @@ def anchor_spans(text: str, tokenizer: Any, *, left_context: int = DEFAULT_LEFT_
 _QUESTION_STOP = frozenset(
     "the and for from with what which who whom whose when where why how did does was were are has have had that "
     "this these those its into than then their his her they she him them there been being about after before "
-    "many much name named called long year years time".split())
+    "many much name named called long year years time question answer context".split())
 _SENTENCE_END = re.compile(r"[.!?;](?=\s)|\n")
 
 
@@ -244,6 +244,11 @@ def _by_question(text: str, spans: list[tuple[int, int, str]], question: str) ->
 
     order = sorted(range(len(spans)), key=score)
     return [spans[j] for j in order]
+
+
+def has_question_words(text: str) -> bool:
+    """Whether ``text`` holds a word that question anchors can match (not only ``Question: Answer:``)."""
+    return bool(_stems(text))
 
 
 def relevance(text: str, question: str) -> int:

@@ -251,20 +251,31 @@ class CompressionEngine:
     def _ask_anchors(self, res: Resolution, found: list[tuple[str, Any]], contents: Sequence[Any]) -> None:
         """Question anchors: re-choose the anchors of the prompt's stored contexts for its question.
 
-        The question is the prompt's own text (every string part, markers taken out). Each
-        chunk's spans come from its stored text (kept in memory for the next question); the
-        prompt's anchor budget is shared by relevance (:func:`~compressor_plugin.anchors.question_anchors`).
-        A context without anchors, or whose text is gone from the store, keeps what it has.
+        The question is the prompt's text after its last marker (``Question: ... Answer:`` in
+        the usual RAG template), or, when that holds no content word (a template that asks
+        first), all of the prompt's own text. Each chunk's spans come from its stored text
+        (kept in memory for the next question); the prompt's anchor budget is shared by
+        relevance (:func:`~compressor_plugin.anchors.question_anchors`). A context without
+        anchors, or whose text is gone from the store, keeps what it has.
         """
-        from .anchors import question_anchors
+        from .anchors import has_question_words, question_anchors
 
         pieces: list[str] = []
+        after: list[str] = []  # the text after the last marker
         for content in contents:
             for part in content if isinstance(content, list) else [content]:
-                if isinstance(part, str):
-                    pieces.extend(p for p in split_markers(part) if isinstance(p, str))
-        question = " ".join(pieces)
-        if not question.strip():
+                if not isinstance(part, str):
+                    continue
+                for p in split_markers(part):
+                    if isinstance(p, str):
+                        pieces.append(p)
+                        after.append(p)
+                    else:
+                        after = []
+        question = " ".join(after)
+        if not has_question_words(question):
+            question = " ".join(pieces)
+        if not has_question_words(question):
             return
         chosen = [(ctx, spans) for key, ctx in found if ctx.anchor_count
                   for spans in [self._chunk_spans(key)] if spans is not None]

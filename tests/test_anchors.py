@@ -346,3 +346,20 @@ def test_engine_shares_the_anchor_budget_across_a_prompts_chunks(comp, tmp_path)
     first, second = [s for s in res.segments if isinstance(s, CompressedContext)]
     assert first.anchor_count + second.anchor_count <= 20 and second.anchor_count > 10
     assert "employed 652 people" in engine.tokenizer.decode(second.anchor_list())
+
+
+def test_engine_question_is_the_text_after_the_last_marker(comp, tmp_path):
+    from compressor_plugin.engine import CompressionEngine
+
+    engine = CompressionEngine(comp, ContextStore(tmp_path / "s"), anchors=10)
+    other = ("The Keldor river floods every spring near the town of Amsel, 41 kilometres from the coast, "
+             "and the Ostrander Bridge built in 1877 still crosses it.")
+    markers = "".join(engine.mark([other, TEXT]))
+    question = "How many people did her workshop employ?"
+    # a preamble about the other chunk does not steer the anchors: the question after the markers does
+    preamble = "You answer questions about the Keldor river, Amsel and the Ostrander Bridge built in 1877.\n"
+    for prompt in (f"{preamble}Context: {markers}\nQuestion: {question}\nAnswer:",
+                   f"Question: {question}\nContext: {markers}\nAnswer:"):  # asked first: all the prompt's text
+        first, second = [s for s in engine.resolve(prompt).segments if isinstance(s, CompressedContext)]
+        assert second.anchor_count > 10 > first.anchor_count, prompt
+        assert "employed 652 people" in engine.tokenizer.decode(second.anchor_list())
