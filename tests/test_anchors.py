@@ -363,3 +363,24 @@ def test_engine_question_is_the_text_after_the_last_marker(comp, tmp_path):
         first, second = [s for s in engine.resolve(prompt).segments if isinstance(s, CompressedContext)]
         assert second.anchor_count > 10 > first.anchor_count, prompt
         assert "employed 652 people" in engine.tokenizer.decode(second.anchor_list())
+
+
+def test_integrations_pass_question_anchors_to_their_engine(monkeypatch):
+    """Both faces take the engine's option by the same name and hand it on unchanged."""
+    from compressor_plugin.engine import CompressionEngine
+    from compressor_plugin.integrations.langchain import CompressedChatModel
+    from compressor_plugin.integrations.llama_index import CompressedLLM
+
+    seen = []
+
+    def fake_from_pretrained(checkpoint, **kwargs):
+        seen.append(kwargs["question_anchors"])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(CompressionEngine, "from_pretrained", staticmethod(fake_from_pretrained))
+    for face in (CompressedChatModel, CompressedLLM):
+        with pytest.raises(RuntimeError, match="stop here"):
+            face.from_pretrained("default", question_anchors=False)
+        with pytest.raises(RuntimeError, match="stop here"):
+            face.from_pretrained("default")
+    assert seen == [False, True, False, True]

@@ -340,9 +340,10 @@ def _compression_info(result: EngineResult) -> dict[str, Any]:
 
 
 def _load_engine(checkpoint: str | os.PathLike, store: ContextStore | str | os.PathLike | None,
-                 device: Any, dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS) -> CompressionEngine:
+                 device: Any, dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
+                 question_anchors: bool = True) -> CompressionEngine:
     return CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose,
-                                             anchors=anchors)
+                                             anchors=anchors, question_anchors=question_anchors)
 
 
 class BaseCompressedModel(BaseModel):
@@ -394,7 +395,7 @@ class BaseCompressedModel(BaseModel):
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
                         store: ContextStore | str | os.PathLike | None = None,
                         device: Any = None, dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
-                        **kwargs: Any) -> Any:
+                        question_anchors: bool = True, **kwargs: Any) -> Any:
         """Load a compressor checkpoint (shipped name or folder) with its base model and open a store.
 
         Args:
@@ -405,10 +406,12 @@ class BaseCompressedModel(BaseModel):
                 every store key, so use the dtype the store was built with.
             verbose: show the model loader's progress bars and messages.
             anchors: anchor token budget per chunk (see :class:`~compressor_plugin.engine.CompressionEngine`);
-                default 0 (off).
+                default :data:`~compressor_plugin.anchors.DEFAULT_ANCHORS`, 0 for the K/V alone.
+            question_anchors: choose each chunk's anchors for the prompt's question (default);
+                False keeps those chosen at compression time.
             **kwargs: other fields (``max_tokens``, ``temperature``, ``stop``, ...).
         """
-        return cls(_load_engine(checkpoint, store, device, dtype, verbose, anchors), **kwargs)
+        return cls(_load_engine(checkpoint, store, device, dtype, verbose, anchors, question_anchors), **kwargs)
 
     def _extra_identifying_params(self) -> dict[str, Any]:
         return {}

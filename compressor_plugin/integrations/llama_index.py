@@ -502,7 +502,8 @@ class CompressedLLM(CustomLLM):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
-                        dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS, **kwargs: Any) -> "CompressedLLM":
+                        dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
+                        question_anchors: bool = True, **kwargs: Any) -> "CompressedLLM":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
 
         Args:
@@ -514,13 +515,15 @@ class CompressedLLM(CustomLLM):
                 every store key, so use the dtype the store was built with.
             verbose: show the model loader's progress bars and messages.
             anchors: anchor token budget per chunk (see :class:`~compressor_plugin.engine.CompressionEngine`);
-                default 0 (off).
+                default :data:`~compressor_plugin.anchors.DEFAULT_ANCHORS`, 0 for the K/V alone.
+            question_anchors: choose each chunk's anchors for the prompt's question (default);
+                False keeps those chosen at compression time.
             **kwargs: :class:`CompressedLLM` settings.
         """
         from ..engine import CompressionEngine
 
         engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose,
-                                                   anchors=anchors)
+                                                   anchors=anchors, question_anchors=question_anchors)
         return cls(engine, **kwargs)
 
     @classmethod
