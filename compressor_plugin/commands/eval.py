@@ -90,8 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "its chunk's exact names, numbers and dates beside the K/V, as {mode}-k{K}+a{N} "
                          "(default 0: none)")
     qa.add_argument("--question-anchors", action="store_true",
-                    help="also evaluate anchors chosen for each question (+qN systems: spans from the sentences "
-                         "that share words with the question first), at each budget N > 0")
+                    help="also evaluate anchors chosen for each question as the engine chooses them (+qN systems: "
+                         "spans from the sentences that share words with the question first; with --chunks > 1 the "
+                         "prompt's budget is shared by relevance, and +qN-unshared keeps N per chunk), at each "
+                         "budget N > 0")
     qa.add_argument("--anchor-context", type=int, default=None, metavar="W",
                     help="words kept before each number or date in anchors ('born in 1962'; default "
                          "compressor_plugin.anchors.DEFAULT_LEFT_CONTEXT)")
