@@ -408,3 +408,48 @@ def test_eval_checks_every_checkpoint_before_running(command: str, qa_file: Path
     out = tmp_path / "out.json"
     assert _run(["eval", command, "--data", qa_file, "--checkpoint", "kv-k1", stale, "--output", out]) == 2
     assert "fingerprint" in capsys.readouterr().err and not out.exists()
+
+
+def test_eval_qa_reference_gives_agreement_without_full_text(qa_file: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--examples all keeps every answer; --reference measures agreement against them later,
+    and a reference that lacks questions is refused before any model runs."""
+    from compressor_plugin.evaluation.metrics import squad_scores
+    from compressor_plugin.generation import Generator
+
+    ref = tmp_path / "full.json"
+    assert _run(["eval", "qa", "--data", qa_file, "--limit", 3, "--systems", "full", "--layouts", "plain",
+                 "--examples", "all", "--max-new-tokens", 8, "--output", ref, "--no-progress"]) == 0
+    full = json.loads(ref.read_text())["examples"]["full"]
+    assert len(full) == 3  # all of them, not the first few
+    out = tmp_path / "kv.json"
+    assert _run(["eval", "qa", "--data", qa_file, "--limit", 3, "--k", 2, "--layouts", "plain",
+                 "--systems", "compressed", "--examples", "all", "--reference", ref, "--max-new-tokens", 8,
+                 "--output", out, "--no-progress"]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["systems"]) == {"kv-k2"}
+    answers = {e["id"]: e["prediction"] for e in full}
+    rows = r["examples"]["kv-k2"]
+    expected = sum(squad_scores(e["prediction"], [answers[e["id"]]])["f1"] for e in rows) / len(rows)
+    assert r["systems"]["kv-k2"]["agreement_f1"] == pytest.approx(expected)
+    full_f1 = sum(e["f1"] for e in full) / len(full)
+    kv_f1 = r["systems"]["kv-k2"]["f1"]
+    assert r["systems"]["kv-k2"]["retention_f1"] == (pytest.approx(kv_f1 / full_f1) if full_f1 > 0 else None)
+
+    def no_generation(*_a: object, **_k: object) -> None:
+        raise AssertionError("a system ran before the reference was checked")
+
+    monkeypatch.setattr(Generator, "generate_batch", no_generation)
+    capsys.readouterr()
+    # the reference answered 3 questions; this run asks 4
+    assert _run(["eval", "qa", "--data", qa_file, "--k", 2, "--systems", "compressed", "--reference", ref]) == 2
+    assert "lacks 1 of this run's 4 questions" in capsys.readouterr().err
+    assert _run(["eval", "qa", "--data", qa_file, "--limit", 3, "--chunks", 2, "--k", 2, "--systems", "compressed",
+                 "--reference", ref]) == 2
+    assert "chunks per question" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("{not json")
+    assert _run(["eval", "qa", "--data", qa_file, "--k", 2, "--reference", tmp_path / "junk.json"]) == 2
+    assert "not a readable result JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: "expected a number >= 0 or 'all'"
+        _run(["eval", "qa", "--data", qa_file, "--k", 2, "--examples", "-1"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -29,6 +31,19 @@ def budget_list(text: str) -> list[int]:
     if not vals or min(vals) < 0 or max(vals) > MAX_ANCHOR_TOKENS:
         raise argparse.ArgumentTypeError(f"expected budgets between 0 and {MAX_ANCHOR_TOKENS}, got {text!r}")
     return vals
+
+
+def examples_arg(text: str) -> int | None:
+    """``--examples``: a count of at least 0, or ``all`` (None)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', not {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'all', not {text!r}")
+    return n
 
 
 def str_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -97,6 +112,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     qa.add_argument("--anchor-context", type=int, default=None, metavar="W",
                     help="words kept before each number or date in anchors ('born in 1962'; default "
                          "compressor_plugin.anchors.DEFAULT_LEFT_CONTEXT)")
+    qa.add_argument("--examples", type=examples_arg, default=5, metavar="N|all",
+                    help="per-question answers kept per system in the JSON (default 5; 'all' lets a later run "
+                         "use this one as its --reference)")
+    qa.add_argument("--reference", default=None, metavar="RESULT.json",
+                    help="an earlier result written with --examples all and the full systems, on the same "
+                         "questions: agreement is measured against its full-text answers when this run has "
+                         "no full system (run full text once, compressors many times)")
     add_model_args(qa)
     qa.add_argument("--output", default=None, help="result JSON file")
     qa.add_argument("--plot", default=None, help="also plot F1 vs compression ratio to this PNG")
@@ -178,12 +200,18 @@ def _qa(args: argparse.Namespace) -> int:
         raise ValueError("--chunks must be positive")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be positive")
+    reference = None
+    if args.reference is not None:
+        try:
+            reference = json.loads(Path(args.reference).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--reference {args.reference}: not a readable result JSON ({e})") from e
     result = run_qa_eval(args.data, limit=args.limit, seed=args.seed, checkpoints=args.checkpoint, k=args.k,
                          mode=args.mode, full_tuned=args.full_tuned, layouts=args.layouts, systems=args.systems,
                          device=args.device, dtype=args.dtype, batch_size=args.batch_size, chunks=args.chunks,
                          max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
                          anchors=args.anchors, anchor_context=args.anchor_context,
-                         question_anchors=args.question_anchors)
+                         question_anchors=args.question_anchors, keep_examples=args.examples, reference=reference)
     return _finish(result, qa_table(result), args, lambda: plot_qa([result], args.plot))
 
 

@@ -276,6 +276,34 @@ def agreement(rows: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]
     return {"agreement_f1": sum(f1s) / n, "agreement_em": sum(ems) / n}
 
 
+def reference_rows(reference: dict[str, Any], ids: Sequence[str], chunks: int) -> list[dict[str, Any]]:
+    """The ``full`` system's answers in an earlier ``eval qa`` result, checked to cover ``ids``.
+
+    Raises:
+        ValueError: not an ``eval qa`` result, another number of chunks per question, no
+            ``full`` answers, or some questions missing (the earlier run kept only its first
+            examples, or asked other questions).
+    """
+    if not isinstance(reference, dict) or reference.get("kind") != "eval-qa":
+        raise ValueError("the reference is not an 'eval qa' result JSON")
+    config = reference.get("config") if isinstance(reference.get("config"), dict) else {}
+    if config.get("chunks", 1) != chunks:
+        raise ValueError(f"the reference result has {config.get('chunks')!r} chunks per question and this run {chunks}: "
+                         "the same questions with other distractors are not the same prompts")
+    examples = reference.get("examples") if isinstance(reference.get("examples"), dict) else {}
+    rows = examples.get("full")
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("the reference result has no 'full' system answers: run it with the full systems")
+    known = {r["id"]: r for r in rows
+             if isinstance(r, dict) and isinstance(r.get("prediction"), str) and isinstance(r.get("f1"), (int, float))}
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise ValueError(
+            f"the reference result lacks {len(missing)} of this run's {len(ids)} questions (first: {missing[0]!r}): "
+            "write it with --examples all, on the same --data, --limit, --seed and --chunks")
+    return [known[i] for i in ids]
+
+
 def _token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -307,6 +335,8 @@ def run_qa_eval(
     anchors: Sequence[int] = (0,),
     anchor_context: int | None = None,
     question_anchors: bool = False,
+    keep_examples: int | None = N_EXAMPLES,
+    reference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate QA systems on a seeded subset of ``data`` and return the result dict.
 
@@ -335,6 +365,14 @@ def run_qa_eval(
             (:func:`~compressor_plugin.anchors.question_anchors`: spans of the sentences that
             share words with it first, the prompt's budget shared by relevance). With several
             chunks also ``+q{N}-unshared``: every chunk keeps N.
+        keep_examples: per-question rows kept per system in the result's ``examples`` (``None``:
+            every question, so a later run can use this one as its ``reference``).
+        reference: an earlier ``eval qa`` result kept with ``keep_examples=None`` whose ``full``
+            system answered the same questions: when this run has no ``full`` system, agreement
+            and retention are measured against those answers (full text once, compressors many times).
+
+    Raises:
+        ValueError: ``reference`` has no ``full`` answers, or lacks some of this run's questions.
     """
     import dataclasses
 
@@ -367,6 +405,8 @@ def run_qa_eval(
 
     t_start = time.perf_counter()
     examples = load_qa(data, limit=limit, seed=seed, chunks=chunks)
+    # checked before any model runs: a bad reference fails in a second, not after the systems
+    ref_rows = reference_rows(reference, [ex.id for ex in examples], chunks) if reference is not None else None
     label_task = is_label_task(examples)
     base = load_base_model(checkpoints_base(checkpoints), device=device, dtype=dtype)
     metas = dict(zip(checkpoints, check_checkpoints(checkpoints, base)))
@@ -537,6 +577,9 @@ def run_qa_eval(
     # -- retention, agreement with the best full-text answers, and examples
     full_f1 = results.get("full", {}).get("f1")
     full_rows = results.get("full", {}).get("_rows")
+    if full_rows is None and ref_rows is not None:  # the reference run's full text, on these questions
+        full_rows = ref_rows
+        full_f1 = metrics.aggregate(ref_rows, ["f1"])["f1"]
     examples_out: dict[str, list[dict[str, Any]]] = {}
     for name, s in results.items():
         if full_f1 is not None and full_f1 > 0:
@@ -545,7 +588,7 @@ def run_qa_eval(
             s.update(agreement(s["_rows"], full_rows))
         rows = s.pop("_rows") if "_rows" in s else []
         examples_out[name] = [{k2: r[k2] for k2 in ("id", "question", "golds", "prediction", "f1", "em")}
-                              for r in rows[:N_EXAMPLES]]
+                              for r in (rows if keep_examples is None else rows[:keep_examples])]
         ctx_mean = s.get("context_tokens_mean")
         # prompt positions one chunk takes (its text, or its k slots plus anchor tokens)
         s["tokens_per_chunk"] = ctx_mean / chunks if isinstance(ctx_mean, (int, float)) else None
