@@ -28,6 +28,7 @@ and every compression ratio this package reports counts them.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -220,9 +221,11 @@ def _stems(text: str) -> set[str]:
 def _by_question(text: str, spans: list[tuple[int, int, str]], question: str) -> list[tuple[int, int, str]]:
     """``spans`` reordered: those whose sentence shares the most words with ``question`` first.
 
-    Within a sentence, a span that shares a word with the question and adds one comes first
-    (``employed 652 people`` for "How many people did it employ?"), and a span the question
-    already spells (``AFC`` for "Which team represented the AFC?") last: it tells the model
+    A shared word counts ``1 / (sentences of the chunk that hold it)``: the chunk's subject
+    (``Zaslyrkmere Athletic`` in every sentence) tells its sentences apart less than the word
+    only one of them holds (``coached`` for "Who coaches Zaslyrkmere Athletic?"). Within a
+    sentence, a span that shares a word with the question and adds one comes first (``employed
+    652 people`` for "How many people did it employ?"), and a span the question already spells (``AFC`` for "Which team represented the AFC?") last: it tells the model
     nothing new. Ties keep the salience order of :func:`anchor_spans`.
     """
     q = _stems(question)
@@ -230,10 +233,14 @@ def _by_question(text: str, spans: list[tuple[int, int, str]], question: str) ->
         return spans
     cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
     bounds = list(zip([0] + cuts, cuts + [len(text)]))
-    overlap = [len(q & _stems(text[a:b])) for a, b in bounds]
-    import bisect
+    words = [_stems(text[a:b]) for a, b in bounds]
+    held: dict[str, int] = {}  # sentences that hold each word
+    for w in words:
+        for stem in w & q:
+            held[stem] = held.get(stem, 0) + 1
+    overlap = [round(sum(1.0 / held[stem] for stem in w & q), 9) for w in words]  # rounded: exact ties tie
 
-    def score(j: int) -> tuple[int, int, int]:
+    def score(j: int) -> tuple[float, int, int]:
         start, end, _ = spans[j]
         i = min(bisect.bisect_right(cuts, start), len(bounds) - 1)
         own = _stems(text[start:end])

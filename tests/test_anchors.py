@@ -276,6 +276,17 @@ def test_left_context_and_sentence_starts_look_past_the_search_window(tok):
 
 
 # ---------------------------------------------------------------------------------- question anchors
+def test_question_words_the_whole_chunk_shares_count_less(tok):
+    """The chunk's subject is in every sentence: the word only the answer's sentence holds decides."""
+    club = ("Zaslyrkmere Athletic was founded in Leeds in 1940. Zaslyrkmere Athletic won the Pelvard "
+            "league 3 times. Its striker Ollo Brenvik scored 50 goals for Zaslyrkmere Athletic. The club is "
+            "coached by Thyndgo Pugous.")
+    asked = tok.decode(select_anchors(club, tok, 14, question="Who coaches Zaslyrkmere Athletic?"))
+    assert "Thyndgo Pugous" in asked, asked
+    # and a word in one sentence still beats none: the founding year for "When was it founded?"
+    assert "1940" in tok.decode(select_anchors(club, tok, 14, question="When was Zaslyrkmere Athletic founded?"))
+
+
 def test_question_anchors_spend_the_budget_on_the_asked_sentence(tok):
     static = tok.decode(select_anchors(TEXT, tok, 12))
     asked = tok.decode(select_anchors(TEXT, tok, 12, question="How many people did her workshop employ?"))
