@@ -225,8 +225,8 @@ def _by_question(text: str, spans: list[tuple[int, int, str]], question: str) ->
     (``Zaslyrkmere Athletic`` in every sentence) tells its sentences apart less than the word
     only one of them holds (``coached`` for "Who coaches Zaslyrkmere Athletic?"). Within a
     sentence, a span that shares a word with the question and adds one comes first (``employed
-    652 people`` for "How many people did it employ?"), and a span the question already spells (``AFC`` for "Which team represented the AFC?") last: it tells the model
-    nothing new. Ties keep the salience order of :func:`anchor_spans`.
+    652 people`` for "How many people did it employ?"), and a span the question already spells
+    (``AFC`` for "Which team represented the AFC?") last: it tells the model nothing new. Ties keep the salience order of :func:`anchor_spans`.
     """
     q = _stems(question)
     if not q:

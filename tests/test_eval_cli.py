@@ -448,6 +448,14 @@ def test_eval_qa_reference_gives_agreement_without_full_text(qa_file: Path, tmp_
     assert _run(["eval", "qa", "--data", qa_file, "--limit", 3, "--chunks", 2, "--k", 2, "--systems", "compressed",
                  "--reference", ref]) == 2
     assert "chunks per question" in capsys.readouterr().err
+    # the same ids with other questions (another data file) and rows without an id are not answers to this run
+    forged = json.loads(ref.read_text())
+    forged["examples"]["full"][0]["question"] = "Which question was this?"
+    forged["examples"]["full"].append({"prediction": "x", "f1": 1.0})
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    assert _run(["eval", "qa", "--data", qa_file, "--limit", 3, "--k", 2, "--systems", "compressed",
+                 "--reference", tmp_path / "forged.json"]) == 2
+    assert "asks other questions under 1 of this run's ids" in capsys.readouterr().err
     (tmp_path / "junk.json").write_text("{not json")
     assert _run(["eval", "qa", "--data", qa_file, "--k", 2, "--reference", tmp_path / "junk.json"]) == 2
     assert "not a readable result JSON" in capsys.readouterr().err

@@ -276,13 +276,16 @@ def agreement(rows: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]
     return {"agreement_f1": sum(f1s) / n, "agreement_em": sum(ems) / n}
 
 
-def reference_rows(reference: dict[str, Any], ids: Sequence[str], chunks: int) -> list[dict[str, Any]]:
-    """The ``full`` system's answers in an earlier ``eval qa`` result, checked to cover ``ids``.
+def reference_rows(reference: dict[str, Any], questions: dict[str, str], chunks: int) -> list[dict[str, Any]]:
+    """The ``full`` system's answers in an earlier ``eval qa`` result, checked to cover ``questions``.
+
+    ``questions`` maps this run's question ids to their text: a reference row must carry the
+    same id *and* the same question (two invented-facts files of other seeds share ids).
 
     Raises:
         ValueError: not an ``eval qa`` result, another number of chunks per question, no
-            ``full`` answers, or some questions missing (the earlier run kept only its first
-            examples, or asked other questions).
+            ``full`` answers, some questions missing (the earlier run kept only its first
+            examples, or asked other questions), or a question of the same id that differs.
     """
     if not isinstance(reference, dict) or reference.get("kind") != "eval-qa":
         raise ValueError("the reference is not an 'eval qa' result JSON")
@@ -295,13 +298,18 @@ def reference_rows(reference: dict[str, Any], ids: Sequence[str], chunks: int) -
     if not isinstance(rows, list) or not rows:
         raise ValueError("the reference result has no 'full' system answers: run it with the full systems")
     known = {r["id"]: r for r in rows
-             if isinstance(r, dict) and isinstance(r.get("prediction"), str) and isinstance(r.get("f1"), (int, float))}
-    missing = [i for i in ids if i not in known]
+             if isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("prediction"), str)
+             and isinstance(r.get("f1"), (int, float)) and not isinstance(r.get("f1"), bool)}
+    missing = [i for i in questions if i not in known]
     if missing:
         raise ValueError(
-            f"the reference result lacks {len(missing)} of this run's {len(ids)} questions (first: {missing[0]!r}): "
-            "write it with --examples all, on the same --data, --limit, --seed and --chunks")
-    return [known[i] for i in ids]
+            f"the reference result lacks {len(missing)} of this run's {len(questions)} questions (first: "
+            f"{missing[0]!r}): write it with --examples all, on the same --data, --limit, --seed and --chunks")
+    other = [i for i, q in questions.items() if known[i].get("question") != q]
+    if other:
+        raise ValueError(f"the reference result asks other questions under {len(other)} of this run's ids (first: "
+                         f"{other[0]!r}): it was made from another data file")
+    return [known[i] for i in questions]
 
 
 def _token_count(tokenizer: Any, text: str) -> int:
@@ -372,7 +380,8 @@ def run_qa_eval(
             and retention are measured against those answers (full text once, compressors many times).
 
     Raises:
-        ValueError: ``reference`` has no ``full`` answers, or lacks some of this run's questions.
+        ValueError: ``reference`` does not hold ``full`` answers to this run's questions
+            (:func:`reference_rows`).
     """
     import dataclasses
 
@@ -406,7 +415,7 @@ def run_qa_eval(
     t_start = time.perf_counter()
     examples = load_qa(data, limit=limit, seed=seed, chunks=chunks)
     # checked before any model runs: a bad reference fails in a second, not after the systems
-    ref_rows = reference_rows(reference, [ex.id for ex in examples], chunks) if reference is not None else None
+    ref_rows = reference_rows(reference, {ex.id: ex.question for ex in examples}, chunks) if reference is not None else None
     label_task = is_label_task(examples)
     base = load_base_model(checkpoints_base(checkpoints), device=device, dtype=dtype)
     metas = dict(zip(checkpoints, check_checkpoints(checkpoints, base)))
