@@ -218,8 +218,9 @@ def test_teacher_targets_are_generated_once(tiny_base_dir, data_files, tmp_path)
     cached in the run folder, and reused when the run resumes."""
     out = tmp_path / "teacher"
     cmd = _train_cmd(tiny_base_dir, out, data_files["qa"], "--stage", "qa", "--k", "2", "--max-steps", "2",
-                     "--teacher-targets", "1.0")
+                     "--teacher-targets", "1.0", "--anchors", "8", "--max-chunks", "1")
     subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
+    assert json.loads((out / "train_config.json").read_text())["anchors"] == 8
     cache = out / "teacher_answers_qa.json"
     answers = json.loads(cache.read_text())
     assert len(answers) == 12 and all(isinstance(a, str) for a in answers.values())
@@ -228,3 +229,43 @@ def test_teacher_targets_are_generated_once(tiny_base_dir, data_files, tmp_path)
     subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
     assert cache.stat().st_mtime_ns == before  # nothing left to generate on resume
     assert json.loads((out / "summary.json").read_text())["step"] == 3
+
+
+def test_anchors_sit_after_the_slots_of_one_chunk_as_at_answer_time(data_files):
+    """--anchors N: a one-chunk QA step reads the chunk's question anchors (what the engine picks for
+    that question) after its slots, and they change the loss; the full-text teacher does not read them;
+    steps with several chunks carry none."""
+    import torch
+
+    from compressor_plugin.anchors import select_anchors
+    from compressor_plugin.compressor import Compressor, CompressorConfig
+    from compressor_plugin.models import tiny_random_llama
+    from compressor_plugin.training.data import load_qa
+    from compressor_plugin.training.trainer import StepModule, TrainConfig
+
+    base = tiny_random_llama(seed=3)
+    comp = Compressor(base, CompressorConfig(k=2, lora_r=4), seed=0)
+    samples = load_qa([data_files["qa"]], base.tokenizer, max_tokens=64)[:4]
+    plain_cfg = TrainConfig(stage="qa", k=2, data=[str(data_files["qa"])], max_chunks=1, layouts=["plain"], max_gap=0)
+    anchored_cfg = TrainConfig(stage="qa", k=2, data=[str(data_files["qa"])], max_chunks=1, layouts=["plain"],
+                               max_gap=0, anchors=16, distill=0.5)
+    plain, anchored = StepModule(base, plain_cfg, comp), StepModule(base, anchored_cfg, comp)
+    for m in (plain, anchored):
+        m.train()
+    with torch.no_grad():
+        loss0, info0 = plain(samples, seed=1)
+        loss1, info1 = anchored(samples, seed=1)
+    want = [select_anchors(base.tokenizer.decode(s.ids), base.tokenizer, 16, question=s.question) for s in samples]
+    assert all(want) and info1["anchor_tokens"] == sum(map(len, want)) and info0["anchor_tokens"] == 0
+    assert info1["target_tokens"] == info0["target_tokens"]  # the same targets, read after the anchors
+    assert float(loss0) != float(loss1)
+    assert "kl" in info1  # the teacher reads the full text (no anchors) beside the student's anchored rows
+    # several chunks per step: no anchors (they would sit between chunks)
+    multi = StepModule(base, TrainConfig(stage="qa", k=2, data=[str(data_files["qa"])], max_chunks=4,
+                                         layouts=["plain"], anchors=16), comp)
+    with torch.no_grad():
+        infos = [multi(samples, seed=s)[1] for s in range(12)]
+    assert all((i["anchor_tokens"] > 0) == (i["chunks"] == 1) for i in infos)
+    assert {i["chunks"] for i in infos} - {1}
+    with pytest.raises(ValueError, match="anchor"):
+        TrainConfig(stage="qa", mode="full-tuned", data=[str(data_files["qa"])], anchors=16)

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-targets", type=float, default=0.0,
                    help="QA steps: share of samples trained on the frozen model's own full-text answer (generated "
                         "once, greedy, 3-shot layout; cached in the run folder) instead of the gold answer (default 0)")
+    p.add_argument("--anchors", type=int, default=0,
+                   help="QA steps with one chunk: this many question-anchor tokens after the chunk's slots, "
+                        "chosen as the engine chooses them at answer time (default 0: none)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--target-modules", default="q_proj,v_proj")
@@ -81,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
                       seed=args.seed, limit=args.limit, log_every=args.log_every, eval_every=args.eval_every,
                       save_every=args.save_every, val_samples=args.val_samples, mix=parse_mix(args.mix),
                       continue_tokens=args.continue_tokens, cloze_per_text=args.cloze_per_text,
-                      distill=args.distill, teacher_targets=args.teacher_targets,
+                      distill=args.distill, teacher_targets=args.teacher_targets, anchors=args.anchors,
                       gradient_checkpointing=args.gradient_checkpointing, fused_kernels=args.fused_kernels)
     if cfg.max_steps is None and cfg.max_minutes is None:
         raise ValueError("give --max-steps or --max-minutes")

@@ -117,6 +117,7 @@ class TrainConfig:
     cloze_per_text: int = 0  # cloze (detail) questions generated per corpus text, added to the QA pool
     distill: float = 0.0  # QA steps: weight of KL(full-text teacher || student) vs. CE on the gold answer
     teacher_targets: float = 0.0  # QA steps: share of samples whose target is the teacher's own answer
+    anchors: int = 0  # QA steps with one chunk: this many question-anchor tokens after its slots, as at answer time
     gradient_checkpointing: bool = False  # recompute the frozen MLP blocks in the backward pass
     fused_kernels: bool = False  # Liger's Triton RMSNorm / rotary / SwiGLU (CUDA, training/kernels.py)
 
@@ -132,6 +133,11 @@ class TrainConfig:
             raise ValueError("teacher_targets is a share between 0 and 1")
         if self.teacher_targets > 0 and self.mode == "full-tuned":
             raise ValueError("teacher targets train compressors; the full-tuned reference reads the text itself")
+        from ..anchors import check_budget
+
+        self.anchors = check_budget(self.anchors)
+        if self.anchors and self.mode == "full-tuned":
+            raise ValueError("anchors train compressors; the full-tuned reference reads the text itself")
         if self.distill > 0 and self.mode == "full-tuned":
             raise ValueError("distillation trains compressors; the full-tuned reference reads the text itself")
         if self.mode not in ("kv", "embedding", "full-tuned"):
@@ -162,6 +168,8 @@ class StepModule(nn.Module):
         self.tok = base.tokenizer
         self._prefix_cache: dict[str, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+        self._anchor_spans: dict[str, tuple[str, list]] = {}  # context -> (text as compressed, its spans)
+        self._anchor_ids: dict[tuple[str, str], list[int]] = {}  # (context, question) -> anchor ids
 
     # ---------------- helpers
     def _ids(self, text: str) -> list[int]:
@@ -204,6 +212,23 @@ class StepModule(nn.Module):
             total = total + torch.utils.checkpoint.checkpoint(_ce_sum, w, h[i:i + chunk], targets[i:i + chunk],
                                                               use_reentrant=False)
         return total / n
+
+    def _anchors(self, sample: Any) -> list[int]:
+        """Question anchors of a QA sample's chunk (its text as compressed), as the engine chooses them.
+
+        Computed once per (context, question) and kept: the choice is deterministic.
+        """
+        from ..anchors import anchor_spans, select_anchors
+
+        key = (sample.context, sample.question)
+        if key not in self._anchor_ids:
+            if sample.context not in self._anchor_spans:
+                text = self.tok.decode(sample.ids)
+                self._anchor_spans[sample.context] = (text, anchor_spans(text, self.tok))
+            text, spans = self._anchor_spans[sample.context]
+            self._anchor_ids[key] = select_anchors(text, self.tok, self.cfg.anchors, question=sample.question,
+                                                   spans=spans)
+        return self._anchor_ids[key]
 
     def _layout(self, rng: random.Random, task: str) -> str:
         return rng.choice(self.cfg.layouts) if task == "qa" else task
@@ -310,12 +335,16 @@ class StepModule(nn.Module):
             targets.append(t)
         if cfg.mode == "full-tuned":
             return self._forward_full(prefix, enc_ids, arrange, afters, targets)
+        # the student reads each chunk's anchors right after its slots (one chunk per prompt only:
+        # with several, anchors sit between chunks); the full-text teacher reads the text instead
+        anchored = kind == "qa" and cfg.anchors > 0 and n == 1
+        reads = [self._anchors(s) + a for s, a in zip(samples, afters)] if anchored else afters
         gap = 0 if rng.random() < 0.5 or cfg.max_gap <= 0 else rng.randint(1, cfg.max_gap)
         P, pkv = self.prefix_kv(prefix)
         enc = self.compressor.encode_ids(enc_ids)
         k = self.compressor.k
         idx = torch.tensor(arrange, device=dev)  # (B, n)
-        ids, sel, tgt, lens = self._pack([(a, t) for a, t in zip(afters, targets)], self.tok.pad_token_id or 0, dev)
+        ids, sel, tgt, lens = self._pack([(a, t) for a, t in zip(reads, targets)], self.tok.pad_token_id or 0, dev)
         S = ids.shape[1]
         start = P + gap
         slots = n * k
@@ -366,7 +395,7 @@ class StepModule(nn.Module):
         enc_tokens = sum(len(e) + k for e in enc_ids)
         dec_tokens = B * (P + slots) + sum(lens)
         info.update(task=task, layout=layout, chunks=n, enc_tokens=enc_tokens, dec_tokens=dec_tokens,
-                    target_tokens=int(sel.sum()))
+                    target_tokens=int(sel.sum()), anchor_tokens=sum(len(r) - len(a) for r, a in zip(reads, afters)))
         return loss, info
 
     def _forward_full(self, prefix: str, ctx_ids: list[list[int]], arrange: list[list[int]], afters: list[list[int]],

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Question anchors and teacher targets in training, side by side on one GPU at the same budget.
+#
+#   DATA=../shared/data RUNS=runs MIN=8 bash scripts/train_anchored.sh
+#
+# Five arms continue the shipped kv-k16 for MIN minutes each, all at once (each gets about a fifth
+# of the GPU). They share one recipe (mix: regen 0.2, continue 0.2, qa 0.4, cloze 0.2 with two
+# cloze questions per corpus text; 1-2 chunks per QA prompt; batch 128; lr 2e-4) and differ only in:
+#   gold                gold answers (the control)
+#   anchors             + 32 question-anchor tokens after the chunk's slots in one-chunk QA steps,
+#                         chosen as the engine chooses them at answer time (--anchors 32)
+#   teacher             the frozen model's own full-text answers as QA targets (--teacher-targets 1)
+#   teacher-anchors     both
+#   teacher-anchors-kl  both, + 0.5 KL to the full-text model's token distributions (--distill 0.5)
+# The teacher answers are generated once (by the first teacher arm) and shared. Running the script
+# again resumes every arm from its state.pt.
+set -u
+DATA=${DATA:-../shared/data}
+RUNS=${RUNS:-runs}
+MIN=${MIN:-8}
+BS=${BS:-128}
+PY=${PY:-python3}
+mkdir -p "$RUNS"
+$PY -c "from compressor_plugin.models import ensure_default_model as e; print(e())" >/dev/null
+
+common="--stage mix --mix regen=0.2,continue=0.2,qa=0.4,cloze=0.2 --cloze-per-text 2
+        --data $DATA/arxiv_abstracts_train.jsonl $DATA/squad1.1_train_subset.jsonl
+        --init kv-k16 --lr 2e-4 --warmup-steps 30 --batch-size $BS --max-minutes $MIN --max-chunks 2
+        --max-tokens 192 --max-target-tokens 192 --val-data $DATA/squad1.1_dev.jsonl --val-samples 128
+        --eval-every 40 --save-every 40 --log-every 10 --no-progress"
+
+arm() {  # name extra-args...
+  local name=$1
+  shift
+  # shellcheck disable=SC2086
+  $PY -m compressor_plugin.cli train --output "$RUNS/$name" $common "$@" > "$RUNS/$name.log" 2>&1 \
+      && echo "DONE $name" || echo "FAILED $name"
+}
+
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_WAIT_POLICY=PASSIVE
+answers=teacher_answers_qa.json
+arm teacher-anchors --teacher-targets 1 --anchors 32 &
+for _ in $(seq 600); do  # the first teacher arm writes the answers before its first step
+  [ -f "$RUNS/teacher-anchors/$answers" ] && break
+  sleep 1
+done
+for name in teacher teacher-anchors-kl; do
+  mkdir -p "$RUNS/$name"
+  [ -f "$RUNS/$name/$answers" ] || cp "$RUNS/teacher-anchors/$answers" "$RUNS/$name/" 2>/dev/null
+done
+arm gold &
+arm anchors --anchors 32 &
+arm teacher --teacher-targets 1 &
+arm teacher-anchors-kl --teacher-targets 1 --anchors 32 --distill 0.5 &
+wait
+echo ALL_DONE
