@@ -38,8 +38,9 @@ arm() {  # name extra-args...
 }
 
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_WAIT_POLICY=PASSIVE
+want() { [ -z "${ARMS:-}" ] || [[ " $ARMS " == *" $1 "* ]]; }  # ARMS="a b": only these arms
 answers=teacher_answers_qa.json
-arm teacher-anchors --teacher-targets 1 --anchors 32 &
+want teacher-anchors && arm teacher-anchors --teacher-targets 1 --anchors 32 &
 for _ in $(seq 600); do  # the first teacher arm writes the answers before its first step
   [ -f "$RUNS/teacher-anchors/$answers" ] && break
   sleep 1
@@ -48,9 +49,9 @@ for name in teacher teacher-anchors-kl; do
   mkdir -p "$RUNS/$name"
   [ -f "$RUNS/$name/$answers" ] || cp "$RUNS/teacher-anchors/$answers" "$RUNS/$name/" 2>/dev/null
 done
-arm gold &
-arm anchors --anchors 32 &
-arm teacher --teacher-targets 1 &
-arm teacher-anchors-kl --teacher-targets 1 --anchors 32 --distill 0.5 &
+want gold && arm gold &
+want anchors && arm anchors --anchors 32 &
+want teacher && arm teacher --teacher-targets 1 &
+want teacher-anchors-kl && arm teacher-anchors-kl --teacher-targets 1 --anchors 32 --distill 0.5 &
 wait
 echo ALL_DONE

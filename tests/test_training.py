@@ -221,6 +221,8 @@ def test_teacher_targets_are_generated_once(tiny_base_dir, data_files, tmp_path)
                      "--teacher-targets", "1.0", "--anchors", "8", "--max-chunks", "1")
     subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
     assert json.loads((out / "train_config.json").read_text())["anchors"] == 8
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["anchored_steps"] for r in logged if "loss" in r] == [1.0, 1.0]  # one chunk per step: all anchored
     cache = out / "teacher_answers_qa.json"
     answers = json.loads(cache.read_text())
     assert len(answers) == 12 and all(isinstance(a, str) for a in answers.values())

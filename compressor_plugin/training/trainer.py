@@ -687,6 +687,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         window["tokens"] += (info["enc_tokens"] + info["dec_tokens"]) * world
         window["loss"] = window["loss"] + loss
         window["n"] += 1
+        window["anchored"] = window.get("anchored", 0) + (info.get("anchor_tokens", 0) > 0)
         tl = window["tasks"].setdefault(task, [0.0, 0])
         tl[0] = tl[0] + loss
         tl[1] += 1
@@ -707,6 +708,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                    "elapsed_min": (time.time() - t0) / 60, "samples_seen": step * cfg.batch_size * world}
             if cfg.stage == "mix":
                 rec.update({f"loss_{t}": float(v[0]) / v[1] for t, v in window["tasks"].items()})
+            if cfg.anchors:  # share of this window's steps whose prompts carried anchors
+                rec["anchored_steps"] = window.get("anchored", 0) / window["n"]
             log.write(json.dumps(rec) + "\n")
             log.flush()
             window = {"t": time.time(), "samples": 0, "tokens": 0, "loss": 0.0, "n": 0, "tasks": {}}
