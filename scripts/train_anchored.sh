@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Question anchors and teacher targets in training, side by side on one GPU at the same budget.
 #
-#   DATA=../shared/data RUNS=runs MIN=8 bash scripts/train_anchored.sh
+#   DATA=../shared/data RUNS=runs MIN=7 bash scripts/train_anchored.sh
 #
 # Five arms continue the shipped kv-k16 for MIN minutes each, all at once (each gets about a fifth
 # of the GPU). They share one recipe (mix: regen 0.2, continue 0.2, qa 0.4, cloze 0.2 with two
-# cloze questions per corpus text; 1-2 chunks per QA prompt; batch 128; lr 2e-4) and differ only in:
+# cloze questions per corpus text; 1-2 chunks per QA prompt; batch BS, default 64; lr 2e-4) and
+# differ only in the arms below. Memory: an arm takes about 36 GB at batch 128, so five at batch
+# 128 do not fit one 141 GB H200; run them in two waves (ARMS="gold teacher", then the others),
+# as the 2026-12-02 runs did, or at batch 64.
 #   gold                gold answers (the control)
-#   anchors             + 32 question-anchor tokens after the chunk's slots in one-chunk QA steps,
-#                         chosen as the engine chooses them at answer time (--anchors 32)
+#   anchors             + up to 32 question-anchor tokens per chunk after its slots in QA steps,
+#                         chosen as the engine chooses them at answer time (--anchors 32; the runs
+#                         in docs/training.md predate anchors in multi-chunk steps)
 #   teacher             the frozen model's own full-text answers as QA targets (--teacher-targets 1)
 #   teacher-anchors     both
 #   teacher-anchors-kl  both, + 0.5 KL to the full-text model's token distributions (--distill 0.5)
@@ -17,8 +21,8 @@
 set -u
 DATA=${DATA:-../shared/data}
 RUNS=${RUNS:-runs}
-MIN=${MIN:-8}
-BS=${BS:-128}
+MIN=${MIN:-7}
+BS=${BS:-64}
 PY=${PY:-python3}
 mkdir -p "$RUNS"
 $PY -c "from compressor_plugin.models import ensure_default_model as e; print(e())" >/dev/null

@@ -43,8 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="QA steps: share of samples trained on the frozen model's own full-text answer (generated "
                         "once, greedy, 3-shot layout; cached in the run folder) instead of the gold answer (default 0)")
     p.add_argument("--anchors", type=int, default=0,
-                   help="QA steps with one chunk: this many question-anchor tokens after the chunk's slots, "
-                        "chosen as the engine chooses them at answer time (default 0: none)")
+                   help="QA steps: up to this many question-anchor tokens per chunk after its slots, chosen "
+                        "(and shared by relevance across a prompt's chunks) as the engine does at answer time; "
+                        "the embedding mode anchors one-chunk steps only (default 0: none)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--target-modules", default="q_proj,v_proj")

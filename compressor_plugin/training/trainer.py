@@ -117,7 +117,7 @@ class TrainConfig:
     cloze_per_text: int = 0  # cloze (detail) questions generated per corpus text, added to the QA pool
     distill: float = 0.0  # QA steps: weight of KL(full-text teacher || student) vs. CE on the gold answer
     teacher_targets: float = 0.0  # QA steps: share of samples whose target is the teacher's own answer
-    anchors: int = 0  # QA steps with one chunk: this many question-anchor tokens after its slots, as at answer time
+    anchors: int = 0  # QA steps: up to this many question-anchor tokens per chunk after its slots, as at answer time
     gradient_checkpointing: bool = False  # recompute the frozen MLP blocks in the backward pass
     fused_kernels: bool = False  # Liger's Triton RMSNorm / rotary / SwiGLU (CUDA, training/kernels.py)
 
@@ -213,22 +213,40 @@ class StepModule(nn.Module):
                                                               use_reentrant=False)
         return total / n
 
-    def _anchors(self, sample: Any) -> list[int]:
-        """Question anchors of a QA sample's chunk (its text as compressed), as the engine chooses them.
+    def _chunk_anchors(self, sample: Any, question: str, budget: int) -> list[int]:
+        """Anchor ids of ``sample``'s chunk (its text as compressed) for ``question`` within ``budget``.
 
-        Computed once per (context, question) and kept: the choice is deterministic.
+        Deterministic, so kept per (context, question, budget): a question asked again in a
+        later epoch costs nothing.
         """
-        from ..anchors import anchor_spans, select_anchors
+        from ..anchors import select_anchors
 
-        key = (sample.context, sample.question)
+        key = (sample.context, question, budget)
         if key not in self._anchor_ids:
-            if sample.context not in self._anchor_spans:
-                text = self.tok.decode(sample.ids)
-                self._anchor_spans[sample.context] = (text, anchor_spans(text, self.tok))
-            text, spans = self._anchor_spans[sample.context]
-            self._anchor_ids[key] = select_anchors(text, self.tok, self.cfg.anchors, question=sample.question,
-                                                   spans=spans)
+            text, spans = self._chunk_spans(sample)
+            self._anchor_ids[key] = select_anchors(text, self.tok, budget, question=question, spans=spans)
         return self._anchor_ids[key]
+
+    def _chunk_spans(self, sample: Any) -> tuple[str, list]:
+        """A chunk's text as compressed and its candidate anchor spans (kept per context)."""
+        from ..anchors import anchor_spans
+
+        if sample.context not in self._anchor_spans:
+            text = self.tok.decode(sample.ids)
+            self._anchor_spans[sample.context] = (text, anchor_spans(text, self.tok))
+        return self._anchor_spans[sample.context]
+
+    def _row_anchors(self, samples: list[Any], row: list[int], question: str) -> list[list[int]]:
+        """Question anchors of each chunk of one prompt, as the engine chooses them.
+
+        The prompt's budget (``cfg.anchors`` per chunk) is shared by relevance to the question
+        (:func:`~compressor_plugin.anchors.share_budget`), then each chunk's spans are chosen
+        within its share (:func:`~compressor_plugin.anchors.question_anchors` does the same).
+        """
+        from ..anchors import relevance, share_budget
+
+        budgets = share_budget([relevance(self._chunk_spans(samples[c])[0], question) for c in row], self.cfg.anchors)
+        return [self._chunk_anchors(samples[c], question, b) for c, b in zip(row, budgets)]
 
     def _layout(self, rng: random.Random, task: str) -> str:
         return rng.choice(self.cfg.layouts) if task == "qa" else task
@@ -337,8 +355,12 @@ class StepModule(nn.Module):
             return self._forward_full(prefix, enc_ids, arrange, afters, targets)
         # the student reads each chunk's anchors right after its slots (one chunk per prompt only:
         # with several, anchors sit between chunks); the full-text teacher reads the text instead
-        anchored = kind == "qa" and cfg.anchors > 0 and n == 1
-        reads = [self._anchors(s) + a for s, a in zip(samples, afters)] if anchored else afters
+        anchored = kind == "qa" and cfg.anchors > 0 and (n == 1 or cfg.mode == "kv")
+        anchors = [self._row_anchors(samples, row, samples[b].question) for b, row in enumerate(arrange)] \
+            if anchored else None
+        # one chunk: its anchors simply precede the question; several: each chunk's anchors follow
+        # its own slots (the interleaved layout below), and the inputs hold them in prompt order
+        reads = [sum(a, []) + after for a, after in zip(anchors, afters)] if anchors else afters
         gap = 0 if rng.random() < 0.5 or cfg.max_gap <= 0 else rng.randint(1, cfg.max_gap)
         P, pkv = self.prefix_kv(prefix)
         enc = self.compressor.encode_ids(enc_ids)
@@ -354,22 +376,10 @@ class StepModule(nn.Module):
                           (torch.arange(S, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]).long()], 1)
         with self.compressor.decoder() as lm:
             body = inner_model(lm)
-            if self.compressor.mode == "kv":
-                K = enc["keys"][idx]  # (B, n, L, H, k, D)
-                V = enc["values"][idx]
-                _, _, L, H, _, D = K.shape
-                K = K.permute(0, 2, 3, 1, 4, 5).reshape(B, L, H, slots, D)
-                V = V.permute(0, 2, 3, 1, 4, 5).reshape(B, L, H, slots, D)
-                K = self.rotary.rotate(K, torch.arange(start, start + slots, device=dev))
-                kv = []
-                for layer in range(L):
-                    kl, vl = K[:, layer], V[:, layer]
-                    if P:
-                        pk, pv = pkv[layer]
-                        kl = torch.cat([pk.expand(B, -1, -1, -1).to(kl.dtype), kl], dim=2)
-                        vl = torch.cat([pv.expand(B, -1, -1, -1).to(vl.dtype), vl], dim=2)
-                    kv.append((kl, vl))
-                cache = new_cache(lm.config, kv)
+            if self.compressor.mode == "kv" and anchors is not None and n > 1:
+                hidden = self._interleaved(body, lm, enc, idx, anchors, ids, lens, P, pkv, start)
+            elif self.compressor.mode == "kv":
+                cache = self._slot_cache(lm, enc, idx, torch.arange(start, start + slots, device=dev), P, pkv)
                 pos = torch.arange(start + slots, start + slots + S, device=dev)[None].expand(B, -1)
                 out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(body, cache))
                 hidden = out.last_hidden_state
@@ -397,6 +407,70 @@ class StepModule(nn.Module):
         info.update(task=task, layout=layout, chunks=n, enc_tokens=enc_tokens, dec_tokens=dec_tokens,
                     target_tokens=int(sel.sum()), anchor_tokens=sum(len(r) - len(a) for r, a in zip(reads, afters)))
         return loss, info
+
+    def _slot_cache(self, lm: Any, enc: dict[str, torch.Tensor], idx: torch.Tensor, positions: torch.Tensor, P: int,
+                    pkv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """A cache holding the prefix K/V, then each row's chunks (``idx``: (B, n)) back to back, their
+        keys rotated to ``positions`` (``(n*k,)`` for every row alike, or ``(B, 1, 1, n*k)``)."""
+        K = enc["keys"][idx]  # (B, n, L, H, k, D)
+        V = enc["values"][idx]
+        B, n, L, H, k, D = K.shape
+        K = K.permute(0, 2, 3, 1, 4, 5).reshape(B, L, H, n * k, D)
+        V = V.permute(0, 2, 3, 1, 4, 5).reshape(B, L, H, n * k, D)
+        K = self.rotary.rotate(K, positions)
+        kv = []
+        for layer in range(L):
+            kl, vl = K[:, layer], V[:, layer]
+            if P:
+                pk, pv = pkv[layer]
+                kl = torch.cat([pk.expand(B, -1, -1, -1).to(kl.dtype), kl], dim=2)
+                vl = torch.cat([pv.expand(B, -1, -1, -1).to(vl.dtype), vl], dim=2)
+            kv.append((kl, vl))
+        return new_cache(lm.config, kv)
+
+    def _interleaved(self, body: Any, lm: Any, enc: dict[str, torch.Tensor], idx: torch.Tensor,
+                     anchors: list[list[list[int]]], ids: torch.Tensor, lens: list[int], P: int,
+                     pkv: list[tuple[torch.Tensor, torch.Tensor]], start: int) -> torch.Tensor:
+        """Hidden states of kv rows laid out with each chunk's anchors after its own slots.
+
+        Row b reads ``[prefix][gap][slots 1][anchors 1][slots 2][anchors 2] ... [question][target]``,
+        the layout of :meth:`~compressor_plugin.generation.Generator.prefill`, and is computed the
+        same way: the chunks' keys go into the cache first, rotated to the positions they hold in
+        that row (which depend on the anchors before them); the inputs (every chunk's anchors in
+        prompt order, then the question and target: ``ids``, right-padded to ``lens``) follow,
+        and a 4D mask lets each input see the prefix, the slots placed before it and the inputs
+        up to itself. A padding input sees only itself.
+        """
+        from ..generation import MASKED_ATTENTION, _attention_mask
+
+        impl = getattr(lm.config, "_attn_implementation", None) or "eager"
+        if impl not in MASKED_ATTENTION:
+            raise ValueError(f"anchors between chunks need attention that takes a 4D mask ({', '.join(MASKED_ATTENTION)}), "
+                             f"and this model uses {impl!r}")
+        dev = ids.device
+        B, S = ids.shape
+        k, n = self.compressor.k, idx.shape[1]
+        slots = n * k
+        slot_pos = torch.zeros(B, slots, dtype=torch.long)
+        in_pos = torch.zeros(B, S, dtype=torch.long)
+        for b, row in enumerate(anchors):
+            p, t = start, 0
+            for j, a in enumerate(row):
+                slot_pos[b, j * k:(j + 1) * k] = torch.arange(p, p + k)
+                in_pos[b, t:t + len(a)] = torch.arange(p + k, p + k + len(a))
+                p, t = p + k + len(a), t + len(a)
+            in_pos[b, t:] = torch.arange(p, p + S - t)  # question, target, then padding
+        slot_pos, in_pos = slot_pos.to(dev), in_pos.to(dev)
+        cache = self._slot_cache(lm, enc, idx, slot_pos[:, None, None, :], P, pkv)
+        valid = torch.arange(S, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]  # (B, S)
+        own = torch.eye(S, dtype=torch.bool, device=dev)
+        sees_inputs = torch.where(valid[:, :, None], own.cumsum(0).bool()[None] & valid[:, None, :], own[None])
+        visible = torch.cat([torch.ones(B, S, P, dtype=torch.bool, device=dev),
+                             slot_pos[:, None, :] < in_pos[:, :, None], sees_inputs], dim=2)
+        visible[:, :, :P + slots] &= valid[:, :, None]
+        mask = _attention_mask(visible[:, None], impl, self.base.dtype)
+        out = body(input_ids=ids, attention_mask=mask, position_ids=in_pos, use_cache=True, **cache_kwargs(body, cache))
+        return out.last_hidden_state
 
     def _forward_full(self, prefix: str, ctx_ids: list[list[int]], arrange: list[list[int]], afters: list[list[int]],
                       targets: list[list[int]]) -> tuple[torch.Tensor, dict[str, Any]]:
