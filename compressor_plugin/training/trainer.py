@@ -169,7 +169,7 @@ class StepModule(nn.Module):
         self._prefix_cache: dict[str, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         self._anchor_spans: dict[str, tuple[str, list]] = {}  # context -> (text as compressed, its spans)
-        self._anchor_ids: dict[tuple[str, str], list[int]] = {}  # (context, question) -> anchor ids
+        self._anchor_ids: dict[tuple[str, str, int], list[int]] = {}  # (context, question, budget) -> anchor ids
 
     # ---------------- helpers
     def _ids(self, text: str) -> list[int]:
@@ -353,8 +353,8 @@ class StepModule(nn.Module):
             targets.append(t)
         if cfg.mode == "full-tuned":
             return self._forward_full(prefix, enc_ids, arrange, afters, targets)
-        # the student reads each chunk's anchors right after its slots (one chunk per prompt only:
-        # with several, anchors sit between chunks); the full-text teacher reads the text instead
+        # the student reads each chunk's question anchors right after its slots, as the engine lays
+        # them out (the embedding mode: one-chunk prompts only); the full-text teacher reads the text
         anchored = kind == "qa" and cfg.anchors > 0 and (n == 1 or cfg.mode == "kv")
         anchors = [self._row_anchors(samples, row, samples[b].question) for b, row in enumerate(arrange)] \
             if anchored else None
