@@ -8,7 +8,9 @@ Only the LoRA adapter and the memory embeddings train; the decoder is the unchan
 with 1..n chunks in random order (the others are other samples' contexts from the same batch,
 compressed once per step), an optional random position gap before the chunks, and the three
 QA layouts (``plain``, ``fewshot``, ``chat``). Keys are stored position-free and rotated to the
-slots they occupy, exactly as :class:`~compressor_plugin.generation.Generator` does.
+slots they occupy, exactly as :class:`~compressor_plugin.generation.Generator` does. With
+``anchors`` (``--anchors N``), each chunk of a QA step is followed by its question anchors, as
+the engine lays them out at answer time: ``[slots 1][anchors 1][slots 2][anchors 2]...``.
 
 The ``full-tuned`` mode trains a plain LoRA on the decoder with the full text as context. It is
 a reference for evaluation only (it separates what QA training adds from what compression
