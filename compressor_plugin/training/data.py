@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..prompts import fewshot_examples
+from ..text import literal_ids
 
 
 @dataclass
@@ -62,9 +63,11 @@ def _texts(rows: list[dict[str, Any]], path: str | Path) -> list[str]:
 
 
 def _tokenize(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of corpus and context texts, read literally as at answer time (a ``<|im_end|>`` in a
+    document stays the ordinary tokens that spell it: :func:`~compressor_plugin.text.literal_ids`)."""
     out: list[list[int]] = []
     for s in range(0, len(texts), 1024):
-        out.extend(tokenizer(list(texts[s:s + 1024]), add_special_tokens=False)["input_ids"])
+        out.extend(literal_ids(tokenizer, list(texts[s:s + 1024])))
     return out
 
 
