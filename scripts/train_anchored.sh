@@ -3,11 +3,10 @@
 #
 #   DATA=../shared/data RUNS=runs MIN=7 bash scripts/train_anchored.sh
 #
-# Five arms continue the shipped kv-k16 for MIN minutes each, all at once (each gets about a fifth
-# of the GPU). They share one recipe (mix: regen 0.2, continue 0.2, qa 0.4, cloze 0.2 with two
+# The arms continue the shipped kv-k16 for MIN minutes each, all at once (they share the GPU). They share one recipe (mix: regen 0.2, continue 0.2, qa 0.4, cloze 0.2 with two
 # cloze questions per corpus text; 1-2 chunks per QA prompt; batch BS, default 64; lr 2e-4) and
-# differ only in the arms below. Memory: an arm takes about 36 GB at batch 128, so five at batch
-# 128 do not fit one 141 GB H200; run them in two waves (ARMS="gold teacher", then the others),
+# differ only in the arms below. Memory: an arm takes about 36 GB at batch 128, so five at
+# batch 128 do not fit one 141 GB H200; run them in two waves (ARMS="gold teacher", then the others),
 # as the 2026-12-02 runs did, or at batch 64.
 #   gold                gold answers (the control)
 #   anchors             + up to 32 question-anchor tokens per chunk after its slots in QA steps,
@@ -16,7 +15,9 @@
 #   teacher             the frozen model's own full-text answers as QA targets (--teacher-targets 1)
 #   teacher-anchors     both
 #   teacher-anchors-kl  both, + 0.5 KL to the full-text model's token distributions (--distill 0.5)
-# The teacher answers are generated once (by the first teacher arm) and shared. Running the script
+#   anchors-kl          anchors with gold answers, + 0.5 KL to the full-text model (--distill 0.5)
+#   teacher-half-anchors anchors, half the QA samples on the teacher's answer (--teacher-targets 0.5)
+# ARMS defaults to all seven. The teacher answers are generated once (by the first teacher arm) and shared. Running the script
 # again resumes every arm from its state.pt.
 set -u
 DATA=${DATA:-../shared/data}
@@ -43,19 +44,35 @@ arm() {  # name extra-args...
 
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_WAIT_POLICY=PASSIVE
 want() { [ -z "${ARMS:-}" ] || [[ " $ARMS " == *" $1 "* ]]; }  # ARMS="a b": only these arms
-answers=teacher_answers_qa.json
-want teacher-anchors && arm teacher-anchors --teacher-targets 1 --anchors 32 &
-for _ in $(seq 600); do  # the first teacher arm writes the answers before its first step
-  [ -f "$RUNS/teacher-anchors/$answers" ] && break
-  sleep 1
+declare -A args=(
+  [gold]=""
+  [anchors]="--anchors 32"
+  [anchors-kl]="--anchors 32 --distill 0.5"
+  [teacher]="--teacher-targets 1"
+  [teacher-half-anchors]="--teacher-targets 0.5 --anchors 32"
+  [teacher-anchors]="--teacher-targets 1 --anchors 32"
+  [teacher-anchors-kl]="--teacher-targets 1 --anchors 32 --distill 0.5"
+)
+order="gold anchors anchors-kl teacher teacher-half-anchors teacher-anchors teacher-anchors-kl"
+for name in ${ARMS:-}; do [ -n "${args[$name]+x}" ] || { echo "unknown arm $name" >&2; exit 2; }; done
+# The first teacher arm generates the full-text answers before its first step; the others copy them.
+answers=teacher_answers_qa.json first=""
+for name in $order; do
+  want "$name" && [[ ${args[$name]} == *teacher-targets* ]] && { first=$name; break; }
 done
-for name in teacher teacher-anchors-kl; do
-  mkdir -p "$RUNS/$name"
-  [ -f "$RUNS/$name/$answers" ] || cp "$RUNS/teacher-anchors/$answers" "$RUNS/$name/" 2>/dev/null
+if [ -n "$first" ]; then
+  # shellcheck disable=SC2086
+  arm "$first" ${args[$first]} &
+  for _ in $(seq 600); do [ -f "$RUNS/$first/$answers" ] && break; sleep 1; done
+fi
+for name in $order; do
+  want "$name" && [ "$name" != "$first" ] || continue
+  if [[ ${args[$name]} == *teacher-targets* ]]; then
+    mkdir -p "$RUNS/$name"
+    [ -f "$RUNS/$name/$answers" ] || cp "$RUNS/$first/$answers" "$RUNS/$name/" 2>/dev/null
+  fi
+  # shellcheck disable=SC2086
+  arm "$name" ${args[$name]} &
 done
-want gold && arm gold &
-want anchors && arm anchors --anchors 32 &
-want teacher && arm teacher --teacher-targets 1 &
-want teacher-anchors-kl && arm teacher-anchors-kl --teacher-targets 1 --anchors 32 --distill 0.5 &
 wait
 echo ALL_DONE
