@@ -124,10 +124,10 @@ def _sentence_start(text: str, i: int) -> bool:
     return j == 0 or text[j - 1] in ".!?:;"
 
 
-def _pieces(tokenizer: Any, word: str, cache: dict[str, int]) -> int:
-    if word not in cache:
-        cache[word] = len(literal_ids(tokenizer, " " + word))
-    return cache[word]
+def _piece_counts(tokenizer: Any, words: set[str]) -> dict[str, int]:
+    """Tokens of each word read after a space, from one batched tokenizer call."""
+    order = sorted(words)
+    return dict(zip(order, map(len, literal_ids(tokenizer, [" " + w for w in order])))) if order else {}
 
 
 _LEFT_WORD = re.compile(r"([^\W\d_][\w'-]*)\s+$")
@@ -168,18 +168,21 @@ def anchor_spans(text: str, tokenizer: Any, *, left_context: int = DEFAULT_LEFT_
         cands.append(_Span(_with_left_context(text, m.start(), left_context), end, "number", _RANK["number"]))
     for m in _QUOTED_RE.finditer(text):
         cands.append(_Span(m.start(1), m.end(1), "quoted", _RANK["quoted"]))
-    pieces: dict[str, int] = {}
-    for m in _NAME_RE.finditer(text):
+    names = list(_NAME_RE.finditer(text))
+    words = [m.group(0) for m in _WORD_RE.finditer(text)]
+    pieces = _piece_counts(tokenizer, {m.group(0).split()[0] for m in names}
+                           | {w for w in words if not w[0].isupper()})
+    for m in names:
         words = m.group(0).split()
         start = m.start()
         if len(words) == 1:
             word = words[0]
             # a capitalised word at a sentence start is usually a common word ("After", "The")
-            if _sentence_start(text, start) and _pieces(tokenizer, word, pieces) < 3:
+            if _sentence_start(text, start) and pieces[word] < 3:
                 continue
-            cands.append(_Span(start, m.end(), "capital", _RANK["capital"] + 0.1 * _pieces(tokenizer, word, pieces)))
+            cands.append(_Span(start, m.end(), "capital", _RANK["capital"] + 0.1 * pieces[word]))
         else:
-            if _sentence_start(text, start) and _pieces(tokenizer, words[0], pieces) < 2:
+            if _sentence_start(text, start) and pieces[words[0]] < 2:
                 # "The Droupyr river" -> keep "Droupyr", drop the sentence-initial common word
                 gap = re.compile(r"\s+").search(text, start)
                 start = gap.end() if gap is not None else start
@@ -188,7 +191,7 @@ def anchor_spans(text: str, tokenizer: Any, *, left_context: int = DEFAULT_LEFT_
         word = m.group(0)
         if word[0].isupper():
             continue  # names are handled above
-        n = _pieces(tokenizer, word, pieces)
+        n = pieces[word]
         # invented or rare: split into many pieces for its length
         if n >= 3 and len(word) / n < 4.0:
             cands.append(_Span(m.start(), m.end(), "rare", _RANK["rare"] + 0.1 * n))
