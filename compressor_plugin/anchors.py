@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from .text import literal_ids
 
-__all__ = ["select_anchors", "with_anchors", "question_anchors", "share_budget", "relevance", "anchor_spans", "anchored_fingerprint", "check_budget",
+__all__ = ["select_anchors", "with_anchors", "anchors_for_ids", "attach_anchors", "question_anchors", "share_budget", "relevance", "anchor_spans", "anchored_fingerprint", "check_budget",
            "LEAD_IN", "SEPARATOR", "MAX_ANCHOR_TOKENS", "DEFAULT_LEFT_CONTEXT",
            "DEFAULT_ANCHORS"]
 
@@ -360,6 +360,39 @@ def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int 
     return []
 
 
+def anchors_for_ids(rows: Sequence[Sequence[int]], tokenizer: Any, budget: int, *,
+                    left_context: int = DEFAULT_LEFT_CONTEXT) -> list[list[int]]:
+    """Anchor ids of each chunk given as its token ids, chosen from its decoded text.
+
+    What :func:`with_anchors` attaches to a context of those ids; pure, so it can run in another
+    process (``cache build`` does, beside the encoder).
+    """
+    budget = check_budget(budget)
+    if budget == 0:
+        return [[] for _ in rows]
+    return [select_anchors(tokenizer.decode(list(r)), tokenizer, budget, left_context=left_context) for r in rows]
+
+
+def attach_anchors(ctx: Any, chosen: Sequence[int], budget: int) -> Any:
+    """A copy of ``ctx`` with anchor ids ``chosen`` (from :func:`anchors_for_ids`) for a budget.
+
+    The copy records :func:`anchored_fingerprint` as its compressor fingerprint (hence its own
+    store key). A budget of 0 returns ``ctx`` unchanged.
+    """
+    import dataclasses
+
+    import torch
+
+    budget = check_budget(budget)
+    if budget == 0:
+        return ctx
+    if len(chosen) > budget:
+        raise ValueError(f"{len(chosen)} anchor ids for a budget of {budget}")
+    return dataclasses.replace(
+        ctx, compressor_fingerprint=anchored_fingerprint(ctx.compressor_fingerprint, budget),
+        anchor_ids=torch.tensor(list(chosen), dtype=torch.long) if len(chosen) else None)
+
+
 def with_anchors(ctx: Any, ids: Any, tokenizer: Any, budget: int, *,
                  left_context: int = DEFAULT_LEFT_CONTEXT) -> Any:
     """A copy of a :class:`~compressor_plugin.context.CompressedContext` with the anchors of its chunk.
@@ -369,14 +402,7 @@ def with_anchors(ctx: Any, ids: Any, tokenizer: Any, budget: int, *,
     :func:`anchored_fingerprint` as its compressor fingerprint (hence its own store key). A
     budget of 0 returns ``ctx`` unchanged.
     """
-    import dataclasses
-
-    import torch
-
     budget = check_budget(budget)
     if budget == 0:
         return ctx
-    chosen = select_anchors(tokenizer.decode(list(ids)), tokenizer, budget, left_context=left_context)
-    return dataclasses.replace(
-        ctx, compressor_fingerprint=anchored_fingerprint(ctx.compressor_fingerprint, budget),
-        anchor_ids=torch.tensor(chosen, dtype=torch.long) if chosen else None)
+    return attach_anchors(ctx, anchors_for_ids([ids], tokenizer, budget, left_context=left_context)[0], budget)

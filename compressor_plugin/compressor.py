@@ -382,7 +382,8 @@ class Compressor(nn.Module):
 
     @torch.no_grad()
     def encode_contexts(self, ids: Sequence[Sequence[int]], *, host: bool = False,
-                        truncated: Sequence[bool] | None = None, anchors: int = 0) -> list[CompressedContext]:
+                        truncated: Sequence[bool] | None = None, anchors: int = 0,
+                        anchor_ids: Sequence[Sequence[int]] | None = None) -> list[CompressedContext]:
         """Compress a batch of token-id lists with one encoder forward (the one encode path).
 
         :meth:`compress` (the store's compute-on-miss path) and offline cache building
@@ -398,17 +399,24 @@ class Compressor(nn.Module):
                 text of ``ids``, so a truncated chunk anchors what was compressed), and the
                 compressor fingerprint it records is
                 :func:`~compressor_plugin.anchors.anchored_fingerprint`. 0: no anchors.
+            anchor_ids: the anchors of each chunk when the caller chose them already
+                (:func:`~compressor_plugin.anchors.anchors_for_ids` with this compressor's
+                tokenizer and ``anchors``; ``cache build`` does so in worker processes).
         """
-        from .anchors import check_budget, with_anchors
+        from .anchors import anchors_for_ids, attach_anchors, check_budget
 
         check_budget(anchors)
         if not ids:
             return []
+        if anchor_ids is not None and len(anchor_ids) != len(ids):
+            raise ValueError(f"anchor_ids has {len(anchor_ids)} rows for {len(ids)} chunks")
         fp, base_fp = self.fingerprint, self.base.fingerprint
         out = self.encode_ids([list(r) for r in ids])
         if host:
             out = {name: to_host(t) for name, t in out.items()}
         flags = list(truncated) if truncated is not None else [False] * len(ids)
+        if anchors and anchor_ids is None:
+            anchor_ids = anchors_for_ids(ids, self.tokenizer, anchors)
         made = []
         for j, row in enumerate(ids):
             extra = {"truncated": "true"} if flags[j] else {}
@@ -420,7 +428,7 @@ class Compressor(nn.Module):
             else:
                 ctx = CompressedContext("embedding", len(row), base_fp, fp, embeddings=take(out["embeddings"]),
                                         extra=extra)
-            made.append(with_anchors(ctx, row, self.tokenizer, anchors))
+            made.append(attach_anchors(ctx, anchor_ids[j], anchors) if anchors else ctx)
         return made
 
     @torch.no_grad()

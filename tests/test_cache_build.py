@@ -321,3 +321,30 @@ def test_benchmark_reports_throughput_and_flops_on_cpu():
     assert res["gflops_per_chunk"] == pytest.approx((2 * n * t + 4 * layers * h * t * t) / 1e9, rel=1e-3)
     assert res["chunks_per_s"] > 0 and res["tflops"] > 0 and res["mfu"] == pytest.approx(res["tflops"], rel=1e-3)
     assert res["serialize_chunks_per_s"] > 0 and res["bytes_per_chunk"] > 2 * layers * 3 * 4 * 64 * 4
+
+
+def test_anchors_chosen_in_worker_processes_are_the_ones_the_main_process_chooses(tmp_path, tiny_comp):
+    """`cache build` chooses anchors in spawned workers beside the encoder: same stored entries."""
+    from compressor_plugin.caching.build import default_anchor_workers
+    from compressor_plugin.evaluation.invented import invented_qa
+
+    texts = list(dict.fromkeys(r["context"] for r in invented_qa(12, seed=5)))
+    docs = [Document(f"d{i}", t + " See also <|im_end|> and 1962.", "mem") for i, t in enumerate(texts)]
+    got = {}
+    for workers in (0, 2):
+        summary = build_cache(docs, tmp_path / f"s{workers}", tiny_comp, chunk_tokens=48, batch_size=4,
+                              progress=False, anchors=16, anchor_workers=workers)
+        assert summary.new > len(docs) and summary.anchor_tokens > 0
+        with ContextStore(tmp_path / f"s{workers}", size_limit=None) as st:
+            got[workers] = {key: (st.get(key).anchor_ids, st.get(key).keys) for key in st.keys()}
+    assert set(got[0]) == set(got[2])
+    anchored = 0
+    for key, (ids, keys) in got[0].items():
+        ids2, keys2 = got[2][key]
+        assert (ids is None) == (ids2 is None) and (ids is None or torch.equal(ids, ids2)), key
+        assert torch.allclose(keys, keys2, rtol=1e-4, atol=1e-4)
+        anchored += ids is not None
+    assert anchored >= len(got[0]) // 2
+    assert default_anchor_workers() >= 0
+    with pytest.raises(ValueError, match="anchor_workers"):
+        build_cache(docs, tmp_path / "bad", tiny_comp, chunk_tokens=48, progress=False, anchor_workers=-1)

@@ -287,18 +287,20 @@ def key_parts(compressor: "Compressor", anchors: int = 0) -> dict[str, Any]:
             "k": compressor.k, "mode": compressor.mode, "dtype": str(compressor.base.dtype)}
 
 
-def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]], anchors: int = 0) -> list[CompressedContext]:
+def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]], anchors: int = 0,
+                    anchor_ids: Sequence[Sequence[int]] | None = None) -> list[CompressedContext]:
     """Compress a batch of token-id lists with one encoder forward; contexts on the CPU.
 
     :meth:`Compressor.encode_contexts` (the encode path :meth:`Compressor.compress` uses too)
     with one device-to-host copy per batch. On a CUDA out-of-memory error the batch is split in
-    halves and retried. ``anchors``: anchor token budget per chunk (0: none).
+    halves and retried. ``anchors``: anchor token budget per chunk (0: none); ``anchor_ids``:
+    the chunks' anchors when chosen already (:class:`AnchorWorkers`).
     """
     if not ids:
         return []
     try:
         with torch.inference_mode():
-            return compressor.encode_contexts(ids, host=True, anchors=anchors)
+            return compressor.encode_contexts(ids, host=True, anchors=anchors, anchor_ids=anchor_ids)
     except _OOM:
         if len(ids) == 1:
             raise
@@ -306,7 +308,66 @@ def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]], anch
             torch.cuda.empty_cache()
         half = len(ids) // 2
         logger.warning("out of memory with a batch of %d chunks; retrying as %d + %d", len(ids), half, len(ids) - half)
-        return encode_contexts(compressor, ids[:half], anchors) + encode_contexts(compressor, ids[half:], anchors)
+        a, b = (None, None) if anchor_ids is None else (anchor_ids[:half], anchor_ids[half:])
+        return encode_contexts(compressor, ids[:half], anchors, a) + encode_contexts(compressor, ids[half:], anchors, b)
+
+
+# ---------------------------------------------------------------------------------- anchors
+_WORKER_TOKENIZER: Any = None
+
+
+def _init_anchor_worker(tokenizer: Any) -> None:
+    global _WORKER_TOKENIZER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker
+    torch.set_num_threads(1)
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _anchor_task(rows: list[list[int]], budget: int) -> list[list[int]]:
+    from ..anchors import anchors_for_ids
+
+    return anchors_for_ids(rows, _WORKER_TOKENIZER, budget)
+
+
+def default_anchor_workers() -> int:
+    """Worker processes the ``cache build`` command chooses anchors in: one core for the main
+    process and one for the store writers, the rest (at most 8) for anchors; 0 below 4 cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores < 4 else min(8, cores - 2)
+
+
+class AnchorWorkers:
+    """Choose the anchors of chunks in worker processes while the encoder runs.
+
+    Choosing a chunk's anchors (:func:`~compressor_plugin.anchors.anchors_for_ids`) is
+    tokenizer and regular-expression work that holds the GIL for about 2 ms per chunk, which
+    alone would cap a build at a few hundred chunks/s on one core. The workers are started with
+    ``spawn`` (no fork of a process that holds CUDA state and threads) and get a copy of the
+    tokenizer, so the ids are the ones the main process would choose. Like any ``spawn`` pool
+    (a DataLoader's ``num_workers``), it needs scripts to guard their entry point with
+    ``if __name__ == "__main__":``.
+    """
+
+    def __init__(self, tokenizer: Any, budget: int, workers: int):
+        import multiprocessing as mp
+
+        self.budget, self.workers = budget, workers
+        self._pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                            initializer=_init_anchor_worker, initargs=(tokenizer,))
+
+    def submit(self, rows: Sequence[Sequence[int]]) -> list[cf.Future]:
+        """Start choosing the anchors of ``rows`` (one batch), split across the workers."""
+        step = max(1, -(-len(rows) // self.workers))
+        return [self._pool.submit(_anchor_task, [list(r) for r in rows[i: i + step]], self.budget)
+                for i in range(0, len(rows), step)]
+
+    @staticmethod
+    def result(futures: Sequence[cf.Future]) -> list[list[int]]:
+        """The anchors of a batch submitted with :meth:`submit`, in row order."""
+        return [ids for fut in futures for ids in fut.result()]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------- windows
@@ -410,6 +471,7 @@ def build_cache(
     compile: bool = False,
     anchors: int = DEFAULT_ANCHORS,
     follow_symlinks: bool = False,
+    anchor_workers: int = 0,
 ) -> BuildSummary:
     """Compress a corpus into a store; resumable, see the module docstring.
 
@@ -438,6 +500,9 @@ def build_cache(
             default: none). Part of every key: use the budget the application's engine uses.
         follow_symlinks: read symlinked files of a ``source`` folder whose target lies outside
             it (by default they are skipped and counted as ``outside_input``).
+        anchor_workers: processes that choose anchors beside the encoder (:class:`AnchorWorkers`;
+            0, the default here: the main process does; the ``cache build`` command uses
+            :func:`default_anchor_workers`). The stored contexts are the same either way.
 
     Returns:
         A :class:`BuildSummary`. A Ctrl-C ends the build early with ``interrupted=True``
@@ -474,6 +539,9 @@ def build_cache(
     start_bytes = st.stats()["bytes"]
     t0 = time.perf_counter()
     map_writer = ChunkMapWriter(map_path) if map_path else None
+    if int(anchor_workers) < 0:
+        raise ValueError(f"anchor_workers must be 0 or more, not {anchor_workers}")
+    pool = AnchorWorkers(compressor.tokenizer, anchors, int(anchor_workers)) if anchors and anchor_workers else None
     reader = _WindowReader(documents, chunker, parts, window_chunks, skipped)
     writers = cf.ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="cache-build-writer")
     mapper = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-build-map")
@@ -533,9 +601,12 @@ def build_cache(
                 bar.update(len(window.chunks) - len(todo))
             todo.sort(key=lambda i: -window.chunks[i].n_tokens)
             batch_futures: list[tuple[cf.Future, list[str]]] = []
-            for s in range(0, len(todo), batch_size):
+            starts = range(0, len(todo), batch_size)
+            chosen = [pool.submit([window.chunks[i].ids for i in todo[s: s + batch_size]]) for s in starts] if pool else []
+            for b, s in enumerate(starts):
                 idx = todo[s: s + batch_size]
-                ctxs = encode_contexts(compressor, [window.chunks[i].ids for i in idx], anchors)
+                ctxs = encode_contexts(compressor, [window.chunks[i].ids for i in idx], anchors,
+                                       AnchorWorkers.result(chosen[b]) if pool else None)
                 keys = [window.keys[i] for i in idx]
                 with pending_lock:
                     pending.update(keys)
@@ -567,6 +638,8 @@ def build_cache(
         summary.interrupted = True
     finally:
         reader.close()
+        if pool is not None:
+            pool.close()
         writers.shutdown(wait=True)
         mapper.shutdown(wait=True)
         fast.close()
