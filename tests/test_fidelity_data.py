@@ -65,6 +65,18 @@ def test_agreement_scores_answers_against_full_text_answers():
     assert agreement(other, full) == {"agreement_f1": 0.0, "agreement_em": 0.0}
     half = agreement([{"id": "a", "prediction": "Marta"}, {"id": "b", "prediction": "1962"}], full)
     assert half["agreement_em"] == 0.5 and 0.5 < half["agreement_f1"] < 1.0
+    assert "kept_em" not in half  # no gold scores in these rows
+
+
+def test_agreement_scores_the_questions_full_text_gets_right_apart():
+    """kept_em: of the questions the full text answers right, the share the system keeps right."""
+    full = [{"id": "a", "prediction": "Marta Ilvane", "em": 1}, {"id": "b", "prediction": "1962", "em": 1},
+            {"id": "c", "prediction": "Paris", "em": 0}, {"id": "d", "prediction": "blue", "em": 0}]
+    system = [{"id": "a", "prediction": "Marta Ilvane", "em": 1}, {"id": "b", "prediction": "1980", "em": 0},
+              {"id": "c", "prediction": "Lyon", "em": 1}, {"id": "d", "prediction": "red", "em": 0}]
+    got = agreement(system, full)
+    assert got["full_right_n"] == 2 and got["kept_em"] == 0.5 and got["agreement_f1_full_right"] == 0.5
+    assert got["agreement_f1"] == 0.25  # over all four: only "a" agrees
 
 
 def test_system_names_stay_unique_for_run_folders():

@@ -259,21 +259,33 @@ def unique_system_name(name: str, checkpoint: str, used: set[str]) -> str:
     return out
 
 
-def agreement(rows: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]]) -> dict[str, float]:
+def agreement(rows: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Fidelity: F1 / EM of each answer against the reference system's answer to the same question.
 
     The reference is the best full-text system, so ``agreement_f1`` = 1.0 means the system answers
     exactly as the model does when it reads the text (right or wrong), whatever the gold says.
+    When the rows carry their gold exact match (``em``), the questions the reference answers
+    right are also scored apart: ``kept_em`` is the share of them this system answers right too,
+    ``agreement_f1_full_right`` its agreement on them, ``full_right_n`` how many there are (a
+    small model reading the text is often wrong, and agreement over all questions then mostly
+    measures whether two wrong answers coincide).
     """
-    ref = {r["id"]: r["prediction"] for r in reference}
-    f1s, ems = [], []
+    ref = {r["id"]: r for r in reference}
+    f1s, ems, right_f1, kept = [], [], [], []
     for r in rows:
         if r["id"] in ref:
-            sc = metrics.squad_scores(r["prediction"], [ref[r["id"]]])
+            sc = metrics.squad_scores(r["prediction"], [ref[r["id"]]["prediction"]])
             f1s.append(sc["f1"])
             ems.append(sc["em"])
+            if ref[r["id"]].get("em") == 1 and "em" in r:
+                right_f1.append(sc["f1"])
+                kept.append(float(r["em"] == 1))
     n = max(len(f1s), 1)
-    return {"agreement_f1": sum(f1s) / n, "agreement_em": sum(ems) / n}
+    out: dict[str, Any] = {"agreement_f1": sum(f1s) / n, "agreement_em": sum(ems) / n}
+    if kept:
+        out.update(kept_em=sum(kept) / len(kept), agreement_f1_full_right=sum(right_f1) / len(right_f1),
+                   full_right_n=len(kept))
+    return out
 
 
 def reference_rows(reference: dict[str, Any], questions: dict[str, str], chunks: int) -> list[dict[str, Any]]:

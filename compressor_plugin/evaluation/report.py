@@ -105,12 +105,12 @@ def qa_table(result: Mapping[str, Any]) -> str:
     """Markdown table of an ``eval qa`` result."""
     label = bool(result.get("config", {}).get("label_task"))
     headers = ["system", "F1", "EM"] + (["acc"] if label else []) + \
-              ["retention F1", "agreement F1", "agreement EM", "n", "prompt tok", "tok/chunk", "source tok", "ratio",
-               "seconds"]
+              ["retention F1", "agreement F1", "agreement EM", "kept EM", "n", "prompt tok", "tok/chunk", "source tok",
+               "ratio", "seconds"]
     rows = []
     for name, s in result["systems"].items():
         rows.append([name, s.get("f1"), s.get("em")] + ([s.get("accuracy")] if label else []) +
-                    [s.get("retention_f1"), s.get("agreement_f1"), s.get("agreement_em"), s.get("n"),
+                    [s.get("retention_f1"), s.get("agreement_f1"), s.get("agreement_em"), s.get("kept_em"), s.get("n"),
                      s.get("prompt_tokens_mean"), s.get("tokens_per_chunk"), s.get("source_tokens_mean"),
                      s.get("compression_ratio"), s.get("seconds")])
     return markdown_table(headers, rows)
