@@ -41,7 +41,7 @@ from .generation import GenerationConfig, GenerationResult, GenerationStream, Ge
 from .markers import MarkerSigner, Resolution, resolve_markers, split_markers
 from .models import verbose_loading
 from .store import ContextStore, StoreResult
-from .text import has_control_text, literal_ids
+from .text import check_text, has_control_text, literal_ids
 
 Message = dict[str, Any]
 
@@ -155,7 +155,12 @@ class CompressionEngine:
         return int(self.compressor.k) + self.anchors + SHORT_TEXT_MARGIN
 
     def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` read literally (the unit of :attr:`keep_text_tokens` and ``max_chunk_tokens``)."""
+        """Tokens of ``text`` read literally (the unit of :attr:`keep_text_tokens` and ``max_chunk_tokens``).
+
+        Raises:
+            InvalidTextError: ``text`` holds a lone surrogate (not Unicode; no tokenizer takes it).
+        """
+        check_text(text, "the chunk")
         return len(literal_ids(self.tokenizer, text))
 
     def stays_text(self, text: str, tokens: int | None = None) -> bool:

@@ -23,9 +23,9 @@ import torch
 
 from .context import CompressedContext, RotaryHelper
 from .hf_compat import cache_kwargs, cache_layer, new_cache, num_cache_layers
-from .errors import ContextMismatchError, InvalidTextError, PromptError, PromptTooLongError
+from .errors import ContextMismatchError, PromptError, PromptTooLongError
 from .models import BaseModel, with_bos_segments
-from .text import control_token_ids, literal_ids
+from .text import check_text, control_token_ids, literal_ids
 
 
 
@@ -278,7 +278,7 @@ class Generator:
             parts: list[Segment] = []
             for seg in content or []:
                 if isinstance(seg, str):
-                    _check_text(seg, f"message {i} ({m.get('role')})")
+                    check_text(seg, f"message {i} ({m.get('role')})")
                     if seg:
                         parts.append(seg)
                 elif isinstance(seg, (CompressedContext, TokenIds)):
@@ -352,7 +352,7 @@ class Generator:
         for i, seg in enumerate(segments):
             if isinstance(seg, (str, TokenIds)):
                 if isinstance(seg, str):
-                    _check_text(seg, f"segment {i} of {where}")
+                    check_text(seg, f"segment {i} of {where}")
                 ids = seg.ids if isinstance(seg, TokenIds) else (
                     self.tokenizer(seg, add_special_tokens=False)["input_ids"] if seg else [])
                 lay.ids.extend(ids)
@@ -747,15 +747,6 @@ def _attention_mask(visible: torch.Tensor, impl: str, dtype: torch.dtype) -> tor
     if impl == "sdpa":
         return visible
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
-
-
-def _check_text(text: str, what: str) -> None:
-    """Raise :class:`InvalidTextError` if ``text`` holds a lone surrogate."""
-    from .text import lone_surrogate, surrogate_message
-
-    at = lone_surrogate(text)
-    if at is not None:
-        raise InvalidTextError(surrogate_message(text, at, what))
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

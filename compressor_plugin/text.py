@@ -26,6 +26,18 @@ def surrogate_message(text: str, index: int, what: str) -> str:
             "remove the character")
 
 
+def check_text(text: str, what: str) -> None:
+    """Raise :class:`~compressor_plugin.errors.InvalidTextError` if ``text`` holds a lone surrogate.
+
+    ``what`` names the text in the message ("document 'a'", "message 2 (user)").
+    """
+    at = lone_surrogate(text)
+    if at is not None:
+        from .errors import InvalidTextError
+
+        raise InvalidTextError(surrogate_message(text, at, what))
+
+
 def literal_ids(tokenizer: Any, text: str | list[str], **kwargs: Any) -> Any:
     """Token ids of ``text`` read as plain characters: no special tokens added, none recognised.
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
 
 from ..errors import ContextTooLongError, InvalidOptionError, UnknownOptionError
 from ..store import normalize_text
-from ..text import literal_ids
+from ..text import check_text, has_control_text, literal_ids
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import CompressionEngine
@@ -209,16 +209,20 @@ def plan_text(engine: "CompressionEngine", text: str, on_long: str, document_id:
 
     Raises:
         ContextTooLongError: ``on_long="error"`` and the text is over ``engine.max_chunk_tokens``.
+        InvalidTextError: the text holds a lone surrogate (not Unicode).
     """
     own = engine.own_marker_keys(text) if text else None
     if own is not None:
         return Plan(own_keys=own)
+    check_text(text or "", f"document {document_id!r}" if document_id is not None else "a document")
     norm = normalize_text(text or "")
     if not norm:
         return Plan()
     limit = int(engine.max_chunk_tokens)
     n = engine.count_tokens(norm)
-    if engine.stays_text(norm, n):
+    # the text that stays goes into prompts as it was given, so it is the raw text that must not
+    # spell a control token (normalising can hide one: ">" + U+0338 becomes one character)
+    if engine.stays_text(norm, n) and not has_control_text(engine.tokenizer, text):
         return Plan()
     if n <= limit or on_long == "truncate":
         return Plan([norm])
