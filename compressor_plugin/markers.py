@@ -198,8 +198,8 @@ def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: Ma
                                                                              " and its text is unknown")
                     + "; re-run the document transformer / ingestion for these documents", key=key)
             warnings.warn(f"compressed chunk {key[:12]}... missing from the store; using its text", MissingChunkWarning,
-                          stacklevel=2)
-            logger.warning("compressed chunk %s missing; falling back to text", key[:12])
+                          stacklevel=_caller_level())
+            logger.info("compressed chunk %s missing; falling back to text", key[:12])  # the warning above tells the user
             raw.append(literal(text) if literal is not None else text)
             res.fallbacks += 1
             res.missing_keys.append(key)
@@ -212,9 +212,22 @@ def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: Ma
     return res
 
 
+def _caller_level() -> int:
+    """``stacklevel`` that points a warning at the first frame outside this package (the user's call)."""
+    import sys
+
+    f, level = sys._getframe(2), 2  # the frame that called the warning's caller
+    while f is not None and f.f_globals.get("__name__", "").startswith("compressor_plugin"):
+        f, level = f.f_back, level + 1
+    return level
+
+
 def _warn_unauthorized(key: str, tag: str | None) -> None:
     why = "has no tag" if tag is None else "has a tag this engine did not issue"
     warnings.warn(f"the prompt holds a compressed-chunk marker ({key[:12]}...) that {why}; it is passed to the model "
-                  "as plain text and not looked up (markers are valid only in the engine that made them)",
-                  UnauthorizedMarkerWarning, stacklevel=3)
+                  "as plain text and not looked up (markers are valid only in the engine that made them). If your "
+                  "pipeline's document step and model were built from two engines, build both from one: "
+                  "CompressedDocumentTransformer(engine) with CompressedChatModel(engine), or "
+                  "CompressedNodePostprocessor(engine) with CompressedLLM(engine)",
+                  UnauthorizedMarkerWarning, stacklevel=_caller_level())
     logger.info("unauthorised marker %s... (%s) left as text", key[:12], why)

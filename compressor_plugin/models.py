@@ -200,6 +200,28 @@ def _quiet_transformers(quiet: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _quiet_gguf_bar(quiet: bool) -> Iterator[None]:
+    """Hide transformers' "de-quantizing GGUF tensors" bar (its own tqdm, which the switch of
+    :func:`_quiet_transformers` does not reach) unless loading is verbose."""
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - other transformers layouts
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if not quiet or bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def ensure_default_model(home: str | os.PathLike | None = None) -> Path:
     """Convert the GGUF default model into a Hugging Face folder once; return the folder.
 
@@ -239,7 +261,8 @@ def ensure_gguf_model(name: str, home: str | os.PathLike | None = None) -> Path:
     check_tokenizer(tok, name, source=str(given) if given is not None else f"the GGUF file {gguf.name}")
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _quiet_gguf_bar(not _VERBOSE_LOADING.get()):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF quantizer cannot be serialised; the weights are already de-quantized fp32.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -191,3 +191,56 @@ def test_the_core_imports_neither_framework():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('langchain_core', 'llama_index')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_call_options_the_same_in_both(tiny_engine):
+    """A typo in a call option is refused by both LLMs; one stop string is one stop string."""
+    lc_llm, li_llm = lc.CompressedLLM(tiny_engine, max_tokens=2), li.CompressedLLM(tiny_engine, max_new_tokens=2)
+    with pytest.raises(UnknownOptionError, match="did you mean 'max_new_tokens'") as a:
+        li_llm.complete("Hi", max_new_token=1)
+    with pytest.raises(UnknownOptionError, match="did you mean 'max_new_tokens'") as b:
+        lc_llm.invoke("Hi", max_new_token=1)
+    assert a.value.option == b.value.option == "max_new_token"
+    assert li_llm._config({"stop": "Tower"}).stop == ("Tower",)
+    assert lc._Settings.build(lc_llm, "Tower", {})["stop"] == ["Tower"]
+    assert lc._Settings.build(lc_llm, None, {})["stop"] == []
+    with pytest.raises(InvalidOptionError):
+        li_llm._config({"stop": ["ok", 3]})
+    li_llm.complete("Hi", max_tokens=1, stop="\n")  # the OpenAI / LangChain name and a string stop work
+
+
+def test_langchain_llm_streaming_flag_sends_tokens_to_callbacks(tiny_engine):
+    import asyncio
+
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Tokens(BaseCallbackHandler):
+        def __init__(self):
+            self.tokens: list[str] = []
+
+        def on_llm_new_token(self, token: str, **kwargs) -> None:
+            self.tokens.append(token)
+
+    for streaming in (False, True):
+        seen = Tokens()
+        llm = lc.CompressedLLM(tiny_engine, max_tokens=4, streaming=streaming, callbacks=[seen])
+        text = llm.invoke("Tell me about pears.")
+        result = llm.generate(["Tell me about pears."])
+        assert result.llm_output["token_usage"]["completion_tokens"] >= 1
+        assert (len(seen.tokens) > 0) == streaming
+        if streaming:
+            assert "".join(seen.tokens[: len(seen.tokens) // 2]) == text  # invoke, then generate: the same pieces
+            seen.tokens.clear()
+            assert asyncio.run(llm.ainvoke("Tell me about pears.")) == text and "".join(seen.tokens) == text
+
+
+def test_compress_transform_refuses_settings_its_engine_does_not_have_and_keeps_its_dtype(tiny_engine):
+    import pickle
+
+    with pytest.raises(InvalidOptionError, match="anchors from its engine") as bad:
+        li.CompressTransform(tiny_engine, anchors=tiny_engine.anchors + 5)
+    assert bad.value.option == "anchors"
+    t = li.CompressTransform(tiny_engine, anchors=tiny_engine.anchors)  # the engine's own value is fine
+    assert t.dtype == "float32"
+    copy = pickle.loads(pickle.dumps(t))  # what IngestionPipeline(num_workers=...) sends to a worker
+    assert copy.dtype == "float32" and copy.store_dir == t.store_dir and copy._engine is None

@@ -75,6 +75,21 @@ def check_options(owner: str, given: Iterable[str], allowed: Iterable[str],
         raise UnknownOptionError(f"{owner} has no option {name!r}{hint} (options: {', '.join(public)})", option=name)
 
 
+def stop_list(stop: str | Iterable[str] | None) -> list[str]:
+    """Stop strings as a list: one string is one stop string (not its characters); empty ones dropped.
+
+    Raises:
+        InvalidOptionError: ``stop`` holds something that is not a string.
+    """
+    if stop is None:
+        return []
+    items = [stop] if isinstance(stop, str) else list(stop)
+    for s in items:
+        if not isinstance(s, str):
+            raise InvalidOptionError(f"stop strings must be strings, not {type(s).__name__}", option="stop")
+    return [s for s in items if s]
+
+
 def merge_alias(owner: str, data: dict[str, Any], name: str, alias: str) -> None:
     """Move ``data[alias]`` to ``data[name]`` (in place); both given and different is an error."""
     if alias not in data:

@@ -82,6 +82,7 @@ from .core import (
     check_options,
     compress_texts,
     merge_alias,
+    stop_list,
 )
 
 __all__ = [
@@ -316,11 +317,9 @@ class _Settings:
         settings = {k: kwargs.pop(k, getattr(model, k)) for k in _Settings.KEYS}
         if "max_new_tokens" in kwargs:
             settings["max_tokens"] = kwargs.pop("max_new_tokens")
-        unknown = sorted(k for k in kwargs if not k.startswith("ls_"))
-        if unknown:
-            raise TypeError(f"{type(model).__name__} got unsupported call options {unknown}; "
-                            f"supported: {list(_Settings.KEYS) + ['stop']}")
-        stops = list(stop) if stop is not None else list(model.stop or [])
+        check_options(f"{type(model).__name__} call", sorted(k for k in kwargs if not k.startswith("ls_")),
+                      (*_Settings.KEYS, "max_new_tokens", "stop", "model"))
+        stops = stop_list(stop) if stop is not None else stop_list(model.stop)
         return {"max_new_tokens": int(settings["max_tokens"]), "temperature": float(settings["temperature"]),
                 "top_p": float(settings["top_p"]), "seed": settings["seed"], "stop": [s for s in stops if s]}
 
@@ -561,8 +560,23 @@ class CompressedLLM(BaseCompressedModel, BaseLLM):
         return LLMResult(generations=[self._generation(r) for r in results],
                          llm_output={"model_name": self.model_name, "token_usage": total})
 
+    @staticmethod
+    def _joined(chunks: list[GenerationChunk]) -> list[Generation]:
+        """One generation from streamed chunks (the last one carries the usage and counts)."""
+        return [Generation(text="".join(c.text for c in chunks), generation_info=chunks[-1].generation_info)]
+
+    def _streamed_result(self, generations: list[list[Generation]]) -> LLMResult:
+        total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for (g,) in generations:
+            for key in total:
+                total[key] += g.generation_info["usage"][key]
+        return LLMResult(generations=generations, llm_output={"model_name": self.model_name, "token_usage": total})
+
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        if self.streaming:  # callbacks get each piece as it comes (on_llm_new_token)
+            return self._streamed_result([self._joined(list(self._stream(p, stop, run_manager, **kwargs)))
+                                          for p in prompts])
         cfg = _Settings.build(self, stop, kwargs)
         if len(prompts) == 1:
             results = [self.engine.generate(prompts[0], chat=self.chat_template, **cfg)]
@@ -572,6 +586,11 @@ class CompressedLLM(BaseCompressedModel, BaseLLM):
 
     async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        if self.streaming:
+            gens = []
+            for p in prompts:
+                gens.append(self._joined([c async for c in self._astream(p, stop, run_manager, **kwargs)]))
+            return self._streamed_result(gens)
         return await asyncio.to_thread(self._generate, prompts, stop, None, **kwargs)
 
     def _final_chunk(self, result: EngineResult) -> GenerationChunk:

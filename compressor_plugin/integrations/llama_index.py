@@ -64,7 +64,7 @@ from llama_index.core.prompts.base import BasePromptTemplate
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle, TransformComponent
 
 from ..anchors import DEFAULT_ANCHORS
-from ..errors import BrokenMarkerWarning, ContextTooLongError  # noqa: F401  (ContextTooLongError: on_long="error")
+from ..errors import BrokenMarkerWarning, ContextTooLongError, InvalidOptionError  # noqa: F401  (ContextTooLongError: on_long="error")
 from ..generation import GenerationConfig
 from ..markers import MARKER_RE, MARKER_START, split_markers
 from ..prompts import CHAT_INSTRUCTION
@@ -79,6 +79,7 @@ from .core import (
     check_options,
     compress_texts,
     merge_alias,
+    stop_list,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -215,6 +216,7 @@ class CompressTransform(TransformComponent):
     mode: str = Field(default="kv", description="'kv' or 'embedding'")
     anchors: int = Field(default=DEFAULT_ANCHORS, ge=0, description="anchor token budget per chunk (0: none)")
     store_dir: str = Field(default="", description="store folder")
+    dtype: str = Field(default="", description="the model's dtype (part of every store key; workers load it so)")
     batch_size: int = Field(default=16, ge=1, description="chunks per encoder forward")
     on_long: OnLong = Field(default="split", description="'split', 'truncate' or 'error' for over-long texts")
     # display only: left out of the serialised fields, so it never changes IngestionPipeline's cache key
@@ -232,9 +234,16 @@ class CompressTransform(TransformComponent):
             check_engine(engine)
             comp = engine.compressor
             data.setdefault("checkpoint", getattr(engine, "checkpoint", None) or "custom")
-            data.update(base_fingerprint=comp.base.fingerprint, compressor_fingerprint=comp.fingerprint,
-                        k=int(comp.k), mode=str(comp.mode), anchors=int(engine.anchors),
-                        store_dir=str(engine.store.directory))
+            own = dict(base_fingerprint=comp.base.fingerprint, compressor_fingerprint=comp.fingerprint,
+                       k=int(comp.k), mode=str(comp.mode), anchors=int(engine.anchors),
+                       store_dir=str(engine.store.directory), dtype=str(comp.base.dtype).replace("torch.", ""))
+            for name, value in own.items():  # these describe the engine: a different value cannot apply
+                if name in data and data[name] != value:
+                    raise InvalidOptionError(
+                        f"CompressTransform takes {name} from its engine ({value!r}), not {data[name]!r}: "
+                        "build the engine with the setting you want (anchors, dtype or store: "
+                        "CompressTransform.from_pretrained(checkpoint, anchors=..., dtype=..., store=...))", option=name)
+            data.update(own)
         elif not data.get("compressor_fingerprint"):
             raise TypeError("CompressTransform needs an engine (CompressTransform(engine))")
         data.pop("class_name", None)
@@ -287,7 +296,8 @@ class CompressTransform(TransformComponent):
                 "this CompressTransform lost its engine (it was copied to another process) and was built from an "
                 "engine without a checkpoint name; run the pipeline without num_workers, or build the transform "
                 "with CompressTransform.from_pretrained(<checkpoint>) so workers can reload it")
-        engine = CompressionEngine.from_pretrained(self.checkpoint, store=self.store_dir or None, anchors=self.anchors)
+        engine = CompressionEngine.from_pretrained(self.checkpoint, store=self.store_dir or None, anchors=self.anchors,
+                                                   dtype=self.dtype or None)
         if engine.compressor.fingerprint != self.compressor_fingerprint:
             raise RuntimeError(f"checkpoint {self.checkpoint!r} no longer matches this transform (compressor "
                                f"fingerprint {engine.compressor.fingerprint} != {self.compressor_fingerprint})")
@@ -569,13 +579,19 @@ class CompressedLLM(CustomLLM):
 
     # ------------------------------------------------------------------ helpers
     def _config(self, kwargs: dict[str, Any]) -> GenerationConfig:
+        """Generation settings of one call: this LLM's, overridden by the call's options.
+
+        Raises:
+            UnknownOptionError: an option this LLM does not take (a typo such as ``max_new_token``).
+        """
+        check_options(f"{type(self).__name__} call", kwargs, (*_GEN_KEYS, "max_tokens"))
         opts: dict[str, Any] = {name: getattr(self, name) for name in _GEN_KEYS}
         if kwargs.get("max_tokens") is not None and kwargs.get("max_new_tokens") is None:
             kwargs = {**kwargs, "max_new_tokens": kwargs["max_tokens"]}  # the name LangChain and OpenAI use
         for name in _GEN_KEYS:
             if kwargs.get(name) is not None:
                 opts[name] = kwargs[name]
-        opts["stop"] = tuple(opts["stop"] or ())
+        opts["stop"] = tuple(stop_list(opts["stop"]))
         return GenerationConfig(**opts)
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
