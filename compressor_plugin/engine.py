@@ -126,6 +126,12 @@ class CompressionEngine:
         default); ``marker_secret``, ``anchors`` and ``question_anchors`` are as for
         :class:`CompressionEngine`; ``allow_download`` as for :meth:`Compressor.from_pretrained`.
         """
+        if store is not None and not isinstance(store, ContextStore) and os.path.lexists(store) \
+                and not os.path.isdir(store):  # say so before the model loads, not after
+            from .errors import StoreFormatError
+
+            raise StoreFormatError(f"the store {str(store)!r} is a file, not a folder: pass a folder (a new one is "
+                                   "created) or an existing store", path=store)
         with verbose_loading(verbose):
             comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype, allow_download=allow_download)
         comp.match_adapter_dtype()  # inference only: a bf16 model runs its encoder in bf16 end to end

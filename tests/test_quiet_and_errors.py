@@ -69,3 +69,20 @@ def test_errors_carry_fields_through_str_and_pickle():
     missing = errors.MissingChunkError("chunk abc is gone", key="abc")
     assert str(missing) == "chunk abc is gone" and missing.key == "abc"  # not KeyError's quoted repr
     assert errors.StoreFormatError("bad", path=Path("/x/store")).path == "/x/store"
+
+
+def test_a_store_path_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from compressor_plugin import compressor as compressor_module
+    from compressor_plugin.engine import CompressionEngine
+    from compressor_plugin.errors import StoreFormatError
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a store")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the store path was checked")
+
+    monkeypatch.setattr(compressor_module.Compressor, "from_pretrained", no_load)
+    with pytest.raises(StoreFormatError, match="is a file, not a folder") as err:
+        CompressionEngine.from_pretrained(store=afile)
+    assert err.value.path == str(afile)
