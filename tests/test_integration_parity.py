@@ -244,3 +244,15 @@ def test_compress_transform_refuses_settings_its_engine_does_not_have_and_keeps_
     assert t.dtype == "float32"
     copy = pickle.loads(pickle.dumps(t))  # what IngestionPipeline(num_workers=...) sends to a worker
     assert copy.dtype == "float32" and copy.store_dir == t.store_dir and copy._engine is None
+
+
+def test_wrong_types_are_the_same_type_error_in_both(tiny_engine):
+    with pytest.raises(TypeError, match="document 0 is a NoneType"):
+        lc.CompressedDocumentTransformer(tiny_engine).transform_documents([None])
+    with pytest.raises(TypeError, match="node 0 is a NoneType"):
+        li.CompressTransform(tiny_engine)([None])
+    with pytest.raises(TypeError, match="node 0 is a NoneType"):
+        li.CompressedNodePostprocessor(tiny_engine).postprocess_nodes([None])
+    for bad in (None, 123):
+        with pytest.raises(TypeError, match="not a string"):
+            li.CompressedLLM(tiny_engine).complete(bad)

@@ -6,7 +6,7 @@ Two pieces, both thin layers over :class:`~compressor_plugin.engine.CompressionE
   :class:`CompressedDocumentCompressor` (a ``BaseDocumentCompressor``, for
   ``ContextualCompressionRetriever`` / ``DocumentCompressorPipeline``) compress each document
   once through the store and return new documents whose ``page_content`` is a short marker
-  (``[[cc:<key>]]``) naming the stored K/V; the text stays in ``metadata["original_text"]``.
+  (``[[cc:<key>.<tag>]]``) naming the stored K/V; the text stays in ``metadata["original_text"]``.
 * :class:`CompressedChatModel` (a ``BaseChatModel``) and :class:`CompressedLLM` (a
   ``BaseLLM``) find those markers in the prompt and put the stored K/V at their place;
   a marker whose entry is gone falls back to the chunk text with a

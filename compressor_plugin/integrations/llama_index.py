@@ -6,7 +6,7 @@ Three thin layers over :class:`~compressor_plugin.engine.CompressionEngine`:
   into the store (once, ever) and records the store key and token counts in the node's
   metadata. Node text is left as it is, so retrievers and embeddings still see the text.
 * :class:`CompressedNodePostprocessor` - after retrieval, swaps each node's text for a marker
-  (``[[cc:<key>]]``) naming its compressed entry; the original text moves to
+  (``[[cc:<key>.<tag>]]``) naming its compressed entry; the original text moves to
   ``metadata["original_text"]``, hidden from LLM and embedding views.
 * :class:`CompressedLLM` - a LlamaIndex ``CustomLLM`` that resolves the markers in its prompt
   into the stored K/V and answers with the unchanged base model (text fallback, with a
@@ -171,6 +171,9 @@ def _hide(keys: Sequence[str], excluded: Sequence[str]) -> list[str]:
 
 def _compress_nodes(engine: "CompressionEngine", nodes: Sequence[BaseNode],
                     options: CompressionOptions) -> list[Optional[CompressedText]]:
+    for i, n in enumerate(nodes):
+        if not isinstance(n, BaseNode):  # the same check and message as the LangChain face
+            raise TypeError(f"node {i} is a {type(n).__name__}, not a llama_index node")
     return compress_texts(engine, [_node_text(n) for n in nodes], options, [n.node_id for n in nodes])
 
 
@@ -402,12 +405,21 @@ class CompressedNodePostprocessor(BaseNodePostprocessor):
 
     def _postprocess_nodes(self, nodes: list[NodeWithScore],
                            query_bundle: Optional[QueryBundle] = None) -> list[NodeWithScore]:
-        return self._swap(nodes, _compress_nodes(self._engine, [n.node for n in nodes], self._options()))
+        return self._swap(nodes, _compress_nodes(self._engine, _scored_nodes(nodes), self._options()))
 
     async def _apostprocess_nodes(self, nodes: list[NodeWithScore],
                                   query_bundle: Optional[QueryBundle] = None) -> list[NodeWithScore]:
-        results = await asyncio.to_thread(_compress_nodes, self._engine, [n.node for n in nodes], self._options())
+        results = await asyncio.to_thread(_compress_nodes, self._engine, _scored_nodes(nodes), self._options())
         return self._swap(nodes, results)
+
+
+def _scored_nodes(nodes: Sequence[NodeWithScore]) -> list[BaseNode]:
+    out = []
+    for i, n in enumerate(nodes):
+        if not isinstance(n, NodeWithScore):
+            raise TypeError(f"node {i} is a {type(n).__name__}, not a llama_index NodeWithScore")
+        out.append(n.node)
+    return out
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -595,6 +607,8 @@ class CompressedLLM(CustomLLM):
         return GenerationConfig(**opts)
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
+        if not isinstance(prompt, str):
+            raise TypeError(f"the prompt is a {type(prompt).__name__}, not a string")
         if not formatted and self.completion_to_prompt is not None:
             prompt = self.completion_to_prompt(prompt)
         _warn_broken_markers([prompt])
