@@ -31,13 +31,16 @@ from torch import nn
 from .context import CompressedContext, RotaryHelper
 from .errors import CheckpointMismatchError, CompressorError, ContextTooLongError, ModelNotAvailableError
 from .hf_compat import cache_kwargs, inner_model
-from .models import DEFAULT_MODEL, GGUF_MODELS, BaseModel, load_base_model, with_bos
+from .models import DEFAULT_MODEL, GGUF_MODELS, BaseModel, bos_prefix, load_base_model, with_bos
 from .text import literal_ids, lone_surrogate, surrogate_message
 
 CHECKPOINT_FORMAT = "compressor_plugin.checkpoint/1"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 #: The largest ``config.json`` a checkpoint may have (a real one is under 1 KB).
 MAX_CONFIG_BYTES = 1 << 20
+#: Largest ``CompressorConfig.max_length`` accepted (tokens per compressed chunk), whatever the
+#: model: it bounds one encoder forward, and a checkpoint's config.json is read from disk.
+MAX_LENGTH_LIMIT = 32768
 #: safetensors dtypes a checkpoint's tensors may have.
 _CHECKPOINT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
@@ -63,8 +66,8 @@ class CompressorConfig:
             raise ValueError(f"mode must be 'kv' or 'embedding', not {self.mode!r}")
         if not _is_int(self.k) or not 1 <= self.k <= 512:
             raise ValueError(f"k must be an integer between 1 and 512, not {self.k!r}")
-        if not _is_int(self.max_length) or self.max_length < 1:
-            raise ValueError(f"max_length must be a positive integer, not {self.max_length!r}")
+        if not _is_int(self.max_length) or not 1 <= self.max_length <= MAX_LENGTH_LIMIT:
+            raise ValueError(f"max_length must be an integer between 1 and {MAX_LENGTH_LIMIT}, not {self.max_length!r}")
         if not _is_int(self.lora_r) or self.lora_r < 1:
             raise ValueError(f"lora_r must be a positive integer, not {self.lora_r!r}")
         if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha):
@@ -100,6 +103,28 @@ def check_rank_fits(config: CompressorConfig, base: BaseModel) -> None:
         raise ValueError(f"lora_r={config.lora_r} is larger than the base model's hidden size ({hidden})")
 
 
+def check_length_fits(config: CompressorConfig, base: BaseModel) -> None:
+    """Raise ValueError when a chunk of ``config.max_length`` tokens and its k memory slots (and
+    the BOS the tokenizer adds, if any) take more positions than the base model has
+    (``max_position_embeddings``, when its config declares one).
+
+    ``max_length`` decides how long a text is compressed in one encoder forward (documents are
+    split into chunks of at most that many tokens); positions past the model's are not trained.
+    """
+    cfg = base.model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    limit = getattr(text_cfg, "max_position_embeddings", None) or getattr(cfg, "max_position_embeddings", None)
+    if not _is_int(limit) or limit < 1:
+        return
+    tokenizer = getattr(base, "tokenizer", None)
+    bos = len(bos_prefix(tokenizer)) if tokenizer is not None else 0
+    needed = config.max_length + config.k + bos
+    if needed > limit:
+        raise ValueError(
+            f"max_length={config.max_length} with k={config.k}" + (" and a BOS token" if bos else "")
+            + f" needs {needed} positions, more than the base model's max_position_embeddings ({limit})")
+
+
 class Compressor(nn.Module):
     """Compresses text chunks into :class:`CompressedContext` objects.
 
@@ -122,6 +147,7 @@ class Compressor(nn.Module):
         self.base = base
         cfg = config or CompressorConfig()
         check_rank_fits(cfg, base)
+        check_length_fits(cfg, base)
         cfg.base_model = cfg.base_model or base.name
         cfg.base_fingerprint = base.fingerprint
         self.config = cfg
@@ -566,6 +592,7 @@ class Compressor(nn.Module):
         check_base(folder, meta, base)
         try:
             check_rank_fits(config, base)
+            check_length_fits(config, base)
         except ValueError as exc:
             raise CheckpointMismatchError(f"{folder / 'config.json'}: {exc}", path=folder) from None
         comp = cls(base, config)

@@ -2,8 +2,14 @@
 
 Inputs are JSONL files (one document per line, text in a field), ``.txt`` / ``.md`` files (one
 document per file), or a folder of them. Reading never raises on bad data: unreadable files,
-bytes that are not UTF-8, lines that are not JSON objects, missing text fields and empty
-documents are skipped and counted by reason in a :class:`collections.Counter`.
+bytes that are not UTF-8, lines that are not JSON objects, missing text fields, empty
+documents and oversized files or lines are skipped and counted by reason in a
+:class:`collections.Counter`.
+
+Every input file is opened once, by descriptor, and checked on that descriptor (a regular
+file, and, unless symlinks are followed, a file whose real location is inside the input
+folder) before a byte is read: a file swapped for a symlink, a FIFO or a device after the
+folder was listed is skipped, never read or waited on.
 
 Splitting is token-aware: a document is tokenised once with the compressor's tokenizer
 (``return_offsets_mapping=True``), chunks end on token boundaries, and near the token limit a
@@ -15,10 +21,12 @@ character span in the document text as read, so chunks can be joined back to the
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import stat
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -47,9 +55,20 @@ EMPTY_DOCUMENT = "empty_document"
 LONE_SURROGATE = "lone_surrogate"
 UNSUPPORTED_FILE = "unsupported_file"
 OUTSIDE_INPUT = "outside_input"
+TOO_LARGE = "too_large"
 EMPTY_CHUNK = "whitespace_only_chunk"
 OVER_LIMIT = "chunk_over_token_limit"
 _MAX_RESPLITS = 6
+
+#: Most bytes read from one ``.txt`` / ``.md`` file (one document); larger files are skipped
+#: as ``too_large`` without being read.
+MAX_TEXT_FILE_BYTES = 64 * 2**20
+#: Most bytes of one JSONL line; a longer line is skipped as ``too_large`` (the rest of it is
+#: read past in bounded pieces, never held whole) and the lines after it are read.
+MAX_JSONL_LINE_BYTES = 16 * 2**20
+_SKIP_PIECE = 2**20
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_BINARY", 0))
 
 # Boundary scores of a cut between two tokens.
 _HARD, _WORD, _SENTENCE, _PARAGRAPH = 0, 1, 2, 3
@@ -176,7 +195,9 @@ def iter_documents(
         id_field: JSONL field holding the document id (lines without it get ``"<file>:<line>"``).
         skipped: a Counter that receives one count per skipped input, keyed by reason
             (``unreadable_file``, ``not_utf8``, ``bad_json``, ``not_a_json_object``,
-            ``missing_text_field``, ``empty_document``, ``unsupported_file``, ``outside_input``).
+            ``missing_text_field``, ``empty_document``, ``unsupported_file``, ``outside_input``,
+            ``too_large``: a text file over :data:`MAX_TEXT_FILE_BYTES` or a JSONL line over
+            :data:`MAX_JSONL_LINE_BYTES`).
         limit: stop after this many documents.
         follow_symlinks: also read symlinked files whose target lies outside the folder (see
             :func:`input_files`).
@@ -184,6 +205,9 @@ def iter_documents(
     skipped = skipped if skipped is not None else Counter()
     root, files = input_files(path, follow_symlinks=follow_symlinks, skipped=skipped)
     single = Path(path).expanduser().is_file()
+    # Where files may be read from: anywhere for a single file named as the input (the user
+    # chose it) or with follow_symlinks, else only inside the folder's real path.
+    inside = None if single or follow_symlinks else os.path.realpath(root)
     count = 0
     for f in files:
         if limit is not None and count >= limit:
@@ -191,9 +215,9 @@ def iter_documents(
         rel = f.name if single else f.relative_to(root).as_posix()
         suffix = f.suffix.lower()
         if suffix in JSONL_SUFFIXES:
-            reader = _read_jsonl(f, rel, text_field, id_field, skipped)
+            reader = _read_jsonl(f, rel, text_field, id_field, skipped, inside)
         elif suffix in TEXT_SUFFIXES or single:
-            reader = _read_text_file(f, rel, skipped)
+            reader = _read_text_file(f, rel, skipped, inside)
         else:
             skipped[UNSUPPORTED_FILE] += 1
             continue
@@ -204,19 +228,122 @@ def iter_documents(
                 return
 
 
-def _read_text_file(f: Path, rel: str, skipped: Counter) -> Iterator[Document]:
-    if not f.is_file():  # a FIFO or a device would block or never end
-        skipped[UNREADABLE_FILE] += 1
-        return
+def _inside(real: str, root: str) -> bool:
     try:
-        data = f.read_bytes()
+        return os.path.commonpath([root, real]) == root
+    except ValueError:  # another drive (Windows), or a relative path
+        return False
+
+
+def _fd_path(fd: int) -> str | None:
+    """The real path of the file open on ``fd`` where the system tells it (Linux ``/proc``), else None."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except (OSError, ValueError):
+        return None
+    if real.endswith(" (deleted)") and not os.path.exists(real):  # removed since it was opened
+        real = real[: -len(" (deleted)")]
+    return real if os.path.isabs(real) else None
+
+
+def _fd_inside(fd: int, st: os.stat_result, f: Path, root: str) -> bool:
+    """Whether the file open on ``fd`` lies inside the folder ``root`` (a real path)."""
+    real = _fd_path(fd)
+    if real is not None:
+        return _inside(real, root)
+    # No /proc: the path's real location now must be inside and be the very file that is open.
+    real = os.path.realpath(f)
+    try:
+        now = os.stat(real)
+    except OSError:
+        return False
+    return _inside(real, root) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _open_input(f: Path, skipped: Counter, inside: str | None) -> tuple[int, os.stat_result] | None:
+    """A descriptor open for reading on the regular file ``f``, and its stat; None when skipped (counted).
+
+    The file is opened once (never blocking: ``O_NONBLOCK``), and everything is checked on the
+    descriptor, so what is read is what was checked. With ``inside`` (the input folder's real
+    path) the last path component is not followed (``O_NOFOLLOW``); a file that has become a
+    symlink is read only if it leads to a regular file inside the folder, and any file whose
+    real location is outside the folder (a parent folder swapped for a symlink) is skipped as
+    ``outside_input``.
+    """
+    if not f.is_file():  # cheap first filter: never open a FIFO or a device listed as such
+        skipped[UNREADABLE_FILE] += 1
+        return None
+    nofollow = getattr(os, "O_NOFOLLOW", 0) if inside is not None else 0
+    try:
+        fd = os.open(f, _OPEN_FLAGS | nofollow)
+    except OSError as exc:
+        if not nofollow or exc.errno not in (errno.ELOOP, errno.EMLINK) or not os.path.islink(f):
+            skipped[UNREADABLE_FILE] += 1
+            return None
+        # The file is now a symlink: read it only if it stays in the folder (as the listing
+        # allows), checked again on the descriptor below.
+        if not _inside(os.path.realpath(f), inside):
+            skipped[OUTSIDE_INPUT] += 1
+            return None
+        try:
+            fd = os.open(f, _OPEN_FLAGS)
+        except OSError:
+            skipped[UNREADABLE_FILE] += 1
+            return None
+    try:
+        st = os.fstat(fd)
+        if inside is not None and not _fd_inside(fd, st, f, inside):
+            skipped[OUTSIDE_INPUT] += 1
+        elif not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+            skipped[UNREADABLE_FILE] += 1
+        else:
+            try:
+                os.set_blocking(fd, True)
+            except (AttributeError, OSError):  # regular files ignore O_NONBLOCK anyway
+                pass
+            return fd, st
+    except OSError:
+        skipped[UNREADABLE_FILE] += 1
+    os.close(fd)
+    return None
+
+
+def _read_text_file(f: Path, rel: str, skipped: Counter, inside: str | None = None) -> Iterator[Document]:
+    opened = _open_input(f, skipped, inside)
+    if opened is None:
+        return
+    fd, st = opened
+    cap = MAX_TEXT_FILE_BYTES
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            if st.st_size > cap:
+                skipped[TOO_LARGE] += 1
+                return
+            data = fh.read(st.st_size + 1)  # not read(cap + 1): that would allocate the cap for every file
+            if len(data) > st.st_size:  # it grew since fstat: read on in bounded pieces, up to the cap
+                parts, total = [data], len(data)
+                while total <= cap:
+                    piece = fh.read(min(_SKIP_PIECE, cap + 1 - total))
+                    if not piece:
+                        break
+                    parts.append(piece)
+                    total += len(piece)
+                if total > cap:
+                    skipped[TOO_LARGE] += 1
+                    return
+                data = b"".join(parts)
+        if len(data) > cap:
+            skipped[TOO_LARGE] += 1
+            return
+        text = data.decode("utf-8-sig")
     except OSError:
         skipped[UNREADABLE_FILE] += 1
         return
-    try:
-        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         skipped[NOT_UTF8] += 1
+        return
+    except MemoryError:
+        skipped[TOO_LARGE] += 1
         return
     if not text.strip():
         skipped[EMPTY_DOCUMENT] += 1
@@ -224,22 +351,32 @@ def _read_text_file(f: Path, rel: str, skipped: Counter) -> Iterator[Document]:
     yield Document(doc_id=rel, text=text, source=rel, line=None, nbytes=len(data))
 
 
-def _read_jsonl(f: Path, rel: str, text_field: str | None, id_field: str, skipped: Counter) -> Iterator[Document]:
-    if not f.is_file():  # a FIFO or a device would block or never end
-        skipped[UNREADABLE_FILE] += 1
+def _read_jsonl(f: Path, rel: str, text_field: str | None, id_field: str, skipped: Counter,
+                inside: str | None = None) -> Iterator[Document]:
+    opened = _open_input(f, skipped, inside)
+    if opened is None:
         return
-    try:
-        fh = open(f, "rb")
-    except OSError:
-        skipped[UNREADABLE_FILE] += 1
-        return
+    fh = os.fdopen(opened[0], "rb")
+    cap = MAX_JSONL_LINE_BYTES
     with fh:
         lineno = 0
         while True:
             try:
-                raw = fh.readline()
+                raw = fh.readline(cap + 1)
+                if len(raw) > cap and not raw.endswith(b"\n"):
+                    # too long: read past the rest of the line in bounded pieces, never holding it
+                    while True:
+                        piece = fh.readline(_SKIP_PIECE)
+                        if not piece or piece.endswith(b"\n"):
+                            break
+                    lineno += 1
+                    skipped[TOO_LARGE] += 1
+                    continue
             except OSError:
                 skipped[UNREADABLE_FILE] += 1
+                return
+            except MemoryError:
+                skipped[TOO_LARGE] += 1
                 return
             if not raw:
                 return
@@ -251,10 +388,16 @@ def _read_jsonl(f: Path, rel: str, text_field: str | None, id_field: str, skippe
             except UnicodeDecodeError:
                 skipped[NOT_UTF8] += 1
                 continue
+            except MemoryError:
+                skipped[TOO_LARGE] += 1
+                continue
             try:
                 obj = json.loads(line)
             except (ValueError, RecursionError):
                 skipped[BAD_JSON] += 1
+                continue
+            except MemoryError:
+                skipped[TOO_LARGE] += 1
                 continue
             if not isinstance(obj, dict):
                 skipped[NOT_AN_OBJECT] += 1
