@@ -39,7 +39,7 @@ _EXPORTS = {
     "MarkerSigner": "compressor_plugin.markers",
 }
 _ERRORS = (
-    "BrokenMarkerWarning", "CheckpointMismatchError", "CompressorError", "CompressorPluginError",
+    "BrokenMarkerWarning", "CheckpointMismatchError", "CheckpointNotFoundError", "CompressorError", "CompressorPluginError",
     "CompressorPluginWarning", "ContextFormatError", "ContextMismatchError", "ContextTooLongError", "DataError",
     "EmptyDocumentWarning", "InvalidOptionError", "InvalidTextError", "MissingChunkError", "MissingChunkWarning",
     "ModelNotAvailableError", "PromptError", "PromptTooLongError", "StoreError", "StoreFormatError",
@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (
         BrokenMarkerWarning,
         CheckpointMismatchError,
+        CheckpointNotFoundError,
         CompressorError,
         CompressorPluginError,
         CompressorPluginWarning,

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .context import CompressedContext, RotaryHelper
-from .errors import CheckpointMismatchError, CompressorError, ContextTooLongError, ModelNotAvailableError
+from .errors import (CheckpointMismatchError, CheckpointNotFoundError, CompressorError, ContextTooLongError,
+                     InvalidOptionError, ModelNotAvailableError)
 from .hf_compat import cache_kwargs, inner_model
 from .models import DEFAULT_MODEL, GGUF_MODELS, BaseModel, bos_prefix, load_base_model, with_bos
 from .text import literal_ids, lone_surrogate, surrogate_message
@@ -571,10 +572,15 @@ class Compressor(nn.Module):
                 downloaded.
 
         Raises:
-            FileNotFoundError: no checkpoint there.
+            CheckpointNotFoundError: no checkpoint there (a ``FileNotFoundError``).
             CheckpointMismatchError: the checkpoint was trained for another base model.
             ModelNotAvailableError: the checkpoint's base model is not here (and not downloaded).
+            InvalidOptionError: ``dtype`` float16 (see below).
         """
+        if base is None and dtype is not None and str(dtype).replace("torch.", "") in ("float16", "fp16", "half"):
+            # the base-model check reads weights as bf16; fp16 rounds them first, so it never matches
+            raise InvalidOptionError("dtype float16 is not supported for compressors: use bfloat16 (GPUs) or float32",
+                                     option="dtype")
         folder, meta = read_checkpoint(path)
         config = checkpoint_config(folder, meta)
         if base is None:
@@ -622,7 +628,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """Folder and ``config.json`` contents of a checkpoint (path or shipped name), format checked.
 
     Raises:
-        FileNotFoundError: no checkpoint there.
+        CheckpointNotFoundError: no checkpoint there (a ``FileNotFoundError``).
         CheckpointMismatchError: the folder is not a compressor checkpoint.
     """
     folder = resolve_checkpoint(path)
@@ -759,8 +765,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     folder = Path(path).expanduser()
     if (folder / "config.json").is_file():
         return folder
-    raise FileNotFoundError(
-        f"no compressor checkpoint at {path!r}; shipped names: {sorted(shipped) or 'none'}")
+    raise CheckpointNotFoundError(
+        f"no compressor checkpoint at {path!r}; shipped names: {sorted(shipped) or 'none'}", path=str(path))
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 __all__ = [
     "BrokenMarkerWarning",
     "CheckpointMismatchError",
+    "CheckpointNotFoundError",
     "CompressorError",
     "CompressorPluginError",
     "CompressorPluginWarning",
@@ -145,6 +146,10 @@ class ModelNotAvailableError(CompressorPluginError, RuntimeError):
 
 class UnsupportedModelError(CompressorPluginError, ValueError):
     """The model is not a causal LM with rotary position embeddings."""
+
+
+class CheckpointNotFoundError(CompressorPluginError, FileNotFoundError):
+    """No compressor checkpoint at the given path, and no shipped checkpoint of that name."""
 
 
 class CheckpointMismatchError(CompressorPluginError, ValueError):

@@ -86,3 +86,14 @@ def test_a_store_path_that_is_a_file_is_refused_before_the_model_loads(tmp_path,
     with pytest.raises(StoreFormatError, match="is a file, not a folder") as err:
         CompressionEngine.from_pretrained(store=afile)
     assert err.value.path == str(afile)
+
+
+def test_an_unknown_checkpoint_and_fp16_are_package_errors():
+    from compressor_plugin.compressor import Compressor
+    from compressor_plugin.errors import CheckpointNotFoundError, CompressorPluginError, InvalidOptionError
+
+    with pytest.raises(CheckpointNotFoundError, match="shipped names") as err:
+        Compressor.from_pretrained("kv-k99")
+    assert isinstance(err.value, (CompressorPluginError, FileNotFoundError))
+    with pytest.raises(InvalidOptionError, match="float16"):
+        Compressor.from_pretrained("kv-k16", dtype="float16")
