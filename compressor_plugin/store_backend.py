@@ -22,7 +22,15 @@ back from the folder:
 * the LRU access-time update of a read is skipped (not raised) when the database cannot be
   written, so hits stay hits on a full or read-only disk;
 * ``read_only=True`` opens the database without ever writing to it (also on a read-only
-  volume) and every write raises :class:`StoreReadOnlyError`.
+  volume) and every write raises :class:`StoreReadOnlyError`;
+* every connection (the first, a new thread's, a reconnect after :meth:`~SafeCache.close`, a
+  forked child's) refuses, with :class:`StoreFormatError`, a folder or database file that is
+  a symlink, a database file other than the one first opened, and a database holding any
+  table, index, view or trigger this engine (or diskcache, which wrote older stores) does not
+  create, SQL text compared; and no statement runs more than ``_MAX_STATEMENT_STEPS`` SQLite
+  VM steps, so a trigger or view planted after that check cannot make it run forever;
+* values inside SQLite are returned only as raw-mode BLOBs, whose size (in bytes) is checked
+  in the query; anything else is refused without being fetched.
 
 What it does not protect against: whoever can write the folder can replace entries with
 other well-formed ones, delete them or fill the disk. SQLite itself parses the database file.
@@ -38,6 +46,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -84,8 +93,65 @@ _SCHEMA = (
     " END",
 )
 _EXACT_FILE_BYTES = "SELECT coalesce(sum(CAST(size AS INTEGER)), 0) FROM Cache WHERE filename IS NOT NULL"
+#: The schema of diskcache 5.x, which wrote the stores of earlier versions (every eviction
+#: policy's index and the tag index included). Its objects are accepted beside ours.
+_LEGACY_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS Settings ( key TEXT NOT NULL UNIQUE, value)",
+    "CREATE TABLE IF NOT EXISTS Cache ( rowid INTEGER PRIMARY KEY, key BLOB, raw INTEGER, store_time REAL,"
+    " expire_time REAL, access_time REAL, access_count INTEGER DEFAULT 0, tag BLOB, size INTEGER DEFAULT 0,"
+    " mode INTEGER DEFAULT 0, filename TEXT, value BLOB)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS Cache_key_raw ON Cache(key, raw)",
+    "CREATE INDEX IF NOT EXISTS Cache_expire_time ON Cache (expire_time)",
+    "CREATE INDEX IF NOT EXISTS Cache_store_time ON Cache (store_time)",
+    "CREATE INDEX IF NOT EXISTS Cache_access_time ON Cache (access_time)",
+    "CREATE INDEX IF NOT EXISTS Cache_access_count ON Cache (access_count)",
+    "CREATE INDEX IF NOT EXISTS Cache_tag_rowid ON Cache(tag, rowid)",
+    'CREATE TRIGGER IF NOT EXISTS Settings_count_insert AFTER INSERT ON Cache FOR EACH ROW BEGIN'
+    ' UPDATE Settings SET value = value + 1 WHERE key = "count"; END',
+    'CREATE TRIGGER IF NOT EXISTS Settings_count_delete AFTER DELETE ON Cache FOR EACH ROW BEGIN'
+    ' UPDATE Settings SET value = value - 1 WHERE key = "count"; END',
+    'CREATE TRIGGER IF NOT EXISTS Settings_size_insert AFTER INSERT ON Cache FOR EACH ROW BEGIN'
+    ' UPDATE Settings SET value = value + NEW.size WHERE key = "size"; END',
+    'CREATE TRIGGER IF NOT EXISTS Settings_size_update AFTER UPDATE ON Cache FOR EACH ROW BEGIN'
+    ' UPDATE Settings SET value = value + NEW.size - OLD.size WHERE key = "size"; END',
+    'CREATE TRIGGER IF NOT EXISTS Settings_size_delete AFTER DELETE ON Cache FOR EACH ROW BEGIN'
+    ' UPDATE Settings SET value = value - OLD.size WHERE key = "size"; END',
+)
+
+
+def _known_schema() -> frozenset[tuple[Any, ...]]:
+    """``(type, name, tbl_name, sql)`` of every schema object this engine or diskcache creates.
+
+    Taken from ``sqlite_master`` of in-memory databases built with the statements above, so
+    the SQL text is exactly as SQLite records it (``IF NOT EXISTS`` dropped) and comparing
+    it with a store's ``sqlite_master`` proves each object is one of ours, body included.
+    """
+    known: set[tuple[Any, ...]] = set()
+    for statements in (_SCHEMA, _LEGACY_SCHEMA):
+        con = sqlite3.connect(":memory:")
+        try:
+            for statement in statements:
+                con.execute(statement)
+            known.update(con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+        finally:
+            con.close()
+    return frozenset(known)
+
+
+_KNOWN_SCHEMA = _known_schema()
+#: A statement is aborted ("interrupted") after this many SQLite VM steps: no trigger or view
+#: planted in the database after it was checked can make one statement run forever. The
+#: store's own statements take a few steps per row at most (clear deletes in batches), so
+#: this is ~50 M rows' worth of a full scan, and a few seconds (2.5-5 s on a 2-core Xeon)
+#: of a planted endless loop.
+_MAX_STATEMENT_STEPS = 300_000_000
+#: Rows deleted per statement by clear() (each row costs 30-80 steps with the triggers).
+_CLEAR_BATCH = 10_000
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
+
+def _abort_statement() -> int:
+    return 1  # called once a statement has run _MAX_STATEMENT_STEPS steps: abort it
 
 
 class RefusedValue:
@@ -118,6 +184,11 @@ def is_read_only(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return True
     return isinstance(exc, sqlite3.Error) and "readonly" in str(exc).lower().replace("-", "").replace(" ", "")
+
+
+def _uri_path(path: Path) -> str:
+    """``path`` for a ``file:`` URI (``?``, ``#`` and ``%`` in a folder name would otherwise end it)."""
+    return urllib.parse.quote(os.path.abspath(path), safe="/")
 
 
 def _folder_writable(folder: Path) -> bool:
@@ -165,6 +236,7 @@ class SafeCache:
         self._local = threading.local()
         self._pid = os.getpid()
         self._immutable = False
+        self._db_identity: tuple[Any, ...] | None = None  # the database file every connection must open
         if not self.read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
             if not _folder_writable(self.directory):
@@ -236,13 +308,28 @@ class SafeCache:
             self._pid = os.getpid()
         con = getattr(self._local, "con", None)
         if con is None:
-            db = self.directory / DBNAME
-            if self.read_only:
-                mode = "ro&immutable=1" if self._immutable else "ro"
-                con = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, timeout=self.timeout,
-                                      isolation_level=None, check_same_thread=False)
-            else:
-                con = sqlite3.connect(str(db), timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            con = self._local.con = self._connect()
+        return con
+
+    def _connect(self) -> sqlite3.Connection:
+        """A new connection, checked like the first one: a new thread's connection, a reconnect
+        after :meth:`close` or a forked child's connection opens the database by path again,
+        so what was planted in the folder meanwhile must be refused again.
+
+        Raises:
+            StoreFormatError: the folder or a database file is a symlink (or not a regular
+                file), the database file is not the one this object opened first, or the
+                database holds schema objects this store does not create.
+        """
+        self._check_not_linked()
+        db = self.directory / DBNAME
+        if self.read_only:
+            mode = "ro&immutable=1" if self._immutable else "ro"
+            con = sqlite3.connect(f"file:{_uri_path(db)}?mode={mode}", uri=True, timeout=self.timeout,
+                                  isolation_level=None, check_same_thread=False)
+        else:
+            con = sqlite3.connect(str(db), timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        try:
             # Pragmas from the code only (the Settings table is never read). trusted_schema=OFF
             # keeps triggers and views planted in the file from calling risky functions.
             for pragma in ("trusted_schema = OFF", "synchronous = NORMAL", "cell_size_check = ON"):
@@ -250,8 +337,52 @@ class SafeCache:
                     con.execute(f"PRAGMA {pragma}")
                 except sqlite3.Error:  # pragma: no cover - older SQLite
                     pass
-            self._local.con = con
+            con.set_progress_handler(_abort_statement, _MAX_STATEMENT_STEPS)
+            self._check_identity(con)
+            self._check_schema(con)
+        except BaseException:
+            con.close()
+            raise
         return con
+
+    def _check_identity(self, con: sqlite3.Connection) -> None:
+        """Refuse a connection to another file than the first connection of this object opened.
+
+        Checked after connecting: the path is a regular file (not a symlink) with the same
+        device and inode, and SQLite reports the same file name (SQLite resolves symlinks in
+        that name, so a link swapped in and out around the open is caught too).
+        """
+        db = self.directory / DBNAME
+        try:
+            st = os.lstat(db)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise StoreFormatError(f"{db} is a symlink or not a regular file; refusing to open it. Remove it "
+                                   "if the store is yours (its entries can be recomputed)")
+        main = [row[2] for row in con.execute("PRAGMA database_list").fetchall() if row[1] == "main"]
+        identity = (st.st_dev, st.st_ino, tuple(main)) if st is not None else None
+        if self._db_identity is None:
+            self._db_identity = identity
+        elif identity != self._db_identity:
+            raise StoreFormatError(f"{db} was replaced or removed since the store was opened; refusing to use "
+                                   "it. Open the store again")
+
+    def _check_schema(self, con: sqlite3.Connection) -> None:
+        """Refuse a database holding any table, index, view or trigger this store does not create.
+
+        ``CREATE ... IF NOT EXISTS`` keeps whatever the file already holds, and SQLite runs a
+        planted trigger inside the store's own statements (``trusted_schema=OFF`` only bars
+        functions): a trigger selecting from a recursive view would make every write spin
+        forever. Each object must match one of ours exactly, its SQL text included.
+        """
+        for row in con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"):
+            if tuple(row) not in _KNOWN_SCHEMA:
+                kind, name = (str(part)[:80] for part in row[:2])
+                raise StoreFormatError(
+                    f"the store database {self.directory / DBNAME} holds a {kind} {name!r} that compressor-plugin "
+                    f"does not create: it was changed by another program, and is not used. Everything in a store "
+                    f"can be recomputed: delete the store folder ({self.directory.parent}) to start it afresh")
 
     def close(self) -> None:
         """Close this thread's connection (reopened on next use)."""
@@ -418,13 +549,18 @@ class SafeCache:
         Raises:
             sqlite3.Error: the database cannot be read.
         """
+        # The value is fetched only for a raw-mode BLOB (the only row kind whose value is
+        # returned), and only up to max_value_size bytes: length() counts characters for a
+        # TEXT value (a 4-byte character counts 1), so only a BLOB's length is a byte count.
+        # typeof() and a BLOB's length() are answered without reading the value.
         row = self._con.execute(
-            "SELECT rowid, mode, filename, size, length(value), CASE WHEN length(value) <= ? THEN value END,"
-            " typeof(value) FROM Cache WHERE key = ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)",
-            (self.max_value_size, name, time.time())).fetchone()
+            "SELECT rowid, mode, filename, size, typeof(value), CASE WHEN typeof(value) = 'blob' THEN length(value)"
+            " END, CASE WHEN mode = ? AND typeof(value) = 'blob' AND length(value) <= ? THEN value END FROM Cache"
+            " WHERE key = ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)",
+            (MODE_RAW, self.max_value_size, name, time.time())).fetchone()
         if row is None:
             return default
-        rowid, mode, filename, size, vlen, value, vtype = row
+        rowid, mode, filename, size, vtype, vlen, value = row
         if mode == MODE_RAW:
             if vtype != "blob":
                 result: Any = RefusedValue(f"raw {vtype} value")
@@ -478,16 +614,19 @@ class SafeCache:
         Reads the table in pages of 1,000 rows, so memory stays bounded however many rows
         the database holds, and rows added or removed meanwhile do not disturb the walk.
         """
-        last = None
+        start = -2**63  # rowids are 64-bit signed; "rowid >= ?" is a range seek, not a scan from the start
         while True:
+            # A key's length is measured in bytes (length() of TEXT counts characters).
             rows = self._con.execute(
-                "SELECT rowid, CASE WHEN length(key) <= ? THEN key END, raw FROM Cache WHERE ? IS NULL OR rowid > ?"
-                " ORDER BY rowid LIMIT 1000", (_MAX_KEY_LENGTH, last, last)).fetchall()
+                "SELECT rowid, CASE WHEN length(CAST(key AS BLOB)) <= ? THEN key END, raw FROM Cache"
+                " WHERE rowid >= ? ORDER BY rowid LIMIT 1000", (_MAX_KEY_LENGTH, start)).fetchall()
             if not rows:
                 return
             for rowid, key, raw in rows:
                 yield key if raw == 1 and isinstance(key, str) else FOREIGN_KEY
-            last = rows[-1][0]
+            if rows[-1][0] >= 2**63 - 1:
+                return
+            start = rows[-1][0] + 1
 
     def __len__(self) -> int:
         return int(self._con.execute("SELECT count(*) FROM Cache").fetchone()[0])
@@ -631,17 +770,23 @@ class SafeCache:
         """
         self._check_writable()
         try:
-            with self._write_txn() as con:
-                ((count,),) = con.execute("SELECT count(*) FROM Cache").fetchall()
-                con.execute("DELETE FROM Cache")
+            count = self._delete_all()
         except sqlite3.OperationalError as exc:
             if not is_disk_full(exc):
                 raise
             self._remove_value_files(set())
-            with self._write_txn() as con:
-                ((count,),) = con.execute("SELECT count(*) FROM Cache").fetchall()
-                con.execute("DELETE FROM Cache")
+            count = self._delete_all()
         self._remove_value_files(set())
+        return count
+
+    def _delete_all(self) -> int:
+        """Delete every row in one transaction, in batches (one statement per batch stays far
+        below the statement step limit, however many rows there are); returns how many."""
+        with self._write_txn() as con:
+            ((count,),) = con.execute("SELECT count(*) FROM Cache").fetchall()
+            while con.execute("DELETE FROM Cache WHERE rowid IN (SELECT rowid FROM Cache LIMIT ?)",
+                              (_CLEAR_BATCH,)).rowcount > 0:
+                pass
         return int(count)
 
     def _remove_value_files(self, keep: set[str]) -> int:

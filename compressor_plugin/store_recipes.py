@@ -386,7 +386,8 @@ def merge_stores(target: ContextStore, other: "ContextStore | str | os.PathLike"
 
     Returns:
         ``copied``, ``existing`` (skipped: already there and ``overwrite`` is False), ``bad``
-        (unreadable in the source) and ``bytes_copied``.
+        (unreadable in the source, or a context row whose key is not a store key) and
+        ``bytes_copied``.
 
     Raises:
         StoreReadOnlyError: ``target`` is read-only.
@@ -400,6 +401,9 @@ def merge_stores(target: ContextStore, other: "ContextStore | str | os.PathLike"
     out = {"copied": 0, "existing": 0, "bad": 0, "bytes_copied": 0}
     try:
         for key in list(src.keys()):
+            if not _KEY_RE.fullmatch(key):  # a planted row: src.get() would raise on its key
+                out["bad"] += 1
+                continue
             if not overwrite and key in target:
                 out["existing"] += 1
                 continue

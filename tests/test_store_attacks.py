@@ -584,3 +584,157 @@ def test_write_retries_when_another_process_removes_the_new_folder(fstore, monke
     text, key, ctx = make(0)
     fstore.put(key, ctx, text)
     assert calls and same(fstore.get(key), ctx)
+
+
+# ---------------------------------------------------------------------------------- planted schema objects
+_SPIN = """
+CREATE VIEW spin(n) AS WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s) SELECT n FROM s;
+CREATE TRIGGER z_ins AFTER INSERT ON Cache BEGIN SELECT n FROM spin WHERE n < 0; END;
+CREATE TRIGGER z_upd AFTER UPDATE ON Cache BEGIN SELECT n FROM spin WHERE n < 0; END;
+CREATE TRIGGER z_del AFTER DELETE ON Cache BEGIN SELECT n FROM spin WHERE n < 0; END;
+"""
+# One of the store's own triggers, same name, with an endless body.
+_SPIN_IN_OWN_TRIGGER = """
+CREATE VIEW spin(n) AS WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s) SELECT n FROM s;
+DROP TRIGGER StoreVolume_insert;
+CREATE TRIGGER StoreVolume_insert AFTER INSERT ON Cache BEGIN SELECT n FROM spin WHERE n < 0; END;
+"""
+
+
+@pytest.mark.parametrize("planted", [_SPIN, _SPIN_IN_OWN_TRIGGER, "ANALYZE;"],
+                         ids=["extra-objects", "replaced-trigger", "planner-statistics"])
+def test_planted_views_and_triggers_are_refused_at_open(tmp_path, planted, capsys):
+    from compressor_plugin.cli import main
+
+    folder = tmp_path / "s"
+    ContextStore(folder).close()
+    with sqlite3.connect(str(folder / "contexts" / "cache.db")) as con:
+        con.executescript(planted)  # no statement of the store runs before the refusal: nothing can spin
+    with pytest.raises(store_mod.StoreFormatError, match="does not create"):
+        ContextStore(folder)
+    # `cache clear` refuses too, and says what to do instead.
+    assert main(["cache", "clear", "--yes", "--store", str(folder)]) == 2
+    assert "delete the store folder" in capsys.readouterr().err
+
+
+def test_stores_touched_by_diskcache_still_open(tmp_path):
+    diskcache = pytest.importorskip("diskcache")
+    folder = tmp_path / "s"
+    text, key, ctx = make(0)
+    with ContextStore(folder) as store:
+        store.put(key, ctx, text)
+    for policy in ("least-recently-stored", "least-recently-used", "least-frequently-used"):
+        with diskcache.Cache(str(folder / "contexts"), eviction_policy=policy, tag_index=True) as raw:
+            raw.set("bytes:x", b"1")  # diskcache's own triggers and indexes are accepted
+    with ContextStore(folder) as store:
+        assert same(store.get(key), ctx) and store.get_bytes("x") == b"1"
+
+
+def test_trigger_planted_after_open_cannot_hang_a_statement(tmp_path, monkeypatch, caplog):
+    import threading
+
+    monkeypatch.setattr(store_backend, "_MAX_STATEMENT_STEPS", 2_000_000)  # ~0.05 s of spinning
+    with ContextStore(tmp_path / "s") as store:
+        text, key, ctx = make(0)
+        store.put(key, ctx, text)
+        with sqlite3.connect(str(store.directory / "contexts" / "cache.db")) as con:
+            con.executescript(_SPIN)  # planted while the store is open: its connection was checked before
+        # A watchdog, so that a regression fails instead of hanging the test run.
+        fired, con = [], store._kv._con  # this thread's connection (connections are per thread)
+        watchdog = threading.Timer(60, lambda: (fired.append(1), con.interrupt()))
+        watchdog.start()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(StoreWriteError, match="interrupted"):
+                store.put(*make(1)[1:], None)
+            with caplog.at_level(logging.WARNING):
+                assert same(store.get(key), ctx)  # the access-time update is aborted; the hit is served
+            assert "cannot record a read" in caplog.text
+            with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+                store.clear()
+            assert time.monotonic() - t0 < 30
+        finally:
+            watchdog.cancel()
+        assert not fired
+        store.close()  # the next connection checks the schema again
+        with pytest.raises(store_mod.StoreFormatError, match="does not create"):
+            store.get(key)
+
+
+# ---------------------------------------------------------------------------------- text values
+@pytest.mark.parametrize("mode", [1, 4], ids=["raw", "pickle"])
+def test_text_value_is_size_checked_in_bytes_before_it_is_fetched(tmp_path, mode):
+    import tracemalloc
+
+    cap = 2**20
+    with ContextStore(tmp_path / "s", max_value_size=cap) as store:
+        # 256 Ki characters (within the cap if characters were counted) of 4 bytes each: 1 MiB of UTF-8,
+        # 1 MiB more as a Python str.
+        plant_row(store, "bytes:x", filename=None, size=0, mode=mode, value="\U0001F600" * (cap // 4))
+        tracemalloc.start()
+        try:
+            result = store._kv.get("bytes:x", touch=False)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert isinstance(result, store_backend.RefusedValue)
+        assert peak < cap // 4
+        assert store.get_bytes("x") is None and "bytes:x" not in store._kv  # a bad entry, removed
+
+
+# ---------------------------------------------------------------------------------- database swapped while open
+@pytest.mark.parametrize("how", ["symlink", "other-file"])
+@pytest.mark.parametrize("when", ["new-thread", "after-close"])
+def test_database_swapped_after_open_is_refused_on_the_next_connection(tmp_path, how, when):
+    import shutil
+    import threading
+
+    with ContextStore(tmp_path / "private") as private:
+        private.put_bytes("mine", b"1")
+    private_db = tmp_path / "private" / "contexts" / "cache.db"
+
+    def private_rows():
+        with sqlite3.connect(str(private_db)) as con:
+            return con.execute("SELECT key FROM Cache ORDER BY key").fetchall()
+
+    before = private_rows()
+    shared = ContextStore(tmp_path / "shared")
+    shared.put_bytes("x", b"1")
+    if when == "after-close":
+        shared.close()  # reopened on next use
+    db = tmp_path / "shared" / "contexts" / "cache.db"
+    db.unlink()
+    if how == "symlink":
+        db.symlink_to(private_db)
+    else:  # a regular file, but not the database this store opened (here a copy of another store's)
+        shutil.copyfile(private_db, tmp_path / "copy.db")
+        os.replace(tmp_path / "copy.db", db)
+    errors = []
+
+    def put():
+        try:
+            shared.put_bytes("planted", b"2")
+        except Exception as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    if when == "new-thread":
+        thread = threading.Thread(target=put)
+        thread.start()
+        thread.join(30)
+    else:
+        put()
+    assert len(errors) == 1 and isinstance(errors[0], store_mod.StoreFormatError)
+    assert private_rows() == before
+
+
+# ---------------------------------------------------------------------------------- merge
+def test_merge_skips_planted_rows_with_malformed_keys(tmp_path):
+    with ContextStore(tmp_path / "node1") as src:
+        stored = [make(i) for i in range(3)]
+        src.put_many([(k, c, t) for t, k, c in stored])
+        for name in ("ctx:0000", "ctx:" + "G" * 64, "ctx:" + "A" * 64):
+            plant_row(src, name, filename=None, size=1, mode=1, value=b"\0")
+    with ContextStore(tmp_path / "target") as target:
+        report = target.merge_from(tmp_path / "node1")
+        assert report["copied"] == 3 and report["bad"] == 3
+        assert all(same(target.get(k), c) for _, k, c in stored)
