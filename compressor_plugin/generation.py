@@ -23,7 +23,7 @@ import torch
 
 from .context import CompressedContext, RotaryHelper
 from .hf_compat import cache_kwargs, cache_layer, new_cache, num_cache_layers
-from .errors import ContextMismatchError, PromptError, PromptTooLongError
+from .errors import ContextMismatchError, InvalidTextError, PromptError, PromptTooLongError  # noqa: F401  (re-exported)
 from .models import BaseModel, with_bos_segments
 from .text import check_text, control_token_ids, literal_ids
 
