@@ -256,3 +256,22 @@ def test_wrong_types_are_the_same_type_error_in_both(tiny_engine):
     for bad in (None, 123):
         with pytest.raises(TypeError, match="not a string"):
             li.CompressedLLM(tiny_engine).complete(bad)
+
+
+def test_token_limits_and_cut_markers_the_same_in_both(tiny_engine):
+    from compressor_plugin.errors import BrokenMarkerWarning
+
+    lc_llm, li_llm = lc.CompressedLLM(tiny_engine, max_tokens=2), li.CompressedLLM(tiny_engine, max_new_tokens=2)
+    for call in (lambda: lc_llm.invoke("Hi", max_tokens=0), lambda: li_llm.complete("Hi", max_new_tokens=0)):
+        with pytest.raises(InvalidOptionError, match="at least 1"):
+            call()
+    for make in (lambda: lc.CompressedChatModel(tiny_engine, max_tokens=0),
+                 lambda: li.CompressedLLM(tiny_engine, max_new_tokens=0)):
+        with pytest.raises(Exception):  # pydantic's validation of the field (ge=1) in both
+            make()
+    (marker,) = tiny_engine.mark(["Pears ripen in late October in the Veltmoor orchard, and they are pressed. " * 3])
+    cut = f"Context: {marker[: len(marker) // 2]}\nQuestion: When?\nAnswer:"
+    for call in (lambda: lc_llm.invoke(cut), lambda: lc.CompressedChatModel(tiny_engine, max_tokens=2).invoke(cut),
+                 lambda: li_llm.complete(cut)):
+        with pytest.warns(BrokenMarkerWarning):
+            call()

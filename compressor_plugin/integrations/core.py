@@ -75,6 +75,33 @@ def check_options(owner: str, given: Iterable[str], allowed: Iterable[str],
         raise UnknownOptionError(f"{owner} has no option {name!r}{hint} (options: {', '.join(public)})", option=name)
 
 
+def check_max_tokens(value: Any, option: str = "max_tokens") -> int:
+    """A call's token limit as an int of at least 1 (the same bound as the models' fields).
+
+    Raises:
+        InvalidOptionError: not an integer, or below 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidOptionError(f"{option} must be an integer of at least 1, not {value!r}", option=option)
+    return value
+
+
+def warn_broken_markers(texts: Iterable[str], stacklevel: int = 3) -> None:
+    """Warn (:class:`~compressor_plugin.errors.BrokenMarkerWarning`) when a prompt holds a cut marker."""
+    import warnings
+
+    from ..errors import BrokenMarkerWarning
+    from ..markers import MARKER_RE, MARKER_START
+
+    for text in texts:
+        if isinstance(text, str) and text.count(MARKER_START) > len(MARKER_RE.findall(text)):
+            warnings.warn("the prompt holds a cut or damaged compressed-chunk marker, which is passed to the model as "
+                          "plain text; a prompt helper or text splitter probably cut a chunk mid-marker (count "
+                          "tokens with the LLM's marker-aware tokenizer, or give it a larger context window)",
+                          BrokenMarkerWarning, stacklevel=stacklevel)
+            return
+
+
 def stop_list(stop: str | Iterable[str] | None) -> list[str]:
     """Stop strings as a list: one string is one stop string (not its characters); empty ones dropped.
 

@@ -81,8 +81,10 @@ from .core import (
     check_engine,
     check_options,
     compress_texts,
+    check_max_tokens,
     merge_alias,
     stop_list,
+    warn_broken_markers,
 )
 
 __all__ = [
@@ -320,7 +322,7 @@ class _Settings:
         check_options(f"{type(model).__name__} call", sorted(k for k in kwargs if not k.startswith("ls_")),
                       (*_Settings.KEYS, "max_new_tokens", "stop", "model"))
         stops = stop_list(stop) if stop is not None else stop_list(model.stop)
-        return {"max_new_tokens": int(settings["max_tokens"]), "temperature": float(settings["temperature"]),
+        return {"max_new_tokens": check_max_tokens(settings["max_tokens"]), "temperature": float(settings["temperature"]),
                 "top_p": float(settings["top_p"]), "seed": settings["seed"], "stop": [s for s in stops if s]}
 
 
@@ -471,7 +473,9 @@ class CompressedChatModel(BaseCompressedModel, BaseChatModel):
     # -------------------------------------------------------------- helpers
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None,
                  kwargs: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, Any]]:
-        return _to_chat(messages, type(self).__name__), _Settings.build(self, stop, kwargs)
+        chat = _to_chat(messages, type(self).__name__)
+        warn_broken_markers([m["content"] for m in chat], stacklevel=5)
+        return chat, _Settings.build(self, stop, kwargs)
 
     def _result(self, result: EngineResult) -> ChatResult:
         info = _compression_info(result)
@@ -578,6 +582,7 @@ class CompressedLLM(BaseCompressedModel, BaseLLM):
             return self._streamed_result([self._joined(list(self._stream(p, stop, run_manager, **kwargs)))
                                           for p in prompts])
         cfg = _Settings.build(self, stop, kwargs)
+        warn_broken_markers(prompts, stacklevel=5)
         if len(prompts) == 1:
             results = [self.engine.generate(prompts[0], chat=self.chat_template, **cfg)]
         else:
@@ -599,6 +604,7 @@ class CompressedLLM(BaseCompressedModel, BaseLLM):
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         cfg = _Settings.build(self, stop, kwargs)
+        warn_broken_markers([prompt], stacklevel=5)
         stream = self.engine.stream_result(prompt, chat=self.chat_template, **cfg)
         for piece in stream:
             chunk = GenerationChunk(text=piece)
@@ -611,6 +617,7 @@ class CompressedLLM(BaseCompressedModel, BaseLLM):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         cfg = _Settings.build(self, stop, kwargs)
+        warn_broken_markers([prompt], stacklevel=5)
         stream = self.engine.astream_result(prompt, chat=self.chat_template, **cfg)
         async for piece in stream:
             chunk = GenerationChunk(text=piece)

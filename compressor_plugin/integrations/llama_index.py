@@ -66,7 +66,7 @@ from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, Query
 from ..anchors import DEFAULT_ANCHORS
 from ..errors import BrokenMarkerWarning, ContextTooLongError, InvalidOptionError  # noqa: F401  (ContextTooLongError: on_long="error")
 from ..generation import GenerationConfig
-from ..markers import MARKER_RE, MARKER_START, split_markers
+from ..markers import split_markers
 from ..prompts import CHAT_INSTRUCTION
 from ..text import literal_ids
 from .core import (
@@ -78,8 +78,10 @@ from .core import (
     check_engine,
     check_options,
     compress_texts,
+    check_max_tokens,
     merge_alias,
     stop_list,
+    warn_broken_markers,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -107,13 +109,7 @@ _RENAMED = {"long_text": "on_long", "progress": "show_progress"}
 
 
 def _warn_broken_markers(texts: Sequence[str]) -> None:
-    for text in texts:
-        if text and text.count(MARKER_START) > len(MARKER_RE.findall(text)):
-            warnings.warn("the prompt holds a cut or damaged compressed-chunk marker, which is passed to the model as "
-                          "plain text; a prompt helper probably split a chunk mid-marker (give the LLM a larger "
-                          "context_window, or count tokens with CompressedLLM.marker_tokenizer)",
-                          BrokenMarkerWarning, stacklevel=3)
-            return
+    warn_broken_markers(texts, stacklevel=4)
 
 
 # ---------------------------------------------------------------------------------- tokenizers
@@ -492,7 +488,7 @@ class CompressedLLM(CustomLLM):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
-    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=0, description="maximum tokens to generate")
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, description="maximum tokens to generate")
     temperature: float = Field(default=0.0, ge=0.0, description="sampling temperature (0 = greedy)")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, description="stop strings")
@@ -603,6 +599,7 @@ class CompressedLLM(CustomLLM):
         for name in _GEN_KEYS:
             if kwargs.get(name) is not None:
                 opts[name] = kwargs[name]
+        opts["max_new_tokens"] = check_max_tokens(opts["max_new_tokens"], "max_new_tokens")
         opts["stop"] = tuple(stop_list(opts["stop"]))
         return GenerationConfig(**opts)
 
