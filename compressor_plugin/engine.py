@@ -126,17 +126,11 @@ class CompressionEngine:
         default); ``marker_secret``, ``anchors`` and ``question_anchors`` are as for
         :class:`CompressionEngine`; ``allow_download`` as for :meth:`Compressor.from_pretrained`.
         """
-        if store is not None and not isinstance(store, ContextStore) and os.path.lexists(store) \
-                and not os.path.isdir(store):  # say so before the model loads, not after
-            from .errors import StoreFormatError
-
-            raise StoreFormatError(f"the store {str(store)!r} is a file, not a folder: pass a folder (a new one is "
-                                   "created) or an existing store", path=store)
+        if store is not None and not isinstance(store, ContextStore):
+            store = ContextStore(store)  # before the model loads: a bad store path fails in a second, not after it
         with verbose_loading(verbose):
             comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype, allow_download=allow_download)
         comp.match_adapter_dtype()  # inference only: a bf16 model runs its encoder in bf16 end to end
-        if store is not None and not isinstance(store, ContextStore):
-            store = ContextStore(store)
         engine = cls(comp, store, marker_secret=marker_secret, anchors=anchors, question_anchors=question_anchors)
         engine.checkpoint = str(checkpoint)
         return engine
@@ -160,13 +154,13 @@ class CompressionEngine:
         """
         return int(self.compressor.k) + self.anchors + SHORT_TEXT_MARGIN
 
-    def count_tokens(self, text: str) -> int:
+    def count_tokens(self, text: str, what: str = "the chunk") -> int:
         """Tokens of ``text`` read literally (the unit of :attr:`keep_text_tokens` and ``max_chunk_tokens``).
 
         Raises:
-            InvalidTextError: ``text`` holds a lone surrogate (not Unicode; no tokenizer takes it).
+            InvalidTextError: ``text`` (named ``what`` in the message) holds a lone surrogate.
         """
-        check_text(text, "the chunk")
+        check_text(text, what)
         return len(literal_ids(self.tokenizer, text))
 
     def stays_text(self, text: str, tokens: int | None = None) -> bool:

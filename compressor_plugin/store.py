@@ -439,6 +439,9 @@ class ContextStore:
                            "remote": remote}
         self.directory = Path(directory).expanduser() if directory is not None else default_store_dir()
         self.expire = float(expire) if expire is not None else None
+        if os.path.lexists(self.directory) and not self.directory.is_dir():
+            raise StoreFormatError(f"the store {str(self.directory)!r} is a file, not a folder: pass a folder (a new "
+                                   "one is created) or an existing store", path=self.directory)
         if not read_only:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
 
 from ..errors import ContextTooLongError, InvalidOptionError, UnknownOptionError
 from ..store import normalize_text
-from ..text import check_text, has_control_text, literal_ids
+from ..text import has_control_text, literal_ids
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import CompressionEngine
@@ -256,12 +256,11 @@ def plan_text(engine: "CompressionEngine", text: str, on_long: str, document_id:
     own = engine.own_marker_keys(text) if text else None
     if own is not None:
         return Plan(own_keys=own)
-    check_text(text or "", f"document {document_id!r}" if document_id is not None else "a document")
     norm = normalize_text(text or "")
     if not norm:
         return Plan()
     limit = int(engine.max_chunk_tokens)
-    n = engine.count_tokens(norm)
+    n = engine.count_tokens(norm, f"document {document_id!r}" if document_id is not None else "a document")
     # the text that stays goes into prompts as it was given, so it is the raw text that must not
     # spell a control token (normalising can hide one: ">" + U+0338 becomes one character)
     if engine.stays_text(norm, n) and not has_control_text(engine.tokenizer, text):

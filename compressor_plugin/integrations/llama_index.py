@@ -108,10 +108,6 @@ ORIGINAL_TEXT_KEY = "original_text"
 _RENAMED = {"long_text": "on_long", "progress": "show_progress"}
 
 
-def _warn_broken_markers(texts: Sequence[str]) -> None:
-    warn_broken_markers(texts, stacklevel=4)
-
-
 # ---------------------------------------------------------------------------------- tokenizers
 def engine_tokenizer(engine: "CompressionEngine") -> Callable[[str], list[int]]:
     """The engine's tokenizer as LlamaIndex wants one: ``text -> token ids`` (no special tokens).
@@ -608,7 +604,7 @@ class CompressedLLM(CustomLLM):
             raise TypeError(f"the prompt is a {type(prompt).__name__}, not a string")
         if not formatted and self.completion_to_prompt is not None:
             prompt = self.completion_to_prompt(prompt)
-        _warn_broken_markers([prompt])
+        warn_broken_markers([prompt], stacklevel=4)
         return prompt
 
     @staticmethod
@@ -617,7 +613,7 @@ class CompressedLLM(CustomLLM):
         for m in messages:
             role = m.role.value if isinstance(m.role, MessageRole) else str(m.role)
             out.append({"role": role, "content": m.content or ""})
-        _warn_broken_markers([m["content"] for m in out])
+        warn_broken_markers([m["content"] for m in out], stacklevel=4)
         return out
 
     def _record(self, result: "EngineResult") -> dict[str, Any]:
