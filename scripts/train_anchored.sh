@@ -17,7 +17,10 @@
 #   teacher-anchors-kl  both, + 0.5 KL to the full-text model's token distributions (--distill 0.5)
 #   anchors-kl          anchors with gold answers, + 0.5 KL to the full-text model (--distill 0.5)
 #   teacher-half-anchors anchors, half the QA samples on the teacher's answer (--teacher-targets 0.5)
-# ARMS defaults to all seven. The teacher answers are generated once (by the first teacher arm) and shared. Running the script
+#   teacher-half-anchors-verify  the same, with half of the cloze questions asked as yes/no checks
+#                         of a sentence as the text has it or with its detail swapped (--verify-share 0.5)
+#   k4, k1, emb16       the teacher-half-anchors recipe for the shipped kv-k4, kv-k1 and embedding-k16
+# ARMS defaults to the first seven (the kv-k16 arms). The teacher answers are generated once (by the first teacher arm) and shared. Running the script
 # again resumes every arm from its state.pt.
 set -u
 DATA=${DATA:-../shared/data}
@@ -43,7 +46,7 @@ arm() {  # name extra-args...
 }
 
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_WAIT_POLICY=PASSIVE
-want() { [ -z "${ARMS:-}" ] || [[ " $ARMS " == *" $1 "* ]]; }  # ARMS="a b": only these arms
+want() { [[ " ${ARMS:-$kv16} " == *" $1 "* ]]; }  # ARMS="a b": only these arms
 declare -A args=(
   [gold]=""
   [anchors]="--anchors 32"
@@ -52,8 +55,13 @@ declare -A args=(
   [teacher-half-anchors]="--teacher-targets 0.5 --anchors 32"
   [teacher-anchors]="--teacher-targets 1 --anchors 32"
   [teacher-anchors-kl]="--teacher-targets 1 --anchors 32 --distill 0.5"
+  [teacher-half-anchors-verify]="--teacher-targets 0.5 --anchors 32 --verify-share 0.5"
+  [k4]="--init kv-k4 --k 4 --teacher-targets 0.5 --anchors 32"
+  [k1]="--init kv-k1 --k 1 --teacher-targets 0.5 --anchors 32"
+  [emb16]="--init embedding-k16 --mode embedding --teacher-targets 0.5 --anchors 32"
 )
-order="gold anchors anchors-kl teacher teacher-half-anchors teacher-anchors teacher-anchors-kl"
+kv16="gold anchors anchors-kl teacher teacher-half-anchors teacher-anchors teacher-anchors-kl"
+order="$kv16 teacher-half-anchors-verify k4 k1 emb16"
 for name in ${ARMS:-}; do [ -n "${args[$name]+x}" ] || { echo "unknown arm $name" >&2; exit 2; }; done
 # The first teacher arm generates the full-text answers before its first step; the others copy them.
 answers=teacher_answers_qa.json first=""

@@ -11,7 +11,8 @@ import pytest
 
 from compressor_plugin.evaluation.invented import TEMPLATES, invented_qa
 from compressor_plugin.evaluation.qa import agreement
-from compressor_plugin.training.questions import BLANK, CLOZE_PREFIX, cloze_questions, detail_spans
+from compressor_plugin.training.questions import (BLANK, CLOZE_PREFIX, VERIFY_PREFIX, VERIFY_SUFFIX, cloze_questions,
+                                                  cloze_rows, detail_spans)
 
 
 def test_invented_answers_are_spans_and_seeded():
@@ -55,6 +56,36 @@ def test_cloze_questions_blank_a_detail_span():
     spans = {"The survey covered 1,284 galaxies."[s:e] for s, e in detail_spans("The survey covered 1,284 galaxies.")}
     assert spans == {"1,284"}
     assert detail_spans("It was fine.") == []
+
+
+def test_verify_questions_state_the_sentence_or_swap_its_detail():
+    """Yes/no checks: a "yes" states a sentence of the text word for word; a "no" differs from one
+    sentence only by its detail (another detail of the same kind, or a number with a digit changed)."""
+    text = ("The survey covered 1,284 galaxies observed by the Hubble Space Telescope. In March 2019 the "
+            "team led by Anna Kowalska released a catalogue. It lists 37 percent more sources than before. "
+            "The catalogue was checked by Pieter Vandamme at the Leiden Observatory in 2021.")
+    sentences = [s_.strip() + "." for s_ in text.split(".") if s_.strip()]
+    rows = cloze_rows([text] * 200, seed=1, per_text=2, verify_share=1.0)
+    answers = [r["answers"][0] for r in rows]
+    assert set(answers) == {"yes", "no"} and 0.25 < answers.count("no") / len(answers) < 0.6
+    for r in rows:
+        q = r["question"]
+        assert q.startswith(VERIFY_PREFIX + '"') and q.endswith('"' + VERIFY_SUFFIX)
+        stated = q[len(VERIFY_PREFIX) + 1: -len(VERIFY_SUFFIX) - 1]
+        if r["answers"][0] == "yes":
+            assert stated in sentences
+        else:
+            assert stated not in text
+            # one sentence of the text with one of its detail spans replaced
+            assert any(stated.startswith(s_[:a]) and stated.endswith(s_[b:])
+                       for s_ in sentences for a, b in detail_spans(s_)), stated
+    # a share of 0 gives the same cloze questions as before, draw for draw
+    assert cloze_rows([text] * 5, seed=3, per_text=2) == cloze_rows([text] * 5, seed=3, per_text=2, verify_share=0.0)
+    half = cloze_rows([text] * 100, seed=2, per_text=2, verify_share=0.5)
+    n_verify = sum(r["question"].startswith(VERIFY_PREFIX) for r in half)
+    assert 0.35 < n_verify / len(half) < 0.65
+    with pytest.raises(ValueError, match="verify_share"):
+        cloze_questions(text, random.Random(0), verify_share=1.5)
 
 
 def test_agreement_scores_answers_against_full_text_answers():

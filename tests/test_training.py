@@ -153,10 +153,12 @@ def test_mix_stage_distill_cloze_and_resume(tiny_base_dir, data_files, tmp_path)
 
 
 def test_mix_stage_cloze_steps_of_their_own(tiny_base_dir, data_files, tmp_path):
-    """With a cloze share in --mix, cloze questions get steps of their own instead of joining qa."""
+    """With a cloze share in --mix, cloze questions get steps of their own instead of joining qa
+    (half of them asked as yes/no checks), and a mix run needs no validation file."""
     out = tmp_path / "cloze"
     cmd = _train_cmd(tiny_base_dir, out, data_files["corpus"], "--stage", "mix", "--k", "2", "--max-steps", "6",
-                     "--cloze-per-text", "1", "--mix", "qa=1,cloze=1")
+                     "--cloze-per-text", "1", "--mix", "qa=1,cloze=1", "--verify-share", "0.5")
+    del cmd[cmd.index("--val-data"): cmd.index("--val-data") + 2]
     cmd[cmd.index("--data") + 1:cmd.index("--data") + 2] = [str(data_files["corpus"]), str(data_files["qa"])]
     subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=300)
     summary = json.loads((out / "summary.json").read_text())
@@ -167,6 +169,9 @@ def test_mix_stage_cloze_steps_of_their_own(tiny_base_dir, data_files, tmp_path)
 
 def test_mix_schedule_and_bad_mix(data_files):
     from compressor_plugin.training import TrainConfig
+
+    with pytest.raises(ValueError, match="verify_share"):
+        TrainConfig(data=[str(data_files["corpus"])], stage="mix", verify_share=1.5)
     from compressor_plugin.training.trainer import parse_mix, task_of
 
     assert parse_mix("regen=0.2, continue=0.3,qa=0.5") == {"regen": 0.2, "continue": 0.3, "qa": 0.5}

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--continue-tokens", type=int, default=128, help="continuation target length (default 128)")
     p.add_argument("--cloze-per-text", type=int, default=0,
                    help="mix stage: cloze questions on names, numbers and dates generated per corpus text (default 0)")
+    p.add_argument("--verify-share", type=float, default=0.0,
+                   help="mix stage: share of those detail questions asked as yes/no checks of a sentence as the "
+                        "text has it or with its name/number swapped (answers 'yes'/'no'; default 0)")
     p.add_argument("--distill", type=float, default=0.0,
                    help="QA steps: weight of the KL to the frozen model reading the full text, against CE on the "
                         "gold answer (0 = gold only, 1 = teacher only; default 0)")
@@ -85,6 +88,7 @@ def _run(args: argparse.Namespace) -> int:
                       seed=args.seed, limit=args.limit, log_every=args.log_every, eval_every=args.eval_every,
                       save_every=args.save_every, val_samples=args.val_samples, mix=parse_mix(args.mix),
                       continue_tokens=args.continue_tokens, cloze_per_text=args.cloze_per_text,
+                      verify_share=args.verify_share,
                       distill=args.distill, teacher_targets=args.teacher_targets, anchors=args.anchors,
                       gradient_checkpointing=args.gradient_checkpointing, fused_kernels=args.fused_kernels)
     if cfg.max_steps is None and cfg.max_minutes is None:

@@ -103,14 +103,15 @@ def load_qa(paths: Sequence[str | Path], tokenizer: Any, *, max_tokens: int, lim
 
 
 def load_mix(paths: Sequence[str | Path], tokenizer: Any, *, max_tokens: int, max_qa_tokens: int,
-             limit: int | None = None, cloze_per_text: int = 0, seed: int = 0
+             limit: int | None = None, cloze_per_text: int = 0, seed: int = 0, verify_share: float = 0.0
              ) -> tuple[list[RegenSample], list[QASample], list[QASample]]:
     """Corpus texts and QA samples from a mix of files, told apart by their rows.
 
     Corpus files (rows with ``text``) give regeneration/continuation texts, cut to ``max_tokens``;
     QA files (rows with ``context`` and ``question``) give QA samples, and their contexts are corpus
     texts too. With ``cloze_per_text`` > 0, every corpus text of a corpus file also gives up to that
-    many cloze questions on its names, numbers and dates (:mod:`.questions`).
+    many cloze questions on its names, numbers and dates (:mod:`.questions`), of which a share
+    ``verify_share`` are asked as yes/no checks.
 
     Returns ``(corpus, qa, cloze)``.
     """
@@ -133,7 +134,7 @@ def load_mix(paths: Sequence[str | Path], tokenizer: Any, *, max_tokens: int, ma
         # questions about the part of each text that fits the encoder (the rest would be unanswerable)
         cut = [tokenizer.decode(i[:max_qa_tokens]) if len(i) > max_qa_tokens else t
                for t, i in zip(cloze_source, _tokenize(tokenizer, cloze_source))]
-        rows = cloze_rows(cut, seed=seed, per_text=cloze_per_text)
+        rows = cloze_rows(cut, seed=seed, per_text=cloze_per_text, verify_share=verify_share)
         uniq = list(dict.fromkeys(r["context"] for r in rows))
         ids = dict(zip(uniq, _tokenize(tokenizer, uniq)))
         cloze = [QASample(ids[r["context"]], r["context"], r["question"], r["answers"][0])

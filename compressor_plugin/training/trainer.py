@@ -117,6 +117,7 @@ class TrainConfig:
     mix: dict[str, float] = field(default_factory=lambda: {"regen": 0.2, "continue": 0.3, "qa": 0.5})
     continue_tokens: int = 128  # continuation target length
     cloze_per_text: int = 0  # cloze (detail) questions generated per corpus text, added to the QA pool
+    verify_share: float = 0.0  # share of those detail questions asked as yes/no checks instead
     distill: float = 0.0  # QA steps: weight of KL(full-text teacher || student) vs. CE on the gold answer
     teacher_targets: float = 0.0  # QA steps: share of samples whose target is the teacher's own answer
     anchors: int = 0  # QA steps: up to this many question-anchor tokens per chunk after its slots, as at answer time
@@ -133,6 +134,8 @@ class TrainConfig:
             raise ValueError("distill is a weight between 0 and 1")
         if not 0.0 <= self.teacher_targets <= 1.0:
             raise ValueError("teacher_targets is a share between 0 and 1")
+        if not 0.0 <= self.verify_share <= 1.0:
+            raise ValueError("verify_share is a share between 0 and 1")
         if self.teacher_targets > 0 and self.mode == "full-tuned":
             raise ValueError("teacher targets train compressors; the full-tuned reference reads the text itself")
         from ..anchors import check_budget
@@ -685,7 +688,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         val_task = "qa"
     else:
         corpus, qa, cloze = load_mix(cfg.data, tok, max_tokens=regen_cap, max_qa_tokens=cfg.max_tokens,
-                                     limit=cfg.limit, cloze_per_text=cfg.cloze_per_text, seed=cfg.seed)
+                                     limit=cfg.limit, cloze_per_text=cfg.cloze_per_text, seed=cfg.seed,
+                                     verify_share=cfg.verify_share)
         if cfg.mix.get("cloze", 0) <= 0:
             qa, cloze = qa + cloze, []
         pools = {"regen": corpus, "continue": [s_ for s_ in corpus if len(s_.ids) >= 12], "qa": qa, "cloze": cloze}
@@ -695,7 +699,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                              "(regen/continue need corpus rows with 'text', qa needs QA rows or --cloze-per-text, "
                              "cloze needs --cloze-per-text and corpus rows)")
         val_corpus, val_qa, _ = load_mix(cfg.val_data, tok, max_tokens=regen_cap, max_qa_tokens=cfg.max_tokens,
-                                      limit=cfg.val_samples * 4) if cfg.val_data else ([], [])
+                                      limit=cfg.val_samples * 4) if cfg.val_data else ([], [], [])
         val_task = "qa" if val_qa else "regen"
         val_set = (val_qa or val_corpus)[: cfg.val_samples]
     pools = {t: p_ for t, p_ in pools.items() if p_}
