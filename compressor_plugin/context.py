@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -234,6 +234,43 @@ class CompressedContext:
         if ctx.k != int(meta.get("k", -1)):
             raise ContextFormatError("k in metadata disagrees with the tensor shapes")
         return ctx.to(device) if device is not None else ctx
+
+
+def contexts_to(contexts: Sequence[CompressedContext], device: torch.device | str) -> list[CompressedContext]:
+    """``[ctx.to(device) for ctx in contexts]``, with one host-to-device copy per dtype instead of one per tensor.
+
+    From the CPU to a CUDA device, the tensors of every context that is not there yet are
+    packed into one pinned host buffer per dtype and copied in one transfer; the returned
+    contexts' tensors are views of that device buffer. Other moves are made context by context.
+    """
+    device = torch.device(device)
+    moving = [i for i, ctx in enumerate(contexts) if ctx.device != device]
+    out = list(contexts)
+    if device.type != "cuda" or len(moving) < 2 or any(contexts[i].device.type != "cpu" for i in moving):
+        for i in moving:
+            out[i] = contexts[i].to(device)
+        return out
+    names = ("keys", "values", "embeddings", "anchor_ids")
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for i in moving:
+        for name in names:
+            t = getattr(contexts[i], name)
+            if t is not None:
+                groups.setdefault(t.dtype, []).append(t)
+    moved: dict[int, torch.Tensor] = {}  # id(host tensor) -> its device view
+    for dtype, tensors in groups.items():
+        host = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, pin_memory=True)
+        torch.cat([t.reshape(-1) for t in tensors], out=host)
+        flat = host.to(device, non_blocking=True)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            moved[id(t)] = part.view(t.shape)
+    for i in moving:
+        ctx = contexts[i]
+        get = lambda t: None if t is None else moved[id(t)]  # noqa: E731
+        out[i] = CompressedContext(ctx.mode, ctx.source_tokens, ctx.base_fingerprint, ctx.compressor_fingerprint,
+                                   get(ctx.keys), get(ctx.values), get(ctx.embeddings), dict(ctx.extra),
+                                   get(ctx.anchor_ids))
+    return out
 
 
 class RotaryHelper:

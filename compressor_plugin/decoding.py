@@ -1,18 +1,30 @@
-"""The fast decode path: preallocated (static) K/V caches and a one-token decode step.
+"""The fast answer path: preallocated (static) K/V caches, a captured prefill and a one-token decode step.
 
-After the prompt has been laid into a cache (:meth:`Generator.prefill`), decoding appends one
-token per step. With a growing cache every step re-allocates and copies each layer's keys and
-values; with a static cache each layer's K/V lives in one buffer of fixed length, the prompt is
-written into its first slots once, and every decode step writes one slot in place.
+After the prompt has been laid into a cache, decoding appends one token per step. With a
+growing cache every step re-allocates and copies each layer's keys and values; with a static
+cache each layer's K/V lives in one buffer of fixed length, the prompt is written into its
+first slots once, and every decode step writes one slot in place.
 
-Fixed shapes are what CUDA graphs need: on a GPU the decode step (one forward of one token per
-row) is compiled with ``torch.compile(mode="reduce-overhead")``, which captures the step's
-kernels once and replays them, removing the per-token Python and kernel-launch overhead.
+Fixed shapes are what CUDA graphs need: on a GPU the forward (one token per row when
+decoding; the prompt's text inputs, left-padded to a bucket of :data:`PREFILL_BUCKETS`, when
+prefilling) is compiled with ``torch.compile(mode="reduce-overhead")``, which captures its
+kernels once per shape and replays them, removing the per-operator Python and kernel-launch
+overhead. A short prompt's prefill is bound by that overhead, not by arithmetic, so it is
+captured too (:class:`ForwardStep`); longer ones run eagerly.
 
 Shape buckets: a cache holds ``bucket_length(prompt + new tokens)`` slots, the needed length
 rounded up to 256, 512, 768 or 1,024, or beyond that to a power of two (2,048, 4,096, ...), so
-prompts of different lengths share a compiled step. Caches are kept in a small pool and reused: the compiled step sees the same
-buffers again, so no recompilation or re-capture happens between requests of the same bucket.
+prompts of different lengths share a compiled forward. Caches are kept in a small pool and
+reused: the compiled forward sees the same buffers again, so no recompilation or re-capture
+happens between requests of the same bucket.
+
+Static prefill (``Generator`` decides when; see docs/architecture.md): the stored contexts'
+rotated keys and values are written into slots ``[0, C)`` of a pooled cache (:func:`fill_static`),
+then one forward runs over the text inputs left-padded to ``prefill_bucket(T)`` inputs, which
+fill slots ``[C, C + bucket)``. Its mask is ``(batch, 1, bucket, slots)``: a padding input sees
+only itself and nobody sees it, every slot past the prompt is hidden, and the compiled graph
+depends on (batch, bucket, slots) only, not on C or on the prompt. Decoding then continues in
+the same cache.
 
 The attention mask of a decode step is a ``(batch, 1, 1, slots)`` tensor that marks the slots a
 row may see: its own prompt slots (batched prompts are padded) and the decode slots written so
@@ -26,19 +38,24 @@ import threading
 import warnings
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from .hf_compat import cache_kwargs, cache_layer
+from .hf_compat import cache_kwargs
 
 BUCKET = 256
 """Static caches hold a multiple of this many slots."""
 
 COMPILE_MAX_BATCH = 8
-"""Largest batch whose decode step is compiled by default. CUDA graphs remove per-token launch
-overhead, which matters when a step has little work; a large batch shares that overhead among
-its rows, and each new batch size would cost another compilation."""
+"""Largest batch whose forwards are compiled by default. CUDA graphs remove per-operator launch
+overhead, which matters when a forward has little work; a large batch shares that overhead
+among its rows, and each new batch size would cost another compilation."""
+
+PREFILL_BUCKETS = (32, 64, 128, 256, 512)
+"""Lengths the text inputs of a prefill straight into a static cache are left-padded to. A
+prompt with more text inputs than the last bucket is prefilled eagerly: its prefill is bound by
+arithmetic, not by launch overhead, and each length would need its own capture."""
 
 
 def bucket_length(needed: int, bucket: int = BUCKET) -> int:
@@ -53,6 +70,11 @@ def bucket_length(needed: int, bucket: int = BUCKET) -> int:
     if n > 4:
         n = 1 << (n - 1).bit_length()
     return n * bucket
+
+
+def prefill_bucket(inputs: int) -> int | None:
+    """The padded input length of a static prefill of ``inputs`` inputs, or None past the last bucket."""
+    return next((b for b in PREFILL_BUCKETS if b >= inputs), None)
 
 
 def new_static_cache(config: Any, slots: int) -> Any:
@@ -70,17 +92,20 @@ def new_static_cache(config: Any, slots: int) -> Any:
     return cache
 
 
-def fill_static(cache: Any, prompt_cache: Any, slots: int) -> None:
-    """Copy the first ``slots`` positions of every layer of ``prompt_cache`` into ``cache``.
+def fill_static(cache: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], slots: int) -> None:
+    """Write ``kv``, one ``(keys, values)`` pair of ``(batch, heads, >= slots, head_dim)`` per
+    layer, into the first ``slots`` positions of every layer of ``cache``.
 
-    The static cache's write position becomes ``slots``: the next token is written after the prompt.
+    The static cache's write position becomes ``slots``: the next forward writes after them.
+    Its buffers are allocated here (eagerly, never inside a compiled forward) if they are not
+    yet; ``slots`` may be 0 then.
     """
-    for i, layer in enumerate(cache.layers):
-        k, v = cache_layer(prompt_cache, i)
+    for layer, (k, v) in zip(cache.layers, kv):
         if not layer.is_initialized:
             layer.lazy_initialization(k, v)
-        layer.keys[:, :, :slots].copy_(k)
-        layer.values[:, :, :slots].copy_(v)
+        if slots:
+            layer.keys[:, :, :slots].copy_(k[:, :, :slots])
+            layer.values[:, :, :slots].copy_(v[:, :, :slots])
         layer.cumulative_length.fill_(slots)
 
 
@@ -135,15 +160,15 @@ class StaticCachePool:
             self._idle.clear()
 
 
-def _forward_one(lm: Any, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, cache_kw: str) -> torch.Tensor:
-    """One decode forward: logits ``(batch, vocab)`` of one new token per row.
+def _forward_last(lm: Any, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, cache_kw: str) -> torch.Tensor:
+    """One forward over ``input_ids`` ``(batch, T)`` into ``cache``: logits ``(batch, vocab)`` of the last position.
 
     ``cache_kw`` is the forward's name for the cache argument (``cache`` or ``past_key_values``),
     looked up outside so that the compiled function does not trace the lookup.
     """
     out = lm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
-             **{cache_kw: cache})
+             logits_to_keep=1, **{cache_kw: cache})
     return out.logits[:, -1, :]
 
 
@@ -182,26 +207,27 @@ def prepare_graph_tls() -> None:
 
 
 def _compiled(backend: Any = "inductor", mode: str | None = "reduce-overhead") -> Any:
-    """The decode step compiled with ``backend`` and ``mode`` (one compiled function per process and setting)."""
+    """The forward compiled with ``backend`` and ``mode`` (one compiled function per process and setting)."""
     prepare_graph_tls()  # the calling thread (usually the main one) keeps working CUDA-graph state
     with _compile_lock:
         fn = _compiled_forwards.get((backend, mode))
         if fn is None:
             import torch._dynamo
 
-            # One graph per (batch, bucket) and per pooled cache: allow more than the default 8.
+            # One graph per input shape (batch x prefill bucket or one decode token) x cache bucket
+            # and per pooled cache: allow more than the default 8.
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-            fn = _compiled_forwards[(backend, mode)] = torch.compile(_forward_one, backend=backend, mode=mode,
+                    setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
+            fn = _compiled_forwards[(backend, mode)] = torch.compile(_forward_last, backend=backend, mode=mode,
                                                                      dynamic=False)
         return fn
 
 
 class _StepThread:
-    """One long-lived thread that runs every compiled decode step of the process.
+    """One long-lived thread that runs every compiled forward (prefill and decode) of the process.
 
-    CUDA-graph state (graph trees, memory pools) is kept per thread: steps called from many
+    CUDA-graph state (graph trees, memory pools) is kept per thread: forwards called from many
     threads (a web server's workers, one worker thread per async stream) would capture the
     graphs again in each thread. Running them all here captures once.
     """
@@ -244,16 +270,20 @@ def _run_compiled(fn: Any, device: torch.device, *args: Any) -> torch.Tensor:
         return fn(*args).to(torch.float32, copy=True)
 
 
-class DecodeStep:
-    """Runs the one-token decode forward, compiled (CUDA graphs) or eager.
+class ForwardStep:
+    """Runs a forward into a static cache, compiled (CUDA graphs) or eager: a decode step (one
+    token per row) or a prefill (the text inputs of a prompt, left-padded to a bucket).
 
     Args:
-        compile: compile the step with ``torch.compile``.
+        compile: compile the forward with ``torch.compile``.
         backend, mode: the ``torch.compile`` settings (default: inductor with
             ``"reduce-overhead"``, i.e. CUDA graphs).
-        devices: device types on which the compiled step runs (default: CUDA only); on others
-            the eager step runs.
-        max_batch: larger batches run the eager step (see :data:`COMPILE_MAX_BATCH`).
+        devices: device types on which the compiled forward runs (default: CUDA only); on
+            others the eager forward runs.
+        max_batch: larger batches run the eager forward (see :data:`COMPILE_MAX_BATCH`).
+
+    If the compiled forward fails once (a compiler or capture error), a warning is issued and
+    this step runs eagerly from then on; the failed call is rerun eagerly, so no answer changes.
     """
 
     def __init__(self, compile: bool, *, backend: Any = "inductor", mode: str | None = "reduce-overhead",
@@ -264,12 +294,13 @@ class DecodeStep:
         self._failed = False
 
     def active(self, device: torch.device, batch: int = 1) -> bool:
-        """Whether the compiled step runs on ``device`` for ``batch`` rows."""
+        """Whether the compiled forward runs on ``device`` for ``batch`` rows."""
         return self.compile and not self._failed and device.type in self.devices and batch <= self.max_batch
 
     def __call__(self, lm: Any, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  attention_mask: torch.Tensor, slot: int) -> torch.Tensor:
-        """Logits ``(batch, vocab)`` in float32 for ``input_ids`` ``(batch, 1)`` written at cache slot ``slot``."""
+        """Logits ``(batch, vocab)`` in float32 of the last of ``input_ids`` ``(batch, T)``, which
+        are written at cache slots ``[slot, slot + T)`` (the cache's write position is ``slot``)."""
         kw = next(iter(cache_kwargs(lm, cache)))
         if self.active(input_ids.device, input_ids.shape[0]):
             try:
@@ -280,8 +311,8 @@ class DecodeStep:
                 return fn(lm, cache, input_ids, position_ids, attention_mask, kw).float()
             except Exception as exc:  # noqa: BLE001 - a compiler failure must not end the answer
                 self._failed = True
-                warnings.warn(f"the compiled decode step failed ({type(exc).__name__}: {exc}); "
-                              "decoding continues without compilation", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"the compiled forward failed ({type(exc).__name__}: {exc}); "
+                              "prefill and decoding continue without compilation", RuntimeWarning, stacklevel=2)
                 for layer in cache.layers:  # the write position as before the failed call
                     layer.cumulative_length.fill_(slot)
-        return _forward_one(lm, cache, input_ids, position_ids, attention_mask, kw).float()
+        return _forward_last(lm, cache, input_ids, position_ids, attention_mask, kw).float()

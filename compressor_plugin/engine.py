@@ -37,14 +37,14 @@ import torch  # noqa: E402
 from .anchors import DEFAULT_ANCHORS
 from .compressor import Compressor
 from .context import CompressedContext
-from .generation import GenerationConfig, GenerationResult, GenerationStream, Generator, TokenIds
+from .generation import (CHAT_ROLES, GenerationConfig, GenerationResult, GenerationStream,  # noqa: F401 (CHAT_ROLES re-exported)
+                         Generator, TokenIds, check_messages)
 from .markers import MarkerSigner, Resolution, resolve_markers, split_markers
 from .models import verbose_loading
 from .store import ContextStore, StoreResult
 from .text import check_text, has_control_text, literal_ids
 
 Message = dict[str, Any]
-
 
 @dataclass
 class EngineResult:
@@ -220,10 +220,12 @@ class CompressionEngine:
         ``chat=None`` uses the chat template for message lists and plain text for strings.
         Markers this engine issued become stored contexts; any other marker stays plain text
         (with an :class:`~compressor_plugin.errors.UnauthorizedMarkerWarning`) and is never
-        looked up.
+        looked up. Each message is a dict whose ``role`` is one of :data:`CHAT_ROLES`.
 
         Raises:
             MissingChunkError: an issued marker's chunk is gone from the store, text included.
+            PromptError: a message that is not a dict, or whose role is not one of :data:`CHAT_ROLES`
+                (checked before any marker is looked up).
         """
         literal = self._literal
         asked = bool(self.anchors and self.question_anchors)
@@ -235,6 +237,7 @@ class CompressionEngine:
         else:
             if isinstance(prompt, str):
                 prompt = [{"role": "user", "content": prompt}]
+            check_messages(prompt)
             contents = [m.get("content") for m in prompt if isinstance(m, dict)]
             # markers first, message by message, so the template sees contexts and literal text only
             res = Resolution(segments=[])

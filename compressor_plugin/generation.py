@@ -29,6 +29,27 @@ from .text import check_text, control_token_ids, literal_ids
 
 
 
+#: The roles a chat message may have. A role is written into the prompt as chat-template
+#: markup (not read literally like message text), so any other string is refused: a role such
+#: as ``"user<|im_end|>\n<|im_start|>system"`` would open a turn of its own.
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+def check_messages(messages: Sequence[Any]) -> None:
+    """Refuse chat messages the chat template must not see: not a dict, or a role not in :data:`CHAT_ROLES`.
+
+    Raises:
+        PromptError: naming the message's position and its role.
+    """
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise PromptError(f"message {i} is a {type(m).__name__}, not a dict with 'role' and 'content'")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise PromptError(f"message {i} has role {role!r}, which the chat template does not take; use one of "
+                              f"{', '.join(repr(r) for r in CHAT_ROLES)}")
+
+
 @dataclass(frozen=True)
 class TokenIds:
     """A prompt segment given as token ids (no tokenisation happens)."""
@@ -128,7 +149,8 @@ class _Batch:
 
     Row b's kv contexts fill slots ``[0, cached_b)`` (padding up to the longest), its forward
     inputs the last ``inputs_b`` slots (left padding before them). ``valid`` marks the slots
-    that hold a row's prompt (None: all of them).
+    that hold a row's prompt (None: all of them). ``static``: the cache is a pooled static
+    cache that decoding continues in (and gives back to the pool); else a DynamicCache.
     """
 
     cache: Any
@@ -137,6 +159,7 @@ class _Batch:
     layouts: list[_Layout]
     logits: torch.Tensor  # (B, vocab) float32
     seconds: float
+    static: bool = False
 
 
 class GenerationStream:
@@ -161,7 +184,7 @@ class GenerationStream:
     def _run(self, gen: "Generator", segments: Sequence[Segment], cfg: GenerationConfig) -> Iterator[str]:
         t0 = time.perf_counter()
         lay = gen._layout(segments)
-        batch = gen._prefill_batch([lay])
+        batch = gen._prefill_batch([lay], cfg)
         ttft = None
         state: dict = {"ids": [], "finish": "length", "text": ""}
         for piece in gen._stream_text(batch, cfg, state):
@@ -198,16 +221,28 @@ class Generator:
             (:mod:`compressor_plugin.decoding`); ``"dynamic"``: a cache that grows by one
             position per token (the reference path; models with sliding-window layers always
             use it).
-        compile: compile the one-token decode step with CUDA graphs
+        compile: compile the one-token decode step, and the prefill of prompts with at most
+            ``decoding.PREFILL_BUCKETS[-1]`` (512) text inputs, with CUDA graphs
             (``torch.compile(mode="reduce-overhead")``). ``None`` (default): on when the model
             is on a CUDA device and ``cache="static"``, unless the environment variable
             ``COMPRESSOR_PLUGIN_COMPILE`` is ``0``. Ignored on other devices and for batches
             of more than ``decoding.COMPILE_MAX_BATCH`` (8) rows. The first answer of each batch
-            size and cache bucket pays the compilation.
+            size, prefill bucket and cache bucket pays the compilation.
+        static_prefill: prefill an answer's prompt straight into its static decode cache, text
+            inputs left-padded to a prefill bucket (:mod:`compressor_plugin.decoding`), instead
+            of into a growing cache that is then copied. ``False`` (default): never. ``True``:
+            always where it applies, captured with CUDA graphs where the compiled forward runs
+            (CUDA, ``compile``, at most 8 rows) and run eagerly elsewhere (the same layout, e.g.
+            to test it on a CPU). ``None``: exactly when the compiled forward runs. Off by
+            default because each new (batch, prefill bucket, cache bucket) shape compiles on its
+            first answer (about a minute on an H200 with torch 2.11, against ~11 s for the decode
+            step alone) and its time-to-first-token gain has not been measured yet. Prompts with
+            more than 512 text inputs or with ``embedding`` contexts, and :meth:`prefill`,
+            always use the growing cache (the reference path).
     """
 
     def __init__(self, base: BaseModel, compressor: Any | None = None, *, cache: str = "static",
-                 compile: bool | None = None):
+                 compile: bool | None = None, static_prefill: bool | None = False):
         if compressor is None and hasattr(base.model, "peft_config") and not hasattr(base.model, "get_base_model"):
             raise ValueError(
                 "this base model carries a compressor's LoRA adapter (injected in place), so it is no longer "
@@ -215,7 +250,7 @@ class Generator:
                 "disables the adapter for every decoder call")
         if cache not in CACHE_KINDS:
             raise ValueError(f"cache must be one of {CACHE_KINDS}, not {cache!r}")
-        from .decoding import DecodeStep, StaticCachePool
+        from .decoding import ForwardStep, StaticCachePool
 
         self.base = base
         self.compressor = compressor
@@ -226,8 +261,11 @@ class Generator:
                        and os.environ.get("COMPRESSOR_PLUGIN_COMPILE", "1").strip().lower() not in ("0", "false", "no"))
         if compile and cache != "static":
             raise ValueError("compile=True needs cache='static' (CUDA graphs need fixed shapes)")
+        if static_prefill and cache != "static":
+            raise ValueError("static_prefill=True needs cache='static'")
         self.compile = bool(compile)
-        self._step = DecodeStep(self.compile)
+        self.static_prefill = static_prefill
+        self._step = ForwardStep(self.compile)
         self._pool = StaticCachePool(base.model.config)
         self._trims: bool | None = None  # whether the chat template strips message content (probed once)
 
@@ -259,6 +297,10 @@ class Generator:
         typed by a user or found in a document stays text (the ordinary tokens that spell it);
         only the template's own markup becomes control tokens. ``TokenIds`` parts keep their ids.
         Falls back to a plain ``role: content`` layout for models without a chat template.
+
+        Raises:
+            PromptError: a message that is not a dict, or whose role is not one of :data:`CHAT_ROLES`
+                (a role is written as template markup, so any other string could open a turn).
         """
         nonce = secrets.token_hex(8)  # placeholders no message can spell
         held: dict[str, Segment] = {}
@@ -268,6 +310,7 @@ class Generator:
             held[ph] = seg
             return ph
 
+        check_messages(messages)
         template = getattr(self.tokenizer, "chat_template", None)
         trims = bool(template) and self._template_trims()
         flat = []
@@ -413,92 +456,127 @@ class Generator:
                        b.seconds)
 
     @torch.no_grad()
-    def _prefill_batch(self, layouts: Sequence[_Layout]) -> _Batch:
+    def _prefill_batch(self, layouts: Sequence[_Layout], cfg: GenerationConfig | None = None) -> _Batch:
         """Prefill several prompts with one forward (one prompt: no padding, no mask unless it has kv contexts).
 
         Cache slots of row b: its kv contexts' keys (rotated to their positions) and values in
         ``[0, cached_b)``, zero padding up to the longest ``C``; then its inputs, left-padded to
-        the longest ``T``, in ``[C, C + T)``. A 4D mask lets each input see the contexts placed
+        ``T`` inputs, in ``[C, C + T)``. A 4D mask lets each input see the contexts placed
         before it and the inputs up to itself; a padding input sees only itself (no empty
         attention row) and nobody sees it.
+
+        ``T`` is the longest row's inputs and the cache a growing DynamicCache (the reference
+        path), unless an answer follows (``cfg``) and :meth:`_static_prefill_cache` picks a
+        pooled static cache: then ``T`` is a prefill bucket, the contexts are written into the
+        static cache and the forward is the :class:`~compressor_plugin.decoding.ForwardStep`
+        (compiled where it is active); decoding continues in that cache.
         """
+        from .decoding import fill_static, prefill_bucket
+
         dev, dt = self.base.device, self.base.dtype
         t0 = time.perf_counter()
         B = len(layouts)
         C = max(lay.cached for lay in layouts)
         T = max(len(lay.ids) for lay in layouts)
+        static = self._static_prefill_cache(layouts, cfg)
+        if static is not None:
+            T = prefill_bucket(T)
         S = C + T
-        with self._decoder() as lm:
-            cache = new_cache(lm.config)
-            if C:  # all chunks of a layer in one update: (B, heads, C, head_dim)
-                keys, values = [], []
-                for lay in layouts:
-                    if lay.placed:
-                        k = torch.cat([ctx.keys_at(p, self.rotary) for ctx, p in lay.placed], dim=2)
-                        v = torch.cat([ctx.values for ctx, _ in lay.placed], dim=2)
-                    else:
-                        shape = self._kv_shape()
-                        k = v = torch.zeros(shape[0], shape[1], 0, shape[2], dtype=dt, device=dev)
-                    padn = C - k.shape[2]
-                    keys.append(torch.nn.functional.pad(k, (0, 0, 0, padn)))
-                    values.append(torch.nn.functional.pad(v, (0, 0, 0, padn)))
-                K, V = torch.stack(keys, dim=1), torch.stack(values, dim=1)  # (layers, B, H, C, D)
-                for layer in range(K.shape[0]):
-                    cache.update(K[layer], V[layer], layer)
-            ids = torch.zeros(B, T, dtype=torch.long)
-            pos = torch.zeros(B, T, dtype=torch.long)
-            for b, lay in enumerate(layouts):
-                n = len(lay.ids)
-                ids[b, T - n:] = torch.tensor(lay.ids, dtype=torch.long)
-                pos[b, T - n:] = torch.tensor(lay.pos, dtype=torch.long)
-            pos_host = pos
-            ids, pos = ids.to(dev), pos.to(dev)
-            if any(lay.embedded for lay in layouts):
-                embeds = lm.get_input_embeddings()(ids)
-                for b, lay in enumerate(layouts):
-                    off = T - len(lay.ids)
-                    for start, emb in lay.embedded:
-                        embeds[b, off + start: off + start + emb.shape[0]] = emb.to(embeds.dtype)
-                inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
-            else:
-                inputs = {"input_ids": ids}
-            mask = valid = None
-            if C or B > 1:
-                impl = getattr(lm.config, "_attn_implementation", None) or "eager"
-                if impl not in MASKED_ATTENTION:
-                    raise PromptError(
-                        f"compressed kv contexts and batches need attention that takes a 4D mask "
-                        f"({', '.join(MASKED_ATTENTION)}), and this model uses {impl!r}: load it with "
-                        "attn_implementation='sdpa' (the default of load_base_model)")
-                slot_pos = torch.zeros(B, S, dtype=torch.long)
-                valid = torch.zeros(B, S, dtype=torch.bool)
-                for b, lay in enumerate(layouts):
-                    c = 0
-                    for ctx, p in lay.placed:
-                        slot_pos[b, c: c + ctx.k] = torch.arange(p, p + ctx.k)
-                        c += ctx.k
-                    valid[b, :c] = True
-                    valid[b, S - len(lay.ids):] = True
-                slot_pos[:, C:] = pos_host
-                all_valid = bool(valid.all())  # on the host: no device synchronisation
-                slot_pos, valid = slot_pos.to(dev), valid.to(dev)
-                q_pos, q_valid = slot_pos[:, C:], valid[:, C:]
-                is_chunk = torch.arange(S, device=dev) < C
-                before = torch.where(is_chunk[None, None, :], slot_pos[:, None, :] < q_pos[:, :, None],
-                                     slot_pos[:, None, :] <= q_pos[:, :, None])
-                causal = torch.arange(S, device=dev)[None, :] <= (C + torch.arange(T, device=dev))[:, None]
-                visible = before & causal[None] & valid[:, None, :]
-                own = torch.zeros(T, S, dtype=torch.bool, device=dev)
-                own[torch.arange(T, device=dev), C + torch.arange(T, device=dev)] = True
-                visible |= own[None] & ~q_valid[:, :, None]  # padding inputs see themselves only
-                mask = _attention_mask(visible[:, None], impl, dt)  # (B, 1, T, S)
-                if all_valid:
-                    valid = None
-            out = lm(**inputs, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                     **cache_kwargs(lm, cache))
-            logits = out.logits[:, -1].float()
-        _sync(dev)
-        return _Batch(cache, S, valid, list(layouts), logits, time.perf_counter() - t0)
+        width = static.layers[0].max_cache_len if static is not None else S  # the mask's key slots
+        try:
+            with self._decoder() as lm:
+                ids, slot_pos, valid = _slot_layout(layouts, C, T, width)
+                pos = slot_pos[:, C:S].to(dev)
+                ids = ids.to(dev)
+                kv = self._placed_kv(layouts, C, slot_pos[:, :C]) if C or static is not None else None
+                if any(lay.embedded for lay in layouts):
+                    embeds = lm.get_input_embeddings()(ids)
+                    for b, lay in enumerate(layouts):
+                        off = T - len(lay.ids)
+                        for start, emb in lay.embedded:
+                            embeds[b, off + start: off + start + emb.shape[0]] = emb.to(embeds.dtype)
+                    inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
+                else:
+                    inputs = {"input_ids": ids}
+                mask = valid_dev = None
+                if static is not None or C or B > 1:
+                    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
+                    if impl not in MASKED_ATTENTION:
+                        raise PromptError(
+                            f"compressed kv contexts and batches need attention that takes a 4D mask "
+                            f"({', '.join(MASKED_ATTENTION)}), and this model uses {impl!r}: load it with "
+                            "attn_implementation='sdpa' (the default of load_base_model)")
+                    all_valid = bool(valid[:, :S].all())  # on the host: no device synchronisation
+                    slot_pos, valid_dev = slot_pos.to(dev), valid.to(dev)
+                    mask = _prefill_mask(slot_pos, valid_dev, C, T, impl, dt)
+                    valid_dev = None if all_valid else valid_dev[:, :S]
+                if static is not None:
+                    fill_static(static, kv, C)
+                    logits = self._step(lm, static, ids, pos, mask, C)
+                    cache = static
+                else:
+                    cache = new_cache(lm.config, kv)
+                    out = lm(**inputs, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                             **cache_kwargs(lm, cache))
+                    logits = out.logits[:, -1].float()
+            _sync(dev)
+        except BaseException:
+            if static is not None:
+                self._pool.release(static)
+            raise
+        return _Batch(cache, S, valid_dev, list(layouts), logits, time.perf_counter() - t0, static is not None)
+
+    def _static_prefill_cache(self, layouts: Sequence[_Layout], cfg: GenerationConfig | None) -> Any:
+        """The pooled static cache to prefill ``layouts`` into, or None for the eager prefill into a DynamicCache.
+
+        The one place that decides between the two. A static prefill needs the static cache,
+        an answer to follow (``cfg``, which sizes the cache), at most
+        ``decoding.PREFILL_BUCKETS[-1]`` inputs per row (longer prompts are bound by arithmetic,
+        not launch overhead), no ``embedding`` context, attention that takes a 4D mask and a
+        model whose layers are all full attention. It runs when ``static_prefill`` is True, or
+        (``None``) when the compiled forward is active for this device and batch size.
+        """
+        from .decoding import bucket_length, prefill_bucket
+
+        if cfg is None or self.cache != "static" or self.static_prefill is False:
+            return None
+        dev, B = self.base.device, len(layouts)
+        if self.static_prefill is None and not self._step.active(dev, B):
+            return None
+        T = prefill_bucket(max(len(lay.ids) for lay in layouts))
+        impl = getattr(self.base.model.config, "_attn_implementation", None) or "eager"
+        steps = self._decode_steps(layouts, cfg)
+        if T is None or steps < 1 or impl not in MASKED_ATTENTION or any(lay.embedded for lay in layouts):
+            return None
+        C = max(lay.cached for lay in layouts)
+        return self._pool.acquire(B, bucket_length(C + T + steps - 1), self.base.dtype, dev)
+
+    def _placed_kv(self, layouts: Sequence[_Layout], C: int,
+                   positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every row's kv contexts as cache entries: per layer, keys rotated to their positions
+        and values, ``(B, heads, C, head_dim)``, zero after a row's own contexts.
+
+        ``positions``: ``(B, C)`` the position of each slot (any for padding). All rows,
+        contexts and layers are rotated by one call, a few operators whatever their number.
+        """
+        dev, dt = self.base.device, self.base.dtype
+        L, H, D = self._kv_shape()
+        if not C:  # nothing placed: empty entries (a static cache still takes its shapes from them)
+            empty = torch.zeros(len(layouts), H, 0, D, dtype=dt, device=dev)
+            return [(empty, empty)] * L
+        keys, values = [], []
+        for lay in layouts:
+            ks = [ctx.keys for ctx, _ in lay.placed]
+            vs = [ctx.values for ctx, _ in lay.placed]
+            if lay.cached < C:
+                ks.append(torch.zeros(L, H, C - lay.cached, D, dtype=dt, device=dev))
+                vs.append(ks[-1])
+            keys.append(torch.cat(ks, dim=2) if len(ks) > 1 else ks[0])
+            values.append(torch.cat(vs, dim=2) if len(vs) > 1 else vs[0])
+        # (B, layers, heads, C, head_dim): the layer axis at -4, as per-layer rotary frequencies need
+        K = self.rotary.rotate(torch.stack(keys), positions.to(dev)[:, None, None, :])
+        V = torch.stack(values)
+        return [(K[:, i], V[:, i]) for i in range(L)]
 
     def _kv_shape(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the model."""
@@ -539,36 +617,43 @@ class Generator:
             return si.gather(-1, choice[:, None]).squeeze(-1)
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
+    def _decode_steps(self, layouts: Sequence[_Layout], cfg: GenerationConfig) -> int:
+        """Tokens to choose: ``max_new_tokens``, fewer where the longest prompt nears the model's last position."""
+        steps = cfg.max_new_tokens
+        if self.max_positions is not None:  # the last token chosen is never fed back
+            steps = min(steps, self.max_positions - max(lay.length for lay in layouts) + 1)
+        return steps
+
     def _token_stream(self, batch: _Batch, cfg: GenerationConfig) -> Iterator[list[int | None]]:
         """Yield, step by step, the chosen token of each row (None once a row finished with eos).
 
-        On a GPU the next decode forward is queued before the chosen tokens are read on the
-        host, so the host's work between tokens (stop strings, streaming) overlaps the GPU's.
+        Decoding continues in the batch's static cache, or copies a growing prompt cache once
+        into a static one (``cache="static"``), or grows it (``cache="dynamic"``). On a GPU the
+        next decode forward is queued before the chosen tokens are read on the host, so the
+        host's work between tokens (stop strings, streaming) overlaps the GPU's.
         """
         dev = self.base.device
         B = len(batch.layouts)
-        gen = None
-        if cfg.seed is not None:
-            gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-        eos = set() if cfg.ignore_eos else self._eos_ids()
-        steps = cfg.max_new_tokens
-        longest = max(lay.length for lay in batch.layouts)
-        if self.max_positions is not None:  # the last token chosen is never fed back
-            steps = min(steps, self.max_positions - longest + 1)
-        if steps <= 0:
-            return
-        lengths = torch.tensor([lay.length for lay in batch.layouts], device=dev)[:, None]
+        steps = self._decode_steps(batch.layouts, cfg)
         S = batch.slots
-        static = None
-        if self.cache == "static" and steps > 1:
-            from .decoding import bucket_length, fill_static
-
-            static = self._pool.acquire(B, bucket_length(S + steps - 1), self.base.dtype, dev)
-            if static is not None:
-                fill_static(static, batch.cache, S)
-        cuda = dev.type == "cuda"
-        host = torch.empty(B, dtype=torch.long, pin_memory=True) if cuda else None
+        static = batch.cache if batch.static else None
         try:
+            if steps <= 0:
+                return
+            gen = None
+            if cfg.seed is not None:
+                gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+            eos = set() if cfg.ignore_eos else self._eos_ids()
+            lengths = torch.tensor([lay.length for lay in batch.layouts], device=dev)[:, None]
+            if static is None and self.cache == "static" and steps > 1:
+                from .decoding import bucket_length, fill_static
+
+                static = self._pool.acquire(B, bucket_length(S + steps - 1), self.base.dtype, dev)
+                if static is not None:
+                    layers = range(num_cache_layers(batch.cache))
+                    fill_static(static, [cache_layer(batch.cache, i) for i in layers], S)
+            cuda = dev.type == "cuda"
+            host = torch.empty(B, dtype=torch.long, pin_memory=True) if cuda else None
             if static is not None:
                 impl = getattr(self.base.model.config, "_attn_implementation", None) or "eager"
                 visible = torch.zeros(B, 1, 1, static.layers[0].max_cache_len, dtype=torch.bool, device=dev)
@@ -684,7 +769,7 @@ class Generator:
             return []
         t0 = time.perf_counter()
         layouts = [self._layout(p, f"prompt {i}") for i, p in enumerate(prompts)]
-        batch = self._prefill_batch(layouts)
+        batch = self._prefill_batch(layouts, cfg)
         ids: list[list[int]] = [[] for _ in layouts]
         finish = ["length"] * len(layouts)
         texts = [""] * len(layouts)
@@ -740,6 +825,48 @@ class Generator:
         values = torch.stack([v[0] for v in vs])
         keys = self.rotary.unrotate(keys, pos)
         return CompressedContext("kv", len(ids), self.base.fingerprint, "identity", keys=keys, values=values)
+
+
+def _slot_layout(layouts: Sequence[_Layout], C: int, T: int,
+                 width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host tensors of a prefill: input ids ``(B, T)`` (left padding 0), and the position and
+    validity of every cache slot ``(B, width)``.
+
+    Row b: its kv contexts in ``[0, cached_b)``, invalid padding up to ``C``, its inputs in the
+    last ``len(ids)`` slots of ``[C, C + T)`` after invalid padding (position 0); slots from
+    ``C + T`` on are invalid.
+    """
+    B = len(layouts)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    slot_pos = torch.zeros(B, width, dtype=torch.long)
+    valid = torch.zeros(B, width, dtype=torch.bool)
+    for b, lay in enumerate(layouts):
+        n, c = len(lay.ids), lay.cached
+        if c:
+            slot_pos[b, :c] = torch.tensor([i for ctx, p in lay.placed for i in range(p, p + ctx.k)])
+            valid[b, :c] = True
+        ids[b, T - n:] = torch.tensor(lay.ids, dtype=torch.long)
+        slot_pos[b, C + T - n: C + T] = torch.tensor(lay.pos, dtype=torch.long)
+        valid[b, C + T - n: C + T] = True
+    return ids, slot_pos, valid
+
+
+def _prefill_mask(slot_pos: torch.Tensor, valid: torch.Tensor, C: int, T: int, impl: str,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The ``(B, 1, T, width)`` mask of a prefill whose inputs fill slots ``[C, C + T)``.
+
+    ``slot_pos``, ``valid``: ``(B, width)`` as :func:`_slot_layout` makes them. An input sees
+    the valid context slots placed before its position and the valid inputs up to itself; a
+    padding input sees only itself (no empty attention row).
+    """
+    slot = torch.arange(slot_pos.shape[1], device=slot_pos.device)
+    q_slot = slot[C:C + T]
+    q_pos, q_valid = slot_pos[:, C:C + T, None], valid[:, C:C + T, None]
+    keys = slot_pos[:, None, :]
+    before = torch.where(slot < C, keys < q_pos, keys <= q_pos)  # (B, T, width)
+    visible = before & (slot <= q_slot[:, None]) & valid[:, None, :]
+    visible |= (slot == q_slot[:, None]) & ~q_valid
+    return _attention_mask(visible[:, None], impl, dtype)
 
 
 def _attention_mask(visible: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:

@@ -147,6 +147,9 @@ _KNOWN_SCHEMA = _known_schema()
 _MAX_STATEMENT_STEPS = 300_000_000
 #: Rows deleted per statement by clear() (each row costs 30-80 steps with the triggers).
 _CLEAR_BATCH = 10_000
+#: Names looked up by one query of get_many (SQLite allows 999 parameters in old builds).
+_NAMES_PER_QUERY = 256
+_ABSENT = object()  # a row whose value file was removed meanwhile: a miss
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -549,52 +552,75 @@ class SafeCache:
         Raises:
             sqlite3.Error: the database cannot be read.
         """
-        # The value is fetched only for a raw-mode BLOB (the only row kind whose value is
-        # returned), and only up to max_value_size bytes: length() counts characters for a
-        # TEXT value (a 4-byte character counts 1), so only a BLOB's length is a byte count.
-        # typeof() and a BLOB's length() are answered without reading the value.
-        row = self._con.execute(
-            "SELECT rowid, mode, filename, size, typeof(value), CASE WHEN typeof(value) = 'blob' THEN length(value)"
-            " END, CASE WHEN mode = ? AND typeof(value) = 'blob' AND length(value) <= ? THEN value END FROM Cache"
-            " WHERE key = ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)",
-            (MODE_RAW, self.max_value_size, name, time.time())).fetchone()
-        if row is None:
-            return default
-        rowid, mode, filename, size, vtype, vlen, value = row
+        return self.get_many([name], touch=touch).get(name, default)
+
+    def get_many(self, names: Iterable[str], *, touch: bool = True) -> dict[str, Any]:
+        """``{name: value}`` for those of ``names`` that are present, each value as :meth:`get` returns it.
+
+        One query per ``_NAMES_PER_QUERY`` names and one access-time update for their rows,
+        instead of two statements per name.
+
+        Raises:
+            sqlite3.Error: the database cannot be read.
+        """
+        wanted = list(dict.fromkeys(names))
+        found: dict[str, Any] = {}
+        for i in range(0, len(wanted), _NAMES_PER_QUERY):
+            part = wanted[i:i + _NAMES_PER_QUERY]
+            # The value is fetched only for a raw-mode BLOB (the only row kind whose value is
+            # returned), and only up to max_value_size bytes: length() counts characters for a
+            # TEXT value (a 4-byte character counts 1), so only a BLOB's length is a byte count.
+            # typeof() and a BLOB's length() are answered without reading the value. Rows are
+            # taken one at a time (a planted duplicate row is dropped as soon as it is read).
+            rows = self._con.execute(
+                "SELECT key, rowid, mode, filename, size, typeof(value), CASE WHEN typeof(value) = 'blob' THEN"
+                " length(value) END, CASE WHEN mode = ? AND typeof(value) = 'blob' AND length(value) <= ? THEN value"
+                f" END FROM Cache WHERE key IN ({','.join('?' * len(part))}) AND raw = 1 AND"
+                " (expire_time IS NULL OR expire_time > ?)",
+                (MODE_RAW, self.max_value_size, *part, time.time()))
+            read: list[int] = []
+            for name, rowid, mode, filename, size, vtype, vlen, value in rows:
+                if name in found:  # one row per name (a unique index); a planted duplicate is ignored
+                    continue
+                result = self._row_value(mode, filename, size, vtype, vlen, value)
+                if result is not _ABSENT:
+                    found[name] = result
+                    read.append(rowid)
+            if touch and read and self.eviction_policy == "least-recently-used" and not self.read_only:
+                self._touch(read)
+        return found
+
+    def _row_value(self, mode: Any, filename: Any, size: Any, vtype: Any, vlen: Any, value: Any) -> Any:
+        """The bytes of one row, a :class:`RefusedValue`, or ``_ABSENT`` (its file was removed meanwhile)."""
         if mode == MODE_RAW:
             if vtype != "blob":
-                result: Any = RefusedValue(f"raw {vtype} value")
-            elif value is None:
-                result = RefusedValue(f"value of {vlen} bytes in the database is larger than {self.max_value_size}")
-            else:
-                result = bytes(value)
-        elif mode == MODE_BINARY:
+                return RefusedValue(f"raw {vtype} value")
+            if value is None:
+                return RefusedValue(f"value of {vlen} bytes in the database is larger than {self.max_value_size}")
+            return bytes(value)
+        if mode == MODE_BINARY:
             try:
-                result = self.read_file(filename, size)
+                return self.read_file(filename, size)
             except ValueError as exc:
-                result = RefusedValue(str(exc))
+                return RefusedValue(str(exc))
             except FileNotFoundError:
                 # Removed meanwhile (an overwrite or eviction in another process that committed
                 # after this row was read): a plain miss. The current row may be a good one, so
                 # it is not reported as bad; verify() removes rows whose file stays missing.
-                return default
+                return _ABSENT
             except OSError as exc:
-                result = RefusedValue(f"value file {filename!r} cannot be read: {exc}")
-        else:
-            result = RefusedValue(f"value stored in diskcache mode {mode!r} (pickle or text), refused")
-        if touch and self.eviction_policy == "least-recently-used" and not self.read_only:
-            self._touch(rowid)
-        return result
+                return RefusedValue(f"value file {filename!r} cannot be read: {exc}")
+        return RefusedValue(f"value stored in diskcache mode {mode!r} (pickle or text), refused")
 
-    def _touch(self, rowid: int) -> None:
+    def _touch(self, rowids: list[int]) -> None:
         con = self._con
         try:
             # A hit does not wait for another process's write lock: it gives up on the LRU
             # update after 50 ms instead of waiting up to ``timeout``.
             con.execute("PRAGMA busy_timeout = 50")
             try:
-                con.execute("UPDATE Cache SET access_time = ?, access_count = access_count + 1 WHERE rowid = ?",
-                            (time.time(), rowid))
+                con.execute("UPDATE Cache SET access_time = ?, access_count = access_count + 1 WHERE rowid IN"
+                            f" ({','.join('?' * len(rowids))})", (time.time(), *rowids))
             finally:
                 con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
         except sqlite3.Error as exc:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from .context import CompressedContext
+from .context import CompressedContext, contexts_to
 from .store import (
     _BYTES,
     _CTX,
@@ -106,8 +106,7 @@ def get_or_compress(
         first.setdefault(key, i)
     found: dict[str, CompressedContext] = {}
     hits: set[str] = set()
-    for key in first:
-        ctx = store.get(key)
+    for key, ctx in zip(first, store.get_many(list(first))):
         if ctx is not None and ctx.anchor_ids is not None:
             try:
                 check_anchor_ids(ctx.anchor_ids, vocab)
@@ -149,13 +148,8 @@ def get_or_compress(
     finally:
         if bar is not None:
             bar.close()
-    out = []
-    for key in keys:
-        ctx = found[key]
-        if ctx.device != target:
-            ctx = found[key] = ctx.to(target)
-        out.append(StoreResult(key, ctx, key in hits))
-    return out
+    found = dict(zip(found, contexts_to(list(found.values()), target)))  # one host-to-device copy for all
+    return [StoreResult(key, found[key], key in hits) for key in keys]
 
 
 def _reindex_error(exc: Exception, positions: list[int]) -> Exception:

@@ -9,6 +9,7 @@
 #   decode-check  static-cache decode gives the dynamic path's tokens (fp32 and bf16)
 #   generate      ms/token and TTFT: engine (text, stored chunks) vs transformers generate
 #   rag           store-hit vs full-text TTFT, 1 and 8 chunks of 512 tokens
+#   rag-captured  the same with the captured prefill (--static-prefill; each shape compiles first)
 #   encoder       cache-build encoder throughput, 4,096 chunks of 512 tokens
 #   cache-build   `cache build` end to end on 10,000 arXiv abstracts
 #   eval-time     `eval qa`, 300 SQuAD questions, one compressed system
@@ -45,6 +46,9 @@ run_step() {
     rag)
       step rag $CLI bench rag --n 1,8 --tokens 512 --repeats 3 --device cuda --data "$val" \
           --output "$OUT/rag_h200.json" --plot "$OUT/rag_h200.png" --no-progress ;;
+    rag-captured)
+      step rag-captured $CLI bench rag --n 1,8 --tokens 512 --repeats 3 --device cuda --data "$val" \
+          --static-prefill --output "$OUT/rag_h200_captured.json" --no-progress ;;
     encoder)
       step encoder $PY -c "import json; from compressor_plugin.caching import benchmark; \
 print(json.dumps([benchmark(n_chunks=4096, chunk_tokens=512, batch_size=b, device='cuda', merge_lora=True) \

@@ -127,6 +127,26 @@ def test_chunk_placed_at_p_matches_kv_computed_at_p(family):
     assert wrong_by > max(50 * noise, 1e-6), (model_type, wrong_by, noise)
 
 
+def test_static_prefill_matches_the_reference(family):
+    """The prefill straight into a static cache (run eagerly here; compiled on a GPU) gives the
+    reference path's logits and tokens; families with sliding-window layers keep the growing cache."""
+    from compressor_plugin.decoding import new_static_cache
+    from compressor_plugin.generation import GenerationConfig
+
+    model_type, base = family
+    gen, ref = Generator(base, static_prefill=True), Generator(base, cache="dynamic")
+    tok = base.tokenizer
+    prompt = [TokenIds(_ids(tok, PREFIX)), ref.context_from_text(_ids(tok, CTX)), TokenIds(_ids(tok, QUESTION))]
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    lay = gen._layout(prompt)
+    batch = gen._prefill_batch([lay], cfg)
+    if batch.static:
+        gen._pool.release(batch.cache)
+    assert batch.static == (new_static_cache(base.model.config, 256) is not None), model_type
+    torch.testing.assert_close(batch.logits, ref._prefill_batch([lay]).logits, atol=1e-4, rtol=1e-4)
+    assert gen.generate(prompt, cfg).token_ids == ref.generate(prompt, cfg).token_ids, model_type
+
+
 def test_compressor_trains_and_generates(family):
     """A kv compressor on the family: keys position-free, gradients reach LoRA and memory, generation runs."""
     model_type, plain = family

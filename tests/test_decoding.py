@@ -153,8 +153,10 @@ def test_compile_flag_is_ignored_off_cuda(tiny):
         ref.generate(["hello there"], max_new_tokens=5, ignore_eos=True).token_ids
 
 
-def test_compiled_decode_step_is_one_graph_without_recompiles():
-    """The decode step traces as one graph and is reused across prompts of one bucket (CPU, eager backend)."""
+def test_compiled_forwards_are_one_graph_each_without_recompiles():
+    """The prefill and the decode step trace as one graph each, reused across prompts of one
+    bucket (CPU, eager backend): the graph depends on (batch, prefill bucket, cache bucket), not
+    on the stored contexts' slots or the prompt's length."""
     from compressor_plugin import decoding
     from compressor_plugin.models import tiny_random_llama
 
@@ -165,19 +167,21 @@ def test_compiled_decode_step_is_one_graph_without_recompiles():
         return gm.forward
 
     comp = Compressor(tiny_random_llama(seed=3), CompressorConfig(k=4, lora_r=4, max_length=64))
-    gen = Generator(comp.base, comp, compile=True)
-    gen._step = decoding.DecodeStep(True, backend=counting, mode=None, devices=("cpu",))
+    gen = Generator(comp.base, comp, compile=True, static_prefill=True)
+    gen._step = decoding.ForwardStep(True, backend=counting, mode=None, devices=("cpu",))
     ref = Generator(comp.base, comp, cache="dynamic")
     ctx = comp.compress(["some chunk of text to compress"])[0]
     cfg = GenerationConfig(max_new_tokens=10, ignore_eos=True)
     try:
         for prompt in (["hello there, how are you"], ["Context: ", ctx, "\nQuestion: what?\nAnswer:"], ["short"]):
             assert gen.generate(prompt, cfg).token_ids == ref.generate(prompt, cfg).token_ids
-        assert len(graphs) == 1  # one bucket, batch 1: compiled once, no graph breaks, no recompiles
+        # one prefill bucket (32) and one cache bucket, batch 1: the prefill and the decode step
+        # compiled once each, no graph breaks, no recompiles
+        assert len(graphs) == 2
         prompts = [["hello there"], ["Context: ", ctx, "\nQ?"]]
         assert [r.token_ids for r in gen.generate_batch(prompts, cfg)] == \
             [r.token_ids for r in ref.generate_batch(prompts, cfg)]
-        assert len(graphs) == 2  # batch 2: one more graph
+        assert len(graphs) == 4  # batch 2: one more graph each
         assert not gen._step._failed
     finally:
         decoding._compiled_forwards.pop((counting, None), None)
@@ -273,3 +277,173 @@ def test_every_thread_gets_cuda_graph_state():
     fresh.join(timeout=30)
     assert seen and seen[0][2]  # prepared in a plain thread
     assert _StepThread().run(has_state)  # the decode thread prepares itself
+
+
+# ---------------------------------------------------------------------- static prefill
+LONG_QUESTION = "\nQuestion: where is it, what is it made of, and who designed it? Say it in full." * 2 + "\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def tiny_static():
+    """A tiny random Llama with a k=4 compressor: the static-prefill layout run eagerly, and the reference."""
+    from compressor_plugin.models import tiny_random_llama
+
+    comp = Compressor(tiny_random_llama(seed=5), CompressorConfig(k=4, lora_r=4, max_length=64))
+    static = Generator(comp.base, comp, static_prefill=True)
+    ref = Generator(comp.base, comp, cache="dynamic")
+    a, b = comp.compress(["some chunk of text to compress", "another chunk, a little longer than the first one"])
+    exact = ref.context_from_text(OTHER)  # one slot per token: a wider context
+    prompts = [
+        ["Context: ", a, "\nQuestion: what?\nAnswer:"],  # one context, a few inputs
+        ["The capital of France is"],  # no context: C = 0 for this row
+        ["Context: ", b, " and ", exact, a, LONG_QUESTION],  # three contexts, text between, > 32 inputs
+    ]
+    return static, ref, prompts
+
+
+def _static_batch(gen, layouts, cfg):
+    batch = gen._prefill_batch(layouts, cfg)
+    assert batch.static  # the static-prefill path ran
+    return batch
+
+
+def test_static_prefill_layout(tiny_static):
+    from compressor_plugin.decoding import bucket_length, prefill_bucket
+
+    static, ref, prompts = tiny_static
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    layouts = [static._layout(p) for p in prompts]
+    assert [prefill_bucket(len(lay.ids)) for lay in layouts] == [32, 32, 64]
+    C = max(lay.cached for lay in layouts)
+    batch = _static_batch(static, layouts, cfg)
+    try:
+        assert batch.slots == C + 64  # contexts, then the inputs left-padded to their bucket
+        assert batch.cache.layers[0].max_cache_len == bucket_length(C + 64 + 7)
+        assert int(batch.cache.layers[0].cumulative_length) == batch.slots  # decoding writes after the prompt
+        for b, lay in enumerate(layouts):  # valid: the row's contexts, then its inputs at the end
+            want = torch.zeros(batch.slots, dtype=torch.bool)
+            want[:lay.cached] = True
+            want[batch.slots - len(lay.ids):] = True
+            assert torch.equal(batch.valid[b], want)
+    finally:
+        static._pool.release(batch.cache)
+
+
+def test_static_prefill_equals_reference(tiny_static):
+    """The static prefill (contexts written into a static cache, inputs left-padded to a bucket)
+    gives the reference path's last logits and greedy tokens, single prompts and a padded batch."""
+    static, ref, prompts = tiny_static
+    cfg = GenerationConfig(max_new_tokens=24, ignore_eos=True)
+    layouts = [static._layout(p) for p in prompts]
+    for rows in ([0], [1], [2], [0, 1, 2]):
+        lays = [layouts[r] for r in rows]
+        batch = _static_batch(static, lays, cfg)
+        static._pool.release(batch.cache)
+        torch.testing.assert_close(batch.logits, ref._prefill_batch(lays).logits, atol=1e-5, rtol=1e-5)
+    single = [ref.generate(p, cfg).token_ids for p in prompts]
+    assert [static.generate(p, cfg).token_ids for p in prompts] == single
+    assert [r.token_ids for r in static.generate_batch(prompts, cfg)] == single
+    assert [r.token_ids for r in ref.generate_batch(prompts, cfg)] == single
+
+
+def test_static_prefill_never_reads_padding_or_stale_slots(tiny_static):
+    """Slots outside a row's prompt (context padding, input padding, past the prompt) are masked
+    in the prefill and in every decode step: huge values planted there change nothing."""
+    static, ref, prompts = tiny_static
+    cfg = GenerationConfig(max_new_tokens=16, ignore_eos=True)
+    layouts = [static._layout(p) for p in prompts]
+    want = [r.token_ids for r in ref.generate_batch(prompts, cfg)]
+    ref_logits = ref._prefill_batch(layouts).logits
+    # a pooled cache full of stale values: the next answer of this shape reuses it
+    batch = _static_batch(static, layouts, cfg)
+    for layer in batch.cache.layers:
+        layer.keys.fill_(1e4)
+        layer.values.fill_(1e4)
+    static._pool.release(batch.cache)
+    batch = _static_batch(static, layouts, cfg)
+    torch.testing.assert_close(batch.logits, ref_logits, atol=1e-5, rtol=1e-5)
+    # after the prefill: poison every slot a row must not see, then decode
+    hidden = torch.ones(len(layouts), batch.cache.layers[0].max_cache_len, dtype=torch.bool)
+    hidden[:, :batch.slots] = ~batch.valid
+    for layer in batch.cache.layers:
+        layer.keys[hidden[:, None, :].expand(-1, layer.keys.shape[1], -1)] = 1e4
+        layer.values[hidden[:, None, :].expand(-1, layer.values.shape[1], -1)] = 1e4
+    rows = [[] for _ in layouts]
+    for step in static._token_stream(batch, cfg):
+        for b, t in enumerate(step):
+            rows[b].append(t)
+    assert rows == want
+
+
+def test_static_prefill_is_chosen_in_one_place(tiny_static, tiny):
+    static, ref, prompts = tiny_static
+    cfg = GenerationConfig(max_new_tokens=4)
+    lay = static._layout(prompts[0])
+    assert static._static_prefill_cache([lay], None) is None  # no answer follows (Generator.prefill)
+    long_lay = static._layout([TokenIds([7] * 513)])
+    assert static._static_prefill_cache([long_lay], cfg) is None  # past the last bucket: eager
+    assert static._static_prefill_cache([lay], GenerationConfig(max_new_tokens=0)) is None
+    default = Generator(static.base, static.compressor)
+    assert default.static_prefill is False and default._static_prefill_cache([lay], cfg) is None  # off by default
+    off = Generator(static.base, static.compressor, compile=True, static_prefill=False)
+    assert off._static_prefill_cache([lay], cfg) is None
+    assert ref._static_prefill_cache([lay], cfg) is None  # the dynamic cache never
+    with pytest.raises(ValueError, match="static"):
+        Generator(tiny, cache="dynamic", static_prefill=True)
+    cache = static._static_prefill_cache([lay], cfg)
+    assert cache is not None
+    static._pool.release(cache)
+
+
+def test_placed_contexts_are_rotated_in_one_call_with_the_same_keys(tiny_static, monkeypatch):
+    from compressor_plugin.generation import _slot_layout
+
+    static, _, prompts = tiny_static
+    layouts = [static._layout(p) for p in prompts]
+    C = max(lay.cached for lay in layouts)
+    _, slot_pos, _ = _slot_layout(layouts, C, 64, C + 64)
+    calls = []
+    rotate = static.rotary.rotate
+    monkeypatch.setattr(static.rotary, "rotate", lambda *a: calls.append(1) or rotate(*a))
+    kv = static._placed_kv(layouts, C, slot_pos[:, :C])
+    assert len(calls) == 1  # four contexts in three rows, every layer: one rotation
+    monkeypatch.undo()
+    for b, lay in enumerate(layouts):
+        if not lay.placed:
+            assert all(not k[b].any() and not v[b].any() for k, v in kv)
+            continue
+        keys = torch.cat([ctx.keys_at(p, static.rotary) for ctx, p in lay.placed], dim=2)  # one context at a time
+        values = torch.cat([ctx.values for ctx, _ in lay.placed], dim=2)
+        for i, (k, v) in enumerate(kv):
+            assert torch.equal(k[b, :, :lay.cached], keys[i]) and torch.equal(v[b, :, :lay.cached], values[i])
+            assert not k[b, :, lay.cached:].any()
+
+
+def test_failed_compilation_falls_back_with_one_warning(tiny_static):
+    """A forward that fails to compile is rerun eagerly: one warning, the same tokens, no retry."""
+    from compressor_plugin import decoding
+
+    static, ref, prompts = tiny_static
+    calls = []
+
+    def broken(gm, example_inputs):
+        calls.append(1)
+        raise RuntimeError("no compiler here")
+
+    gen = Generator(static.base, static.compressor, compile=True)
+    gen._step = decoding.ForwardStep(True, backend=broken, mode=None, devices=("cpu",))
+    cfg = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled forward failed"):
+            first = gen.generate(prompts[2], cfg)
+        assert gen._step._failed and len(calls) == 1
+        assert first.token_ids == ref.generate(prompts[2], cfg).token_ids
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert [r.token_ids for r in gen.generate_batch(prompts, cfg)] == \
+                [r.token_ids for r in ref.generate_batch(prompts, cfg)]
+        assert len(calls) == 1
+    finally:
+        decoding._compiled_forwards.pop((broken, None), None)

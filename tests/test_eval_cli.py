@@ -303,10 +303,10 @@ def test_bench_rag_with_anchors_counts_them_as_prompt_tokens(tmp_path: Path) -> 
     out = tmp_path / "rag.json"
     data = Path(__file__).parent / "fixtures" / "docs_small.jsonl"  # Wikipedia paragraphs: names and dates
     assert _run(["bench", "rag", "--n", 1, "--tokens", 64, "--repeats", 1, "--k", 4, "--max-new-tokens", 2,
-                 "--anchors", 8, "--data", data, "--output", out, "--no-progress"]) == 0
+                 "--anchors", 8, "--data", data, "--output", out, "--no-progress", "--static-prefill"]) == 0
     r = json.loads(out.read_text())
     rows = {row["system"]: row for row in r["rows"]}
-    assert r["config"]["anchors"] == 8
+    assert r["config"]["anchors"] == 8 and r["config"]["static_prefill"] is True
     extra = rows["full"]["source_tokens"] - 4 - (rows["full"]["prompt_tokens"] - rows["store-hit"]["prompt_tokens"])
     assert 0 < extra <= 8  # the anchor tokens beside the 4 slots
     assert rows["store-hit"]["prompt_tokens"] == rows["store-miss"]["prompt_tokens"]

@@ -275,3 +275,238 @@ def test_token_limits_and_cut_markers_the_same_in_both(tiny_engine):
                  lambda: li_llm.complete(cut)):
         with pytest.warns(BrokenMarkerWarning):
             call()
+
+
+# ---------------------------------------------------------------------------------- one core, one behaviour
+def _text_of(item) -> str:
+    if isinstance(item, LCDocument):
+        return item.page_content
+    return (item.node if isinstance(item, NodeWithScore) else item).text
+
+
+def _meta_of(item) -> dict:
+    return item.metadata if isinstance(item, LCDocument) else (item.node if isinstance(item, NodeWithScore)
+                                                               else item).metadata
+
+
+def test_empty_texts_the_same_rule_and_warning_in_both(tiny_engine):
+    """Empty and whitespace-only chunks: every class passes them through uncompressed and warns
+    once per call, with the same EmptyDocumentWarning and the same words (core.warn_empty_texts)."""
+    import asyncio
+    import warnings
+
+    from compressor_plugin.errors import EmptyDocumentWarning
+
+    real = "The Groot Amber pear ripens in late October and is pressed into a dry perry by the brewers of Veltmoor."
+    given = [("blank", ""), ("real", real), ("spaces", " \n\t ")]
+
+    def docs():
+        return [LCDocument(text, id=name) for name, text in given]
+
+    def nodes():
+        return [TextNode(text=text, id_=name) for name, text in given]
+
+    def scored():
+        return [NodeWithScore(node=n, score=1.0) for n in nodes()]
+
+    calls = {
+        "langchain transformer": lambda: lc.CompressedDocumentTransformer(tiny_engine).transform_documents(docs()),
+        "langchain transformer, async": lambda: asyncio.run(
+            lc.CompressedDocumentTransformer(tiny_engine).atransform_documents(docs())),
+        "langchain compressor": lambda: lc.CompressedDocumentCompressor(tiny_engine).compress_documents(docs(), "q"),
+        "langchain compressor, async": lambda: asyncio.run(
+            lc.CompressedDocumentCompressor(tiny_engine).acompress_documents(docs(), "q")),
+        "llama_index transform": lambda: li.CompressTransform(tiny_engine)(nodes()),
+        "llama_index transform, async": lambda: asyncio.run(li.CompressTransform(tiny_engine).acall(nodes())),
+        "llama_index postprocessor": lambda: li.CompressedNodePostprocessor(tiny_engine).postprocess_nodes(scored()),
+        "llama_index postprocessor, async": lambda: asyncio.run(
+            li.CompressedNodePostprocessor(tiny_engine).apostprocess_nodes(scored())),
+    }
+    expected = ("2 documents have no text; they are passed through uncompressed: "
+                "document 0 (id='blank'), document 2 (id='spaces')")
+    for name, call in calls.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = call()
+        assert [str(w.message) for w in caught if issubclass(w.category, EmptyDocumentWarning)] == [expected], name
+        assert [_text_of(o) for o in (out[0], out[2])] == ["", " \n\t "], name  # passed through as they were
+        assert "store_key" not in _meta_of(out[0]) and "store_key" not in _meta_of(out[2]), name
+        assert "store_key" in _meta_of(out[1]), name  # the document with text is compressed as usual
+
+    # one empty document: the same single-document sentence from both faces
+    with pytest.warns(EmptyDocumentWarning) as lc_warning:
+        lc.CompressedDocumentTransformer(tiny_engine).transform_documents([LCDocument(" ", id="x")])
+    with pytest.warns(EmptyDocumentWarning) as li_warning:
+        li.CompressedNodePostprocessor(tiny_engine).postprocess_nodes([NodeWithScore(node=TextNode(text=" ", id_="x"))])
+    assert [str(w.message) for w in lc_warning] == [str(w.message) for w in li_warning] == [
+        "document 0 (id='x') has no text; it is passed through uncompressed"]
+    # no empty text, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmptyDocumentWarning)
+        lc.CompressedDocumentTransformer(tiny_engine).transform_documents([LCDocument(real)])
+        li.CompressTransform(tiny_engine)([TextNode(text=real)])
+
+
+def test_one_model_name_and_identity_for_one_engine_in_both(tiny_engine):
+    from compressor_plugin.integrations import core
+
+    comp = tiny_engine.compressor
+    name = core.model_name(tiny_engine)
+    assert name == f"{comp.base.name}+{comp.mode}-k{comp.k}-{comp.fingerprint[:8]}"
+    chat, llm, li_llm = lc.CompressedChatModel(tiny_engine), lc.CompressedLLM(tiny_engine), li.CompressedLLM(tiny_engine)
+    assert chat.model_name == llm.model_name == li_llm.model_name == li_llm.metadata.model_name == name
+    identity = core.model_identity(tiny_engine)
+    assert identity["model_name"] == name and identity["compressor"] == comp.fingerprint
+    assert identity["base_model"] == comp.base.name and identity["k"] == comp.k and identity["anchors"] == 0
+    for model in (chat, llm):
+        params = model._identifying_params
+        assert {key: params[key] for key in identity} == identity
+        assert model._get_ls_params()["ls_model_name"] == name
+    assert chat.invoke("Hi", max_tokens=1).response_metadata["model_name"] == name
+    assert llm.generate(["Hi"], max_tokens=1).llm_output["model_name"] == name
+    # a name given by the user is what both report
+    assert lc.CompressedChatModel(tiny_engine, model_name="mine").model_name == "mine"
+    assert li.CompressedLLM(tiny_engine, model_name="mine").metadata.model_name == "mine"
+
+
+_FACES = (lc.CompressedDocumentTransformer, lc.CompressedDocumentCompressor, lc.CompressedChatModel, lc.CompressedLLM,
+          li.CompressTransform, li.CompressedNodePostprocessor, li.CompressedLLM)
+
+
+def test_every_class_has_the_same_from_pretrained():
+    import inspect
+
+    from compressor_plugin.integrations.core import load_engine
+
+    want = [(p.name, p.default, p.kind) for p in inspect.signature(load_engine).parameters.values()]
+    for cls in _FACES:
+        params = list(inspect.signature(cls.from_pretrained).parameters.values())
+        assert params[-1].kind is inspect.Parameter.VAR_KEYWORD, cls  # the class's own options
+        assert [(p.name, p.default, p.kind) for p in params[:-1]] == want, cls
+        assert cls.from_pretrained.__doc__ and "load_engine" in cls.from_pretrained.__doc__, cls
+
+
+def test_every_class_builds_from_the_shipped_default_checkpoint(shipped_compressor, tmp_path, monkeypatch):
+    """``cls.from_pretrained("default", ...)`` for every class, through CompressionEngine.from_pretrained;
+    the checkpoint load itself gives the session's shipped compressor (the model loads once per run)."""
+    from pathlib import Path
+
+    loads: list[tuple[str, dict]] = []
+
+    def session_compressor(path="default", **kwargs):
+        loads.append((str(path), kwargs))
+        return shipped_compressor
+
+    monkeypatch.setattr(Compressor, "from_pretrained", staticmethod(session_compressor))
+    options = {lc.CompressedDocumentTransformer: {"batch_size": 4}, lc.CompressedDocumentCompressor: {"batch_size": 4},
+               lc.CompressedChatModel: {"max_tokens": 4}, lc.CompressedLLM: {"max_tokens": 4},
+               li.CompressTransform: {"batch_size": 4}, li.CompressedNodePostprocessor: {"batch_size": 4},
+               li.CompressedLLM: {"max_new_tokens": 4}}
+    assert set(options) == set(_FACES)
+    secret = b"p" * 32
+    store = tmp_path / "store"
+    engines = []
+    for cls, opts in options.items():
+        built = cls.from_pretrained("default", store=store, device="cpu", anchors=0, question_anchors=False,
+                                    marker_secret=secret, **opts)
+        assert type(built) is cls
+        engine = built.engine
+        assert engine.compressor is shipped_compressor and engine.checkpoint == "default"
+        assert engine.anchors == 0 and engine.question_anchors is False
+        assert Path(engine.store.directory).resolve() == store.resolve()
+        for key, value in opts.items():
+            option = built.options if isinstance(built, lc.CompressedDocumentTransformer) else built
+            assert getattr(option, key) == value, (cls, key)
+        with pytest.raises(UnknownOptionError):
+            cls.from_pretrained("default", store=store, device="cpu", anchors=0, bogus_option=1)
+        engines.append(engine)
+    assert [path for path, _ in loads] == ["default"] * 2 * len(options)
+    assert all(kwargs["device"] == "cpu" for _, kwargs in loads)
+    # one secret and one store: a marker issued through one class is read through every other
+    (marker,) = engines[0].mark([CORPUS[0][1]])
+    assert all(e.own_marker_keys(marker) is not None for e in engines)
+    assert li.CompressTransform.from_pretrained("default", store=store, device="cpu", anchors=0).checkpoint == "default"
+    for e in engines:
+        e.store.close()
+
+
+def _fixed_retriever(docs: list[LCDocument]):
+    """A LangChain retriever that returns copies of ``docs`` for any query."""
+    from langchain_core.retrievers import BaseRetriever
+
+    class Fixed(BaseRetriever):
+        def _get_relevant_documents(self, query, *, run_manager=None):
+            return [d.model_copy() for d in docs]
+
+    return Fixed()
+
+
+def test_sources_show_chunk_text_not_markers_in_both(tiny_engine):
+    """Sources returned next to an answer show the chunk text; the prompt still gets the markers."""
+    import asyncio
+
+    from compressor_plugin.markers import MARKER_START
+
+    question = "Who planted the orchard?"
+    texts = [text for _, text in CORPUS]
+    # LlamaIndex: the query engine's response.source_nodes, sync, async and streamed
+    nodes = [TextNode(text=text, id_=name) for name, text in CORPUS]
+    llm = li.CompressedLLM(tiny_engine, max_new_tokens=2)
+
+    def app(streaming: bool) -> RetrieverQueryEngine:
+        synth = llm.response_synthesizer(streaming=streaming, **li.qa_templates("chat"))
+        return RetrieverQueryEngine(retriever=_AllNodes(nodes), response_synthesizer=synth,
+                                    node_postprocessors=[li.CompressedNodePostprocessor(tiny_engine)])
+
+    def check(response) -> None:
+        assert [s.node.text for s in response.source_nodes] == texts
+        assert [s.node.node_id for s in response.source_nodes] == [name for name, _ in CORPUS]
+        assert all(s.node.metadata["compressed"] for s in response.source_nodes)  # still the compressed nodes
+        assert MARKER_START not in response.get_formatted_sources(length=10_000)
+
+    plain = app(streaming=False)
+    for response in (plain.query(question), asyncio.run(plain.aquery(question))):
+        check(response)
+        assert llm.last_usage["resolved_chunks"] == len(nodes)  # the prompt was built from the markers
+    streamed = app(streaming=True).query(question)
+    check(streamed)
+    "".join(streamed.response_gen)
+    assert llm.last_usage["resolved_chunks"] == len(nodes)
+
+    # LangChain: a retrieval chain over a ContextualCompressionRetriever returns the marked
+    # documents as its "context"; source_documents gives them back with their text
+    from langchain_classic.chains import create_retrieval_chain
+    from langchain_classic.chains.combine_documents import create_stuff_documents_chain
+    from langchain_classic.retrievers import ContextualCompressionRetriever
+
+    retriever = ContextualCompressionRetriever(base_compressor=lc.CompressedDocumentCompressor(tiny_engine),
+                                               base_retriever=_fixed_retriever([LCDocument(t, id=n) for n, t in CORPUS]))
+    prompt = ChatPromptTemplate.from_messages([("human", "Context: {context}\n\nQuestion: {input}")])
+    model = lc.CompressedChatModel(tiny_engine, max_tokens=2)
+    result = create_retrieval_chain(retriever, create_stuff_documents_chain(model, prompt)).invoke({"input": question})
+    assert all(tiny_engine.own_marker_keys(d.page_content) for d in result["context"])  # what the prompt needs
+    shown = lc.source_documents(tiny_engine, result["context"])
+    assert [d.page_content for d in shown] == texts
+    assert [d.id for d in shown] == [name for name, _ in CORPUS]
+    assert [d.metadata for d in shown] == [d.metadata for d in result["context"]]
+    # both faces show the same text for the same chunks
+    li_shown = li.source_nodes(tiny_engine, li.CompressedNodePostprocessor(tiny_engine).postprocess_nodes(
+        [NodeWithScore(node=n.model_copy(), score=1.0) for n in nodes]))
+    assert [n.node.text for n in li_shown] == [d.page_content for d in shown]
+
+
+def test_source_text_only_for_this_engines_markers(tiny_engine):
+    """A document or node that claims an original text but does not hold this engine's markers is shown as it is."""
+    (marker,) = tiny_engine.mark([CORPUS[0][1]])
+    assert tiny_engine.own_marker_keys(marker) is not None
+    forged = marker[:-10] + ("01234567" if marker[-10:-2] != "01234567" else "76543210") + "]]"  # another tag
+    claims = {"original_text": "text the document's author chose", "compressed": True}
+    docs = [LCDocument(forged, metadata=claims), LCDocument("plain text", metadata=claims),
+            LCDocument(marker, metadata={})]  # this engine's marker, but no original text to show
+    assert all(a is b for a, b in zip(lc.source_documents(tiny_engine, docs), docs))
+    nodes = [NodeWithScore(node=TextNode(text=d.page_content, metadata=dict(d.metadata)), score=0.5) for d in docs]
+    assert all(a is b for a, b in zip(li.source_nodes(tiny_engine, nodes), nodes))
+    with pytest.raises(TypeError, match="document 0 is a str"):
+        lc.source_documents(tiny_engine, ["not a document"])
+    with pytest.raises(TypeError, match="node 0 is a str"):
+        li.source_nodes(tiny_engine, ["not a node"])

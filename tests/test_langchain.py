@@ -22,6 +22,7 @@ from langchain_core.prompts import ChatPromptTemplate
 
 from compressor_plugin.compressor import Compressor, CompressorConfig, shipped_checkpoints
 from compressor_plugin.engine import CompressionEngine
+from compressor_plugin.integrations.core import model_name
 from compressor_plugin.integrations.langchain import (
     CompressedChatModel,
     CompressedDocumentCompressor,
@@ -251,7 +252,7 @@ def test_chat_model_usage_metadata_is_consistent(engine, compressed):
     assert rm["resolved_chunks"] == 2 and rm["fallback_chunks"] == 0
     assert rm["source_tokens"] == sum(d.metadata["source_tokens"] for d in compressed[:2])
     assert rm["tokens_saved"] == rm["source_tokens"] - rm["compressed_tokens"]
-    assert rm["model_name"] == engine.compressor.base.name
+    assert rm["model_name"] == model_name(engine) and rm["model_name"].startswith(engine.compressor.base.name + "+")
     assert rm["finish_reason"] in ("stop", "length")
     assert usage["input_tokens"] == rm["text_tokens"] + rm["compressed_tokens"]
     assert 1 <= usage["output_tokens"] <= 6

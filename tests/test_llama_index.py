@@ -27,7 +27,12 @@ from llama_index.core.response_synthesizers.refine import DEFAULT_RESPONSE_PADDI
 from llama_index.core.schema import MetadataMode, NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode  # noqa: E402
 
 from compressor_plugin.compressor import Compressor, CompressorConfig, shipped_checkpoints  # noqa: E402
-from compressor_plugin.errors import ContextTooLongError, InvalidOptionError, UnknownOptionError  # noqa: E402
+from compressor_plugin.errors import (  # noqa: E402
+    ContextTooLongError,
+    EmptyDocumentWarning,
+    InvalidOptionError,
+    UnknownOptionError,
+)
 from compressor_plugin.engine import CompressionEngine  # noqa: E402
 from compressor_plugin.integrations.llama_index import (  # noqa: E402
     COMPRESSION_METADATA_KEYS,
@@ -192,7 +197,8 @@ async def test_ingestion_async_empty_nodes_and_pickling(engine, nodes):
     empty = TextNode(text="   ")
     node = TextNode(text="A chunk that was never compressed before: the Rhine rises in the Swiss Alps, flows "
                          "through Germany and the Netherlands, and reaches the North Sea near Rotterdam.")
-    res = await transform.acall([empty, node])
+    with pytest.warns(EmptyDocumentWarning, match=r"document 0 \(id=.*\) has no text"):
+        res = await transform.acall([empty, node])
     assert res[0] is empty and not any(k in empty.metadata for k in COMPRESSION_METADATA_KEYS)
     assert engine.store.get(res[1].metadata["store_key"]) is not None
     assert transform.last_stats == {"nodes": 2, "compressed_nodes": 1, "chunks": 1, "hits": 0, "compressed": 1}
@@ -245,7 +251,8 @@ def test_postprocessor_empty_and_long_nodes(engine):
     empty = NodeWithScore(node=TextNode(text=""), score=1.0)
     long_ = NodeWithScore(node=TextNode(text=long_text, metadata={"title": "four articles"}), score=0.5)
 
-    out = CompressedNodePostprocessor(engine).postprocess_nodes([empty, long_])
+    with pytest.warns(EmptyDocumentWarning, match="has no text"):
+        out = CompressedNodePostprocessor(engine).postprocess_nodes([empty, long_])
     assert out[0] is empty
     keys = [m.group(1) for m in MARKER_RE.finditer(out[1].node.text)]
     assert len(keys) >= 2 and out[1].node.text == "".join(engine.marker(k) for k in keys)  # back to back

@@ -208,6 +208,62 @@ def test_get_or_compress_compresses_only_misses(store, comp, monkeypatch):
     assert counter.calls == [] and all(r.hit for r in res3)
 
 
+def test_hits_are_read_with_one_query_and_one_access_update(file_store, comp, caplog):
+    """get_or_compress reads all its hits with one SELECT and records their use with one UPDATE;
+    get_many verifies each entry as get does (a bad one is removed and is a miss)."""
+    res = file_store.get_or_compress(TEXTS, comp)
+    keys = [r.key for r in res]
+    statements: list[str] = []
+    file_store._kv._con.set_trace_callback(statements.append)
+    try:
+        again = file_store.get_or_compress(TEXTS + TEXTS[:1], comp)
+    finally:
+        file_store._kv._con.set_trace_callback(None)
+    assert all(r.hit for r in again)
+    assert [s.split()[0] for s in statements if "Cache" in s] == ["SELECT", "UPDATE"]
+    for a, b in zip(again, res):
+        assert_same(a.context, b.context)
+    rows = dict(file_store._kv._con.execute("SELECT key, access_count FROM Cache").fetchall())
+    assert all(rows["ctx:" + key] == 1 for key in keys)  # each read once, the duplicate text included
+    # one damaged entry among good ones and a missing key
+    path = file_store._kv.directory / file_store._kv._con.execute(
+        "SELECT filename FROM Cache WHERE key = ?", ("ctx:" + keys[1],)).fetchone()[0]
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    absent = context_key("never stored", base_fingerprint="b", compressor_fingerprint="c", k=4, mode="kv",
+                         dtype=torch.float32)
+    got = file_store.get_many([keys[0], keys[1], absent, keys[2]])
+    assert [c is None for c in got] == [False, True, True, False]
+    assert_same(got[0], res[0].context)
+    assert_same(got[3], res[2].context)
+    assert any("removing bad store entry" in rec.getMessage() for rec in caplog.records)
+    assert keys[1] not in file_store
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        file_store.get_many([keys[0], "not a key"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_check_of_every_float_dtype(dtype):
+    from compressor_plugin.store import all_finite
+
+    info = torch.finfo(dtype)
+    fine = torch.tensor([0.0, -0.0, 1.5, -2.0, info.max, -info.max, info.tiny, info.smallest_normal / 4], dtype=dtype)
+    assert all_finite(fine) and all_finite(fine.reshape(2, 4).t())  # any layout
+    for bad in (float("nan"), float("inf"), float("-inf"), -float("nan")):
+        t = fine.clone()
+        t[3] = bad
+        assert not all_finite(t)
+    # the same answer as torch's own check, value by value, on random bit patterns (any exponent,
+    # sign and payload) with every exponent bit set in one value of four
+    ints = {16: torch.int16, 32: torch.int32, 64: torch.int64}[info.bits]
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randint(-2**15, 2**15, (2048, info.bits // 16), dtype=torch.int16, generator=gen).view(ints)
+    raw[::4] |= torch.tensor([float("inf")], dtype=dtype).view(ints)  # +inf: every exponent bit, nothing else
+    values = raw.view(dtype).reshape(-1)
+    assert [all_finite(v.reshape(1)) for v in values] == torch.isfinite(values).tolist()
+
+
 def test_get_or_compress_rejects_bad_input(store, comp):
     with pytest.raises(CompressorError, match="text 1 is empty"):
         store.get_or_compress(["fine", "   "], comp)

@@ -131,11 +131,16 @@ def bench_rag(
     progress: bool = True,
     log: Log | None = _stderr,
     anchors: int = 0,
+    static_prefill: bool = False,
 ) -> dict[str, Any]:
     """Time a RAG answer over ``n`` chunks of ``T`` tokens for every (n, T), three ways.
 
     ``anchors``: anchor tokens per compressed chunk (0: the K/V alone); they are read as text
     after each chunk's slots, so they add prefill work to every store hit.
+
+    ``static_prefill``: answer with ``Generator(..., static_prefill=True)`` (on a GPU, the
+    captured prefill; docs/architecture.md). Each new shape compiles on its first answer, so
+    every system of every cell then gets one untimed answer before its timed repeats.
 
     Systems (rows of the result):
 
@@ -170,7 +175,7 @@ def bench_rag(
     comp = lc.compressor
     base = comp.base
     tok = base.tokenizer
-    gen = Generator(base, comp)
+    gen = Generator(base, comp, static_prefill=static_prefill)
     texts, source = bench_source(data)
     from .report import environment
 
@@ -211,6 +216,8 @@ def bench_rag(
             def measure(system: str, before: Callable[[], tuple[list[Any], float]], step: str | None) -> dict[str, Any]:
                 """``repeats`` answers, each after ``before()`` (the prompt's segments and the seconds to get them)."""
                 ttft, e2e, pre, new = [], [], [], []
+                if static_prefill:  # compile this cell's shapes outside the timing
+                    gen.generate(before()[0], **gen_kwargs)
                 probe.start()
                 for _ in range(repeats):
                     segments, t_pre = before()
@@ -270,6 +277,7 @@ def bench_rag(
     return {"kind": "bench-rag", "rows": rows,
             "config": {"n_chunks": list(n_chunks), "chunk_tokens": list(tokens), "repeats": repeats,
                        "max_new_tokens": max_new_tokens, "question": RAG_QUESTION, "layout": "plain",
+                       "static_prefill": static_prefill,
                        "checkpoint": ckpt or "untrained", "k": kk, "mode": mode, "note": note, "anchors": anchors,
                        "question_anchors": bool(anchors) and engine.question_anchors,
                        "text_source": source, "memory_note": probe.note, "store_parent_dir": store_dir,

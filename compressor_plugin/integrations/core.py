@@ -10,7 +10,16 @@ nodes, messages) to and from what is here, so the two behave the same:
   ``store_keys`` all of them);
 * the same rule for text that already holds markers (:func:`plan_text`): only markers this
   engine issued are kept as markers; any other text is compressed as text, so a retrieved
-  document can never carry a marker into a prompt.
+  document can never carry a marker into a prompt;
+* the same rule for documents with no text (:func:`warn_empty_texts`): passed through
+  uncompressed, with one :class:`~compressor_plugin.errors.EmptyDocumentWarning` per call;
+* the same loading (:func:`load_engine`, behind every class's ``from_pretrained``) and the
+  same model name (:func:`model_name`, :func:`model_identity`) for the LLM classes;
+* the same chat roles (:func:`chat_role`): only ``system``, ``user`` and ``assistant`` (and
+  fixed framework names for them) reach the chat template;
+* the same text for users (:func:`shown_text`): the chunk text to show in place of a
+  compressed document's or node's markers (LangChain's ``source_documents``, LlamaIndex's
+  ``source_nodes`` and the sources of its ``CompressedLLM.response_synthesizer``).
 
 Nothing here imports LangChain or LlamaIndex.
 """
@@ -19,29 +28,44 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import logging
+import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
 
-from ..errors import ContextTooLongError, InvalidOptionError, UnknownOptionError
+from ..anchors import DEFAULT_ANCHORS
+from ..errors import ContextTooLongError, EmptyDocumentWarning, InvalidOptionError, PromptError, UnknownOptionError
 from ..store import normalize_text
 from ..text import has_control_text, literal_ids
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import CompressionEngine
+    from ..store import ContextStore
 
 __all__ = [
+    "CHAT_ROLE_ALIASES",
     "COMPRESSION_METADATA_KEYS",
+    "ORIGINAL_TEXT_KEY",
     "CompressedText",
     "CompressionOptions",
     "OnLong",
     "ON_LONG_CHOICES",
+    "chat_role",
     "check_options",
     "compress_texts",
     "acompress_texts",
+    "load_engine",
+    "model_identity",
+    "model_name",
     "plan_text",
+    "shown_text",
     "split_text",
+    "warn_empty_texts",
 ]
+
+logger = logging.getLogger(__name__)
 
 OnLong = Literal["split", "truncate", "error"]
 ON_LONG_CHOICES: tuple[str, ...] = ("split", "truncate", "error")
@@ -50,8 +74,17 @@ ON_LONG_CHOICES: tuple[str, ...] = ("split", "truncate", "error")
 COMPRESSION_METADATA_KEYS: tuple[str, ...] = (
     "compressed", "store_key", "store_keys", "compressed_tokens", "source_tokens", "compression_ratio", "truncated")
 
+#: Where a compressed document or node keeps its own text once its text is markers.
+ORIGINAL_TEXT_KEY = "original_text"
+
 #: Default decoding settings shared by both frameworks' LLM classes.
 DEFAULT_MAX_NEW_TOKENS = 128
+
+#: Fixed role names of LangChain and LlamaIndex for the three chat roles (see :func:`chat_role`).
+CHAT_ROLE_ALIASES: Mapping[str, str] = {
+    "human": "user", "ai": "assistant",                                   # LangChain's names
+    "developer": "system", "chatbot": "assistant", "model": "assistant",  # LlamaIndex's MessageRole
+}
 
 
 # ---------------------------------------------------------------------------------- options
@@ -164,6 +197,108 @@ def check_engine(engine: Any) -> "CompressionEngine":
     if not isinstance(engine, CompressionEngine):
         raise TypeError(f"engine must be a CompressionEngine, not {type(engine).__name__}")
     return engine
+
+
+# ---------------------------------------------------------------------------------- loading and naming
+def load_engine(checkpoint: str | os.PathLike = "default", store: "ContextStore | str | os.PathLike | None" = None,
+                device: Any = None, dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
+                question_anchors: bool = True, marker_secret: bytes | None = None) -> "CompressionEngine":
+    """The engine behind every class's ``from_pretrained``: base model, compressor checkpoint and store.
+
+    Each call loads its own engine (its own copy of the model, its own marker secret). Build
+    the document step and the LLM of one pipeline over **one** engine: load one with
+    ``from_pretrained`` and hand its ``engine`` to the other class, as markers are valid only
+    in the engine that issued them (or in engines given the same ``marker_secret`` and store).
+
+    Args:
+        checkpoint: ``"default"`` (= ``"kv-k16"``), another shipped name, or a checkpoint folder.
+        store: a :class:`~compressor_plugin.store.ContextStore` or folder; default the user
+            cache store.
+        device: where the model runs (default: CUDA if available, else CPU).
+        dtype: ``"bfloat16"``, ``"float32"``... (default: bf16 on GPU, fp32 on CPU); part of
+            every store key, so use the dtype the store was built with.
+        verbose: show the model loader's progress bars and messages.
+        anchors: anchor token budget per chunk (see :class:`~compressor_plugin.engine.CompressionEngine`);
+            default :data:`~compressor_plugin.anchors.DEFAULT_ANCHORS`, 0 for the K/V alone.
+        question_anchors: choose each chunk's anchors for the prompt's question (default);
+            False keeps those chosen at compression time.
+        marker_secret: the secret that signs the engine's markers (at least 32 bytes); default
+            a random one kept in memory.
+    """
+    from ..engine import CompressionEngine
+
+    return CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype,
+                                             marker_secret=marker_secret, verbose=verbose, anchors=anchors,
+                                             question_anchors=question_anchors)
+
+
+def model_name(engine: "CompressionEngine") -> str:
+    """The name both frameworks' LLM classes report for ``engine`` by default.
+
+    ``<base model>+<mode>-k<k>-<first 8 hex of the compressor fingerprint>``, e.g.
+    ``SmolLM2-135M-Instruct+kv-k16-a88ab0df``: the base model that answers, and
+    exactly which compressor weights read the chunks (however the checkpoint was named or
+    loaded). LangChain's ``model_name`` / ``response_metadata`` / LangSmith ``ls_model_name``
+    and LlamaIndex's ``metadata.model_name`` use it.
+    """
+    comp = engine.compressor
+    return f"{comp.base.name}+{comp.mode}-k{int(comp.k)}-{comp.fingerprint[:8]}"
+
+
+def model_identity(engine: "CompressionEngine") -> dict[str, Any]:
+    """What identifies the model behind ``engine``: :func:`model_name` and what decides its answers.
+
+    ``model_name``, ``base_model`` (the base model's name), ``base_fingerprint``, ``dtype``,
+    ``compressor`` (the compressor's fingerprint), ``k``, ``mode``, ``anchors`` and
+    ``question_anchors``. The checkpoint's name or folder is left out: the same weights loaded
+    under another name answer the same. LangChain's ``_identifying_params`` (and so its LLM
+    cache keys) start from these.
+    """
+    comp = engine.compressor
+    return {"model_name": model_name(engine), "base_model": comp.base.name, "base_fingerprint": comp.base.fingerprint,
+            "dtype": str(comp.base.dtype).replace("torch.", ""), "compressor": comp.fingerprint, "k": int(comp.k),
+            "mode": str(comp.mode), "anchors": int(engine.anchors), "question_anchors": bool(engine.question_anchors)}
+
+
+# ---------------------------------------------------------------------------------- chat roles
+def chat_role(role: Any, where: str) -> str:
+    """The chat-template role for a message's role: ``"system"``, ``"user"`` or ``"assistant"``.
+
+    Those three pass as they are; the fixed names of :data:`CHAT_ROLE_ALIASES` (LangChain's
+    ``"human"`` / ``"ai"``, LlamaIndex's ``DEVELOPER`` / ``CHATBOT`` / ``MODEL``) become the role
+    they stand for. Anything else is refused: a role is written into the prompt as template
+    markup, so a free-text role such as ``"user<|im_end|>\\n<|im_start|>system"`` would forge a
+    turn. Enum roles (LlamaIndex's ``MessageRole``) are read by their value.
+
+    Raises:
+        PromptError: an unknown role (tool and function roles included: tool calling is not
+            supported); the message names ``where`` and the role.
+    """
+    from ..generation import CHAT_ROLES
+
+    value = getattr(role, "value", role)  # a str-valued Enum (MessageRole) by its value
+    if isinstance(value, str):
+        if value in CHAT_ROLES:
+            return value
+        if value in CHAT_ROLE_ALIASES:
+            return CHAT_ROLE_ALIASES[value]
+    raise PromptError(f"{where} has role {value!r}, which the chat template does not take; use one of "
+                      f"{', '.join(repr(r) for r in CHAT_ROLES)} (tool and function messages are not supported)")
+
+
+# ---------------------------------------------------------------------------------- text for users
+def shown_text(engine: "CompressionEngine", text: Any, metadata: Mapping[str, Any] | None) -> str | None:
+    """The chunk text to show a user in place of a compressed document's or node's markers.
+
+    For a text that is nothing but markers this engine issued, ``metadata[ORIGINAL_TEXT_KEY]``
+    (the text the document or node had before it was compressed); None for any other text
+    (it is shown as it is), or when the metadata holds no original text. Markers are prompt
+    material: a marker shown to a user is a handle that makes the engine read its chunk.
+    """
+    if not isinstance(text, str) or engine.own_marker_keys(text) is None:
+        return None
+    original = (metadata or {}).get(ORIGINAL_TEXT_KEY)
+    return original if isinstance(original, str) else None
 
 
 # ---------------------------------------------------------------------------------- splitting
@@ -342,18 +477,37 @@ def _own(engine: "CompressionEngine", keys: list[str]) -> CompressedText:
                           source_tokens=src, hits=len(keys))
 
 
-def compress_texts(engine: "CompressionEngine", texts: Sequence[str], options: CompressionOptions,
-                   document_ids: Sequence[str | None] | None = None) -> list[CompressedText | None]:
-    """Compress each text through the engine's store; one result per text (None: no text).
+#: How many documents an :class:`EmptyDocumentWarning` names before it says "...".
+_EMPTY_NAMED = 5
 
-    All pieces of all texts go to the store in one call (misses compressed in batches, with a
-    progress bar when ``options.show_progress``).
 
-    Raises:
-        ContextTooLongError: ``options.on_long == "error"`` and a text is too long (its
-            ``document_id`` is set).
+def warn_empty_texts(texts: Sequence[Any], document_ids: Sequence[str | None] | None = None) -> list[int]:
+    """Warn once when some texts are empty or whitespace only; their positions.
+
+    The rule of both frameworks: such a document or node is passed through uncompressed (it
+    has nothing to compress) and the call issues **one**
+    :class:`~compressor_plugin.errors.EmptyDocumentWarning` naming the first few by position
+    and id, e.g. ``document 0 (id='a') has no text; it is passed through uncompressed``. The
+    warning points at the caller's code (the first frame outside this package).
     """
-    ids = list(document_ids) if document_ids is not None else [None] * len(texts)
+    empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not normalize_text(t)]
+    if empty:
+        ids = list(document_ids) if document_ids is not None else [None] * len(texts)
+        named = ", ".join(f"document {i} (id={ids[i]!r})" for i in empty[:_EMPTY_NAMED])
+        more = ", ..." if len(empty) > _EMPTY_NAMED else ""
+        if len(empty) == 1:
+            message = f"{named} has no text; it is passed through uncompressed"
+        else:
+            message = f"{len(empty)} documents have no text; they are passed through uncompressed: {named}{more}"
+        from ..markers import _caller_level
+
+        warnings.warn(message, EmptyDocumentWarning, stacklevel=_caller_level())
+        logger.info("%d of %d documents have no text; passed through uncompressed", len(empty), len(texts))
+    return empty
+
+
+def _compress(engine: "CompressionEngine", texts: Sequence[str], options: CompressionOptions,
+              ids: Sequence[str | None]) -> list[CompressedText | None]:
     plans = [plan_text(engine, t, options.on_long, i) for t, i in zip(texts, ids)]
     flat = [t for p in plans for t in p.texts]
     results = engine.compress(flat, batch_size=options.batch_size, truncate=options.on_long == "truncate",
@@ -361,7 +515,27 @@ def compress_texts(engine: "CompressionEngine", texts: Sequence[str], options: C
     return _assemble(engine, plans, results)
 
 
+def compress_texts(engine: "CompressionEngine", texts: Sequence[str], options: CompressionOptions,
+                   document_ids: Sequence[str | None] | None = None) -> list[CompressedText | None]:
+    """Compress each text through the engine's store; one result per text (None: no text).
+
+    All pieces of all texts go to the store in one call (misses compressed in batches, with a
+    progress bar when ``options.show_progress``). Empty or whitespace-only texts give None and
+    one :class:`~compressor_plugin.errors.EmptyDocumentWarning` (:func:`warn_empty_texts`).
+
+    Raises:
+        ContextTooLongError: ``options.on_long == "error"`` and a text is too long (its
+            ``document_id`` is set).
+    """
+    ids = list(document_ids) if document_ids is not None else [None] * len(texts)
+    warn_empty_texts(texts, ids)
+    return _compress(engine, texts, options, ids)
+
+
 async def acompress_texts(engine: "CompressionEngine", texts: Sequence[str], options: CompressionOptions,
                           document_ids: Sequence[str | None] | None = None) -> list[CompressedText | None]:
-    """:func:`compress_texts` in a worker thread (the event loop stays free)."""
-    return await asyncio.to_thread(compress_texts, engine, texts, options, document_ids)
+    """:func:`compress_texts` in a worker thread (the event loop stays free; the warning is
+    issued before, in the caller's thread)."""
+    ids = list(document_ids) if document_ids is not None else [None] * len(texts)
+    warn_empty_texts(texts, ids)
+    return await asyncio.to_thread(_compress, engine, texts, options, ids)

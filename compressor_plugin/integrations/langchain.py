@@ -15,7 +15,9 @@ Two pieces, both thin layers over :class:`~compressor_plugin.engine.CompressionE
 
 Both are thin faces over :mod:`compressor_plugin.integrations.core`, shared with the
 LlamaIndex integration: the same options (``on_long``, ``batch_size``, ``show_progress``), the
-same splitting (the same document gets the same store keys) and the same metadata.
+same splitting (the same document gets the same store keys), the same metadata, the same
+``from_pretrained``, the same model name and the same chat roles. :func:`source_documents`
+gives compressed documents back with their text, for showing sources to users.
 
 An existing RAG chain changes in two places::
 
@@ -35,8 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import warnings
-from typing import Any, AsyncIterator, ClassVar, Iterator, Sequence
+from typing import Any, AsyncIterator, ClassVar, Iterator, Sequence, TypeVar
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -71,18 +72,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..anchors import DEFAULT_ANCHORS
 from ..engine import CompressionEngine, EngineResult
 from ..errors import EmptyDocumentWarning
-from ..store import ContextStore, normalize_text
+from ..store import ContextStore
 from .core import (
     DEFAULT_MAX_NEW_TOKENS,
+    ORIGINAL_TEXT_KEY,
     CompressedText,
     CompressionOptions,
     OnLong,
     acompress_texts,
+    chat_role,
     check_engine,
     check_options,
     compress_texts,
     check_max_tokens,
+    load_engine,
     merge_alias,
+    model_identity,
+    model_name as engine_model_name,
+    shown_text,
     stop_list,
     warn_broken_markers,
 )
@@ -94,6 +101,7 @@ __all__ = [
     "CompressedDocumentTransformer",
     "CompressedLLM",
     "EmptyDocumentWarning",
+    "source_documents",
 ]
 
 _TOOLS_UNSUPPORTED = (
@@ -118,23 +126,40 @@ def _compress_documents(engine: CompressionEngine, documents: Sequence[Document]
         elif engine.own_marker_keys(doc.page_content) is not None:
             out.append(doc)  # already this engine's markers (an earlier step of this pipeline)
         else:
-            meta = {**doc.metadata, **res.metadata(), "original_text": doc.page_content}
+            meta = {**doc.metadata, **res.metadata(), ORIGINAL_TEXT_KEY: doc.page_content}
             out.append(Document(page_content=res.marker_text, metadata=meta, id=doc.id))
     return out
 
 
 def _texts(documents: Sequence[Document]) -> tuple[list[Document], list[str]]:
     documents = list(documents)
-    texts: list[str] = []
     for i, doc in enumerate(documents):
         if not isinstance(doc, Document):
             raise TypeError(f"document {i} is a {type(doc).__name__}, not a langchain Document")
-        text = doc.page_content if isinstance(doc.page_content, str) else ""
-        if not normalize_text(text):
-            warnings.warn(f"document {i} (id={doc.id!r}) has no text; passing it through uncompressed",
-                          EmptyDocumentWarning, stacklevel=4)
-        texts.append(text)
-    return documents, texts
+    # empty texts: the core's rule and warning (core.warn_empty_texts), as for LlamaIndex nodes
+    return documents, [doc.page_content if isinstance(doc.page_content, str) else "" for doc in documents]
+
+
+def source_documents(engine: CompressionEngine, documents: Sequence[Document]) -> list[Document]:
+    """Documents as a user should see them: the chunk text in place of this engine's markers.
+
+    A compressed document's ``page_content`` is its markers, which is what the prompt needs but
+    not what a user should be shown (a marker is a handle that makes the engine read its
+    chunk; see docs/security.md). For each document whose text is nothing but markers
+    ``engine`` issued, this returns a copy whose ``page_content`` is ``metadata["original_text"]``
+    (metadata and id kept); any other document is returned as it is. Use it on the sources a
+    chain returns next to its answer, e.g. ``result["context"]`` of ``create_retrieval_chain``
+    over a ``ContextualCompressionRetriever`` with :class:`CompressedDocumentCompressor`.
+
+    Raises:
+        TypeError: an item is not a LangChain ``Document``.
+    """
+    documents, _ = _texts(documents)
+    out: list[Document] = []
+    for doc in documents:
+        text = shown_text(engine, doc.page_content, doc.metadata)
+        out.append(doc if text is None else Document(page_content=text, metadata=dict(doc.metadata), id=doc.id))
+    return out
 
 
 def _run(engine: CompressionEngine, options: CompressionOptions, documents: Sequence[Document]) -> list[Document]:
@@ -157,11 +182,13 @@ class CompressedDocumentTransformer(BaseDocumentTransformer):
     set to one marker per compressed piece, and metadata extended by ``compressed`` (True),
     ``store_key`` (the key of the first piece), ``store_keys`` (all pieces), ``original_text``,
     ``compressed_tokens`` (k per piece), ``source_tokens`` and ``compression_ratio``
-    (the same metadata as the LlamaIndex integration). Documents with no text are passed
-    through with ``compressed=False`` and an :class:`EmptyDocumentWarning`; documents that hold
-    nothing but markers this engine issued are returned as they are. Any other text,
-    marker-shaped strings included, is compressed as text: a retrieved document cannot carry
-    a marker into the prompt.
+    (the same metadata as the LlamaIndex integration). Documents with no text (empty or
+    whitespace only) are passed through with ``compressed=False``, and the call issues one
+    :class:`EmptyDocumentWarning` naming them (the same rule and warning as the LlamaIndex
+    classes); documents that hold nothing but markers this engine issued are returned as they
+    are. Any other text, marker-shaped strings included, is compressed as text: a retrieved
+    document cannot carry a marker into the prompt. Show users :func:`source_documents` of
+    the output, not the output itself.
 
     Args:
         engine: the :class:`CompressionEngine` whose compressor and store are used (positional
@@ -190,6 +217,20 @@ class CompressedDocumentTransformer(BaseDocumentTransformer):
         check_options(type(self).__name__, unknown, ("engine",) + _DOC_OPTIONS, _RENAMED)
         self._engine = check_engine(engine)
         self._options = CompressionOptions(on_long=on_long, batch_size=batch_size, show_progress=show_progress)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
+                        store: ContextStore | str | os.PathLike | None = None, device: Any = None, dtype: Any = None,
+                        verbose: bool = False, anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True,
+                        marker_secret: bytes | None = None, **kwargs: Any) -> "CompressedDocumentTransformer":
+        """Load an engine (:func:`~compressor_plugin.integrations.core.load_engine`) and wrap it.
+
+        The same arguments as every class's ``from_pretrained`` in both integrations; ``**kwargs``
+        are this class's options (``on_long``, ``batch_size``, ``show_progress``). Build the
+        model over the same engine: ``CompressedChatModel(transformer.engine)``.
+        """
+        return cls(load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
+                               question_anchors=question_anchors, marker_secret=marker_secret), **kwargs)
 
     @property
     def engine(self) -> CompressionEngine:
@@ -226,7 +267,8 @@ class CompressedDocumentCompressor(BaseDocumentCompressor):
     For ``ContextualCompressionRetriever(base_compressor=..., base_retriever=...)`` and as the
     last step of a ``DocumentCompressorPipeline``. The query is not used: every retrieved
     document is kept and compressed. Options as for :class:`CompressedDocumentTransformer`;
-    ``engine`` may be given positionally.
+    ``engine`` may be given positionally. The documents it returns hold markers: show users
+    :func:`source_documents` of them (e.g. ``result["context"]`` of a retrieval chain).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
@@ -247,6 +289,20 @@ class CompressedDocumentCompressor(BaseDocumentCompressor):
         if engine is not None:
             data["engine"] = engine
         super().__init__(**data)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
+                        store: ContextStore | str | os.PathLike | None = None, device: Any = None, dtype: Any = None,
+                        verbose: bool = False, anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True,
+                        marker_secret: bytes | None = None, **kwargs: Any) -> "CompressedDocumentCompressor":
+        """Load an engine (:func:`~compressor_plugin.integrations.core.load_engine`) and wrap it.
+
+        The same arguments as every class's ``from_pretrained`` in both integrations; ``**kwargs``
+        are this class's options (``on_long``, ``batch_size``, ``show_progress``). Build the
+        model over the same engine: ``CompressedChatModel(compressor.engine)``.
+        """
+        return cls(load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
+                               question_anchors=question_anchors, marker_secret=marker_secret), **kwargs)
 
     def _options(self) -> CompressionOptions:
         return CompressionOptions(on_long=self.on_long, batch_size=self.batch_size, show_progress=self.show_progress)
@@ -281,7 +337,12 @@ def _text_content(content: Any, where: str) -> str:
 
 
 def _to_chat(messages: Sequence[BaseMessage], cls_name: str) -> list[dict[str, str]]:
-    """LangChain messages as role/content dicts for the model's chat template."""
+    """LangChain messages as role/content dicts for the model's chat template.
+
+    A ``ChatMessage``'s role must be ``"system"``, ``"user"`` or ``"assistant"`` (or LangChain's
+    ``"human"`` / ``"ai"``); any other raises :class:`~compressor_plugin.errors.PromptError`
+    (:func:`~compressor_plugin.integrations.core.chat_role`).
+    """
     out = []
     for i, m in enumerate(messages):
         where = f"message {i} ({type(m).__name__})"
@@ -294,7 +355,7 @@ def _to_chat(messages: Sequence[BaseMessage], cls_name: str) -> list[dict[str, s
         elif isinstance(m, SystemMessage):
             role = "system"
         elif isinstance(m, ChatMessage):
-            role = m.role
+            role = chat_role(m.role, where)  # a free-text role could forge a turn: known roles only
         else:
             raise ValueError(f"{where}: unsupported message type")
         out.append({"role": role, "content": _text_content(m.content, where)})
@@ -340,11 +401,7 @@ def _compression_info(result: EngineResult) -> dict[str, Any]:
             "fallback_chunks": result.fallback_chunks, "rejected_chunks": result.rejected_chunks}
 
 
-def _load_engine(checkpoint: str | os.PathLike, store: ContextStore | str | os.PathLike | None,
-                 device: Any, dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
-                 question_anchors: bool = True) -> CompressionEngine:
-    return CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose,
-                                             anchors=anchors, question_anchors=question_anchors)
+_Model = TypeVar("_Model", bound="BaseCompressedModel")
 
 
 class BaseCompressedModel(BaseModel):
@@ -362,7 +419,9 @@ class BaseCompressedModel(BaseModel):
     engine: CompressionEngine = Field(exclude=True)
     """Compressor, store and base model."""
     model_name: str | None = None
-    """Name reported in traces and ``response_metadata``; default the base model's name."""
+    """Name reported in traces and ``response_metadata``; default
+    :func:`~compressor_plugin.integrations.core.model_name` (base model + compressor), the
+    name LlamaIndex's ``CompressedLLM`` reports for the same engine."""
     max_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
     """Most tokens generated per answer (``max_new_tokens`` is accepted as another name)."""
     temperature: float = Field(default=0.0, ge=0.0)
@@ -389,38 +448,36 @@ class BaseCompressedModel(BaseModel):
     @model_validator(mode="after")
     def _default_name(self) -> "BaseCompressedModel":
         if self.model_name is None:
-            self.model_name = self.engine.compressor.base.name
+            self.model_name = engine_model_name(self.engine)
         return self
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
-                        store: ContextStore | str | os.PathLike | None = None,
-                        device: Any = None, dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
-                        question_anchors: bool = True, **kwargs: Any) -> Any:
+    def from_pretrained(cls: type[_Model], checkpoint: str | os.PathLike = "default",
+                        store: ContextStore | str | os.PathLike | None = None, device: Any = None, dtype: Any = None,
+                        verbose: bool = False, anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True,
+                        marker_secret: bytes | None = None, **kwargs: Any) -> _Model:
         """Load a compressor checkpoint (shipped name or folder) with its base model and open a store.
 
+        One function loads the engine for every class of both integrations
+        (:func:`~compressor_plugin.integrations.core.load_engine`), with these arguments.
+        Build the document step over the same engine: ``CompressedDocumentTransformer(model.engine)``.
+
         Args:
-            checkpoint: ``"default"`` (= ``"kv-k16"``), another shipped name, or a checkpoint folder.
-            store: a :class:`ContextStore` or folder; default the user cache store.
-            device: where the model runs (default: CUDA if available, else CPU).
-            dtype: ``"bfloat16"``, ``"float32"``... (default: bf16 on GPU, fp32 on CPU); part of
-                every store key, so use the dtype the store was built with.
-            verbose: show the model loader's progress bars and messages.
-            anchors: anchor token budget per chunk (see :class:`~compressor_plugin.engine.CompressionEngine`);
-                default :data:`~compressor_plugin.anchors.DEFAULT_ANCHORS`, 0 for the K/V alone.
-            question_anchors: choose each chunk's anchors for the prompt's question (default);
-                False keeps those chosen at compression time.
+            checkpoint, store, device, dtype, verbose, anchors, question_anchors, marker_secret:
+                as in :func:`~compressor_plugin.integrations.core.load_engine`.
             **kwargs: other fields (``max_tokens``, ``temperature``, ``stop``, ...).
         """
-        return cls(_load_engine(checkpoint, store, device, dtype, verbose, anchors, question_anchors), **kwargs)
+        return cls(load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
+                               question_anchors=question_anchors, marker_secret=marker_secret), **kwargs)
 
     def _extra_identifying_params(self) -> dict[str, Any]:
         return {}
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        comp = self.engine.compressor
-        return {"model_name": self.model_name, "compressor": comp.fingerprint, "k": comp.k, "mode": comp.mode,
+        """:func:`~compressor_plugin.integrations.core.model_identity` (with this model's
+        ``model_name``) and the decoding settings."""
+        return {**model_identity(self.engine), "model_name": self.model_name,
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "seed": self.seed, **self._extra_identifying_params()}
 

@@ -12,6 +12,12 @@ Three thin layers over :class:`~compressor_plugin.engine.CompressionEngine`:
   into the stored K/V and answers with the unchanged base model (text fallback, with a
   warning, for a marker whose entry is missing).
 
+All three are thin faces over :mod:`compressor_plugin.integrations.core`, shared with the
+LangChain integration: the same options, splitting, metadata, empty-text rule,
+``from_pretrained``, model name and chat roles. The response synthesizer of
+:meth:`CompressedLLM.response_synthesizer` returns source nodes with their text, not their
+markers (:func:`source_nodes` does the same for any list of nodes).
+
 Example::
 
     from llama_index.core.ingestion import IngestionPipeline
@@ -38,9 +44,9 @@ Nothing in the core package imports LlamaIndex; this module is the only place th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-import warnings
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
 
 from llama_index.core.base.llms.types import (
@@ -72,14 +78,20 @@ from ..text import literal_ids
 from .core import (
     COMPRESSION_METADATA_KEYS,
     DEFAULT_MAX_NEW_TOKENS,
+    ORIGINAL_TEXT_KEY,
     CompressedText,
     CompressionOptions,
     OnLong,
+    acompress_texts,
+    chat_role,
     check_engine,
     check_options,
     compress_texts,
     check_max_tokens,
+    load_engine,
     merge_alias,
+    model_name as engine_model_name,
+    shown_text,
     stop_list,
     warn_broken_markers,
 )
@@ -99,12 +111,11 @@ __all__ = [
     "engine_tokenizer",
     "marker_aware_tokenizer",
     "qa_templates",
+    "source_nodes",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Where :class:`CompressedNodePostprocessor` keeps a node's text once it holds markers.
-ORIGINAL_TEXT_KEY = "original_text"
 _RENAMED = {"long_text": "on_long", "progress": "show_progress"}
 
 
@@ -161,12 +172,24 @@ def _hide(keys: Sequence[str], excluded: Sequence[str]) -> list[str]:
     return list(excluded) + [k for k in keys if k not in excluded]
 
 
-def _compress_nodes(engine: "CompressionEngine", nodes: Sequence[BaseNode],
-                    options: CompressionOptions) -> list[Optional[CompressedText]]:
+def _check_nodes(nodes: Sequence[BaseNode]) -> None:
     for i, n in enumerate(nodes):
         if not isinstance(n, BaseNode):  # the same check and message as the LangChain face
             raise TypeError(f"node {i} is a {type(n).__name__}, not a llama_index node")
+
+
+def _compress_nodes(engine: "CompressionEngine", nodes: Sequence[BaseNode],
+                    options: CompressionOptions) -> list[Optional[CompressedText]]:
+    """The core's compression of the nodes' texts (empty ones: the core's rule and warning)."""
+    _check_nodes(nodes)
     return compress_texts(engine, [_node_text(n) for n in nodes], options, [n.node_id for n in nodes])
+
+
+async def _acompress_nodes(engine: "CompressionEngine", nodes: Sequence[BaseNode],
+                           options: CompressionOptions) -> list[Optional[CompressedText]]:
+    """:func:`_compress_nodes` with the model off the event loop."""
+    _check_nodes(nodes)
+    return await acompress_texts(engine, [_node_text(n) for n in nodes], options, [n.node_id for n in nodes])
 
 
 # ---------------------------------------------------------------------------------- ingestion
@@ -177,7 +200,9 @@ class CompressTransform(TransformComponent):
     ``store_keys`` (all pieces' keys), ``compressed_tokens`` (k per piece), ``source_tokens``
     and ``compression_ratio`` in its metadata -- the same metadata as the LangChain
     integration; those keys are excluded from the LLM and embedding metadata views. The node
-    text is not changed. Nodes without text pass through untouched. A text longer than
+    text is not changed. Nodes without text (empty or whitespace only) pass through
+    untouched, and the call issues one :class:`~compressor_plugin.errors.EmptyDocumentWarning`
+    naming them (the same rule and warning as LangChain's classes). A text longer than
     ``engine.max_chunk_tokens`` is split into pieces (the same pieces, so the same keys, as in
     LangChain), truncated, or refused, following ``on_long``.
 
@@ -250,15 +275,19 @@ class CompressTransform(TransformComponent):
         return "CompressTransform"
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | os.PathLike = "default", *,
-                        store: Any = None, device: Any = None, dtype: Any = None, verbose: bool = False,
-                        anchors: int = DEFAULT_ANCHORS, **kwargs: Any) -> "CompressTransform":
-        """Load an engine from a checkpoint (shipped name or folder) and wrap it (``dtype`` and
-        ``anchors`` as for :meth:`CompressedLLM.from_pretrained`)."""
-        from ..engine import CompressionEngine
+    def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
+                        dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
+                        question_anchors: bool = True, marker_secret: Optional[bytes] = None,
+                        **kwargs: Any) -> "CompressTransform":
+        """Load an engine (:func:`~compressor_plugin.integrations.core.load_engine`) and wrap it.
 
-        engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype,
-                                                   verbose=verbose, anchors=anchors)
+        The same arguments as every class's ``from_pretrained`` in both integrations (see
+        :meth:`CompressedLLM.from_pretrained`); ``**kwargs`` are this class's options
+        (``batch_size``, ``on_long``, ``show_progress``). ``checkpoint`` is recorded, so
+        ``num_workers`` pipelines can reload the engine in their workers.
+        """
+        engine = load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
+                             question_anchors=question_anchors, marker_secret=marker_secret)
         kwargs.setdefault("checkpoint", str(checkpoint))
         return cls(engine, **kwargs)
 
@@ -323,7 +352,7 @@ class CompressTransform(TransformComponent):
     async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         """Async :meth:`__call__`: compression runs in a worker thread, off the event loop."""
         engine = self.engine
-        self._apply(nodes, await asyncio.to_thread(_compress_nodes, engine, nodes, self._options()))
+        self._apply(nodes, await _acompress_nodes(engine, nodes, self._options()))
         return nodes
 
 
@@ -336,9 +365,13 @@ class CompressedNodePostprocessor(BaseNodePostprocessor):
     back). Scores, node ids, relationships and metadata are kept; the original text is stored
     in ``metadata["original_text"]`` and, like the compression keys, hidden from the LLM and
     embedding metadata views. Chunks not in the store yet are compressed on the spot. Nodes
-    with empty text, or that hold nothing but markers this engine issued, pass through
-    unchanged. Any other text is compressed as text, marker-shaped strings included: a
-    retrieved node cannot carry a marker into the prompt.
+    with empty (or whitespace-only) text pass through unchanged with one
+    :class:`~compressor_plugin.errors.EmptyDocumentWarning` per call (the same rule and
+    warning as LangChain's classes); nodes that hold nothing but markers this engine issued
+    pass through unchanged. Any other text is compressed as text, marker-shaped strings
+    included: a retrieved node cannot carry a marker into the prompt. The returned nodes hold
+    markers: show users :func:`source_nodes` of them (the synthesizer of
+    :meth:`CompressedLLM.response_synthesizer` does so for ``response.source_nodes``).
 
     Args:
         engine: the compression engine (positional or keyword); :class:`CompressedLLM` must
@@ -365,6 +398,21 @@ class CompressedNodePostprocessor(BaseNodePostprocessor):
         data.pop("class_name", None)
         super().__init__(**data)
         self._engine = engine
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
+                        dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
+                        question_anchors: bool = True, marker_secret: Optional[bytes] = None,
+                        **kwargs: Any) -> "CompressedNodePostprocessor":
+        """Load an engine (:func:`~compressor_plugin.integrations.core.load_engine`) and wrap it.
+
+        The same arguments as every class's ``from_pretrained`` in both integrations (see
+        :meth:`CompressedLLM.from_pretrained`); ``**kwargs`` are this class's options
+        (``batch_size``, ``on_long``, ``show_progress``). Build the LLM over the same engine:
+        ``CompressedLLM(postprocessor.engine)``.
+        """
+        return cls(load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
+                               question_anchors=question_anchors, marker_secret=marker_secret), **kwargs)
 
     @classmethod
     def class_name(cls) -> str:
@@ -401,7 +449,7 @@ class CompressedNodePostprocessor(BaseNodePostprocessor):
 
     async def _apostprocess_nodes(self, nodes: list[NodeWithScore],
                                   query_bundle: Optional[QueryBundle] = None) -> list[NodeWithScore]:
-        results = await asyncio.to_thread(_compress_nodes, self._engine, _scored_nodes(nodes), self._options())
+        results = await _acompress_nodes(self._engine, _scored_nodes(nodes), self._options())
         return self._swap(nodes, results)
 
 
@@ -412,6 +460,59 @@ def _scored_nodes(nodes: Sequence[NodeWithScore]) -> list[BaseNode]:
             raise TypeError(f"node {i} is a {type(n).__name__}, not a llama_index NodeWithScore")
         out.append(n.node)
     return out
+
+
+def source_nodes(engine: "CompressionEngine", nodes: Sequence[NodeWithScore]) -> list[NodeWithScore]:
+    """Nodes as a user should see them: the chunk text in place of this engine's markers.
+
+    A node from :class:`CompressedNodePostprocessor` has its markers as text, which is what
+    the prompt needs but not what a user should be shown (a marker is a handle that makes the
+    engine read its chunk; see docs/security.md). For each node whose text is nothing but
+    markers ``engine`` issued, this returns a copy whose text is ``metadata["original_text"]``
+    (score, id, metadata and relationships kept); any other node is returned as it is. The
+    synthesizer of :meth:`CompressedLLM.response_synthesizer` applies it to
+    ``response.source_nodes``; apply it yourself with another synthesizer or a chat engine.
+
+    Raises:
+        TypeError: an item is not a ``NodeWithScore``.
+    """
+    out: list[NodeWithScore] = []
+    for nws, node in zip(nodes, _scored_nodes(nodes)):
+        text = shown_text(engine, _node_text(node), node.metadata)
+        if text is None:
+            out.append(nws)
+            continue
+        copy = node.model_copy(update={"metadata": dict(node.metadata), "relationships": dict(node.relationships)})
+        copy.set_content(text)
+        out.append(NodeWithScore(node=copy, score=nws.score))
+    return out
+
+
+def _shows_chunk_text(synth: "BaseSynthesizer", engine: "CompressionEngine") -> "BaseSynthesizer":
+    """``synth``, changed so that its responses' ``source_nodes`` are :func:`source_nodes` (text, not markers).
+
+    The prompt is built from the nodes as they are (markers); only the response's list of
+    sources, built after the answer, is replaced.
+    """
+    synthesize, asynthesize = synth.synthesize, synth.asynthesize
+
+    def shown(response: Any) -> Any:
+        nodes = getattr(response, "source_nodes", None)
+        if nodes:
+            response.source_nodes = source_nodes(engine, nodes)
+        return response
+
+    @functools.wraps(synthesize)
+    def synthesize_shown(*args: Any, **kwargs: Any) -> Any:
+        return shown(synthesize(*args, **kwargs))
+
+    @functools.wraps(asynthesize)
+    async def asynthesize_shown(*args: Any, **kwargs: Any) -> Any:
+        return shown(await asynthesize(*args, **kwargs))
+
+    synth.synthesize = synthesize_shown  # type: ignore[method-assign]
+    synth.asynthesize = asynthesize_shown  # type: ignore[method-assign]
+    return synth
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -479,7 +580,13 @@ class CompressedLLM(CustomLLM):
         context_window: for LlamaIndex's prompt helper; default the model's position limit.
         is_chat_model: whether query engines should call ``chat`` (chat template) or
             ``complete`` (plain text).
-        model_name: reported in ``metadata``.
+        model_name: reported in ``metadata``; default
+            :func:`~compressor_plugin.integrations.core.model_name` (base model + compressor),
+            the name LangChain's classes report for the same engine.
+
+    Chat messages may have the roles ``system``, ``user`` and ``assistant`` (``DEVELOPER`` is
+    read as system, ``CHATBOT`` and ``MODEL`` as assistant); any other role (``TOOL``,
+    ``FUNCTION``, or a free-text role) raises :class:`~compressor_plugin.errors.PromptError`.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
@@ -508,7 +615,7 @@ class CompressedLLM(CustomLLM):
         if data.get("context_window") is None:
             data["context_window"] = int(getattr(base.model.config, "max_position_embeddings", 0) or 8192)
         if not data.get("model_name"):
-            data["model_name"] = f"{base.name} + compressor {engine.compressor.mode}-k{engine.compressor.k}"
+            data["model_name"] = engine_model_name(engine)
         if data.get("stop") is None:
             data["stop"] = []
         super().__init__(**data)
@@ -517,28 +624,21 @@ class CompressedLLM(CustomLLM):
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
                         dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
-                        question_anchors: bool = True, **kwargs: Any) -> "CompressedLLM":
+                        question_anchors: bool = True, marker_secret: Optional[bytes] = None,
+                        **kwargs: Any) -> "CompressedLLM":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
 
+        One function loads the engine for every class of both integrations
+        (:func:`~compressor_plugin.integrations.core.load_engine`), with these arguments.
+        Build the postprocessor over the same engine: ``CompressedNodePostprocessor(llm.engine)``.
+
         Args:
-            checkpoint: shipped checkpoint name (``"default"`` = ``"kv-k16"``) or folder.
-            store: a :class:`~compressor_plugin.store.ContextStore` or folder (default: the
-                user cache store).
-            device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
-            dtype: ``"bfloat16"``, ``"float32"``... (default: bf16 on GPU, fp32 on CPU); part of
-                every store key, so use the dtype the store was built with.
-            verbose: show the model loader's progress bars and messages.
-            anchors: anchor token budget per chunk (see :class:`~compressor_plugin.engine.CompressionEngine`);
-                default :data:`~compressor_plugin.anchors.DEFAULT_ANCHORS`, 0 for the K/V alone.
-            question_anchors: choose each chunk's anchors for the prompt's question (default);
-                False keeps those chosen at compression time.
+            checkpoint, store, device, dtype, verbose, anchors, question_anchors, marker_secret:
+                as in :func:`~compressor_plugin.integrations.core.load_engine`.
             **kwargs: :class:`CompressedLLM` settings.
         """
-        from ..engine import CompressionEngine
-
-        engine = CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose,
-                                                   anchors=anchors, question_anchors=question_anchors)
-        return cls(engine, **kwargs)
+        return cls(load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
+                               question_anchors=question_anchors, marker_secret=marker_secret), **kwargs)
 
     @classmethod
     def class_name(cls) -> str:
@@ -575,11 +675,18 @@ class CompressedLLM(CustomLLM):
         return PromptHelper.from_llm_metadata(self.metadata, **kwargs)
 
     def response_synthesizer(self, response_mode: Any = "compact", **kwargs: Any) -> "BaseSynthesizer":
-        """``get_response_synthesizer`` with this LLM and :meth:`prompt_helper` (marker-aware counting)."""
+        """``get_response_synthesizer`` with this LLM and :meth:`prompt_helper` (marker-aware counting).
+
+        Its responses' ``source_nodes`` show each compressed node's text, not its markers
+        (:func:`source_nodes`): what ``response.source_nodes`` and
+        ``response.get_formatted_sources()`` give a user is the chunk text. The prompt is built
+        from the markers as before.
+        """
         from llama_index.core.response_synthesizers import ResponseMode, get_response_synthesizer
 
         kwargs.setdefault("prompt_helper", self.prompt_helper())
-        return get_response_synthesizer(llm=self, response_mode=ResponseMode(response_mode), **kwargs)
+        synth = get_response_synthesizer(llm=self, response_mode=ResponseMode(response_mode), **kwargs)
+        return _shows_chunk_text(synth, self._engine)
 
     # ------------------------------------------------------------------ helpers
     def _config(self, kwargs: dict[str, Any]) -> GenerationConfig:
@@ -609,9 +716,10 @@ class CompressedLLM(CustomLLM):
 
     @staticmethod
     def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+        """Messages as role/content dicts; roles through the core's rule (:func:`~compressor_plugin.integrations.core.chat_role`)."""
         out = []
-        for m in messages:
-            role = m.role.value if isinstance(m.role, MessageRole) else str(m.role)
+        for i, m in enumerate(messages):
+            role = chat_role(getattr(m, "role", None), f"message {i} ({type(m).__name__})")
             out.append({"role": role, "content": m.content or ""})
         warn_broken_markers([m["content"] for m in out], stacklevel=4)
         return out
