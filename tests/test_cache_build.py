@@ -325,7 +325,6 @@ def test_benchmark_reports_throughput_and_flops_on_cpu():
 
 def test_anchors_chosen_in_worker_processes_are_the_ones_the_main_process_chooses(tmp_path, tiny_comp):
     """`cache build` chooses anchors in spawned workers beside the encoder: same stored entries."""
-    from compressor_plugin.caching.build import default_anchor_workers
     from compressor_plugin.evaluation.invented import invented_qa
 
     texts = list(dict.fromkeys(r["context"] for r in invented_qa(12, seed=5)))
@@ -345,6 +344,5 @@ def test_anchors_chosen_in_worker_processes_are_the_ones_the_main_process_choose
         assert torch.allclose(keys, keys2, rtol=1e-4, atol=1e-4)
         anchored += ids is not None
     assert anchored >= len(got[0]) // 2
-    assert default_anchor_workers() >= 0
     with pytest.raises(ValueError, match="anchor_workers"):
         build_cache(docs, tmp_path / "bad", tiny_comp, chunk_tokens=48, progress=False, anchor_workers=-1)
