@@ -334,6 +334,7 @@ def test_anchors_chosen_in_worker_processes_are_the_ones_the_main_process_choose
         summary = build_cache(docs, tmp_path / f"s{workers}", tiny_comp, chunk_tokens=48, batch_size=4,
                               progress=False, anchors=16, anchor_workers=workers)
         assert summary.new > len(docs) and summary.anchor_tokens > 0
+        assert summary.anchor_workers == workers and summary.to_dict()["anchor_workers"] == workers
         with ContextStore(tmp_path / f"s{workers}", size_limit=None) as st:
             got[workers] = {key: (st.get(key).anchor_ids, st.get(key).keys) for key in st.keys()}
     assert set(got[0]) == set(got[2])

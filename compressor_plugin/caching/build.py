@@ -85,6 +85,7 @@ class BuildSummary:
         map_rows: chunk-map rows written by this build (rows already in the map are not repeated).
         interrupted: the build was stopped early (Ctrl-C); what was stored stays stored.
         seconds: wall time of the build.
+        anchor_workers: processes that chose the anchors (0: the main process).
         warnings: things the user should act on (e.g. the store reached its size limit).
     """
 
@@ -113,6 +114,7 @@ class BuildSummary:
     overlap: int = 0
     batch_size: int = 0
     workers: int = 1
+    anchor_workers: int = 0
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -537,6 +539,7 @@ def build_cache(
     if int(anchor_workers) < 0:
         raise ValueError(f"anchor_workers must be 0 or more, not {anchor_workers}")
     pool = AnchorWorkers(compressor.tokenizer, anchors, int(anchor_workers)) if anchors and anchor_workers else None
+    summary.anchor_workers = int(anchor_workers) if pool is not None else 0
     reader = _WindowReader(documents, chunker, parts, window_chunks, skipped)
     writers = cf.ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="cache-build-writer")
     mapper = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-build-map")
