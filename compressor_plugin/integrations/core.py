@@ -33,7 +33,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence, TypeVar
 
 from ..anchors import DEFAULT_ANCHORS
 from ..errors import ContextTooLongError, EmptyDocumentWarning, InvalidOptionError, PromptError, UnknownOptionError
@@ -50,6 +50,7 @@ __all__ = [
     "ORIGINAL_TEXT_KEY",
     "CompressedText",
     "CompressionOptions",
+    "FromPretrained",
     "OnLong",
     "ON_LONG_CHOICES",
     "chat_role",
@@ -230,6 +231,44 @@ def load_engine(checkpoint: str | os.PathLike = "default", store: "ContextStore 
     return CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype,
                                              marker_secret=marker_secret, verbose=verbose, anchors=anchors,
                                              question_anchors=question_anchors)
+
+
+
+_Face = TypeVar("_Face", bound="FromPretrained")
+
+
+class FromPretrained:
+    """``from_pretrained`` for every class of both integrations: one loader, one signature.
+
+    A class built as ``cls(engine, **options)`` gets it by listing this mixin first among its
+    bases; :meth:`_from_engine` is the hook for a class that needs more than the engine.
+    """
+
+    @classmethod
+    def from_pretrained(cls: type[_Face], checkpoint: str | os.PathLike = "default",
+                        store: "ContextStore | str | os.PathLike | None" = None, device: Any = None,
+                        dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
+                        question_anchors: bool = True, marker_secret: bytes | None = None, **kwargs: Any) -> _Face:
+        """Load an engine (:func:`~compressor_plugin.integrations.core.load_engine`: base model,
+        compressor checkpoint, store) and build this class over it.
+
+        Args:
+            checkpoint, store, device, dtype, verbose, anchors, question_anchors, marker_secret:
+                as in :func:`~compressor_plugin.integrations.core.load_engine`.
+            **kwargs: this class's own options.
+
+        Build the other half of the pipeline over the same engine, e.g.
+        ``CompressedDocumentTransformer(model.engine)`` or ``CompressedNodePostprocessor(llm.engine)``:
+        markers are valid only in the engine that issued them.
+        """
+        engine = load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
+                             question_anchors=question_anchors, marker_secret=marker_secret)
+        return cls._from_engine(engine, checkpoint, **kwargs)
+
+    @classmethod
+    def _from_engine(cls: type[_Face], engine: "CompressionEngine", checkpoint: str | os.PathLike,
+                     **kwargs: Any) -> _Face:
+        return cls(engine, **kwargs)  # type: ignore[call-arg]
 
 
 def model_name(engine: "CompressionEngine") -> str:

@@ -36,8 +36,7 @@ Tool calling, structured output and non-text (image, audio, file) inputs are not
 from __future__ import annotations
 
 import asyncio
-import os
-from typing import Any, AsyncIterator, ClassVar, Iterator, Sequence, TypeVar
+from typing import Any, AsyncIterator, ClassVar, Iterator, Sequence
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -69,11 +68,10 @@ from langchain_core.outputs import (
 from langchain_core.runnables import RunnableLambda
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..anchors import DEFAULT_ANCHORS
 from ..engine import CompressionEngine, EngineResult
 from ..errors import EmptyDocumentWarning
-from ..store import ContextStore
 from .core import (
+    FromPretrained,
     DEFAULT_MAX_NEW_TOKENS,
     ORIGINAL_TEXT_KEY,
     CompressedText,
@@ -85,7 +83,6 @@ from .core import (
     check_options,
     compress_texts,
     check_max_tokens,
-    load_engine,
     merge_alias,
     model_identity,
     model_name as engine_model_name,
@@ -175,7 +172,7 @@ async def _arun(engine: CompressionEngine, options: CompressionOptions,
     return _compress_documents(engine, documents, results)
 
 
-class CompressedDocumentTransformer(BaseDocumentTransformer):
+class CompressedDocumentTransformer(FromPretrained, BaseDocumentTransformer):
     """Replace each document's text by markers of its compressed K/V (stored once, reused forever).
 
     Returns new documents (the inputs are not changed) with the same ``id``, ``page_content``
@@ -218,19 +215,6 @@ class CompressedDocumentTransformer(BaseDocumentTransformer):
         self._engine = check_engine(engine)
         self._options = CompressionOptions(on_long=on_long, batch_size=batch_size, show_progress=show_progress)
 
-    @classmethod
-    def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
-                        store: ContextStore | str | os.PathLike | None = None, device: Any = None, dtype: Any = None,
-                        verbose: bool = False, anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True,
-                        marker_secret: bytes | None = None, **kwargs: Any) -> "CompressedDocumentTransformer":
-        """Load an engine (:func:`~compressor_plugin.integrations.core.load_engine`) and wrap it.
-
-        The same arguments as every class's ``from_pretrained`` in both integrations; ``**kwargs``
-        are this class's options (``on_long``, ``batch_size``, ``show_progress``). Build the
-        model over the same engine: ``CompressedChatModel(transformer.engine)``.
-        """
-        return cls(load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
-                               question_anchors=question_anchors, marker_secret=marker_secret), **kwargs)
 
     @property
     def engine(self) -> CompressionEngine:
@@ -261,7 +245,7 @@ class CompressedDocumentTransformer(BaseDocumentTransformer):
         return RunnableLambda(self.transform_documents, afunc=_atransform, name="CompressedDocumentTransformer")
 
 
-class CompressedDocumentCompressor(BaseDocumentCompressor):
+class CompressedDocumentCompressor(FromPretrained, BaseDocumentCompressor):
     """:class:`CompressedDocumentTransformer` as a ``BaseDocumentCompressor``.
 
     For ``ContextualCompressionRetriever(base_compressor=..., base_retriever=...)`` and as the
@@ -290,19 +274,6 @@ class CompressedDocumentCompressor(BaseDocumentCompressor):
             data["engine"] = engine
         super().__init__(**data)
 
-    @classmethod
-    def from_pretrained(cls, checkpoint: str | os.PathLike = "default",
-                        store: ContextStore | str | os.PathLike | None = None, device: Any = None, dtype: Any = None,
-                        verbose: bool = False, anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True,
-                        marker_secret: bytes | None = None, **kwargs: Any) -> "CompressedDocumentCompressor":
-        """Load an engine (:func:`~compressor_plugin.integrations.core.load_engine`) and wrap it.
-
-        The same arguments as every class's ``from_pretrained`` in both integrations; ``**kwargs``
-        are this class's options (``on_long``, ``batch_size``, ``show_progress``). Build the
-        model over the same engine: ``CompressedChatModel(compressor.engine)``.
-        """
-        return cls(load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
-                               question_anchors=question_anchors, marker_secret=marker_secret), **kwargs)
 
     def _options(self) -> CompressionOptions:
         return CompressionOptions(on_long=self.on_long, batch_size=self.batch_size, show_progress=self.show_progress)
@@ -401,10 +372,7 @@ def _compression_info(result: EngineResult) -> dict[str, Any]:
             "fallback_chunks": result.fallback_chunks, "rejected_chunks": result.rejected_chunks}
 
 
-_Model = TypeVar("_Model", bound="BaseCompressedModel")
-
-
-class BaseCompressedModel(BaseModel):
+class BaseCompressedModel(FromPretrained, BaseModel):
     """Fields, validation and tracing shared by :class:`CompressedChatModel` and :class:`CompressedLLM`.
 
     ``engine`` may be given positionally or by keyword; ``max_new_tokens`` is accepted as
@@ -451,24 +419,6 @@ class BaseCompressedModel(BaseModel):
             self.model_name = engine_model_name(self.engine)
         return self
 
-    @classmethod
-    def from_pretrained(cls: type[_Model], checkpoint: str | os.PathLike = "default",
-                        store: ContextStore | str | os.PathLike | None = None, device: Any = None, dtype: Any = None,
-                        verbose: bool = False, anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True,
-                        marker_secret: bytes | None = None, **kwargs: Any) -> _Model:
-        """Load a compressor checkpoint (shipped name or folder) with its base model and open a store.
-
-        One function loads the engine for every class of both integrations
-        (:func:`~compressor_plugin.integrations.core.load_engine`), with these arguments.
-        Build the document step over the same engine: ``CompressedDocumentTransformer(model.engine)``.
-
-        Args:
-            checkpoint, store, device, dtype, verbose, anchors, question_anchors, marker_secret:
-                as in :func:`~compressor_plugin.integrations.core.load_engine`.
-            **kwargs: other fields (``max_tokens``, ``temperature``, ``stop``, ...).
-        """
-        return cls(load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
-                               question_anchors=question_anchors, marker_secret=marker_secret), **kwargs)
 
     def _extra_identifying_params(self) -> dict[str, Any]:
         return {}

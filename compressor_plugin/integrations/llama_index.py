@@ -43,7 +43,6 @@ Nothing in the core package imports LlamaIndex; this module is the only place th
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -81,6 +80,7 @@ from .core import (
     ORIGINAL_TEXT_KEY,
     CompressedText,
     CompressionOptions,
+    FromPretrained,
     OnLong,
     acompress_texts,
     chat_role,
@@ -88,7 +88,6 @@ from .core import (
     check_options,
     compress_texts,
     check_max_tokens,
-    load_engine,
     merge_alias,
     model_name as engine_model_name,
     shown_text,
@@ -193,7 +192,7 @@ async def _acompress_nodes(engine: "CompressionEngine", nodes: Sequence[BaseNode
 
 
 # ---------------------------------------------------------------------------------- ingestion
-class CompressTransform(TransformComponent):
+class CompressTransform(FromPretrained, TransformComponent):
     """``IngestionPipeline`` step: compress node texts into the store, record keys in metadata.
 
     Each node with text gets ``compressed`` (True), ``store_key`` (the first piece's key),
@@ -275,21 +274,11 @@ class CompressTransform(TransformComponent):
         return "CompressTransform"
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
-                        dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
-                        question_anchors: bool = True, marker_secret: Optional[bytes] = None,
-                        **kwargs: Any) -> "CompressTransform":
-        """Load an engine (:func:`~compressor_plugin.integrations.core.load_engine`) and wrap it.
-
-        The same arguments as every class's ``from_pretrained`` in both integrations (see
-        :meth:`CompressedLLM.from_pretrained`); ``**kwargs`` are this class's options
-        (``batch_size``, ``on_long``, ``show_progress``). ``checkpoint`` is recorded, so
-        ``num_workers`` pipelines can reload the engine in their workers.
-        """
-        engine = load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
-                             question_anchors=question_anchors, marker_secret=marker_secret)
+    def _from_engine(cls, engine: "CompressionEngine", checkpoint: str | os.PathLike, **kwargs: Any) -> "CompressTransform":
+        # the checkpoint is recorded, so num_workers pipelines can reload the engine in their workers
         kwargs.setdefault("checkpoint", str(checkpoint))
         return cls(engine, **kwargs)
+
 
     @property
     def engine(self) -> "CompressionEngine":
@@ -357,7 +346,7 @@ class CompressTransform(TransformComponent):
 
 
 # ---------------------------------------------------------------------------------- retrieval
-class CompressedNodePostprocessor(BaseNodePostprocessor):
+class CompressedNodePostprocessor(FromPretrained, BaseNodePostprocessor):
     """Swap retrieved nodes' text for markers of their compressed entries.
 
     Every returned node is a copy whose text is the marker (or, for a text longer than
@@ -399,20 +388,6 @@ class CompressedNodePostprocessor(BaseNodePostprocessor):
         super().__init__(**data)
         self._engine = engine
 
-    @classmethod
-    def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
-                        dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
-                        question_anchors: bool = True, marker_secret: Optional[bytes] = None,
-                        **kwargs: Any) -> "CompressedNodePostprocessor":
-        """Load an engine (:func:`~compressor_plugin.integrations.core.load_engine`) and wrap it.
-
-        The same arguments as every class's ``from_pretrained`` in both integrations (see
-        :meth:`CompressedLLM.from_pretrained`); ``**kwargs`` are this class's options
-        (``batch_size``, ``on_long``, ``show_progress``). Build the LLM over the same engine:
-        ``CompressedLLM(postprocessor.engine)``.
-        """
-        return cls(load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
-                               question_anchors=question_anchors, marker_secret=marker_secret), **kwargs)
 
     @classmethod
     def class_name(cls) -> str:
@@ -552,7 +527,7 @@ def qa_templates(layout: Literal["chat", "plain"] = "chat") -> dict[str, BasePro
 _GEN_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 
 
-class CompressedLLM(CustomLLM):
+class CompressedLLM(FromPretrained, CustomLLM):
     """A LlamaIndex LLM over the base model that reads compressed chunks from the store.
 
     Prompts (strings or chat messages) may hold markers made by
@@ -621,24 +596,6 @@ class CompressedLLM(CustomLLM):
         super().__init__(**data)
         self._engine = engine
 
-    @classmethod
-    def from_pretrained(cls, checkpoint: str | os.PathLike = "default", store: Any = None, device: Any = None,
-                        dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
-                        question_anchors: bool = True, marker_secret: Optional[bytes] = None,
-                        **kwargs: Any) -> "CompressedLLM":
-        """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
-
-        One function loads the engine for every class of both integrations
-        (:func:`~compressor_plugin.integrations.core.load_engine`), with these arguments.
-        Build the postprocessor over the same engine: ``CompressedNodePostprocessor(llm.engine)``.
-
-        Args:
-            checkpoint, store, device, dtype, verbose, anchors, question_anchors, marker_secret:
-                as in :func:`~compressor_plugin.integrations.core.load_engine`.
-            **kwargs: :class:`CompressedLLM` settings.
-        """
-        return cls(load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
-                               question_anchors=question_anchors, marker_secret=marker_secret), **kwargs)
 
     @classmethod
     def class_name(cls) -> str:
