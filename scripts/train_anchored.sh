@@ -20,6 +20,9 @@
 #   teacher-half-anchors-verify  the same, with half of the cloze questions asked as yes/no checks
 #                         of a sentence as the text has it or with its detail swapped (--verify-share 0.5)
 #   k4, k1, emb16       the teacher-half-anchors recipe for the shipped kv-k4, kv-k1 and embedding-k16
+#   teacher-75-anchors-verify  teacher-half-anchors-verify with three quarters of the QA samples on the
+#                         teacher's answer (--teacher-targets 0.75)
+#   k4-verify, k1-verify, emb16-verify  the teacher-half-anchors-verify recipe for kv-k4, kv-k1, embedding-k16
 # ARMS defaults to the first seven (the kv-k16 arms). The teacher answers are generated once (by the first teacher arm) and shared. Running the script
 # again resumes every arm from its state.pt.
 set -u
@@ -59,9 +62,13 @@ declare -A args=(
   [k4]="--init kv-k4 --k 4 --teacher-targets 0.5 --anchors 32"
   [k1]="--init kv-k1 --k 1 --teacher-targets 0.5 --anchors 32"
   [emb16]="--init embedding-k16 --mode embedding --teacher-targets 0.5 --anchors 32"
+  [teacher-75-anchors-verify]="--teacher-targets 0.75 --anchors 32 --verify-share 0.5"
+  [k4-verify]="--init kv-k4 --k 4 --teacher-targets 0.5 --anchors 32 --verify-share 0.5"
+  [k1-verify]="--init kv-k1 --k 1 --teacher-targets 0.5 --anchors 32 --verify-share 0.5"
+  [emb16-verify]="--init embedding-k16 --mode embedding --teacher-targets 0.5 --anchors 32 --verify-share 0.5"
 )
 kv16="gold anchors anchors-kl teacher teacher-half-anchors teacher-anchors teacher-anchors-kl"
-order="$kv16 teacher-half-anchors-verify k4 k1 emb16"
+order="$kv16 teacher-half-anchors-verify teacher-75-anchors-verify k4 k1 emb16 k4-verify k1-verify emb16-verify"
 for name in ${ARMS:-}; do [ -n "${args[$name]+x}" ] || { echo "unknown arm $name" >&2; exit 2; }; done
 # The first teacher arm generates the full-text answers before its first step; the others copy them.
 answers=teacher_answers_qa.json first=""
