@@ -208,7 +208,6 @@ MASKED_ATTENTION = ("sdpa", "eager")
 """Attention implementations that accept the custom 4D mask :meth:`Generator.prefill` builds."""
 
 CACHE_KINDS = ("static", "dynamic")
-COMPILE_BACKENDS = ("inductor", "cudagraphs")
 
 
 class Generator:
@@ -240,15 +239,10 @@ class Generator:
             step alone) and its time-to-first-token gain has not been measured yet. Prompts with
             more than 512 text inputs or with ``embedding`` contexts, and :meth:`prefill`,
             always use the growing cache (the reference path).
-        compile_backend: the ``torch.compile`` backend of the compiled forwards: ``"inductor"``
-            (default, with ``mode="reduce-overhead"``: generated kernels, then CUDA graphs) or
-            ``"cudagraphs"`` (the model's own kernels captured in CUDA graphs, no code
-            generation: each new shape compiles in seconds instead of about a minute).
     """
 
     def __init__(self, base: BaseModel, compressor: Any | None = None, *, cache: str = "static",
-                 compile: bool | None = None, static_prefill: bool | None = False,
-                 compile_backend: str = "inductor"):
+                 compile: bool | None = None, static_prefill: bool | None = False):
         if compressor is None and hasattr(base.model, "peft_config") and not hasattr(base.model, "get_base_model"):
             raise ValueError(
                 "this base model carries a compressor's LoRA adapter (injected in place), so it is no longer "
@@ -271,11 +265,7 @@ class Generator:
             raise ValueError("static_prefill=True needs cache='static'")
         self.compile = bool(compile)
         self.static_prefill = static_prefill
-        if compile_backend not in COMPILE_BACKENDS:
-            raise ValueError(f"compile_backend must be one of {COMPILE_BACKENDS}, not {compile_backend!r}")
-        self.compile_backend = compile_backend
-        self._step = ForwardStep(self.compile, backend=compile_backend,
-                                 mode="reduce-overhead" if compile_backend == "inductor" else None)
+        self._step = ForwardStep(self.compile)
         self._pool = StaticCachePool(base.model.config)
         self._trims: bool | None = None  # whether the chat template strips message content (probed once)
 

@@ -47,7 +47,6 @@ def main() -> int:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=10, help="timed first-token runs per generator")
-    ap.add_argument("--compile-backend", default="inductor", choices=("inductor", "cudagraphs"))
     args = ap.parse_args()
 
     import warnings
@@ -60,9 +59,8 @@ def main() -> int:
     eng = CompressionEngine.from_pretrained(store=ContextStore(tmp.name), device=args.device, dtype=args.dtype)
     comp = eng.compressor
     gens = {
-        "static": Generator(comp.base, comp, cache="static", static_prefill=True, compile_backend=args.compile_backend),
-        "static, eager prefill": Generator(comp.base, comp, cache="static", static_prefill=False,
-                                           compile_backend=args.compile_backend),
+        "static": Generator(comp.base, comp, cache="static", static_prefill=True),
+        "static, eager prefill": Generator(comp.base, comp, cache="static", static_prefill=False),
         "dynamic": Generator(comp.base, comp, cache="dynamic"),
     }
     static = gens["static"]

@@ -57,9 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     rag.add_argument("--static-prefill", action="store_true",
                      help="answer with the captured prefill (Generator(static_prefill=True); on a GPU each new "
                           "shape compiles first, outside the timing)")
-    rag.add_argument("--compile-backend", choices=("inductor", "cudagraphs"), default="inductor",
-                     help="torch.compile backend of the compiled forwards on a GPU (default inductor; "
-                          "cudagraphs: no code generation, each shape compiles in seconds)")
     rag.add_argument("--store-dir", default=None,
                      help="folder in which the benchmark makes its temporary store (default: the system temp dir); "
                           "existing stores there are not touched")
@@ -165,8 +162,7 @@ def _rag(args: argparse.Namespace) -> int:
     result = bench_rag(args.n, args.tokens, checkpoint=args.checkpoint, k=args.k, mode=args.mode,
                        repeats=args.repeats, max_new_tokens=args.max_new_tokens, device=args.device,
                        dtype=args.dtype, data=args.data, store_dir=args.store_dir, progress=not args.no_progress,
-                       anchors=args.anchors, static_prefill=args.static_prefill,
-                       compile_backend=args.compile_backend)
+                       anchors=args.anchors, static_prefill=args.static_prefill)
     print(rag_table(result))
     print(f"\n{result['config']['memory_note']}")
     _write(result, args)

@@ -132,7 +132,6 @@ def bench_rag(
     log: Log | None = _stderr,
     anchors: int = 0,
     static_prefill: bool = False,
-    compile_backend: str = "inductor",
 ) -> dict[str, Any]:
     """Time a RAG answer over ``n`` chunks of ``T`` tokens for every (n, T), three ways.
 
@@ -142,7 +141,6 @@ def bench_rag(
     ``static_prefill``: answer with ``Generator(..., static_prefill=True)`` (on a GPU, the
     captured prefill; docs/architecture.md). Each new shape compiles on its first answer, so
     every system of every cell then gets one untimed answer before its timed repeats.
-    ``compile_backend``: ``Generator``'s ``compile_backend`` (``inductor`` or ``cudagraphs``).
 
     Systems (rows of the result):
 
@@ -177,7 +175,7 @@ def bench_rag(
     comp = lc.compressor
     base = comp.base
     tok = base.tokenizer
-    gen = Generator(base, comp, static_prefill=static_prefill, compile_backend=compile_backend)
+    gen = Generator(base, comp, static_prefill=static_prefill)
     texts, source = bench_source(data)
     from .report import environment
 
@@ -279,8 +277,7 @@ def bench_rag(
     return {"kind": "bench-rag", "rows": rows,
             "config": {"n_chunks": list(n_chunks), "chunk_tokens": list(tokens), "repeats": repeats,
                        "max_new_tokens": max_new_tokens, "question": RAG_QUESTION, "layout": "plain",
-                       "static_prefill": static_prefill, "compile_backend": compile_backend,
-                       "compiled": gen.compile,
+                       "static_prefill": static_prefill,
                        "checkpoint": ckpt or "untrained", "k": kk, "mode": mode, "note": note, "anchors": anchors,
                        "question_anchors": bool(anchors) and engine.question_anchors,
                        "text_source": source, "memory_note": probe.note, "store_parent_dir": store_dir,
