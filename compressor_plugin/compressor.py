@@ -126,6 +126,19 @@ def check_length_fits(config: CompressorConfig, base: BaseModel) -> None:
             + f" needs {needed} positions, more than the base model's max_position_embeddings ({limit})")
 
 
+def check_targets_fit(config: CompressorConfig, base: BaseModel) -> None:
+    """Raise ValueError unless every name in ``config.target_modules`` names linear layers of the base model.
+
+    Names match as peft matches them (the module's full name, or its last dotted parts). A
+    name read from a checkpoint's config that matches nothing, or a module LoRA cannot adapt
+    (a whole decoder layer, the embeddings), is refused here, before the adapter is injected.
+    """
+    linear = [name for name, module in base.model.named_modules() if isinstance(module, nn.Linear)]
+    for target in config.target_modules:
+        if not any(name == target or name.endswith("." + target) for name in linear):
+            raise ValueError(f"target_modules names {target!r}, which is not a linear layer of the base model")
+
+
 class Compressor(nn.Module):
     """Compresses text chunks into :class:`CompressedContext` objects.
 
@@ -149,6 +162,7 @@ class Compressor(nn.Module):
         cfg = config or CompressorConfig()
         check_rank_fits(cfg, base)
         check_length_fits(cfg, base)
+        check_targets_fit(cfg, base)
         cfg.base_model = cfg.base_model or base.name
         cfg.base_fingerprint = base.fingerprint
         self.config = cfg
@@ -599,12 +613,24 @@ class Compressor(nn.Module):
         try:
             check_rank_fits(config, base)
             check_length_fits(config, base)
+            check_targets_fit(config, base)
         except ValueError as exc:
             raise CheckpointMismatchError(f"{folder / 'config.json'}: {exc}", path=folder) from None
         comp = cls(base, config)
-        comp.load_weights(folder)
+        try:
+            comp.load_weights(folder)
+        except BaseException:
+            comp.remove_adapter()  # a refused checkpoint leaves the caller's base model as it was
+            raise
         comp.to(base.device)
         return comp
+
+    def remove_adapter(self) -> None:
+        """Take this compressor's LoRA back out of its base model, which is then as it was loaded.
+
+        The compressor is unusable afterwards; another compressor can be built on the base model.
+        """
+        self.peft_model.unload()
 
     def match_adapter_dtype(self) -> None:
         """Keep the LoRA weights in the base model's dtype, so a bf16 encoder runs in bf16 end to end.

@@ -506,7 +506,7 @@ class ContextStore:
             if marker.stat().st_size > 2**16:
                 raise ValueError("file too large")
             found = json.loads(marker.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
             raise StoreFormatError(f"{marker} is unreadable: {exc}") from exc
         if not isinstance(found, dict) or found.get("format") != _MARKER_FORMAT:
             raise StoreFormatError(f"{self.directory} is not a compressor-plugin store ({marker} says otherwise)")

@@ -76,6 +76,22 @@ def test_unknown_config_field_and_non_object_config_are_refused(good, tmp_path):
         read_checkpoint(d)
 
 
+
+@pytest.mark.parametrize("targets", [["mlp"], ["layers"], ["model"], ["embed_tokens"], ["q_proj", "nothing"]])
+def test_target_modules_that_are_not_linear_layers_of_the_model_are_refused(good, tmp_path, targets):
+    d = variant(good, tmp_path, config=lambda c: c.update(target_modules=targets))
+    with pytest.raises(CheckpointMismatchError, match="target_modules names"):
+        load(d)
+
+
+def test_a_refused_checkpoint_leaves_the_base_model_as_it_was(good, tmp_path):
+    base = tiny_random_llama(seed=1)
+    d = variant(good, tmp_path, tensors=lambda t: {**t, "memory": torch.full_like(t["memory"], float("nan"))})
+    with pytest.raises(CheckpointMismatchError, match="weights.safetensors"):
+        Compressor.from_pretrained(d, base=base)
+    assert not hasattr(base.model, "peft_config")
+    assert Compressor.from_pretrained(good, base=base).k == 4  # the same base still takes a good checkpoint
+
 def test_lora_rank_larger_than_the_model_is_refused_before_allocating(good, tmp_path):
     # r = 2**40 would ask for terabytes of LoRA matrices
     d = variant(good, tmp_path, config=lambda c: c.update(lora_r=2 ** 40))

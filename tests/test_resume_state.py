@@ -9,6 +9,7 @@ checkpoint's weights get. Faults raise :class:`TrainingStateError` or
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compressor_plugin.errors import CheckpointMismatchError, TrainingStateError
-from compressor_plugin.training.trainer import MAX_RESUME_STEPS, _load_trainable, read_resume_state
+from compressor_plugin.training.trainer import MAX_RESUME_STEPS, _load_trainable, add_teacher_answers, read_resume_state
 
 
 def _opt() -> torch.optim.Optimizer:
@@ -124,6 +125,49 @@ def test_a_file_that_is_not_a_torch_state_is_refused(tmp_path):
     with pytest.raises(TrainingStateError, match="state.pt"):
         read_resume_state(path, _opt(), max_steps=10)
 
+
+
+# ---------------------------------------------------------------------------------- cached teacher answers
+def _teacher_samples():
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(question=f"q{i}", context=f"c{i}", teacher=None) for i in range(2)]
+
+
+def _digest(s) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{s.question}\x00{s.context}".encode("utf-8")).hexdigest()
+
+
+def test_cached_teacher_answers_are_used_as_they_are(tmp_path):
+    samples = _teacher_samples()
+    cache = tmp_path / "teacher_answers_qa.json"
+    cache.write_text(json.dumps({_digest(s): f"answer {i}" for i, s in enumerate(samples)}))
+    assert add_teacher_answers(None, samples, cache) == 0  # nothing to generate: no model needed
+    assert [s.teacher for s in samples] == ["answer 0", "answer 1"]
+
+
+@pytest.mark.parametrize("edit", ["int", "list", "dict", "not_a_digest", "not_an_object", "nested", "not_json"])
+def test_planted_teacher_answers_that_are_not_answer_strings_are_refused(tmp_path, edit):
+    samples = _teacher_samples()
+    cache = tmp_path / "teacher_answers_qa.json"
+    good = {_digest(s): "answer" for s in samples}
+    key = _digest(samples[0])
+    planted = {
+        "int": {**good, key: 5}, "list": {**good, key: ["a"]}, "dict": {**good, key: {"a": 1}},
+        "not_a_digest": {**good, "../x": "answer"}, "not_an_object": list(good),
+    }
+    if edit == "nested":
+        cache.write_text("[" * 50_000)
+    elif edit == "not_json":
+        cache.write_bytes(b"\xff{")
+    else:
+        cache.write_text(json.dumps(planted[edit]))
+    before = cache.read_bytes()
+    with pytest.raises(TrainingStateError, match="teacher_answers_qa.json"):
+        add_teacher_answers(None, samples, cache)
+    assert cache.read_bytes() == before and all(s.teacher is None for s in samples)
 
 # ---------------------------------------------------------------------------------- full-tuned adapter
 @pytest.fixture(scope="module")

@@ -214,6 +214,15 @@ def test_planted_settings_rows_change_nothing(tmp_path):
     assert list(elsewhere.iterdir()) == []
 
 
+
+@pytest.mark.parametrize("content", ["[" * 30_000, "[" * 30_000 + "]" * 30_000])
+def test_deeply_nested_store_json_is_a_store_format_error(tmp_path, content):
+    ContextStore(tmp_path / "s").close()
+    (tmp_path / "s" / "store.json").write_text(content)
+    with pytest.raises(store_mod.StoreFormatError, match="store.json is unreadable"):
+        ContextStore(tmp_path / "s")
+    assert (tmp_path / "s" / "store.json").read_text() == content  # refused, not rewritten
+
 def test_saved_limits_out_of_range_are_ignored(tmp_path, caplog):
     ContextStore(tmp_path / "s").close()
     marker = tmp_path / "s" / "store.json"

@@ -102,6 +102,42 @@ def test_a_planted_state_is_refused_before_resuming(tiny_base_dir, data_files, t
     assert res.returncode != 0 and "state.pt: step 1000000000000000 is not an integer from 0 to 2" in res.stderr
 
 
+
+@pytest.mark.parametrize("planted", ["log.jsonl", "train_config.json", "checkpoint", "best/config.json", "fifo"])
+def test_links_planted_in_a_run_folder_are_refused_before_anything_is_written(tiny_base_dir, data_files, tmp_path,
+                                                                              planted):
+    """A run folder copied from elsewhere may hold links: training never writes through one."""
+    out = tmp_path / "run"
+    (out / "best").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("precious\n")
+    if planted == "fifo":
+        os.mkfifo(out / "log.jsonl")
+    else:
+        os.symlink(outside if planted == "checkpoint" else victim, out / planted)
+    cmd = _train_cmd(tiny_base_dir, out, data_files["corpus"], "--stage", "regen", "--k", "2", "--max-steps", "2")
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert ("is not a regular file or folder" if planted == "fifo" else "is a symbolic link") in res.stderr
+    assert victim.read_text() == "precious\n" and sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+    assert {p.name for p in out.iterdir()} == {"best", "log.jsonl" if planted == "fifo" else planted.split("/")[0]}
+
+
+@pytest.mark.parametrize("planted", ['{"val_loss": NaN}', '{"val_loss": -Infinity}', '{"val_loss": "0.1"}', "{}",
+                                     "[1]", "[" * 50_000])
+def test_a_planted_best_loss_is_refused_before_training(tiny_base_dir, data_files, tmp_path, planted):
+    """A best/val.json that no validation loss could beat (NaN, -inf), or that is not a loss, is refused
+    at once, instead of silently never saving the best checkpoint or failing after the training."""
+    out = tmp_path / "run"
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "val.json").write_text(planted)
+    cmd = _train_cmd(tiny_base_dir, out, data_files["corpus"], "--stage", "regen", "--k", "2", "--max-steps", "2")
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "best/val.json: " in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "log.jsonl").exists()  # refused before the first step
+
 def test_bad_training_arguments(data_files, tmp_path):
     from compressor_plugin.training import TrainConfig
 

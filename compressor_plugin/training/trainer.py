@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -546,7 +547,7 @@ def add_teacher_answers(compressor: Compressor, samples: Sequence[Any], cache_fi
     def key(s: Any) -> str:
         return hashlib.sha256(f"{s.question}\x00{s.context}".encode("utf-8")).hexdigest()
 
-    cached: dict[str, str] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cached = read_teacher_answers(cache_file) if cache_file.is_file() else {}
     todo = [s for s in samples if key(s) not in cached]
     if todo:
         gen = Generator(compressor.base, compressor)  # text-only prompts run on the unchanged model
@@ -634,6 +635,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    check_run_folder(out)  # before anything is written there
+    best_path = out / "best" / "val.json"
+    best = read_best_loss(best_path) if best_path.is_file() else float("inf")
     torch.manual_seed(cfg.seed + rank)
     base = load_base_model(cfg.base, device=dev)
     tok = base.tokenizer
@@ -719,10 +723,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         _load_trainable(compressor, peft_model, out / "checkpoint")
         opt.load_state_dict(opt_state)
         logger.info("resumed from step %d", step)
-    best = float("inf")
-    best_path = out / "best" / "val.json"
-    if best_path.is_file():
-        best = json.loads(best_path.read_text())["val_loss"]
     if rank == 0:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     log = open(out / "log.jsonl", "a") if rank == 0 else None
@@ -871,6 +871,85 @@ def _save_state(compressor: Compressor | None, peft_model: Any, opt: Any, out: P
     tmp = out / "state.pt.tmp"
     torch.save({"optimizer": opt.state_dict(), "step": step}, tmp)
     os.replace(tmp, out / "state.pt")
+
+
+#: What training writes in its run folder: these files, these folders, and ``teacher_answers_*`` files.
+RUN_FILES = ("state.pt", "state.pt.tmp", "train_config.json", "log.jsonl", "summary.json", "curves.png")
+RUN_FOLDERS = ("checkpoint", "best")
+
+
+def check_run_folder(out: Path) -> None:
+    """Refuse a run folder whose files (:data:`RUN_FILES`, :data:`RUN_FOLDERS` and everything in
+    them, ``teacher_answers_*``) include a symbolic link, or anything but regular files and folders.
+
+    Training writes those in place (``log.jsonl`` is appended to; configs, checkpoints and
+    ``best/`` are overwritten), so a planted link would make it write outside the folder, and a
+    FIFO would block it. Other entries of the folder are not touched, so not checked. Nothing is
+    changed in a refused folder.
+
+    Raises:
+        TrainingStateError: naming the first such entry.
+    """
+    def check(path: Path) -> bool:
+        """Whether ``path`` is a folder; raise for a link or a special file."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(mode):
+            raise TrainingStateError(f"{path} is a symbolic link; training writes its run folder in place and would "
+                                     "write through it: remove the link or use another --output", path=path)
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise TrainingStateError(f"{path} is not a regular file or folder; remove it or use another --output",
+                                     path=path)
+        return stat.S_ISDIR(mode)
+
+    for name in sorted(os.listdir(out)):
+        if name in RUN_FILES or name in RUN_FOLDERS or name.startswith("teacher_answers_"):
+            if check(out / name) and name in RUN_FOLDERS:
+                for root, dirs, files in os.walk(out / name):  # links to folders are listed, never entered
+                    for entry in dirs + files:
+                        check(Path(root) / entry)
+
+
+def read_best_loss(path: Path) -> float:
+    """The validation loss of a run's ``best/val.json``: a finite number, or TrainingStateError naming the file.
+
+    A planted NaN, infinity or negative number would keep every later checkpoint from
+    becoming the best one; a missing field or another type would fail only at the first
+    validation, after training.
+    """
+    try:
+        if path.stat().st_size > 2 ** 16:
+            raise ValueError("file too large")
+        loss = json.loads(path.read_text(encoding="utf-8")).get("val_loss")
+    except (OSError, ValueError, RecursionError, AttributeError) as exc:
+        raise TrainingStateError(f"{path}: not a JSON object with 'val_loss' ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]})", path=path) from None
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
+        raise TrainingStateError(f"{path}: val_loss {loss!r} is not a finite number of at least 0", path=path)
+    return float(loss)
+
+
+def read_teacher_answers(path: Path) -> dict[str, str]:
+    """A run's cached teacher answers: a JSON object of question digests (64 hex) to answer strings.
+
+    Raises:
+        TrainingStateError: naming the file; deleting it makes the run generate the answers again.
+    """
+    def bad(why: str) -> TrainingStateError:
+        return TrainingStateError(f"{path}: {why}; delete it to generate the teacher answers again", path=path)
+
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise bad(f"not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(found, dict):
+        raise bad(f"not a JSON object but {type(found).__name__}")
+    for key, answer in found.items():
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key) or not isinstance(answer, str):
+            raise bad(f"entry {key[:70]!r} is not a question digest with an answer string")
+    return found
 
 
 def read_resume_state(path: Path, opt: torch.optim.Optimizer, max_steps: int | None) -> tuple[dict[str, Any], int]:
