@@ -420,7 +420,7 @@ def test_every_class_builds_from_the_shipped_default_checkpoint(shipped_compress
         with pytest.raises(UnknownOptionError):
             cls.from_pretrained("default", store=store, device="cpu", anchors=0, bogus_option=1)
         engines.append(engine)
-    assert [path for path, _ in loads] == ["default"] * 2 * len(options)
+    assert [path for path, _ in loads] == ["default"] * len(options)  # the bad option was refused before a load
     assert all(kwargs["device"] == "cpu" for _, kwargs in loads)
     # one secret and one store: a marker issued through one class is read through every other
     (marker,) = engines[0].mark([CORPUS[0][1]])
@@ -510,3 +510,172 @@ def test_source_text_only_for_this_engines_markers(tiny_engine):
         lc.source_documents(tiny_engine, ["not a document"])
     with pytest.raises(TypeError, match="node 0 is a str"):
         li.source_nodes(tiny_engine, ["not a node"])
+
+
+# ---------------------------------------------------------------------------------- skipped chunks, options, messages
+def test_chunks_left_as_text_get_the_same_metadata_in_both(tiny_engine):
+    """Empty and short chunks stay text; every document class records the same keys and values
+    for them (core.compression_metadata / core.skipped_metadata), sync and async."""
+    import asyncio
+    import warnings
+
+    from llama_index.core.schema import MetadataMode
+
+    from compressor_plugin.integrations import core
+
+    long_text = "The Groot Amber pear ripens in late October and is pressed into a dry perry by the brewers of Veltmoor."
+    short = "Paris, 1889."
+    assert tiny_engine.count_tokens(short) <= tiny_engine.keep_text_tokens < tiny_engine.count_tokens(long_text)
+    # "truncated" and "store_key" are left from an earlier run: stale, so removed from a chunk left as text
+    given = [("blank", " "), ("short", short), ("long", long_text)]
+    stale = {"title": "t", "store_key": "0" * 64, "truncated": True}
+
+    def docs():
+        return [LCDocument(text, id=name, metadata=dict(stale)) for name, text in given]
+
+    def nodes():
+        return [TextNode(text=text, id_=name, metadata=dict(stale)) for name, text in given]
+
+    def scored():
+        return [NodeWithScore(node=n, score=1.0) for n in nodes()]
+
+    def in_place(call):
+        ns = nodes()
+        call(ns)
+        return ns
+
+    faces = {
+        "langchain transformer": lambda: lc.CompressedDocumentTransformer(tiny_engine).transform_documents(docs()),
+        "langchain transformer, async": lambda: asyncio.run(
+            lc.CompressedDocumentTransformer(tiny_engine).atransform_documents(docs())),
+        "langchain compressor": lambda: lc.CompressedDocumentCompressor(tiny_engine).compress_documents(docs(), "q"),
+        "langchain compressor, async": lambda: asyncio.run(
+            lc.CompressedDocumentCompressor(tiny_engine).acompress_documents(docs(), "q")),
+        "llama_index postprocessor": lambda: li.CompressedNodePostprocessor(tiny_engine).postprocess_nodes(scored()),
+        "llama_index postprocessor, async": lambda: asyncio.run(
+            li.CompressedNodePostprocessor(tiny_engine).apostprocess_nodes(scored())),
+        "llama_index transform": lambda: in_place(li.CompressTransform(tiny_engine)),
+        "llama_index transform, async": lambda: in_place(lambda ns: asyncio.run(li.CompressTransform(tiny_engine).acall(ns))),
+    }
+    want = {"blank": {"title": "t", "compressed": False, "skip_reason": "empty"},
+            "short": {"title": "t", "compressed": False, "skip_reason": "short"}}
+    assert core.skipped_metadata(" ") == {"compressed": False, "skip_reason": "empty"}
+    assert core.skipped_metadata(short) == {"compressed": False, "skip_reason": "short"}
+    compressed_meta = []
+    for face, call in faces.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = call()
+        for (name, text), item in zip(given, out):
+            meta = dict(_meta_of(item))
+            if name in want:
+                assert _text_of(item) == text, (face, name)  # left as text
+                assert meta == want[name], (face, name, meta)
+            else:
+                assert meta["compressed"] is True and "skip_reason" not in meta and "truncated" not in meta, face
+                meta.pop(li.ORIGINAL_TEXT_KEY, None)  # only where the text became markers
+                compressed_meta.append(meta)
+        if face.startswith("llama_index"):  # the keys stay out of what embeddings and the LLM read
+            node = out[1].node if isinstance(out[1], NodeWithScore) else out[1]
+            for mode in (MetadataMode.LLM, MetadataMode.EMBED):
+                view = node.get_content(metadata_mode=mode)
+                assert "skip_reason" not in view and "compressed" not in view and short in view, (face, mode)
+    assert all(m == compressed_meta[0] for m in compressed_meta)  # the compressed chunk: the same metadata too
+
+
+def test_from_pretrained_refuses_bad_options_before_loading_a_model(monkeypatch):
+    """A misspelt or unknown option of any class's from_pretrained fails at once, naming the
+    option and the closest valid one; nothing is loaded. Valid options reach the loader."""
+    from compressor_plugin.integrations import core
+
+    loads = []
+
+    def no_load(*args, **kwargs):
+        loads.append(args)
+        raise RuntimeError("the loader was called")
+
+    monkeypatch.setattr(core, "load_engine", no_load)
+    monkeypatch.setattr(CompressionEngine, "from_pretrained", staticmethod(no_load))
+    monkeypatch.setattr(Compressor, "from_pretrained", staticmethod(no_load))
+    typos = {lc.CompressedDocumentTransformer: ("batchsize", "batch_size"),
+             lc.CompressedDocumentCompressor: ("show_progres", "show_progress"),
+             lc.CompressedChatModel: ("temprature", "temperature"), lc.CompressedLLM: ("chat_templat", "chat_template"),
+             li.CompressTransform: ("on_lon", "on_long"), li.CompressedNodePostprocessor: ("batch_sise", "batch_size"),
+             li.CompressedLLM: ("max_new_token", "max_new_tokens")}
+    assert set(typos) == set(_FACES)
+    for cls, (typo, right) in typos.items():
+        with pytest.raises(UnknownOptionError, match=rf"{cls.__name__}\.from_pretrained has no option '{typo}'; "
+                                                     rf"did you mean '{right}'\?") as err:
+            cls.from_pretrained("default", **{typo: 1})
+        assert err.value.option == typo
+        with pytest.raises(UnknownOptionError, match="did you mean 'device'"):  # a loader argument, misspelt
+            cls.from_pretrained("default", devcie="cpu")
+        with pytest.raises(UnknownOptionError, match="loads its own engine") as err:
+            cls.from_pretrained("default", engine=object())
+        assert err.value.option == "engine"
+        with pytest.raises(RuntimeError, match="the loader was called"):  # a valid option goes through
+            cls.from_pretrained("default", **{right: _valid_value(right)})
+    for cls in (lc.CompressedDocumentTransformer, lc.CompressedDocumentCompressor, li.CompressTransform,
+                li.CompressedNodePostprocessor):
+        with pytest.raises(InvalidOptionError, match="on_long must be one of") as err:
+            cls.from_pretrained("default", on_long="drop")
+        assert err.value.option == "on_long"
+        with pytest.raises(UnknownOptionError, match="use 'on_long'"):
+            cls.from_pretrained("default", long_text="split")
+    for cls in (lc.CompressedChatModel, lc.CompressedLLM, li.CompressedLLM):
+        with pytest.raises(InvalidOptionError, match="give one"):
+            cls.from_pretrained("default", max_tokens=8, max_new_tokens=9)
+    assert len(loads) == len(_FACES)  # only the valid calls reached the loader
+
+
+def _valid_value(option: str):
+    return {"batch_size": 4, "show_progress": False, "temperature": 0.0, "chat_template": True, "on_long": "split",
+            "max_new_tokens": 4}[option]
+
+
+def test_message_errors_the_same_in_both(tiny_engine):
+    """No messages, a non-text content block and another model's name: the same error type and
+    words from LangChain's chat model and LlamaIndex's CompressedLLM."""
+    from langchain_core.messages import HumanMessage
+    from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole, TextBlock, ThinkingBlock
+
+    from compressor_plugin.errors import PromptError
+
+    lc_chat, li_llm = lc.CompressedChatModel(tiny_engine, max_tokens=1), li.CompressedLLM(tiny_engine, max_new_tokens=1)
+    with pytest.raises(PromptError) as a:
+        lc_chat.invoke([])
+    with pytest.raises(PromptError) as b:
+        li_llm.chat([])
+    assert str(a.value) == str(b.value) == "no messages to answer"
+
+    image = "http://example.com/pear.png"
+    with pytest.raises(PromptError, match="holds a 'image_url' content block; only text content is supported"):
+        lc_chat.invoke([HumanMessage(content=[{"type": "text", "text": "Hi"},
+                                              {"type": "image_url", "image_url": {"url": image}}])])
+    with pytest.raises(PromptError, match="holds a 'image' content block; only text content is supported"):
+        li_llm.chat([ChatMessage(role=MessageRole.USER, blocks=[TextBlock(text="Hi"), ImageBlock(url=image)])])
+    # thinking blocks are skipped by both; text blocks are read
+    li_llm.chat([ChatMessage(role=MessageRole.USER, blocks=[ThinkingBlock(content="hmm"), TextBlock(text="Hi")])])
+    lc_chat.invoke([HumanMessage(content=[{"type": "reasoning", "reasoning": "hmm"}, {"type": "text", "text": "Hi"}])])
+
+    with pytest.raises(InvalidOptionError, match="cannot switch to model 'other'") as a:
+        lc_chat.invoke("Hi", model="other")
+    with pytest.raises(InvalidOptionError, match="cannot switch to model 'other'") as b:
+        li_llm.complete("Hi", model="other")
+    assert a.value.option == b.value.option == "model"
+    li_llm.complete("Hi", model=li_llm.model_name)  # its own name is fine, as in LangChain
+    lc_chat.invoke("Hi", model=lc_chat.model_name)
+
+
+def test_empty_text_warning_is_not_repeated_in_the_log(tiny_engine, caplog):
+    """One EmptyDocumentWarning per call, and no INFO log record on top of it (library code stays quiet)."""
+    import logging
+
+    from compressor_plugin.errors import EmptyDocumentWarning
+
+    with caplog.at_level(logging.INFO, logger="compressor_plugin"):
+        with pytest.warns(EmptyDocumentWarning):
+            lc.CompressedDocumentTransformer(tiny_engine).transform_documents([LCDocument(" ")])
+        with pytest.warns(EmptyDocumentWarning):
+            li.CompressedNodePostprocessor(tiny_engine).postprocess_nodes([NodeWithScore(node=TextNode(text=" "))])
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO], [r.getMessage() for r in caplog.records]

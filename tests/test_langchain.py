@@ -141,8 +141,9 @@ def test_empty_documents_pass_through_with_a_warning(engine, docs, compressed):
     with pytest.warns(EmptyDocumentWarning, match="no text"):
         out = CompressedDocumentTransformer(engine).transform_documents(inputs)
     assert out[0].page_content == "" and out[0].id == "empty"
-    assert out[0].metadata == {"x": 1, "compressed": False}
-    assert out[2].page_content == " \n\t " and out[2].metadata == {"y": None, "compressed": False}
+    assert out[0].metadata == {"x": 1, "compressed": False, "skip_reason": "empty"}
+    assert out[2].page_content == " \n\t " and out[2].metadata == {"y": None, "compressed": False,
+                                                                    "skip_reason": "empty"}
     assert out[1].page_content == compressed[0].page_content
     assert len(engine.store) == before
     with pytest.warns(EmptyDocumentWarning):
@@ -434,3 +435,37 @@ def test_from_pretrained_passes_dtype(tmp_path):
     llm = CompressedChatModel.from_pretrained(store=tmp_path / "store", device="cpu", dtype="bfloat16", max_tokens=2)
     assert llm.engine.compressor.base.dtype == torch.bfloat16 and llm.max_tokens == 2
     llm.engine.store.close()
+
+
+def test_short_documents_stay_text_with_the_core_metadata(engine):
+    """A document short enough to stay text (the short-chunk rule) is recorded as LlamaIndex's
+    classes record it: compressed=False and skip_reason="short" (core.skipped_metadata)."""
+    from compressor_plugin.integrations.core import skipped_metadata
+
+    short = "Paris, 1889."
+    assert engine.count_tokens(short) <= engine.keep_text_tokens
+    before = len(engine.store)
+    for out in (CompressedDocumentTransformer(engine).transform_documents([Document(short, id="s", metadata={"x": 1})]),
+                CompressedDocumentCompressor(engine).compress_documents([Document(short, id="s", metadata={"x": 1})],
+                                                                        "q")):
+        assert out[0].page_content == short and out[0].id == "s"
+        assert out[0].metadata == {"x": 1, "compressed": False, "skip_reason": "short"}
+        assert {k: out[0].metadata[k] for k in skipped_metadata(short)} == skipped_metadata(short)
+    assert len(engine.store) == before  # nothing was compressed or stored
+
+
+def test_from_pretrained_checks_options_before_loading(monkeypatch):
+    """A misspelt option is refused before any model loads, with the closest valid name."""
+    from compressor_plugin.errors import UnknownOptionError
+    from compressor_plugin.integrations import core
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(core, "load_engine", no_load)
+    monkeypatch.setattr(CompressionEngine, "from_pretrained", staticmethod(no_load))
+    with pytest.raises(UnknownOptionError, match="CompressedChatModel.from_pretrained has no option 'max_token'; "
+                                                 "did you mean 'max_tokens'"):
+        CompressedChatModel.from_pretrained(store="unused", max_token=8)
+    with pytest.raises(UnknownOptionError, match="did you mean 'batch_size'"):
+        CompressedDocumentTransformer.from_pretrained(batchsize=8)

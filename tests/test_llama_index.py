@@ -199,7 +199,9 @@ async def test_ingestion_async_empty_nodes_and_pickling(engine, nodes):
                          "through Germany and the Netherlands, and reaches the North Sea near Rotterdam.")
     with pytest.warns(EmptyDocumentWarning, match=r"document 0 \(id=.*\) has no text"):
         res = await transform.acall([empty, node])
-    assert res[0] is empty and not any(k in empty.metadata for k in COMPRESSION_METADATA_KEYS)
+    assert res[0] is empty and not any(k in empty.metadata for k in COMPRESSION_METADATA_KEYS if k != "compressed")
+    assert empty.metadata == {"compressed": False, "skip_reason": "empty"}  # as LangChain's (core.skipped_metadata)
+    assert empty.get_content(metadata_mode=MetadataMode.EMBED) == "   "  # hidden from embeddings
     assert engine.store.get(res[1].metadata["store_key"]) is not None
     assert transform.last_stats == {"nodes": 2, "compressed_nodes": 1, "chunks": 1, "hits": 0, "compressed": 1}
 
@@ -253,7 +255,8 @@ def test_postprocessor_empty_and_long_nodes(engine):
 
     with pytest.warns(EmptyDocumentWarning, match="has no text"):
         out = CompressedNodePostprocessor(engine).postprocess_nodes([empty, long_])
-    assert out[0] is empty
+    assert out[0].node.text == "" and out[0].node.node_id == empty.node.node_id and out[0].score == 1.0
+    assert out[0].node.metadata == {"compressed": False, "skip_reason": "empty"} and empty.node.metadata == {}
     keys = [m.group(1) for m in MARKER_RE.finditer(out[1].node.text)]
     assert len(keys) >= 2 and out[1].node.text == "".join(engine.marker(k) for k in keys)  # back to back
     assert out[1].node.metadata["store_key"] == keys[0] and out[1].node.metadata["store_keys"] == keys
@@ -463,3 +466,43 @@ def test_from_pretrained_passes_dtype(tmp_path):
     llm = CompressedLLM.from_pretrained(store=tmp_path / "store", device="cpu", dtype="bfloat16")
     assert llm.engine.compressor.base.dtype == torch.bfloat16
     llm.engine.store.close()
+
+
+def test_short_nodes_stay_text_with_the_core_metadata(engine):
+    """A node short enough to stay text (the short-chunk rule) is recorded as LangChain's classes
+    record it: compressed=False and skip_reason="short", hidden from the LLM and embedding views."""
+    from compressor_plugin.integrations.core import skipped_metadata
+
+    short = "Paris, 1889."
+    assert engine.count_tokens(short) <= engine.keep_text_tokens
+    before = len(engine.store)
+    src = NodeWithScore(node=TextNode(text=short, id_="s", metadata={"x": 1}), score=0.5)
+    [out] = CompressedNodePostprocessor(engine).postprocess_nodes([src])
+    assert out.node.text == short and out.node.node_id == "s" and out.score == 0.5
+    assert out.node.metadata == {"x": 1, **skipped_metadata(short)} == {"x": 1, "compressed": False,
+                                                                          "skip_reason": "short"}
+    assert src.node.metadata == {"x": 1}  # the retrieved node itself is not modified
+    assert out.node.get_content(metadata_mode=MetadataMode.LLM) == f"x: 1\n\n{short}"
+    node = TextNode(text=short, metadata={"x": 1})
+    CompressTransform(engine)([node])
+    assert node.metadata == out.node.metadata and node.text == short
+    assert node.get_content(metadata_mode=MetadataMode.EMBED) == f"x: 1\n\n{short}"
+    assert len(engine.store) == before  # nothing was compressed or stored
+
+
+def test_from_pretrained_checks_options_before_loading(monkeypatch):
+    """A misspelt option is refused before any model loads, with the closest valid name."""
+    from compressor_plugin.integrations import core
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(core, "load_engine", no_load)
+    monkeypatch.setattr(CompressionEngine, "from_pretrained", staticmethod(no_load))
+    with pytest.raises(UnknownOptionError, match="CompressedLLM.from_pretrained has no option 'max_new_token'; "
+                                                 "did you mean 'max_new_tokens'"):
+        CompressedLLM.from_pretrained(max_new_token=8)
+    with pytest.raises(UnknownOptionError, match="use 'on_long'"):
+        CompressedNodePostprocessor.from_pretrained(long_text="split")
+    with pytest.raises(InvalidOptionError, match="on_long"):
+        CompressTransform.from_pretrained(on_long="drop")

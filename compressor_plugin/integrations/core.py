@@ -6,17 +6,21 @@ nodes, messages) to and from what is here, so the two behave the same:
 * the same options with the same names and checks (:class:`CompressionOptions`: ``on_long``,
   ``batch_size``, ``show_progress``; :func:`check_options` rejects unknown names);
 * the same splitter (:func:`split_text`), so one text gets the same store keys in both;
-* the same metadata (:meth:`CompressedText.metadata`: ``store_key`` is the first piece's key,
-  ``store_keys`` all of them);
+* the same metadata (:func:`compression_metadata`, one helper for both: for a compressed text
+  :meth:`CompressedText.metadata`, where ``store_key`` is the first piece's key and ``store_keys``
+  all of them; for a text left as text, :func:`skipped_metadata`: ``compressed=False`` and a
+  ``skip_reason``);
 * the same rule for text that already holds markers (:func:`plan_text`): only markers this
   engine issued are kept as markers; any other text is compressed as text, so a retrieved
   document can never carry a marker into a prompt;
 * the same rule for documents with no text (:func:`warn_empty_texts`): passed through
   uncompressed, with one :class:`~compressor_plugin.errors.EmptyDocumentWarning` per call;
-* the same loading (:func:`load_engine`, behind every class's ``from_pretrained``) and the
-  same model name (:func:`model_name`, :func:`model_identity`) for the LLM classes;
+* the same loading (:func:`load_engine`, behind every class's ``from_pretrained``, which
+  checks the class's options before the model loads) and the same model name (:func:`model_name`, :func:`model_identity`) for the LLM classes;
 * the same chat roles (:func:`chat_role`): only ``system``, ``user`` and ``assistant`` (and
   fixed framework names for them) reach the chat template;
+* the same message checks (:func:`check_messages`, :func:`unsupported_content`,
+  :func:`check_model_switch`): the same error, with the same words, for the same bad input;
 * the same text for users (:func:`shown_text`): the chunk text to show in place of a
   compressed document's or node's markers (LangChain's ``source_documents``, LlamaIndex's
   ``source_nodes`` and the sources of its ``CompressedLLM.response_synthesizer``).
@@ -48,13 +52,20 @@ __all__ = [
     "CHAT_ROLE_ALIASES",
     "COMPRESSION_METADATA_KEYS",
     "ORIGINAL_TEXT_KEY",
+    "RENAMED_OPTIONS",
+    "SKIPPED_METADATA_KEYS",
+    "SKIP_REASONS",
     "CompressedText",
     "CompressionOptions",
     "FromPretrained",
     "OnLong",
     "ON_LONG_CHOICES",
     "chat_role",
+    "check_messages",
+    "check_model_switch",
     "check_options",
+    "compression_metadata",
+    "compression_options",
     "compress_texts",
     "acompress_texts",
     "load_engine",
@@ -62,7 +73,10 @@ __all__ = [
     "model_name",
     "plan_text",
     "shown_text",
+    "skip_reason",
+    "skipped_metadata",
     "split_text",
+    "unsupported_content",
     "warn_empty_texts",
 ]
 
@@ -75,8 +89,17 @@ ON_LONG_CHOICES: tuple[str, ...] = ("split", "truncate", "error")
 COMPRESSION_METADATA_KEYS: tuple[str, ...] = (
     "compressed", "store_key", "store_keys", "compressed_tokens", "source_tokens", "compression_ratio", "truncated")
 
+#: Metadata keys written for a document or node left as text (see :func:`skipped_metadata`).
+SKIPPED_METADATA_KEYS: tuple[str, ...] = ("compressed", "skip_reason")
+
+#: Values of ``metadata["skip_reason"]``: no text at all, or the short-chunk rule.
+SKIP_REASONS: tuple[str, ...] = ("empty", "short")
+
 #: Where a compressed document or node keeps its own text once its text is markers.
 ORIGINAL_TEXT_KEY = "original_text"
+
+#: Old or other-framework names of the document options, and the option to use instead.
+RENAMED_OPTIONS: Mapping[str, str] = {"long_text": "on_long", "progress": "show_progress"}
 
 #: Default decoding settings shared by both frameworks' LLM classes.
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -192,6 +215,19 @@ class CompressionOptions:
                                      option="show_progress")
 
 
+def compression_options(options: Mapping[str, Any]) -> CompressionOptions:
+    """The :class:`CompressionOptions` among ``options`` (other names ignored; absent ones default).
+
+    Every document class checks its options through this, at construction and in
+    ``from_pretrained`` before the model loads.
+
+    Raises:
+        InvalidOptionError: an option with a value it cannot take.
+    """
+    return CompressionOptions(**{name: options[name] for name in ("on_long", "batch_size", "show_progress")
+                                 if name in options})
+
+
 def check_engine(engine: Any) -> "CompressionEngine":
     from ..engine import CompressionEngine
 
@@ -236,13 +272,56 @@ def load_engine(checkpoint: str | os.PathLike = "default", store: "ContextStore 
 
 _Face = TypeVar("_Face", bound="FromPretrained")
 
+#: The arguments of :func:`load_engine`, which ``from_pretrained`` takes besides the class's options.
+LOAD_OPTIONS: tuple[str, ...] = ("checkpoint", "store", "device", "dtype", "verbose", "anchors", "question_anchors",
+                                 "marker_secret")
+
 
 class FromPretrained:
     """``from_pretrained`` for every class of both integrations: one loader, one signature.
 
     A class built as ``cls(engine, **options)`` gets it by listing this mixin first among its
-    bases; :meth:`_from_engine` is the hook for a class that needs more than the engine.
+    bases. Hooks:
+
+    * :meth:`_option_names`: the options ``cls(engine, **options)`` takes and the renamed ones
+      (the class's constructor checks its options against the same names);
+    * :meth:`_check_option_values`: value checks that need no engine;
+    * :meth:`_from_engine`: for a class that needs more than the engine.
     """
+
+    @classmethod
+    def _option_names(cls) -> tuple[frozenset[str], Mapping[str, str]]:
+        """The option names ``cls(engine, **options)`` takes, and old or other names -> the one to use.
+
+        Default: the class's pydantic fields (``engine`` and ``class_name`` left out), no renamed names.
+        """
+        fields = getattr(cls, "model_fields", None) or {}
+        return frozenset(fields) - {"engine", "class_name"}, {}
+
+    @classmethod
+    def _check_option_values(cls, options: Mapping[str, Any]) -> None:
+        """Check what can be checked of ``options``' values without an engine (default: nothing)."""
+
+    @classmethod
+    def check_pretrained_options(cls, options: Mapping[str, Any]) -> None:
+        """Refuse options ``from_pretrained`` cannot take, before anything is loaded.
+
+        Raises:
+            UnknownOptionError: a name that is neither an argument of
+                :func:`~compressor_plugin.integrations.core.load_engine` nor an option of this
+                class; the message names it and the closest valid name (``difflib``), e.g.
+                ``CompressedChatModel.from_pretrained has no option 'max_token'; did you mean
+                'max_tokens'?``. ``engine`` is refused too: ``from_pretrained`` loads its own.
+            InvalidOptionError: an option value that can be refused without an engine (for
+                example ``on_long="drop"``).
+        """
+        owner = f"{cls.__name__}.from_pretrained"
+        if "engine" in options:
+            raise UnknownOptionError(f"{owner} loads its own engine and takes no 'engine'; to build over an engine "
+                                     f"you have, use {cls.__name__}(engine, ...)", option="engine")
+        allowed, renamed = cls._option_names()
+        check_options(owner, options, set(allowed) | set(LOAD_OPTIONS), renamed)
+        cls._check_option_values(options)
 
     @classmethod
     def from_pretrained(cls: type[_Face], checkpoint: str | os.PathLike = "default",
@@ -255,12 +334,20 @@ class FromPretrained:
         Args:
             checkpoint, store, device, dtype, verbose, anchors, question_anchors, marker_secret:
                 as in :func:`~compressor_plugin.integrations.core.load_engine`.
-            **kwargs: this class's own options.
+            **kwargs: this class's own options. Their names (and the values that can be checked
+                without a model) are checked **before** the model loads
+                (:meth:`check_pretrained_options`), so a misspelt option fails at once.
+
+        Raises:
+            UnknownOptionError: an option this class does not take (the message suggests the
+                closest valid one).
+            InvalidOptionError: an option value this class cannot take.
 
         Build the other half of the pipeline over the same engine, e.g.
         ``CompressedDocumentTransformer(model.engine)`` or ``CompressedNodePostprocessor(llm.engine)``:
         markers are valid only in the engine that issued them.
         """
+        cls.check_pretrained_options(kwargs)
         engine = load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
                              question_anchors=question_anchors, marker_secret=marker_secret)
         return cls._from_engine(engine, checkpoint, **kwargs)
@@ -323,6 +410,37 @@ def chat_role(role: Any, where: str) -> str:
             return CHAT_ROLE_ALIASES[value]
     raise PromptError(f"{where} has role {value!r}, which the chat template does not take; use one of "
                       f"{', '.join(repr(r) for r in CHAT_ROLES)} (tool and function messages are not supported)")
+
+
+def unsupported_content(where: str, kind: Any) -> PromptError:
+    """The error both LLM faces raise for a non-text content block (image, audio, file...).
+
+    Reasoning or thinking blocks are skipped by both; any other block that is not text is
+    refused with this error, e.g. ``message 0 (HumanMessage) holds a 'image_url' content block;
+    only text content is supported``.
+    """
+    return PromptError(f"{where} holds a {kind!r} content block; only text content is supported")
+
+
+def check_messages(messages: Sequence[Any]) -> None:
+    """Refuse an empty message list, with the same error in both faces.
+
+    Raises:
+        PromptError: no messages.
+    """
+    if not messages:
+        raise PromptError("no messages to answer")
+
+
+def check_model_switch(owner: str, model_name: Any, requested: Any) -> None:
+    """Refuse a call option ``model=`` naming another model than the one this LLM runs.
+
+    Raises:
+        InvalidOptionError: ``requested`` is given and is not ``model_name``.
+    """
+    if requested is not None and requested != model_name:
+        raise InvalidOptionError(f"{owner} runs {model_name!r}; it cannot switch to model {requested!r}",
+                                 option="model")
 
 
 # ---------------------------------------------------------------------------------- text for users
@@ -483,6 +601,46 @@ class CompressedText:
         return meta
 
 
+def skip_reason(text: Any) -> str:
+    """Why a text was left as text: ``"empty"`` (no text, or whitespace only) or ``"short"``.
+
+    Only meaningful for a text that :func:`compress_texts` gave None for; such a text is either
+    empty or kept by the short-chunk rule (``engine.stays_text``: compressing it would not
+    shorten the prompt).
+    """
+    return "short" if isinstance(text, str) and normalize_text(text) else "empty"
+
+
+def skipped_metadata(text: Any) -> dict[str, Any]:
+    """The metadata both integrations add to a document or node left as text.
+
+    ``compressed`` (False) and ``skip_reason`` (:func:`skip_reason`: ``"empty"`` or
+    ``"short"``); no store key, since nothing was stored.
+    """
+    return {"compressed": False, "skip_reason": skip_reason(text)}
+
+
+def compression_metadata(metadata: Mapping[str, Any] | None, result: "CompressedText | None", text: Any,
+                         original_text: bool = False) -> dict[str, Any]:
+    """A document's or node's metadata after compression: the one helper both faces use.
+
+    Returns a new dict: ``metadata`` without any compression keys left from an earlier run
+    (:data:`COMPRESSION_METADATA_KEYS`, ``skip_reason``), plus :meth:`CompressedText.metadata`
+    for a compressed ``result``, or :func:`skipped_metadata` when ``result`` is None (the text
+    is empty or short and stays text). With ``original_text``, a compressed document or node
+    also keeps ``text`` under :data:`ORIGINAL_TEXT_KEY` (its text is about to become markers).
+    """
+    stale = set(COMPRESSION_METADATA_KEYS) | set(SKIPPED_METADATA_KEYS)
+    out = {k: v for k, v in (metadata or {}).items() if k not in stale}
+    if result is None:
+        out.update(skipped_metadata(text))
+        return out
+    out.update(result.metadata())
+    if original_text:
+        out[ORIGINAL_TEXT_KEY] = text
+    return out
+
+
 def _assemble(engine: "CompressionEngine", plans: Sequence[Plan], results: Sequence[Any]) -> list[CompressedText | None]:
     out: list[CompressedText | None] = []
     pos = 0
@@ -541,7 +699,8 @@ def warn_empty_texts(texts: Sequence[Any], document_ids: Sequence[str | None] | 
         from ..markers import _caller_level
 
         warnings.warn(message, EmptyDocumentWarning, stacklevel=_caller_level())
-        logger.info("%d of %d documents have no text; passed through uncompressed", len(empty), len(texts))
+        # debug, not info: the warning above already tells the user, once
+        logger.debug("%d of %d documents have no text; passed through uncompressed", len(empty), len(texts))
     return empty
 
 
@@ -556,7 +715,10 @@ def _compress(engine: "CompressionEngine", texts: Sequence[str], options: Compre
 
 def compress_texts(engine: "CompressionEngine", texts: Sequence[str], options: CompressionOptions,
                    document_ids: Sequence[str | None] | None = None) -> list[CompressedText | None]:
-    """Compress each text through the engine's store; one result per text (None: no text).
+    """Compress each text through the engine's store; one result per text (None: left as text).
+
+    None is for a text that is empty (or whitespace only) or short enough to stay text (the
+    short-chunk rule); :func:`compression_metadata` records which (:func:`skip_reason`).
 
     All pieces of all texts go to the store in one call (misses compressed in batches, with a
     progress bar when ``options.show_progress``). Empty or whitespace-only texts give None and

@@ -73,21 +73,26 @@ from ..errors import EmptyDocumentWarning
 from .core import (
     FromPretrained,
     DEFAULT_MAX_NEW_TOKENS,
-    ORIGINAL_TEXT_KEY,
     CompressedText,
     CompressionOptions,
     OnLong,
+    RENAMED_OPTIONS,
     acompress_texts,
     chat_role,
     check_engine,
+    check_messages,
+    check_model_switch,
     check_options,
     compress_texts,
+    compression_metadata,
+    compression_options,
     check_max_tokens,
     merge_alias,
     model_identity,
     model_name as engine_model_name,
     shown_text,
     stop_list,
+    unsupported_content,
     warn_broken_markers,
 )
 
@@ -109,21 +114,28 @@ _TOOLS_UNSUPPORTED = (
 
 # ====================================================================== documents
 _DOC_OPTIONS = ("on_long", "batch_size", "show_progress")
-_RENAMED = {"long_text": "on_long", "progress": "show_progress"}
+_RENAMED = RENAMED_OPTIONS
+#: Other names of the models' options (LlamaIndex's and Google's), and the field to use instead.
+_MODEL_RENAMED = {"max_output_tokens": "max_tokens"}
 
 
 def _compress_documents(engine: CompressionEngine, documents: Sequence[Document],
                         compressed: Sequence[CompressedText | None]) -> list[Document]:
-    """New documents for ``documents`` from their compression results (same order, same ids)."""
+    """New documents for ``documents`` from their compression results (same order, same ids).
+
+    Metadata through :func:`~compressor_plugin.integrations.core.compression_metadata`, as for
+    LlamaIndex nodes: a document left as text (empty, or short) gets ``compressed=False`` and
+    its ``skip_reason``.
+    """
     out: list[Document] = []
     for doc, res in zip(documents, compressed):
         if res is None:
-            out.append(Document(page_content=doc.page_content, metadata={**doc.metadata, "compressed": False},
-                                id=doc.id))
+            out.append(Document(page_content=doc.page_content,
+                                metadata=compression_metadata(doc.metadata, None, doc.page_content), id=doc.id))
         elif engine.own_marker_keys(doc.page_content) is not None:
             out.append(doc)  # already this engine's markers (an earlier step of this pipeline)
         else:
-            meta = {**doc.metadata, **res.metadata(), ORIGINAL_TEXT_KEY: doc.page_content}
+            meta = compression_metadata(doc.metadata, res, doc.page_content, original_text=True)
             out.append(Document(page_content=res.marker_text, metadata=meta, id=doc.id))
     return out
 
@@ -179,10 +191,11 @@ class CompressedDocumentTransformer(FromPretrained, BaseDocumentTransformer):
     set to one marker per compressed piece, and metadata extended by ``compressed`` (True),
     ``store_key`` (the key of the first piece), ``store_keys`` (all pieces), ``original_text``,
     ``compressed_tokens`` (k per piece), ``source_tokens`` and ``compression_ratio``
-    (the same metadata as the LlamaIndex integration). Documents with no text (empty or
-    whitespace only) are passed through with ``compressed=False``, and the call issues one
-    :class:`EmptyDocumentWarning` naming them (the same rule and warning as the LlamaIndex
-    classes); documents that hold nothing but markers this engine issued are returned as they
+    (the same metadata as the LlamaIndex integration). Documents left as text get
+    ``compressed=False`` and ``skip_reason``: ``"short"`` for a text short enough to stay text
+    (the short-chunk rule), ``"empty"`` for no text (empty or whitespace only), for which the
+    call also issues one :class:`EmptyDocumentWarning` naming them (the same metadata, rule and
+    warning as the LlamaIndex classes); documents that hold nothing but markers this engine issued are returned as they
     are. Any other text, marker-shaped strings included, is compressed as text: a retrieved
     document cannot carry a marker into the prompt. Show users :func:`source_documents` of
     the output, not the output itself.
@@ -215,6 +228,13 @@ class CompressedDocumentTransformer(FromPretrained, BaseDocumentTransformer):
         self._engine = check_engine(engine)
         self._options = CompressionOptions(on_long=on_long, batch_size=batch_size, show_progress=show_progress)
 
+    @classmethod
+    def _option_names(cls) -> tuple[frozenset[str], dict[str, str]]:
+        return frozenset(_DOC_OPTIONS), dict(_RENAMED)
+
+    @classmethod
+    def _check_option_values(cls, options: Any) -> None:
+        compression_options(options)
 
     @property
     def engine(self) -> CompressionEngine:
@@ -268,12 +288,18 @@ class CompressedDocumentCompressor(FromPretrained, BaseDocumentCompressor):
 
     def __init__(self, engine: CompressionEngine | None = None, /, **data: Any):
         check_options(type(self).__name__, data, type(self).model_fields, _RENAMED)
-        CompressionOptions(on_long=data.get("on_long", "split"), batch_size=data.get("batch_size", 16),
-                           show_progress=data.get("show_progress", False))  # the same checks as everywhere
+        compression_options(data)  # the same checks as everywhere
         if engine is not None:
             data["engine"] = engine
         super().__init__(**data)
 
+    @classmethod
+    def _option_names(cls) -> tuple[frozenset[str], dict[str, str]]:
+        return frozenset(cls.model_fields) - {"engine"}, dict(_RENAMED)
+
+    @classmethod
+    def _check_option_values(cls, options: Any) -> None:
+        compression_options(options)
 
     def _options(self) -> CompressionOptions:
         return CompressionOptions(on_long=self.on_long, batch_size=self.batch_size, show_progress=self.show_progress)
@@ -303,7 +329,7 @@ def _text_content(content: Any, where: str) -> str:
             continue
         else:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise ValueError(f"{where} holds a {kind!r} content block; only text content is supported")
+            raise unsupported_content(where, kind)  # the same PromptError (a ValueError) as LlamaIndex's
     return "".join(parts)
 
 
@@ -330,8 +356,7 @@ def _to_chat(messages: Sequence[BaseMessage], cls_name: str) -> list[dict[str, s
         else:
             raise ValueError(f"{where}: unsupported message type")
         out.append({"role": role, "content": _text_content(m.content, where)})
-    if not out:
-        raise ValueError("no messages to answer")
+    check_messages(out)  # PromptError (a ValueError), as in LlamaIndex's CompressedLLM
     return out
 
 
@@ -343,9 +368,7 @@ class _Settings:
     @staticmethod
     def build(model: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs = dict(kwargs)
-        name = kwargs.pop("model", None)
-        if name is not None and name != model.model_name:
-            raise ValueError(f"{type(model).__name__} runs {model.model_name!r}; it cannot switch to model {name!r}")
+        check_model_switch(type(model).__name__, model.model_name, kwargs.pop("model", None))
         if kwargs.pop("tools", None) or kwargs.pop("tool_choice", None):
             raise NotImplementedError(_TOOLS_UNSUPPORTED.format(cls=type(model).__name__))
         settings = {k: kwargs.pop(k, getattr(model, k)) for k in _Settings.KEYS}
@@ -406,12 +429,20 @@ class BaseCompressedModel(FromPretrained, BaseModel):
     def __init__(self, engine: CompressionEngine | None = None, /, **data: Any):
         name = type(self).__name__
         merge_alias(name, data, "max_tokens", "max_new_tokens")
-        check_options(name, data, type(self).model_fields)
+        check_options(name, data, type(self).model_fields, _MODEL_RENAMED)
         if engine is not None:
             if "engine" in data:
                 raise TypeError(f"{name} got engine both positionally and by keyword")
             data["engine"] = engine
         super().__init__(**data)
+
+    @classmethod
+    def _option_names(cls) -> tuple[frozenset[str], dict[str, str]]:
+        return frozenset(cls.model_fields) - {"engine"} | {"max_new_tokens"}, dict(_MODEL_RENAMED)
+
+    @classmethod
+    def _check_option_values(cls, options: Any) -> None:
+        merge_alias(cls.__name__, dict(options), "max_tokens", "max_new_tokens")  # both names, two values
 
     @model_validator(mode="after")
     def _default_name(self) -> "BaseCompressedModel":

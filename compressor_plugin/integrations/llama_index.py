@@ -78,6 +78,8 @@ from .core import (
     COMPRESSION_METADATA_KEYS,
     DEFAULT_MAX_NEW_TOKENS,
     ORIGINAL_TEXT_KEY,
+    RENAMED_OPTIONS,
+    SKIPPED_METADATA_KEYS,
     CompressedText,
     CompressionOptions,
     FromPretrained,
@@ -85,13 +87,18 @@ from .core import (
     acompress_texts,
     chat_role,
     check_engine,
+    check_messages,
+    check_model_switch,
     check_options,
     compress_texts,
+    compression_metadata,
+    compression_options,
     check_max_tokens,
     merge_alias,
     model_name as engine_model_name,
     shown_text,
     stop_list,
+    unsupported_content,
     warn_broken_markers,
 )
 
@@ -107,6 +114,7 @@ __all__ = [
     "BrokenMarkerWarning",
     "COMPRESSION_METADATA_KEYS",
     "ORIGINAL_TEXT_KEY",
+    "SKIPPED_METADATA_KEYS",
     "engine_tokenizer",
     "marker_aware_tokenizer",
     "qa_templates",
@@ -115,7 +123,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_RENAMED = {"long_text": "on_long", "progress": "show_progress"}
+_RENAMED = RENAMED_OPTIONS
+#: Other names of the LLM's options (LangChain's ``max_tokens`` is merged as an alias), and the one to use.
+_LLM_RENAMED = {"max_output_tokens": "max_new_tokens"}
+#: Metadata keys the integration writes, hidden from the LLM and embedding views of a node.
+_HIDDEN_KEYS = tuple(dict.fromkeys((*COMPRESSION_METADATA_KEYS, *SKIPPED_METADATA_KEYS)))
 
 
 # ---------------------------------------------------------------------------------- tokenizers
@@ -195,13 +207,16 @@ async def _acompress_nodes(engine: "CompressionEngine", nodes: Sequence[BaseNode
 class CompressTransform(FromPretrained, TransformComponent):
     """``IngestionPipeline`` step: compress node texts into the store, record keys in metadata.
 
-    Each node with text gets ``compressed`` (True), ``store_key`` (the first piece's key),
+    Each compressed node gets ``compressed`` (True), ``store_key`` (the first piece's key),
     ``store_keys`` (all pieces' keys), ``compressed_tokens`` (k per piece), ``source_tokens``
-    and ``compression_ratio`` in its metadata -- the same metadata as the LangChain
-    integration; those keys are excluded from the LLM and embedding metadata views. The node
-    text is not changed. Nodes without text (empty or whitespace only) pass through
-    untouched, and the call issues one :class:`~compressor_plugin.errors.EmptyDocumentWarning`
-    naming them (the same rule and warning as LangChain's classes). A text longer than
+    and ``compression_ratio`` in its metadata; a node left as text gets ``compressed`` (False)
+    and ``skip_reason`` (``"short"``: the short-chunk rule; ``"empty"``: no text) -- the same
+    metadata as the LangChain integration
+    (:func:`~compressor_plugin.integrations.core.compression_metadata`). Those keys are
+    excluded from the LLM and embedding metadata views. The node text is not changed. For
+    nodes without text (empty or whitespace only) the call issues one
+    :class:`~compressor_plugin.errors.EmptyDocumentWarning` naming them (the same rule and
+    warning as LangChain's classes). A text longer than
     ``engine.max_chunk_tokens`` is split into pieces (the same pieces, so the same keys, as in
     LangChain), truncated, or refused, following ``on_long``.
 
@@ -247,8 +262,7 @@ class CompressTransform(FromPretrained, TransformComponent):
     def __init__(self, engine: Optional["CompressionEngine"] = None, /, **data: Any):
         check_options(type(self).__name__, data, set(type(self).model_fields) | {"engine", "class_name"}, _RENAMED)
         engine = data.pop("engine", engine)
-        CompressionOptions(on_long=data.get("on_long", "split"), batch_size=data.get("batch_size", 16),
-                           show_progress=data.get("show_progress", False))
+        compression_options(data)
         if engine is not None:
             check_engine(engine)
             comp = engine.compressor
@@ -272,6 +286,14 @@ class CompressTransform(FromPretrained, TransformComponent):
     @classmethod
     def class_name(cls) -> str:
         return "CompressTransform"
+
+    @classmethod
+    def _option_names(cls) -> tuple[frozenset[str], dict[str, str]]:
+        return frozenset(cls.model_fields), dict(_RENAMED)
+
+    @classmethod
+    def _check_option_values(cls, options: Any) -> None:
+        compression_options(options)
 
     @classmethod
     def _from_engine(cls, engine: "CompressionEngine", checkpoint: str | os.PathLike, **kwargs: Any) -> "CompressTransform":
@@ -320,16 +342,16 @@ class CompressTransform(FromPretrained, TransformComponent):
         return CompressionOptions(on_long=self.on_long, batch_size=self.batch_size, show_progress=self.show_progress)
 
     def _apply(self, nodes: Sequence[BaseNode], results: list[Optional[CompressedText]]) -> None:
-        hidden = COMPRESSION_METADATA_KEYS
         chunks = hits = 0
         for node, res in zip(nodes, results):
-            if res is None:
-                continue
-            node.metadata.update(res.metadata())
-            node.excluded_llm_metadata_keys = _hide(hidden, node.excluded_llm_metadata_keys)
-            node.excluded_embed_metadata_keys = _hide(hidden, node.excluded_embed_metadata_keys)
-            chunks += len(res.keys)
-            hits += res.hits
+            meta = compression_metadata(node.metadata, res, _node_text(node))
+            node.metadata.clear()  # in place: the pipeline's node objects carry the metadata on
+            node.metadata.update(meta)
+            node.excluded_llm_metadata_keys = _hide(_HIDDEN_KEYS, node.excluded_llm_metadata_keys)
+            node.excluded_embed_metadata_keys = _hide(_HIDDEN_KEYS, node.excluded_embed_metadata_keys)
+            if res is not None:
+                chunks += len(res.keys)
+                hits += res.hits
         self._last_stats = {"nodes": len(nodes), "compressed_nodes": sum(r is not None for r in results),
                             "chunks": chunks, "hits": hits, "compressed": chunks - hits}
 
@@ -354,10 +376,11 @@ class CompressedNodePostprocessor(FromPretrained, BaseNodePostprocessor):
     back). Scores, node ids, relationships and metadata are kept; the original text is stored
     in ``metadata["original_text"]`` and, like the compression keys, hidden from the LLM and
     embedding metadata views. Chunks not in the store yet are compressed on the spot. Nodes
-    with empty (or whitespace-only) text pass through unchanged with one
-    :class:`~compressor_plugin.errors.EmptyDocumentWarning` per call (the same rule and
-    warning as LangChain's classes); nodes that hold nothing but markers this engine issued
-    pass through unchanged. Any other text is compressed as text, marker-shaped strings
+    left as text keep their text and come back as copies with ``compressed=False`` and
+    ``skip_reason`` (``"short"``: the short-chunk rule; ``"empty"``: empty or whitespace-only
+    text, with one :class:`~compressor_plugin.errors.EmptyDocumentWarning` per call) -- the
+    same metadata, rule and warning as LangChain's classes; nodes that hold nothing but
+    markers this engine issued pass through unchanged. Any other text is compressed as text, marker-shaped strings
     included: a retrieved node cannot carry a marker into the prompt. The returned nodes hold
     markers: show users :func:`source_nodes` of them (the synthesizer of
     :meth:`CompressedLLM.response_synthesizer` does so for ``response.source_nodes``).
@@ -382,12 +405,18 @@ class CompressedNodePostprocessor(FromPretrained, BaseNodePostprocessor):
     def __init__(self, engine: Optional["CompressionEngine"] = None, /, **data: Any):
         check_options(type(self).__name__, data, set(type(self).model_fields) | {"engine", "class_name"}, _RENAMED)
         engine = check_engine(data.pop("engine", engine))
-        CompressionOptions(on_long=data.get("on_long", "split"), batch_size=data.get("batch_size", 16),
-                           show_progress=data.get("show_progress", False))
+        compression_options(data)
         data.pop("class_name", None)
         super().__init__(**data)
         self._engine = engine
 
+    @classmethod
+    def _option_names(cls) -> tuple[frozenset[str], dict[str, str]]:
+        return frozenset(cls.model_fields), dict(_RENAMED)
+
+    @classmethod
+    def _check_option_values(cls, options: Any) -> None:
+        compression_options(options)
 
     @classmethod
     def class_name(cls) -> str:
@@ -402,19 +431,21 @@ class CompressedNodePostprocessor(FromPretrained, BaseNodePostprocessor):
 
     def _swap(self, nodes: list[NodeWithScore], results: list[Optional[CompressedText]]) -> list[NodeWithScore]:
         out = list(nodes)
-        hidden = (ORIGINAL_TEXT_KEY,) + COMPRESSION_METADATA_KEYS
+        hidden = (ORIGINAL_TEXT_KEY,) + _HIDDEN_KEYS
         for i, (nws, res) in enumerate(zip(nodes, results)):
             node = nws.node
             original = _node_text(node)
-            if res is None or self._engine.own_marker_keys(original) is not None:
-                continue  # no text, or already this engine's markers
+            if res is not None and self._engine.own_marker_keys(original) is not None:
+                continue  # already this engine's markers
             copy = node.model_copy(update={
-                "metadata": {**node.metadata, ORIGINAL_TEXT_KEY: original, **res.metadata()},
+                # the core's metadata, as LangChain's: compressed, or left as text with its skip_reason
+                "metadata": compression_metadata(node.metadata, res, original, original_text=True),
                 "excluded_llm_metadata_keys": _hide(hidden, node.excluded_llm_metadata_keys),
                 "excluded_embed_metadata_keys": _hide(hidden, node.excluded_embed_metadata_keys),
                 "relationships": dict(node.relationships),
             })
-            copy.set_content(res.marker_text)
+            if res is not None:
+                copy.set_content(res.marker_text)
             out[i] = NodeWithScore(node=copy, score=nws.score)
         return out
 
@@ -583,7 +614,7 @@ class CompressedLLM(FromPretrained, CustomLLM):
         name = type(self).__name__
         merge_alias(name, data, "max_new_tokens", "max_tokens")  # the name LangChain and OpenAI use
         allowed = set(type(self).model_fields) | {"engine", "class_name"}
-        check_options(name, data, allowed, {"max_output_tokens": "max_new_tokens"})
+        check_options(name, data, allowed, _LLM_RENAMED)
         engine = check_engine(data.pop("engine", engine))
         data.pop("class_name", None)
         base = engine.compressor.base
@@ -600,6 +631,14 @@ class CompressedLLM(FromPretrained, CustomLLM):
     @classmethod
     def class_name(cls) -> str:
         return "CompressedLLM"
+
+    @classmethod
+    def _option_names(cls) -> tuple[frozenset[str], dict[str, str]]:
+        return frozenset(cls.model_fields) | {"max_tokens"}, dict(_LLM_RENAMED)
+
+    @classmethod
+    def _check_option_values(cls, options: Any) -> None:
+        merge_alias(cls.__name__, dict(options), "max_new_tokens", "max_tokens")  # both names, two values
 
     # ------------------------------------------------------------------ properties
     @property
@@ -652,7 +691,9 @@ class CompressedLLM(FromPretrained, CustomLLM):
         Raises:
             UnknownOptionError: an option this LLM does not take (a typo such as ``max_new_token``).
         """
-        check_options(f"{type(self).__name__} call", kwargs, (*_GEN_KEYS, "max_tokens"))
+        kwargs = dict(kwargs)
+        check_model_switch(type(self).__name__, self.model_name, kwargs.pop("model", None))  # as LangChain's
+        check_options(f"{type(self).__name__} call", kwargs, (*_GEN_KEYS, "max_tokens", "model"))
         opts: dict[str, Any] = {name: getattr(self, name) for name in _GEN_KEYS}
         if kwargs.get("max_tokens") is not None and kwargs.get("max_new_tokens") is None:
             kwargs = {**kwargs, "max_new_tokens": kwargs["max_tokens"]}  # the name LangChain and OpenAI use
@@ -673,11 +714,23 @@ class CompressedLLM(FromPretrained, CustomLLM):
 
     @staticmethod
     def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-        """Messages as role/content dicts; roles through the core's rule (:func:`~compressor_plugin.integrations.core.chat_role`)."""
+        """Messages as role/content dicts; roles through the core's rule (:func:`~compressor_plugin.integrations.core.chat_role`).
+
+        Raises:
+            PromptError: no messages, an unknown role, or a content block that is not text
+                (image, audio, video, document, tool call...; thinking blocks are skipped): the
+                same errors, with the same words, as LangChain's ``CompressedChatModel``.
+        """
         out = []
         for i, m in enumerate(messages):
-            role = chat_role(getattr(m, "role", None), f"message {i} ({type(m).__name__})")
+            where = f"message {i} ({type(m).__name__})"
+            role = chat_role(getattr(m, "role", None), where)
+            for block in getattr(m, "blocks", None) or []:
+                kind = getattr(block, "block_type", type(block).__name__)
+                if kind not in ("text", "thinking"):
+                    raise unsupported_content(where, kind)
             out.append({"role": role, "content": m.content or ""})
+        check_messages(out)
         warn_broken_markers([m["content"] for m in out], stacklevel=4)
         return out
 
