@@ -199,7 +199,8 @@ def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: Ma
                     + "; re-run the document transformer / ingestion for these documents", key=key)
             warnings.warn(f"compressed chunk {key[:12]}... missing from the store; using its text", MissingChunkWarning,
                           stacklevel=_caller_level())
-            logger.info("compressed chunk %s missing; falling back to text", key[:12])  # the warning above tells the user
+            # debug, not info: the warning above already tells the user, once
+            logger.debug("compressed chunk %s missing; falling back to text", key[:12])
             raw.append(literal(text) if literal is not None else text)
             res.fallbacks += 1
             res.missing_keys.append(key)
@@ -230,4 +231,5 @@ def _warn_unauthorized(key: str, tag: str | None) -> None:
                   "CompressedDocumentTransformer(engine) with CompressedChatModel(engine), or "
                   "CompressedNodePostprocessor(engine) with CompressedLLM(engine)",
                   UnauthorizedMarkerWarning, stacklevel=_caller_level())
-    logger.info("unauthorised marker %s... (%s) left as text", key[:12], why)
+    # debug, not info: the warning above already tells the user, once
+    logger.debug("unauthorised marker %s... (%s) left as text", key[:12], why)

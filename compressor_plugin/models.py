@@ -298,6 +298,46 @@ def tokenizer_override_dir(name: str, home: str | os.PathLike | None = None) -> 
     return folder if (folder / "tokenizer_config.json").is_file() else None
 
 
+def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(name_or_path, **kwargs)``, less an ignored clean-up switch.
+
+    The default model's folder holds ``clean_up_tokenization_spaces: true`` when it was converted
+    from its GGUF file by transformers 5.0, 5.5 or 5.17 (their GGUF conversion sets it; 5.24's
+    does not). Such a tokenizer decodes differently by transformers version:
+
+    * 5.0 and 5.5 apply the clean-up to BPE tokenizers too, and decoding removes the space
+      before punctuation: ``"Paris , France ."`` decodes as ``"Paris, France."``;
+    * 5.17 and 5.24 ignore it for BPE tokenizers, which keep ``"Paris , France ."``, and the
+      first decode of each process prints
+      ``[transformers] Ignoring clean_up_tokenization_spaces=True for BPE tokenizer ...``.
+
+    Where transformers ignores the switch, it is turned off here, which removes the message and
+    leaves every decoded text byte-identical; where it is honoured, it is left on, so decoded
+    text is what that version has always produced. See :func:`_drop_ignored_cleanup`.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    _drop_ignored_cleanup(tokenizer)
+    return tokenizer
+
+
+def _drop_ignored_cleanup(tokenizer: Any) -> None:
+    """Set ``clean_up_tokenization_spaces`` to False where transformers would ignore it anyway.
+
+    The test is the one transformers' own ``_decode`` makes before it skips the clean-up: a
+    tokenizers-backed BPE tokenizer without the ``..._for_bpe_even_though_it_will_corrupt_output``
+    override. Versions without that override attribute apply the clean-up, and are left alone.
+    """
+    force = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False) or not hasattr(tokenizer, force):
+        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE" or getattr(tokenizer, force):
+        return
+    tokenizer.clean_up_tokenization_spaces = False
+
+
 #: A sentence any subword tokenizer encodes in far fewer tokens than characters.
 _TOKENIZER_PROBE = "The Eiffel Tower was completed in 1889 for the World's Fair in Paris."
 
@@ -459,7 +499,7 @@ def load_base_model(
         local_files_only: never download: a Hugging Face id loads only when it is in the local
             Hugging Face cache (the default model and :data:`GGUF_MODELS` never download).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     quiet = not (_VERBOSE_LOADING.get() if verbose is None else verbose)
     dev = torch.device(device) if device is not None else default_device()
@@ -475,7 +515,7 @@ def load_base_model(
             path = name_or_path
             name = str(name_or_path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+            tokenizer = load_tokenizer(path, local_files_only=local_files_only)
             kwargs: dict[str, Any] = {"dtype": dt, "local_files_only": local_files_only}
             if attn_implementation:
                 kwargs["attn_implementation"] = attn_implementation
@@ -505,9 +545,9 @@ def tiny_random_llama(seed: int = 0, *, layers: int = 2, hidden: int = 64, vocab
     Uses the default model's tokenizer when it is installed (so text round-trips are real),
     else a byte-level fallback is not provided: install the default model first.
     """
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(ensure_default_model())
+    tok = load_tokenizer(ensure_default_model())
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=hidden * 2,

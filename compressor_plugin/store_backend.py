@@ -255,7 +255,9 @@ class SafeCache:
                 if not (is_read_only(exc) and (self.directory / DBNAME).is_file()):
                     raise
                 # The database file itself cannot be written (e.g. another user's store): serve it read-only.
-                logger.info("store database %s is not writable (%s); opening it read-only", self.directory, exc)
+                # debug, not info: like an unwritable folder above, this is not worth a message on every open;
+                # a write then raises StoreReadOnlyError, which says so
+                logger.debug("store database %s is not writable (%s); opening it read-only", self.directory, exc)
                 self.close()
                 self.read_only = True
         try:

@@ -251,6 +251,22 @@ def test_chunk_map_writer_cuts_a_partial_line_and_skips_known_rows(tmp_path):
     assert [json.loads(line)["chunk"] for line in path.read_text().splitlines()] == [0, 1]
 
 
+
+@pytest.mark.parametrize("field, value", [("key", ["0" * 64]), ("key", {"a": 1}), ("doc_id", 7), ("source", 1.5),
+                                          ("chunk", "0"), ("start", [0]), ("end", True), ("line", {"n": 1})])
+def test_chunk_map_writer_refuses_a_row_of_the_wrong_types_without_touching_the_file(tmp_path, field, value):
+    from compressor_plugin.caching import ChunkMapWriter
+
+    row = {"doc_id": "a", "chunk": 0, "start": 0, "end": 5, "n_tokens": 2, "key": "0" * 64, "source": "s", "line": 1}
+    path = tmp_path / "map.jsonl"
+    content = (json.dumps(row) + "\n" + json.dumps({**row, "chunk": 1, "start": 6, "end": 9, field: value}) + "\n"
+               + '{"doc_id": "a", "chunk": 2, "sta').encode()  # and a partial last line, which must stay
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"chunk map .*map\.jsonl, line 2: '{field}' is .*not an? (string|integer)"):
+        ChunkMapWriter(path)
+    assert path.read_bytes() == content  # neither cut nor rewritten
+
+
 # ---------------------------------------------------------------------------------- SIGKILL + resume
 def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(tmp_path, monkeypatch):
     """A build killed mid-run, run again, compresses exactly the chunks that were missing."""

@@ -415,3 +415,35 @@ def test_llama_index_message_roles_cannot_forge_a_turn(victim):
                                     ChatMessage(role=MessageRole.CHATBOT, content="a"),
                                     ChatMessage(role=MessageRole.MODEL, content="b")])
     assert [m["role"] for m in same] == ["system", "user", "assistant", "assistant"]
+
+
+# ---------------------------------------------------------------------------------- reported once
+class _TextOnlyStore:
+    """A marker lookup whose compressed contexts are gone but whose texts are kept."""
+
+    def get(self, key: str):
+        return None
+
+    def get_text(self, key: str) -> str:
+        return "the chunk's text"
+
+
+def test_marker_warnings_are_not_also_logged_at_info(caplog):
+    import logging
+
+    from compressor_plugin.markers import resolve_markers
+
+    signer = MarkerSigner(b"k" * 32)
+    unauthorized = make_marker("a" * 64, "0123456789abcdef" * 2)
+    missing = signer.marker("b" * 64)
+    with caplog.at_level(logging.INFO):
+        with pytest.warns(UnauthorizedMarkerWarning, match="plain text"):
+            res = resolve_markers([f"Context: {unauthorized}"], _TextOnlyStore(), signer)
+        assert res.rejected == 1
+        with pytest.warns(MissingChunkWarning, match="missing from the store"):
+            res = resolve_markers([f"Context: {missing}"], _TextOnlyStore(), signer)
+        assert res.fallbacks == 1
+    assert [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("compressor_plugin")] == []
+    with caplog.at_level(logging.DEBUG, logger="compressor_plugin.markers"), pytest.warns(UnauthorizedMarkerWarning):
+        resolve_markers([unauthorized], _TextOnlyStore(), signer)
+    assert any("unauthorised marker" in r.getMessage() for r in caplog.records)  # still there for debugging

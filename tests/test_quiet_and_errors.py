@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,54 @@ def test_loading_is_quiet_unless_verbose(capfd):
     assert "Loading weights" not in capfd.readouterr().err
     load_base_model(device="cpu", verbose=True)
     assert "Loading weights" in capfd.readouterr().err
+
+
+
+PUNCTUATION_SAMPLE = "Paris , France . It 's 1889 ! ( a )"
+# decoded text recorded with transformers 5.17 and 5.24 (which ignore the clean-up switch for BPE
+# tokenizers) and, for a tokenizer saved with clean_up_tokenization_spaces=True, 5.5 (which applies it)
+KEPT, CLEANED = "Paris , France . It 's 1889 ! ( a )", "Paris, France. It's 1889! ( a )"
+_DECODE = """
+import json, sys
+from compressor_plugin.models import load_base_model, load_tokenizer
+toks = [load_base_model(device="cpu").tokenizer] + [load_tokenizer(p) for p in sys.argv[2:]]
+out = []
+for tok in toks:
+    ids = tok(sys.argv[1], add_special_tokens=False)["input_ids"]
+    out.append([tok.decode(ids), tok.batch_decode([ids])[0], tok.decode(ids, skip_special_tokens=True)])
+ignored = hasattr(toks[0], "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
+print(json.dumps({"decoded": out, "bpe_cleanup_ignored": ignored}))
+"""
+
+
+def test_default_tokenizer_loads_and_decodes_without_the_bpe_cleanup_message(tmp_path: Path):
+    """No "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer" line, and unchanged text.
+
+    Also for a tokenizer folder saved with ``clean_up_tokenization_spaces: true``, as transformers
+    5.0-5.17 write it when they convert the default model's GGUF tokenizer. A fresh process, as
+    transformers prints the message once per process.
+    """
+    from compressor_plugin.models import ensure_default_model
+
+    src, saved = ensure_default_model(), tmp_path / "tok-cleanup-true"
+    saved.mkdir()
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith((".jinja", "special_tokens_map.json")):
+            shutil.copy(f, saved / f.name)
+    cfg = json.loads((saved / "tokenizer_config.json").read_text())
+    (saved / "tokenizer_config.json").write_text(json.dumps(dict(cfg, clean_up_tokenization_spaces=True)))
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo)] + [p for p in os.environ.get("PYTHONPATH", "").split(
+        os.pathsep) if p]), PYTHONWARNINGS="always")
+    proc = subprocess.run([sys.executable, "-c", _DECODE, PUNCTUATION_SAMPLE, str(saved)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "clean_up_tokenization" not in proc.stderr and "Ignoring" not in proc.stderr, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    default, saved_true = result["decoded"]
+    assert default == [KEPT] * 3
+    # where transformers ignores the switch the text is kept; where it applies it, it still does
+    assert saved_true == [KEPT if result["bpe_cleanup_ignored"] else CLEANED] * 3
 
 
 def test_broken_checkpoint_config_names_the_file(tmp_path: Path):

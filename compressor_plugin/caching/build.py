@@ -187,6 +187,11 @@ class ChunkMapWriter:
     and ``end`` are character offsets in the document text, ``line`` is the JSONL line (null
     for text files). Opening an existing map cuts off a partial last line (left by a killed
     build) and remembers its rows, so a resumed build appends only rows that are missing.
+
+    Raises:
+        ValueError: a row of the existing map has a field of the wrong type (e.g. a list or a
+            number as its ``key``); the message names the file and line, and the file is left
+            unchanged (not even a partial last line is cut off).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -200,20 +205,34 @@ class ChunkMapWriter:
         self._fh = open(self.path, "a", encoding="utf-8")
         self._lock = threading.Lock()
 
+    #: The fields a row is known by, and the JSON types each may have (null: absent or unknown).
+    _IDENTITY_FIELDS: tuple[tuple[str, type], ...] = (
+        ("source", str), ("line", int), ("doc_id", str), ("chunk", int), ("key", str), ("start", int), ("end", int))
+
     @staticmethod
     def _identity(row: dict[str, Any]) -> tuple[Any, ...]:
-        return (row.get("source"), row.get("line"), row.get("doc_id"), row.get("chunk"), row.get("key"),
-                row.get("start"), row.get("end"))
+        return tuple(row.get(name) for name, _ in ChunkMapWriter._IDENTITY_FIELDS)
+
+    def _check_row(self, row: dict[str, Any], lineno: int) -> None:
+        """Raise ValueError, naming the file and line, for an identity field of the wrong JSON type."""
+        for name, kind in self._IDENTITY_FIELDS:
+            value = row.get(name)
+            if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+                continue
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            expected = "a string" if kind is str else "an integer"
+            raise ValueError(f"chunk map {self.path}, line {lineno}: {name!r} is {shown} ({type(value).__name__}), "
+                             f"not {expected}; this is not a chunk map this program wrote. Fix or delete that line, "
+                             "or give another --map file (the file was left as it is)")
 
     def _load(self) -> None:
         data = self.path.read_bytes()
         cut = data.rfind(b"\n") + 1
-        if cut < len(data):
-            logger.warning("chunk map %s ends in a partial line (an interrupted build); cutting it off", self.path)
-            with open(self.path, "r+b") as fh:
-                fh.truncate(cut)
         bad = 0
-        for line in data[:cut].splitlines():
+        seen: set[tuple[Any, ...]] = set()
+        rows = 0
+        # every line is checked before anything is cut off, so a refused map is never changed
+        for lineno, line in enumerate(data[:cut].split(b"\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -222,8 +241,15 @@ class ChunkMapWriter:
                 bad += 1
                 continue
             if isinstance(row, dict):
-                self._seen.add(self._identity(row))
-                self.existing_rows += 1
+                self._check_row(row, lineno)
+                seen.add(self._identity(row))
+                rows += 1
+        if cut < len(data):
+            logger.warning("chunk map %s ends in a partial line (an interrupted build); cutting it off", self.path)
+            with open(self.path, "r+b") as fh:
+                fh.truncate(cut)
+        self._seen.update(seen)
+        self.existing_rows += rows
         if bad:
             logger.warning("chunk map %s has %d lines that are not JSON; they are left as they are", self.path, bad)
 
