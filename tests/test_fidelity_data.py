@@ -151,3 +151,17 @@ def test_default_engine_keeps_invented_numbers_and_names(shipped_compressor, tmp
     print("exact answers of 24:", hits)
     assert hits["default"] >= 2 and hits["default"] > hits["kv only"], hits
     assert hits["default"] >= hits["fixed anchors"], hits
+
+
+def test_invented_paragraphs_joined_into_chunks_keep_their_questions():
+    one = invented_qa(7, seed=3)
+    joined = invented_qa(7, seed=3, paragraphs_per_chunk=3)
+    assert [(r["question"], r["answers"]) for r in joined] == [(r["question"], r["answers"]) for r in one]
+    contexts = list(dict.fromkeys(r["context"] for r in joined))
+    assert len(contexts) == 3  # paragraphs 0-2, 3-5 and 6
+    assert contexts[0].count("\n\n") == 2 and contexts[2].count("\n\n") == 0
+    for a, b in zip(one, joined):
+        assert a["context"] in b["context"] and b["answers"][0] in b["context"]
+    assert len({r["id"] for r in joined}) == len(joined)
+    with pytest.raises(ValueError):
+        invented_qa(3, paragraphs_per_chunk=0)

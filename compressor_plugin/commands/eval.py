@@ -148,6 +148,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     mi.add_argument("--paragraphs", type=int, default=50, help="number of paragraphs (default 50)")
     mi.add_argument("--questions-per-paragraph", type=int, default=3, help="1..7 (default 3)")
     mi.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    mi.add_argument("--paragraphs-per-chunk", type=int, default=1,
+                    help="join this many consecutive paragraphs into one context (default 1); three make "
+                         "chunks of about 350 tokens with more facts than an anchor budget can spell out")
     mi.set_defaults(func=_make_invented)
 
     pl = esub.add_parser("plot", help="plot result JSON files (eval qa/regen, bench rag/compress)",
@@ -163,7 +166,8 @@ def _make_invented(args: argparse.Namespace) -> int:
     from ..evaluation.invented import write_invented_qa
 
     path = write_invented_qa(args.output, args.paragraphs, seed=args.seed,
-                             questions_per_paragraph=args.questions_per_paragraph)
+                             questions_per_paragraph=args.questions_per_paragraph,
+                             paragraphs_per_chunk=args.paragraphs_per_chunk)
     n = sum(1 for _ in open(path, encoding="utf-8"))
     print(f"wrote {n} questions about {args.paragraphs} invented paragraphs to {path}")
     return 0

@@ -214,36 +214,54 @@ TEMPLATES: dict[str, Callable[[random.Random], tuple[str, QA]]] = {
 }
 
 
-def invented_qa(n_paragraphs: int = 50, *, seed: int = 0, questions_per_paragraph: int = 3) -> list[dict]:
+def invented_qa(n_paragraphs: int = 50, *, seed: int = 0, questions_per_paragraph: int = 3,
+                paragraphs_per_chunk: int = 1) -> list[dict]:
     """QA rows about ``n_paragraphs`` invented paragraphs (templates in turn, seeded).
 
     Each paragraph gets ``questions_per_paragraph`` of its questions, chosen at random; every
     answer is an exact span of the paragraph's text.
+
+    ``paragraphs_per_chunk`` > 1 joins that many consecutive paragraphs (blank line between) into
+    one context, which every question of those paragraphs gets: a chunk then holds the names,
+    numbers and dates of several paragraphs (three make about 350 tokens), more than an anchor
+    budget of 32 tokens can spell out, so the compressed chunk must carry the one asked about.
+    The paragraphs and questions are the same as with 1 (the same draws), only the contexts differ.
     """
     if n_paragraphs < 1:
         raise ValueError("n_paragraphs must be >= 1")
     if not 1 <= questions_per_paragraph <= 7:
         raise ValueError("questions_per_paragraph must be between 1 and 7")
+    if paragraphs_per_chunk < 1:
+        raise ValueError("paragraphs_per_chunk must be >= 1")
     rng = random.Random(seed)
     names = list(TEMPLATES)
     rows: list[dict] = []
+    texts: list[str] = []
     for p in range(n_paragraphs):
         template = names[p % len(names)]
         text, qa = TEMPLATES[template](rng)
+        texts.append(text)
         for q_i, (question, answer) in enumerate(rng.sample(qa, questions_per_paragraph)):
             if answer not in text:  # a template bug, never expected
                 raise AssertionError(f"answer {answer!r} is not a span of the {template} paragraph")
             rows.append({"id": f"invented-{seed}-{p}-{q_i}", "context": text, "question": question,
                          "answers": [answer], "template": template})
+    if paragraphs_per_chunk > 1:
+        for r in rows:
+            p = int(r["id"].split("-")[2])
+            first = p - p % paragraphs_per_chunk
+            r["context"] = "\n\n".join(texts[first:first + paragraphs_per_chunk])
+            r["id"] = f"invented-{seed}-c{paragraphs_per_chunk}-{p}-{r['id'].rsplit('-', 1)[1]}"
     return rows
 
 
 def write_invented_qa(path: str | Path, n_paragraphs: int = 50, *, seed: int = 0,
-                      questions_per_paragraph: int = 3) -> Path:
+                      questions_per_paragraph: int = 3, paragraphs_per_chunk: int = 1) -> Path:
     """Write :func:`invented_qa` rows to a JSONL file and return its path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = invented_qa(n_paragraphs, seed=seed, questions_per_paragraph=questions_per_paragraph)
+    rows = invented_qa(n_paragraphs, seed=seed, questions_per_paragraph=questions_per_paragraph,
+                       paragraphs_per_chunk=paragraphs_per_chunk)
     with out.open("w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
