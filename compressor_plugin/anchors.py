@@ -216,24 +216,76 @@ _QUESTION_STOP = frozenset(
 _SENTENCE_END = re.compile(r"[.!?;](?=\s)|\n")
 
 
+#: Irregular past forms mapped to the form a question asks with ("Who leads X?" / "led by").
+_IRREGULAR = {"led": "lead", "won": "win", "held": "hold", "began": "begin", "begun": "begin", "built": "build",
+              "made": "make", "sold": "sell", "bought": "buy", "taught": "teach", "wrote": "write",
+              "written": "write", "ran": "run", "gave": "give", "given": "give", "took": "take", "taken": "take",
+              "became": "become", "brought": "bring", "left": "leave", "met": "meet", "paid": "pay",
+              "kept": "keep", "grew": "grow", "grown": "grow", "drew": "draw", "drawn": "draw", "flew": "fly",
+              "flown": "fly", "rose": "rise", "risen": "rise", "fell": "fall", "fallen": "fall", "knew": "know",
+              "known": "know", "chose": "choose", "chosen": "choose", "spoke": "speak", "spoken": "speak",
+              "sang": "sing", "sung": "sing", "fought": "fight", "caught": "catch", "thought": "think",
+              "sent": "send", "spent": "spend", "lost": "lose", "told": "tell", "said": "say", "sat": "sit",
+              "stood": "stand", "struck": "strike", "died": "die", "lived": "live", "moved": "move"}
+
+
+def _stem(word: str) -> str:
+    """A crude stem for question matching: irregular past forms mapped, then ``-ing``/``-ed``/``-es``/``-s``
+    cut (keeping 3 letters), then the first 5 characters: ``sailed`` and ``sail``, ``opening`` and ``open``,
+    ``led`` and ``leads`` meet."""
+    word = _IRREGULAR.get(word, word)
+    for suffix in ("ing", "ed", "es", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.endswith("ss"):
+            word = word[:-len(suffix)]
+            break
+    return word[:5]
+
+
 def _stems(text: str) -> set[str]:
-    """Content words of ``text`` for question matching: lower case, 3+ letters, cut to 5 characters."""
-    return {w[:5] for w in re.findall(r"[^\W_]{3,}", text.lower()) if w not in _QUESTION_STOP}
+    """Content words of ``text`` for question matching: lower case, 3+ letters, stemmed (:func:`_stem`)."""
+    return {_stem(w) for w in re.findall(r"[^\W_]{3,}", text.lower()) if w not in _QUESTION_STOP}
+
+
+#: The span kinds that answer each kind of question (see :func:`_wanted_kinds`).
+_WANTED = (
+    (re.compile(r"\b(?:who|whom|whose)\b"), ("name", "capital")),
+    (re.compile(r"\b(?:when|what (?:year|date|day|month|century)|which (?:year|date|day|month|century)|"
+                r"in what year|since when)\b"), ("date", "number")),
+    (re.compile(r"\bhow (?:many|much|long|old|far|high|tall|large|big|deep|wide|heavy|often|fast)\b|"
+                r"\bwhat (?:percentage|percent|number|amount|temperature|size|population)\b"), ("number", "date")),
+    (re.compile(r"\bwhere\b"), ("name", "capital")),
+)
+
+
+def _wanted_kinds(question: str) -> tuple[str, ...]:
+    """The span kinds a question's answer is likely to be: ``("name", "capital")`` for *who* and
+    *where*, dates and numbers for *when* / *what year*, numbers for *how many* / *how much*; ``()`` otherwise."""
+    q = question.lower()
+    for pattern, kinds in _WANTED:
+        if pattern.search(q):
+            return kinds
+    return ()
 
 
 def _by_question(text: str, spans: list[tuple[int, int, str]], question: str) -> list[tuple[int, int, str]]:
     """``spans`` reordered: those whose sentence shares the most words with ``question`` first.
 
+    Words are matched by a crude stem (:func:`_stem`: ``sailed`` meets ``sail``, ``led`` meets
+    ``leads``).
     A shared word counts ``1 / (sentences of the chunk that hold it)``: the chunk's subject
     (``Zaslyrkmere Athletic`` in every sentence) tells its sentences apart less than the word
     only one of them holds (``coached`` for "Who coaches Zaslyrkmere Athletic?"). Within a
     sentence, a span that shares a word with the question and adds one comes first (``employed
     652 people`` for "How many people did it employ?"), and a span the question already spells
-    (``AFC`` for "Which team represented the AFC?") last: it tells the model nothing new. Ties keep the salience order of :func:`anchor_spans`.
+    (``AFC`` for "Which team represented the AFC?") last: it tells the model nothing new; and
+    before the others, a span of the kind the question asks for (:func:`_wanted_kinds`: a name
+    for *who*, a date or number for *when*, a number for *how many*). Ties keep the salience
+    order of :func:`anchor_spans`.
     """
     q = _stems(question)
     if not q:
         return spans
+    wanted = _wanted_kinds(question)
     cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
     bounds = list(zip([0] + cuts, cuts + [len(text)]))
     words = [_stems(text[a:b]) for a, b in bounds]
@@ -243,14 +295,17 @@ def _by_question(text: str, spans: list[tuple[int, int, str]], question: str) ->
             held[stem] = held.get(stem, 0) + 1
     overlap = [round(sum(1.0 / held[stem] for stem in w & q), 9) for w in words]  # rounded: exact ties tie
 
-    def score(j: int) -> tuple[float, int, int]:
-        start, end, _ = spans[j]
+    def score(j: int) -> tuple[float, int, int, int]:
+        start, end, kind = spans[j]
         i = min(bisect.bisect_right(cuts, start), len(bounds) - 1)
         own = _stems(text[start:end])
-        # within a sentence: spans that share a word with the question and add one ("employed 652
-        # people" for "how many people did it employ?") first, then the others, then spans it spells
-        tier = 2 if own and own <= q else 0 if own & q else 1
-        return -overlap[i], tier, j
+        # within a sentence: spans it spells last (they tell the model nothing new); before them,
+        # spans of the kind the question asks for (a name for "who", a number for "how many"),
+        # then spans that share a word with the question and add one ("employed 652 people" for
+        # "how many people did it employ?"), then the others
+        spelled = bool(own) and own <= q
+        tier = 2 if spelled else 0 if own & q else 1
+        return -overlap[i], int(spelled or kind not in wanted), tier, j
 
     order = sorted(range(len(spans)), key=score)
     return [spans[j] for j in order]

@@ -395,3 +395,24 @@ def test_integrations_pass_question_anchors_to_their_engine(monkeypatch):
         with pytest.raises(RuntimeError, match="stop here"):
             face.from_pretrained("default")
     assert seen == [False, True, False, True]
+
+
+def test_question_anchors_match_inflected_words_and_the_kind_asked_for(tok):
+    from compressor_plugin.anchors import _stem, _wanted_kinds, select_anchors
+
+    assert _stem("sailed") == _stem("sail") and _stem("led") == _stem("leads") and _stem("opening") == _stem("open")
+    assert _stem("class") == "class"  # a double s is not a plural
+    assert _wanted_kinds("Who leads the company?") == ("name", "capital")
+    assert _wanted_kinds("How many people did it employ?")[0] == "number"
+    assert _wanted_kinds("In which year did it open?")[0] == "date" and _wanted_kinds("Why did it close?") == ()
+    firm = ("The Goukreirk Foundry is a manufacturer based in Drourkroummouth. It was established in 1887 and is "
+            "led by Glorail Drirplis, who became chief executive after a long career in logistics. Last year the "
+            "Goukreirk Foundry reported revenue of 44 million crowns and employed 19,730 people.")
+    # "leads" meets "led", and a name answers "who": the leader's name comes before the place and the numbers
+    got = tok.decode(select_anchors(firm, tok, 12, question="Who leads the Goukreirk Foundry?"))
+    assert "Glorail Drirplis" in got  # before: "revenue of 44 million crowns"
+    trip = ("In 1836, Tremlark Gleindgu led an expedition to Mount Deslulvround with a party of 32. The ship "
+            "Sousloumtryl sailed from Pemouth on 23 November 1836 and reached the coast in spring.")
+    # "sail" meets "sailed": the sailing sentence ties with the expedition's, and its date is asked for
+    got = tok.decode(select_anchors(trip, tok, 20, question="On what date did the expedition sail?"))
+    assert "23 November 1836" in got  # before: "In 1836; party of 32"
