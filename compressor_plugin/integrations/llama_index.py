@@ -204,7 +204,20 @@ async def _acompress_nodes(engine: "CompressionEngine", nodes: Sequence[BaseNode
 
 
 # ---------------------------------------------------------------------------------- ingestion
-class CompressTransform(FromPretrained, TransformComponent):
+class _DocumentOptions(FromPretrained):
+    """``from_pretrained``'s option checks of the two node classes: their fields and the shared
+    compression options (:func:`~compressor_plugin.integrations.core.compression_options`)."""
+
+    @classmethod
+    def _option_names(cls) -> tuple[frozenset[str], dict[str, str]]:
+        return frozenset(cls.model_fields), dict(_RENAMED)  # type: ignore[attr-defined]
+
+    @classmethod
+    def _check_option_values(cls, options: Any) -> None:
+        compression_options(options)
+
+
+class CompressTransform(_DocumentOptions, TransformComponent):
     """``IngestionPipeline`` step: compress node texts into the store, record keys in metadata.
 
     Each compressed node gets ``compressed`` (True), ``store_key`` (the first piece's key),
@@ -288,14 +301,6 @@ class CompressTransform(FromPretrained, TransformComponent):
         return "CompressTransform"
 
     @classmethod
-    def _option_names(cls) -> tuple[frozenset[str], dict[str, str]]:
-        return frozenset(cls.model_fields), dict(_RENAMED)
-
-    @classmethod
-    def _check_option_values(cls, options: Any) -> None:
-        compression_options(options)
-
-    @classmethod
     def _from_engine(cls, engine: "CompressionEngine", checkpoint: str | os.PathLike, **kwargs: Any) -> "CompressTransform":
         # the checkpoint is recorded, so num_workers pipelines can reload the engine in their workers
         kwargs.setdefault("checkpoint", str(checkpoint))
@@ -368,7 +373,7 @@ class CompressTransform(FromPretrained, TransformComponent):
 
 
 # ---------------------------------------------------------------------------------- retrieval
-class CompressedNodePostprocessor(FromPretrained, BaseNodePostprocessor):
+class CompressedNodePostprocessor(_DocumentOptions, BaseNodePostprocessor):
     """Swap retrieved nodes' text for markers of their compressed entries.
 
     Every returned node is a copy whose text is the marker (or, for a text longer than
@@ -409,14 +414,6 @@ class CompressedNodePostprocessor(FromPretrained, BaseNodePostprocessor):
         data.pop("class_name", None)
         super().__init__(**data)
         self._engine = engine
-
-    @classmethod
-    def _option_names(cls) -> tuple[frozenset[str], dict[str, str]]:
-        return frozenset(cls.model_fields), dict(_RENAMED)
-
-    @classmethod
-    def _check_option_values(cls, options: Any) -> None:
-        compression_options(options)
 
     @classmethod
     def class_name(cls) -> str:
