@@ -36,8 +36,8 @@ from typing import Any, Sequence
 from .text import literal_ids
 
 __all__ = ["select_anchors", "with_anchors", "anchors_for_ids", "attach_anchors", "question_anchors", "share_budget", "relevance", "anchor_spans", "anchored_fingerprint", "check_budget",
-           "LEAD_IN", "SEPARATOR", "MAX_ANCHOR_TOKENS", "DEFAULT_LEFT_CONTEXT",
-           "DEFAULT_ANCHORS"]
+           "check_window_share", "LEAD_IN", "SEPARATOR", "MAX_ANCHOR_TOKENS", "DEFAULT_LEFT_CONTEXT",
+           "DEFAULT_ANCHORS", "DEFAULT_WINDOW_SHARE"]
 
 #: Text before the spans (dropped when the budget is too small to pay for it).
 LEAD_IN = "\nKey terms: "
@@ -53,6 +53,10 @@ DEFAULT_LEFT_CONTEXT = 2
 #: 16 slots lifted SQuAD dev F1 from 0.173 to 0.235 and invented-facts EM from 0.007 to 0.200;
 #: a chunk then takes up to 48 positions instead of 16. Pass ``anchors=0`` for the K/V alone.
 DEFAULT_ANCHORS = 32
+
+#: Share of a question-anchor budget that the question's best sentence may take verbatim
+#: (:func:`select_anchors`); 0 keeps spans only.
+DEFAULT_WINDOW_SHARE = 0.0
 
 _MONTHS = ("January|February|March|April|May|June|July|August|September|October|November|December|"
            "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec")
@@ -97,6 +101,17 @@ def check_budget(budget: Any) -> int:
     if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget <= MAX_ANCHOR_TOKENS:
         raise ValueError(f"anchors is a token budget between 0 and {MAX_ANCHOR_TOKENS}, not {budget!r}")
     return budget
+
+
+def check_window_share(share: Any) -> float:
+    """``share`` as a float in ``[0, 1]`` (see :func:`select_anchors`).
+
+    Raises:
+        ValueError: not a number, or out of range.
+    """
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"window_share is a share of the anchor budget between 0 and 1, not {share!r}")
+    return float(share)
 
 
 def anchored_fingerprint(compressor_fingerprint: str, budget: int) -> str:
@@ -267,6 +282,89 @@ def _wanted_kinds(question: str) -> tuple[str, ...]:
     return ()
 
 
+def _sentence_overlap(text: str, q: set[str]) -> tuple[list[int], list[tuple[int, int]], list[float]]:
+    """Sentence ends, sentence bounds, and each sentence's overlap with the question stems ``q``.
+
+    A shared word counts ``1 / (sentences of the chunk that hold it)`` (see :func:`_by_question`).
+    """
+    cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
+    bounds = list(zip([0] + cuts, cuts + [len(text)]))
+    words = [_stems(text[a:b]) for a, b in bounds]
+    held: dict[str, int] = {}  # sentences that hold each word
+    for w in words:
+        for stem in w & q:
+            held[stem] = held.get(stem, 0) + 1
+    overlap = [round(sum(1.0 / held[stem] for stem in w & q), 9) for w in words]  # rounded: exact ties tie
+    return cuts, bounds, overlap
+
+
+_TOKEN_RE = re.compile(r"\S+")
+
+
+def _sentence_window(text: str, spans: list[tuple[int, int, str]], question: str, tokenizer: Any,
+                     budget: int, share: float) -> tuple[int, int] | None:
+    """The question's best sentence (or the best part of it that fits) as one span.
+
+    The window may take ``share`` of what ``budget`` leaves after :data:`LEAD_IN`. The sentence
+    that shares the most words with ``question`` (as :func:`_by_question` ranks them) is kept
+    whole when it fits. A longer one is cut to the window of whole words that fits and holds,
+    in this order: a span of the kind the question asks for (a name for *who*); the most
+    question words; the most spans of that kind; the most other spans the question does not
+    spell. A window never cuts a span (``23 November | 1836``). ``None`` when no sentence
+    shares a word with the question or no window fits.
+    """
+    q = _stems(question)
+    if not q:
+        return None
+    _, bounds, overlap = _sentence_overlap(text, q)
+    best = max(range(len(bounds)), key=lambda i: (overlap[i], -i))
+    if overlap[best] <= 0:
+        return None
+    a, b = bounds[best]
+    words = [(m.start(), m.end()) for m in _TOKEN_RE.finditer(text, a, b)]
+    if not words:
+        return None
+    lead = len(literal_ids(tokenizer, LEAD_IN))
+    budget = min(budget, lead + int((budget - lead) * share))
+    room = budget - lead
+    whole = (words[0][0], words[-1][1])
+    if len(literal_ids(tokenizer, LEAD_IN + " ".join(text[whole[0]:whole[1]].split()))) <= budget:
+        return whole
+    inside = [(s, e, k) for s, e, k in spans if a <= s and e <= b]
+    cut_ok_start = [not any(s < ws < e for s, e, _ in inside) for ws, _ in words]
+    cut_ok_end = [not any(s < we < e for s, e, _ in inside) for _, we in words]
+    cost = list(map(len, literal_ids(tokenizer, [" " + text[s:e] for s, e in words])))
+    wanted = _wanted_kinds(question)
+    best_window: tuple[tuple[int, int, int, int], int, int] | None = None
+    for i in range(len(words)):
+        if not cut_ok_start[i]:
+            continue
+        total, j = 0, i - 1
+        while j + 1 < len(words) and total + cost[j + 1] <= room:
+            j += 1
+            total += cost[j]
+        while j >= i and not cut_ok_end[j]:
+            j -= 1
+        if j < i:
+            continue
+        ws, we = words[i][0], words[j][1]
+        shared = len(q & _stems(text[ws:we]))
+        held = [(s, e, k) for s, e, k in inside if ws <= s and e <= we and not _stems(text[s:e]) <= q]
+        nw = sum(k in wanted for _, _, k in held)
+        key = (min(nw, 1), shared, nw, len(held), -i)
+        if best_window is None or key > best_window[0]:
+            best_window = (key, i, j)
+    if best_window is None:
+        return None
+    _, i, j = best_window
+    while j >= i:  # the per-word count is an estimate: shrink until the rendered text fits
+        ws, we = words[i][0], words[j][1]
+        if cut_ok_end[j] and len(literal_ids(tokenizer, LEAD_IN + " ".join(text[ws:we].split()))) <= budget:
+            return ws, we
+        j -= 1
+    return None
+
+
 def _by_question(text: str, spans: list[tuple[int, int, str]], question: str) -> list[tuple[int, int, str]]:
     """``spans`` reordered: those whose sentence shares the most words with ``question`` first.
 
@@ -286,14 +384,7 @@ def _by_question(text: str, spans: list[tuple[int, int, str]], question: str) ->
     if not q:
         return spans
     wanted = _wanted_kinds(question)
-    cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
-    bounds = list(zip([0] + cuts, cuts + [len(text)]))
-    words = [_stems(text[a:b]) for a, b in bounds]
-    held: dict[str, int] = {}  # sentences that hold each word
-    for w in words:
-        for stem in w & q:
-            held[stem] = held.get(stem, 0) + 1
-    overlap = [round(sum(1.0 / held[stem] for stem in w & q), 9) for w in words]  # rounded: exact ties tie
+    cuts, bounds, overlap = _sentence_overlap(text, q)
 
     def score(j: int) -> tuple[float, int, int, int]:
         start, end, kind = spans[j]
@@ -350,7 +441,8 @@ def share_budget(relevances: Sequence[int], budget: int) -> list[int]:
 
 
 def question_anchors(chunks: Sequence[tuple[str, list[tuple[int, int, str]] | None]], tokenizer: Any, budget: int,
-                     question: str, *, share: bool = True) -> list[list[int]]:
+                     question: str, *, share: bool = True,
+                     window_share: float = DEFAULT_WINDOW_SHARE) -> list[list[int]]:
     """Anchor ids for each chunk of one prompt, chosen for ``question``.
 
     Args:
@@ -360,13 +452,17 @@ def question_anchors(chunks: Sequence[tuple[str, list[tuple[int, int, str]] | No
         share: split the prompt's ``budget * len(chunks)`` tokens by relevance
             (:func:`share_budget`): the chunk that matches the question can hold more of its
             spans, the others fewer. ``False``: every chunk gets ``budget``.
+        window_share: the share of each chunk's budget its best sentence may take verbatim
+            (:func:`select_anchors`).
     """
     budgets = share_budget([relevance(t, question) for t, _ in chunks], budget) if share else [budget] * len(chunks)
-    return [select_anchors(t, tokenizer, b, question=question, spans=sp) for (t, sp), b in zip(chunks, budgets)]
+    return [select_anchors(t, tokenizer, b, question=question, spans=sp, window_share=window_share)
+            for (t, sp), b in zip(chunks, budgets)]
 
 
 def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int = DEFAULT_LEFT_CONTEXT,
-                   question: str | None = None, spans: list[tuple[int, int, str]] | None = None) -> list[int]:
+                   question: str | None = None, spans: list[tuple[int, int, str]] | None = None,
+                   window_share: float = DEFAULT_WINDOW_SHARE) -> list[int]:
     """Token ids of the salient exact spans of ``text``, at most ``budget`` of them.
 
     Pure and deterministic: the same text, tokenizer and budget always give the same ids.
@@ -387,11 +483,17 @@ def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int 
             is about); spans the question already spells come after the others of their sentence.
         spans: ``anchor_spans(text, tokenizer, left_context=...)`` when the caller has them
             (they depend on the text only, so a chunk asked about many times computes them once).
+        window_share: with ``question``, the share of the budget (after the lead-in) that the
+            question's best sentence may take verbatim, before the spans (a *sentence window*:
+            the decoder reads which name or number answers, not only a list of them); a
+            sentence too long for it is cut to its best window of whole words. ``0``: spans
+            only. See :data:`DEFAULT_WINDOW_SHARE`.
 
     Raises:
         ValueError: ``budget`` is not an integer in ``[0, MAX_ANCHOR_TOKENS]``.
     """
     budget = check_budget(budget)
+    window_share = check_window_share(window_share)
     if budget == 0 or not text.strip():
         return []
 
@@ -402,6 +504,10 @@ def select_anchors(text: str, tokenizer: Any, budget: int, *, left_context: int 
         spans = anchor_spans(text, tokenizer, left_context=left_context)
     if question:
         spans = _by_question(text, spans, question)
+        window = _sentence_window(text, spans, question, tokenizer, budget, window_share) if window_share else None
+        if window is not None:
+            ws, we = window
+            spans = [(ws, we, "sentence")] + [sp for sp in spans if not (ws <= sp[0] and sp[1] <= we)]
     for lead in (LEAD_IN, " "):  # the lead-in, or a bare space when it leaves no room
         chosen: list[tuple[int, int]] = []
         ids: list[int] = []

@@ -416,3 +416,30 @@ def test_question_anchors_match_inflected_words_and_the_kind_asked_for(tok):
     # "sail" meets "sailed": the sailing sentence ties with the expedition's, and its date is asked for
     got = tok.decode(select_anchors(trip, tok, 20, question="On what date did the expedition sail?"))
     assert "23 November 1836" in got  # before: "In 1836; party of 32"
+
+
+def test_sentence_window_keeps_the_question_sentence_verbatim_and_never_cuts_a_span(tok):
+    from compressor_plugin.anchors import LEAD_IN, check_window_share, question_anchors, select_anchors
+
+    town = ("Gloumere is a town on the Droupyr river with a population of 100,495. It is known for plumferk, "
+            "a stew of river fish. Its coat of arms shows a violet lynx on a plain field.")
+    q = "What animal is shown on the coat of arms of Gloumere?"
+    spans_only = tok.decode(select_anchors(town, tok, 32, question=q))
+    assert "violet lynx" not in spans_only  # a common-word answer is no span: spans alone miss it
+    got = tok.decode(select_anchors(town, tok, 32, question=q, window_share=1.0))
+    assert got.startswith(LEAD_IN) and "Its coat of arms shows a violet lynx on a plain field." in got
+    assert len(select_anchors(town, tok, 32, question=q, window_share=1.0)) <= 32
+    # share 0 is the spans-only selection, and question_anchors passes the share through
+    assert select_anchors(town, tok, 32, question=q, window_share=0.0) == select_anchors(town, tok, 32, question=q)
+    assert question_anchors([(town, None)], tok, 32, q, window_share=1.0)[0] == \
+        select_anchors(town, tok, 32, question=q, window_share=1.0)
+    # a sentence longer than the budget is cut to a window that holds the name asked for, whole
+    long = ("The mineral plurksirteirk, a pale and brittle crystal found in the northern valleys of the old "
+            "province, was first described in 1821 by Bourkvyr Tuglamvrel of the Seilgrad Society.")
+    ids = select_anchors(long, tok, 32, question="Who first described the mineral plurksirteirk?", window_share=1.0)
+    assert "was first described in 1821 by Bourkvyr Tuglamvrel of the Seilgrad Society." in tok.decode(ids)
+    assert len(ids) <= 32
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        check_window_share(1.5)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        select_anchors(town, tok, 32, question=q, window_share=True)

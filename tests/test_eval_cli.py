@@ -153,17 +153,19 @@ def test_eval_qa_question_anchors(qa_file: Path, tmp_path: Path) -> None:
     several chunks, +qN-unshared, beside +aN (anchors chosen once); the same positions at most."""
     out = tmp_path / "qa_q.json"
     rc = _run(["eval", "qa", "--data", qa_file, "--limit", 3, "--chunks", 2, "--k", 2, "--layouts", "plain",
-               "--systems", "compressed", "--anchors", "0,8", "--question-anchors", "--batch-size", 3,
-               "--max-new-tokens", 4, "--output", out, "--no-progress"])
+               "--systems", "compressed", "--anchors", "0,8", "--question-anchors", "--window-shares", "0,0.5",
+               "--batch-size", 3, "--max-new-tokens", 4, "--output", out, "--no-progress"])
     assert rc == 0
     r = json.loads(out.read_text())
     systems = r["systems"]
-    assert set(systems) == {"kv-k2", "kv-k2+a8", "kv-k2+q8", "kv-k2+q8-unshared"}
-    assert r["config"]["question_anchors"] is True
+    assert set(systems) == {"kv-k2", "kv-k2+a8", "kv-k2+q8", "kv-k2+q8-unshared", "kv-k2+q8w50",
+                            "kv-k2+q8w50-unshared"}
+    assert r["config"]["question_anchors"] is True and r["config"]["window_shares"] == [0.0, 0.5]
     assert systems["kv-k2+q8"]["question_anchors"] == "shared"
     assert systems["kv-k2+q8-unshared"]["question_anchors"] == "each"
     assert systems["kv-k2+a8"]["question_anchors"] is False
-    for name in ("kv-k2+a8", "kv-k2+q8", "kv-k2+q8-unshared"):
+    assert systems["kv-k2+q8w50"]["window_share"] == 0.5 and systems["kv-k2+q8"]["window_share"] == 0.0
+    for name in ("kv-k2+a8", "kv-k2+q8", "kv-k2+q8-unshared", "kv-k2+q8w50", "kv-k2+q8w50-unshared"):
         # two chunks of 2 slots and at most 8 anchor tokens each (shared: at most 16 in all)
         assert 4 < systems[name]["context_tokens_mean"] <= 4 + 16, name
 

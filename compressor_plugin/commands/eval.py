@@ -20,6 +20,17 @@ def int_list(text: str) -> list[int]:
     return vals
 
 
+def share_list(text: str) -> list[float]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``: sentence-window shares (argparse type)."""
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not vals or min(vals) < 0 or max(vals) > 1:
+        raise argparse.ArgumentTypeError(f"expected shares between 0 and 1, got {text!r}")
+    return vals
+
+
 def budget_list(text: str) -> list[int]:
     """``"0,16,32"`` -> ``[0, 16, 32]``: anchor token budgets (argparse type; 0 allowed)."""
     from ..anchors import MAX_ANCHOR_TOKENS
@@ -109,6 +120,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "spans from the sentences that share words with the question first; with --chunks > 1 the "
                          "prompt's budget is shared by relevance, and +qN-unshared keeps N per chunk), at each "
                          "budget N > 0")
+    qa.add_argument("--window-shares", type=share_list, default=None, metavar="S[,S...]",
+                    help="with --question-anchors: shares of the budget the question's best sentence may take "
+                         "verbatim before the spans, each evaluated as +qNw{100*S} (0: spans only, +qN); "
+                         "default: the engine's")
     qa.add_argument("--anchor-context", type=int, default=None, metavar="W",
                     help="words kept before each number or date in anchors ('born in 1962'; default "
                          "compressor_plugin.anchors.DEFAULT_LEFT_CONTEXT)")
@@ -215,7 +230,8 @@ def _qa(args: argparse.Namespace) -> int:
                          device=args.device, dtype=args.dtype, batch_size=args.batch_size, chunks=args.chunks,
                          max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
                          anchors=args.anchors, anchor_context=args.anchor_context,
-                         question_anchors=args.question_anchors, keep_examples=args.examples, reference=reference)
+                         question_anchors=args.question_anchors,
+                         window_shares=args.window_shares, keep_examples=args.examples, reference=reference)
     return _finish(result, qa_table(result), args, lambda: plot_qa([result], args.plot))
 
 

@@ -355,6 +355,7 @@ def run_qa_eval(
     anchors: Sequence[int] = (0,),
     anchor_context: int | None = None,
     question_anchors: bool = False,
+    window_shares: Sequence[float] | None = None,
     keep_examples: int | None = N_EXAMPLES,
     reference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -385,6 +386,10 @@ def run_qa_eval(
             (:func:`~compressor_plugin.anchors.question_anchors`: spans of the sentences that
             share words with it first, the prompt's budget shared by relevance). With several
             chunks also ``+q{N}-unshared``: every chunk keeps N.
+        window_shares: with ``question_anchors``, the sentence-window shares to evaluate
+            (:func:`~compressor_plugin.anchors.select_anchors`); a share S > 0 names its system
+            ``+q{N}w{100*S}`` (``+q32w50``), 0 keeps ``+q{N}`` (spans only). Default: the
+            engine's :data:`~compressor_plugin.anchors.DEFAULT_WINDOW_SHARE` alone.
         keep_examples: per-question rows kept per system in the result's ``examples`` (``None``:
             every question, so a later run can use this one as its ``reference``).
         reference: an earlier ``eval qa`` result kept with ``keep_examples=None`` whose ``full``
@@ -399,7 +404,7 @@ def run_qa_eval(
 
     import torch
 
-    from ..anchors import DEFAULT_LEFT_CONTEXT, anchor_spans, check_budget, with_anchors
+    from ..anchors import DEFAULT_LEFT_CONTEXT, DEFAULT_WINDOW_SHARE, anchor_spans, check_budget, check_window_share, with_anchors
     from ..anchors import question_anchors as question_anchor_ids
 
     from ..compressor import checkpoints_base
@@ -423,6 +428,10 @@ def run_qa_eval(
         groups.add("full-tuned")
     anchors = list(dict.fromkeys(check_budget(int(a)) for a in anchors)) or [0]
     left = DEFAULT_LEFT_CONTEXT if anchor_context is None else int(anchor_context)
+    shares = list(dict.fromkeys(check_window_share(w) for w in
+                                ([DEFAULT_WINDOW_SHARE] if window_shares is None else window_shares)))
+    if not shares:
+        raise ValueError("window_shares is empty")
 
     t_start = time.perf_counter()
     examples = load_qa(data, limit=limit, seed=seed, chunks=chunks)
@@ -534,11 +543,14 @@ def run_qa_eval(
                 for c, ids in zip(uniq, uniq_ids):
                     t = tok.decode(list(ids))
                     spans_of[c] = (t, anchor_spans(t, tok, left_context=left))
-            # (budget, question anchors: None = chosen once / "shared" = the engine's / "each" = not shared)
-            variants = [(b, None) for b in anchors] + [(b, "shared") for b in anchors if b and question_anchors]
-            if question_anchors and chunks > 1:
-                variants += [(b, "each") for b in anchors if b]
-            for budget, by_question in variants:
+            # (budget, question anchors: None = chosen once / "shared" = the engine's / "each" = not shared,
+            #  sentence-window share)
+            variants = [(b, None, 0.0) for b in anchors]
+            for ws in shares:
+                variants += [(b, "shared", ws) for b in anchors if b and question_anchors]
+                if question_anchors and chunks > 1:
+                    variants += [(b, "each", ws) for b in anchors if b]
+            for budget, by_question, ws in variants:
                 by_text = {c: with_anchors(x, ids, tok, budget, left_context=left)
                            for c, x, ids in zip(uniq, ctxs, uniq_ids)}
                 per_example = [[by_text[c] for c in ex.contexts] for ex in examples]
@@ -546,9 +558,12 @@ def run_qa_eval(
                     per_example = [
                         [dataclasses.replace(x, anchor_ids=torch.tensor(a, dtype=torch.long) if a else None)
                          for x, a in zip(cs, question_anchor_ids([spans_of[c] for c in ex.contexts], tok, budget,
-                                                                 ex.question, share=by_question == "shared"))]
+                                                                 ex.question, share=by_question == "shared",
+                                                                 window_share=ws))]
                         for ex, cs in zip(examples, per_example)]
                 a_name = name if budget == 0 else f"{name}+{'q' if by_question else 'a'}{budget}"
+                if by_question and ws:
+                    a_name += f"w{round(ws * 100)}"
                 if by_question == "each":
                     a_name += "-unshared"
                 names = []
@@ -566,6 +581,7 @@ def run_qa_eval(
                                                   untrained=lc.untrained, compress_seconds=round(compress_s, 3),
                                                   truncated_contexts=n_trunc, anchors=budget,
                                                   question_anchors=by_question or False,
+                                                  window_share=ws if by_question else None,
                                                   anchor_tokens_mean=sum(x.anchor_count for cs in per_example for x in cs)
                                                   / max(sum(len(cs) for cs in per_example), 1))
                     s = results[sys_name]
@@ -620,6 +636,7 @@ def run_qa_eval(
         "decoding": "greedy", "label_task": label_task, "checkpoints": checkpoint_meta,
         "full_tuned": str(full_tuned) if full_tuned else None, "skipped": skipped,
         "anchors": anchors, "anchor_context": left, "question_anchors": bool(question_anchors),
+        "window_shares": shares if question_anchors else None,
         "total_seconds": round(time.perf_counter() - t_start, 3),
         **env,
     }
