@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from .anchors import DEFAULT_ANCHORS
+from .anchors import DEFAULT_ANCHORS, DEFAULT_WINDOW_SHARE
 from .compressor import Compressor
 from .context import CompressedContext
 from .generation import (CHAT_ROLES, GenerationConfig, GenerationResult, GenerationStream,  # noqa: F401 (CHAT_ROLES re-exported)
@@ -97,14 +97,21 @@ class CompressionEngine:
             (:func:`~compressor_plugin.anchors.select_anchors` with ``question``). Same budget,
             same store entries; a chunk whose text is not in the store keeps the anchors stored
             with it. Default True.
+        window_share: with question anchors, the share of a chunk's anchor budget that its
+            sentence best matching the question may take verbatim, before the other spans
+            (a *sentence window*: the model reads which name or number answers, not only a
+            list of them; :func:`~compressor_plugin.anchors.select_anchors`). 0 keeps spans
+            only. Default :data:`~compressor_plugin.anchors.DEFAULT_WINDOW_SHARE`.
     """
 
     def __init__(self, compressor: Compressor, store: ContextStore | None = None, *,
-                 marker_secret: bytes | None = None, anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True):
-        from .anchors import check_budget
+                 marker_secret: bytes | None = None, anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True,
+                 window_share: float = DEFAULT_WINDOW_SHARE):
+        from .anchors import check_budget, check_window_share
 
         self.anchors = check_budget(anchors)
         self.question_anchors = bool(question_anchors)
+        self.window_share = check_window_share(window_share)
         self._spans: OrderedDict[str, tuple[str, list]] = OrderedDict()  # key -> (text, anchor spans), bounded
         self._spans_lock = threading.Lock()
         self.compressor = compressor
@@ -119,19 +126,25 @@ class CompressionEngine:
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         marker_secret: bytes | None = None, verbose: bool = False,
                         anchors: int = DEFAULT_ANCHORS, question_anchors: bool = True,
+                        window_share: float = DEFAULT_WINDOW_SHARE,
                         allow_download: bool = False) -> "CompressionEngine":
         """Load the base model and a compressor checkpoint (shipped name or folder), open a store.
 
         ``verbose=True`` shows the loading library's progress bars and info messages (off by
-        default); ``marker_secret``, ``anchors`` and ``question_anchors`` are as for
-        :class:`CompressionEngine`; ``allow_download`` as for :meth:`Compressor.from_pretrained`.
+        default); ``marker_secret``, ``anchors``, ``question_anchors`` and ``window_share`` are
+        as for :class:`CompressionEngine`; ``allow_download`` as for :meth:`Compressor.from_pretrained`.
         """
+        from .anchors import check_budget, check_window_share
+
+        check_budget(anchors)  # before the model loads: a bad option fails in a second
+        check_window_share(window_share)
         if store is not None and not isinstance(store, ContextStore):
             store = ContextStore(store)  # before the model loads: a bad store path fails in a second, not after it
         with verbose_loading(verbose):
             comp = Compressor.from_pretrained(checkpoint, device=device, dtype=dtype, allow_download=allow_download)
         comp.match_adapter_dtype()  # inference only: a bf16 model runs its encoder in bf16 end to end
-        engine = cls(comp, store, marker_secret=marker_secret, anchors=anchors, question_anchors=question_anchors)
+        engine = cls(comp, store, marker_secret=marker_secret, anchors=anchors, question_anchors=question_anchors,
+                     window_share=window_share)
         engine.checkpoint = str(checkpoint)
         return engine
 
@@ -289,7 +302,8 @@ class CompressionEngine:
                   for spans in [self._chunk_spans(key)] if spans is not None]
         if not chosen:
             return
-        ids = question_anchors([sp for _, sp in chosen], self.tokenizer, self.anchors, question)
+        ids = question_anchors([sp for _, sp in chosen], self.tokenizer, self.anchors, question,
+                               window_share=self.window_share)
         new = {id(ctx): dataclasses.replace(ctx, anchor_ids=torch.tensor(a, dtype=torch.long) if a else None)
                for (ctx, _), a in zip(chosen, ids)}
         res.segments = [new.get(id(s), s) if isinstance(s, CompressedContext) else s for s in res.segments]

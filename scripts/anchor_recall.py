@@ -9,6 +9,7 @@ a substring of them. Rows are the first ``--limit`` of each file after a seeded 
     python scripts/anchor_recall.py --without stem ...   # ablation: words matched by their first 5 letters
     python scripts/anchor_recall.py --without kind ...   # ablation: no preference for the kind asked for
     python scripts/anchor_recall.py --without stem --without kind ...   # the selection before both
+    python scripts/anchor_recall.py --window-share 0 ...   # spans only, no sentence window
 
 A proxy for what question anchors can carry; whether the model then answers from them is what
 ``compressor-plugin eval qa --question-anchors`` measures.
@@ -35,6 +36,8 @@ def main() -> int:
     ap.add_argument("--without", choices=("stem", "kind"), action="append", default=[],
                     help="ablation (repeatable): match words by their first 5 letters (stem), drop the "
                          "answer-kind preference (kind); both: the selection before either")
+    ap.add_argument("--window-share", type=float, default=None,
+                    help="share of the budget the question's best sentence may take verbatim (default: the engine's)")
     args = ap.parse_args()
 
     import compressor_plugin.anchors as anchors
@@ -53,7 +56,8 @@ def main() -> int:
         rows = [r for r in rows if r.get("answers")][:args.limit]
         hit = 0
         for r in rows:
-            ids = anchors.question_anchors([(r["context"], None)], tok, args.budget, r["question"])[0]
+            share = anchors.DEFAULT_WINDOW_SHARE if args.window_share is None else args.window_share
+            ids = anchors.question_anchors([(r["context"], None)], tok, args.budget, r["question"], window_share=share)[0]
             text = tok.decode(ids).lower()
             hit += any(g.strip().lower() in text for g in r["answers"] if g.strip())
         print(f"| {Path(f).name} | {len(rows)} | {hit / max(1, len(rows)):.3f} |")

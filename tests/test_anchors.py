@@ -236,7 +236,8 @@ def test_engine_budget_keys_and_short_chunk_rule(comp, tmp_path):
     assert plain.mark([words])[0] != words and anchored.mark([words])[0] == words
     marker = anchored.mark([TEXT])[0]
     res = anchored.generate(f"Context: {marker}\nQuestion: When was she born?\nAnswer:", max_new_tokens=3)
-    assert res.resolved_chunks == 1 and res.generation.compressed_tokens == r16.context.positions
+    # its question anchors are chosen again for the question, within the same budget
+    assert res.resolved_chunks == 1 and comp.k < res.generation.compressed_tokens <= comp.k + 16
     with pytest.raises(ValueError):
         CompressionEngine(comp, store, anchors=-1)
 
@@ -321,6 +322,13 @@ def test_engine_question_anchors_come_from_the_stored_text(comp, tmp_path, monke
     assert "652" not in anchor_text(fixed, prompt.format(fixed.mark([TEXT])[0]))
     # chat messages: the question is the messages' own text
     assert "employed 652 people" in anchor_text(engine, [{"role": "user", "content": prompt.format(marker)}])
+    # a sentence window: the engine's window share reaches the selection
+    windowed = CompressionEngine(comp, store, anchors=32, window_share=1.0)
+    spans = CompressionEngine(comp, store, anchors=32, window_share=0.0)
+    asked = prompt.split("{}", 1)[1]
+    got = anchor_text(windowed, prompt.format(windowed.mark([TEXT])[0]))
+    assert got == engine.tokenizer.decode(select_anchors(TEXT, engine.tokenizer, 32, question=asked, window_share=1.0))
+    assert got != anchor_text(spans, prompt.format(spans.mark([TEXT])[0]))
     # never more positions than the stored anchors' budget
     res = engine.generate(prompt.format(marker), max_new_tokens=2)
     assert res.generation.compressed_tokens <= comp.k + 12
@@ -424,13 +432,15 @@ def test_sentence_window_keeps_the_question_sentence_verbatim_and_never_cuts_a_s
     town = ("Gloumere is a town on the Droupyr river with a population of 100,495. It is known for plumferk, "
             "a stew of river fish. Its coat of arms shows a violet lynx on a plain field.")
     q = "What animal is shown on the coat of arms of Gloumere?"
-    spans_only = tok.decode(select_anchors(town, tok, 32, question=q))
+    spans_only = tok.decode(select_anchors(town, tok, 32, question=q, window_share=0.0))
     assert "violet lynx" not in spans_only  # a common-word answer is no span: spans alone miss it
     got = tok.decode(select_anchors(town, tok, 32, question=q, window_share=1.0))
     assert got.startswith(LEAD_IN) and "Its coat of arms shows a violet lynx on a plain field." in got
     assert len(select_anchors(town, tok, 32, question=q, window_share=1.0)) <= 32
-    # share 0 is the spans-only selection, and question_anchors passes the share through
-    assert select_anchors(town, tok, 32, question=q, window_share=0.0) == select_anchors(town, tok, 32, question=q)
+    # the default share holds this sentence too; with too little room for a window, spans only
+    assert "violet lynx" in tok.decode(select_anchors(town, tok, 32, question=q))
+    assert select_anchors(town, tok, 16, question=q, window_share=1.0) == \
+        select_anchors(town, tok, 16, question=q, window_share=0.0)  # 12 tokens left after the lead-in: none
     assert question_anchors([(town, None)], tok, 32, q, window_share=1.0)[0] == \
         select_anchors(town, tok, 32, question=q, window_share=1.0)
     # a sentence longer than the budget is cut to a window that holds the name asked for, whole

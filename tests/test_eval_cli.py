@@ -435,6 +435,15 @@ def test_eval_qa_reference_gives_agreement_without_full_text(qa_file: Path, tmp_
     rows = r["examples"]["kv-k2"]
     expected = sum(squad_scores(e["prediction"], [answers[e["id"]]])["f1"] for e in rows) / len(rows)
     assert r["systems"]["kv-k2"]["agreement_f1"] == pytest.approx(expected)
+    import gzip
+
+    gz = tmp_path / "full.json.gz"  # a gzip-compressed reference reads the same
+    gz.write_bytes(gzip.compress(ref.read_bytes()))
+    out_gz = tmp_path / "kv_gz.json"
+    assert _run(["eval", "qa", "--data", qa_file, "--limit", 3, "--k", 2, "--layouts", "plain",
+                 "--systems", "compressed", "--reference", gz, "--max-new-tokens", 8,
+                 "--output", out_gz, "--no-progress"]) == 0
+    assert json.loads(out_gz.read_text())["systems"]["kv-k2"]["agreement_f1"] == pytest.approx(expected)
     full_f1 = sum(e["f1"] for e in full) / len(full)
     kv_f1 = r["systems"]["kv-k2"]["f1"]
     assert r["systems"]["kv-k2"]["retention_f1"] == (pytest.approx(kv_f1 / full_f1) if full_f1 > 0 else None)

@@ -408,11 +408,11 @@ def test_every_class_builds_from_the_shipped_default_checkpoint(shipped_compress
     engines = []
     for cls, opts in options.items():
         built = cls.from_pretrained("default", store=store, device="cpu", anchors=0, question_anchors=False,
-                                    marker_secret=secret, **opts)
+                                    marker_secret=secret, window_share=0.25, **opts)
         assert type(built) is cls
         engine = built.engine
         assert engine.compressor is shipped_compressor and engine.checkpoint == "default"
-        assert engine.anchors == 0 and engine.question_anchors is False
+        assert engine.anchors == 0 and engine.question_anchors is False and engine.window_share == 0.25
         assert Path(engine.store.directory).resolve() == store.resolve()
         for key, value in opts.items():
             option = built.options if isinstance(built, lc.CompressedDocumentTransformer) else built

@@ -361,7 +361,8 @@ def test_anchors_between_chunks_give_the_generators_loss(data_files):
         """Summed negative log-likelihood of row's answer under the Generator, chunks in ``order``."""
         s = samples[row]
         p = qa_prompt("plain", s.question, tok)
-        picked = question_anchors([(tok.decode(samples[c].ids), None) for c in order], tok, 12, s.question)
+        picked = question_anchors([(tok.decode(samples[c].ids), None) for c in order], tok, 12, s.question,
+                                  window_share=cfg.window_share)
         placed = [dataclasses.replace(ctxs[c], anchor_ids=torch.tensor(a) if a else None) for c, a in zip(order, picked)]
         target = tok(p.target(s.answer), add_special_tokens=False)["input_ids"]
         total = 0.0

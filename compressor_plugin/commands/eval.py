@@ -222,8 +222,13 @@ def _qa(args: argparse.Namespace) -> int:
     reference = None
     if args.reference is not None:
         try:
-            reference = json.loads(Path(args.reference).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+            raw = Path(args.reference).read_bytes()
+            if raw[:2] == b"\x1f\x8b":  # a gzip-compressed result (docs/data keeps them so)
+                import gzip
+
+                raw = gzip.decompress(raw)
+            reference = json.loads(raw.decode("utf-8"))
+        except (OSError, ValueError, EOFError) as e:
             raise ValueError(f"--reference {args.reference}: not a readable result JSON ({e})") from e
     result = run_qa_eval(args.data, limit=args.limit, seed=args.seed, checkpoints=args.checkpoint, k=args.k,
                          mode=args.mode, full_tuned=args.full_tuned, layouts=args.layouts, systems=args.systems,

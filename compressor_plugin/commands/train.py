@@ -49,6 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="QA steps: up to this many question-anchor tokens per chunk after its slots, chosen "
                         "(and shared by relevance across a prompt's chunks) as the engine does at answer time; "
                         "the embedding mode anchors one-chunk steps only (default 0: none)")
+    p.add_argument("--window-share", type=float, default=0.0,
+                   help="with --anchors: share of each chunk's anchors that the question's best sentence may take "
+                        "verbatim (the engine's sentence window); the shipped compressors were trained with 0, "
+                        "spans only (default 0)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--target-modules", default="q_proj,v_proj")
@@ -90,6 +94,7 @@ def _run(args: argparse.Namespace) -> int:
                       continue_tokens=args.continue_tokens, cloze_per_text=args.cloze_per_text,
                       verify_share=args.verify_share,
                       distill=args.distill, teacher_targets=args.teacher_targets, anchors=args.anchors,
+                      window_share=args.window_share,
                       gradient_checkpointing=args.gradient_checkpointing, fused_kernels=args.fused_kernels)
     if cfg.max_steps is None and cfg.max_minutes is None:
         raise ValueError("give --max-steps or --max-minutes")

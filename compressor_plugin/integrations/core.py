@@ -39,7 +39,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence, TypeVar
 
-from ..anchors import DEFAULT_ANCHORS
+from ..anchors import DEFAULT_ANCHORS, DEFAULT_WINDOW_SHARE
 from ..errors import ContextTooLongError, EmptyDocumentWarning, InvalidOptionError, PromptError, UnknownOptionError
 from ..store import normalize_text
 from ..text import has_control_text, literal_ids
@@ -239,7 +239,8 @@ def check_engine(engine: Any) -> "CompressionEngine":
 # ---------------------------------------------------------------------------------- loading and naming
 def load_engine(checkpoint: str | os.PathLike = "default", store: "ContextStore | str | os.PathLike | None" = None,
                 device: Any = None, dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
-                question_anchors: bool = True, marker_secret: bytes | None = None) -> "CompressionEngine":
+                question_anchors: bool = True, marker_secret: bytes | None = None,
+                window_share: float = DEFAULT_WINDOW_SHARE) -> "CompressionEngine":
     """The engine behind every class's ``from_pretrained``: base model, compressor checkpoint and store.
 
     Each call loads its own engine (its own copy of the model, its own marker secret). Build
@@ -261,12 +262,15 @@ def load_engine(checkpoint: str | os.PathLike = "default", store: "ContextStore 
             False keeps those chosen at compression time.
         marker_secret: the secret that signs the engine's markers (at least 32 bytes); default
             a random one kept in memory.
+        window_share: the share of a chunk's question-anchor budget its best-matching sentence
+            may take verbatim (see :class:`~compressor_plugin.engine.CompressionEngine`); 0 for
+            spans only. Default :data:`~compressor_plugin.anchors.DEFAULT_WINDOW_SHARE`.
     """
     from ..engine import CompressionEngine
 
     return CompressionEngine.from_pretrained(checkpoint, store=store, device=device, dtype=dtype,
                                              marker_secret=marker_secret, verbose=verbose, anchors=anchors,
-                                             question_anchors=question_anchors)
+                                             question_anchors=question_anchors, window_share=window_share)
 
 
 
@@ -274,7 +278,7 @@ _Face = TypeVar("_Face", bound="FromPretrained")
 
 #: The arguments of :func:`load_engine`, which ``from_pretrained`` takes besides the class's options.
 LOAD_OPTIONS: tuple[str, ...] = ("checkpoint", "store", "device", "dtype", "verbose", "anchors", "question_anchors",
-                                 "marker_secret")
+                                 "marker_secret", "window_share")
 
 
 class FromPretrained:
@@ -327,13 +331,14 @@ class FromPretrained:
     def from_pretrained(cls: type[_Face], checkpoint: str | os.PathLike = "default",
                         store: "ContextStore | str | os.PathLike | None" = None, device: Any = None,
                         dtype: Any = None, verbose: bool = False, anchors: int = DEFAULT_ANCHORS,
-                        question_anchors: bool = True, marker_secret: bytes | None = None, **kwargs: Any) -> _Face:
+                        question_anchors: bool = True, marker_secret: bytes | None = None,
+                        window_share: float = DEFAULT_WINDOW_SHARE, **kwargs: Any) -> _Face:
         """Load an engine (:func:`~compressor_plugin.integrations.core.load_engine`: base model,
         compressor checkpoint, store) and build this class over it.
 
         Args:
-            checkpoint, store, device, dtype, verbose, anchors, question_anchors, marker_secret:
-                as in :func:`~compressor_plugin.integrations.core.load_engine`.
+            checkpoint, store, device, dtype, verbose, anchors, question_anchors, marker_secret,
+                window_share: as in :func:`~compressor_plugin.integrations.core.load_engine`.
             **kwargs: this class's own options. Their names (and the values that can be checked
                 without a model) are checked **before** the model loads
                 (:meth:`check_pretrained_options`), so a misspelt option fails at once.
@@ -349,7 +354,8 @@ class FromPretrained:
         """
         cls.check_pretrained_options(kwargs)
         engine = load_engine(checkpoint, store=store, device=device, dtype=dtype, verbose=verbose, anchors=anchors,
-                             question_anchors=question_anchors, marker_secret=marker_secret)
+                             question_anchors=question_anchors, marker_secret=marker_secret,
+                             window_share=window_share)
         return cls._from_engine(engine, checkpoint, **kwargs)
 
     @classmethod
@@ -375,15 +381,16 @@ def model_identity(engine: "CompressionEngine") -> dict[str, Any]:
     """What identifies the model behind ``engine``: :func:`model_name` and what decides its answers.
 
     ``model_name``, ``base_model`` (the base model's name), ``base_fingerprint``, ``dtype``,
-    ``compressor`` (the compressor's fingerprint), ``k``, ``mode``, ``anchors`` and
-    ``question_anchors``. The checkpoint's name or folder is left out: the same weights loaded
+    ``compressor`` (the compressor's fingerprint), ``k``, ``mode``, ``anchors``,
+    ``question_anchors`` and ``window_share``. The checkpoint's name or folder is left out: the same weights loaded
     under another name answer the same. LangChain's ``_identifying_params`` (and so its LLM
     cache keys) start from these.
     """
     comp = engine.compressor
     return {"model_name": model_name(engine), "base_model": comp.base.name, "base_fingerprint": comp.base.fingerprint,
             "dtype": str(comp.base.dtype).replace("torch.", ""), "compressor": comp.fingerprint, "k": int(comp.k),
-            "mode": str(comp.mode), "anchors": int(engine.anchors), "question_anchors": bool(engine.question_anchors)}
+            "mode": str(comp.mode), "anchors": int(engine.anchors), "question_anchors": bool(engine.question_anchors),
+            "window_share": float(engine.window_share)}
 
 
 # ---------------------------------------------------------------------------------- chat roles

@@ -122,6 +122,7 @@ class TrainConfig:
     distill: float = 0.0  # QA steps: weight of KL(full-text teacher || student) vs. CE on the gold answer
     teacher_targets: float = 0.0  # QA steps: share of samples whose target is the teacher's own answer
     anchors: int = 0  # QA steps: up to this many question-anchor tokens per chunk after its slots, as at answer time
+    window_share: float = 0.0  # share of those anchors the question's best sentence may take verbatim (anchors.py)
     gradient_checkpointing: bool = False  # recompute the frozen MLP blocks in the backward pass
     fused_kernels: bool = False  # Liger's Triton RMSNorm / rotary / SwiGLU (CUDA, training/kernels.py)
 
@@ -139,9 +140,10 @@ class TrainConfig:
             raise ValueError("verify_share is a share between 0 and 1")
         if self.teacher_targets > 0 and self.mode == "full-tuned":
             raise ValueError("teacher targets train compressors; the full-tuned reference reads the text itself")
-        from ..anchors import check_budget
+        from ..anchors import check_budget, check_window_share
 
         self.anchors = check_budget(self.anchors)
+        self.window_share = check_window_share(self.window_share)
         if self.anchors and self.mode == "full-tuned":
             raise ValueError("anchors train compressors; the full-tuned reference reads the text itself")
         if self.distill > 0 and self.mode == "full-tuned":
@@ -230,7 +232,8 @@ class StepModule(nn.Module):
         key = (sample.context, question, budget)
         if key not in self._anchor_ids:
             text, spans = self._chunk_spans(sample)
-            self._anchor_ids[key] = select_anchors(text, self.tok, budget, question=question, spans=spans)
+            self._anchor_ids[key] = select_anchors(text, self.tok, budget, question=question, spans=spans,
+                                                   window_share=self.cfg.window_share)
         return self._anchor_ids[key]
 
     def _chunk_spans(self, sample: Any) -> tuple[str, list]:
