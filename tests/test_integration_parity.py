@@ -625,6 +625,13 @@ def test_from_pretrained_refuses_bad_options_before_loading_a_model(monkeypatch)
     for cls in (lc.CompressedChatModel, lc.CompressedLLM, li.CompressedLLM):
         with pytest.raises(InvalidOptionError, match="give one"):
             cls.from_pretrained("default", max_tokens=8, max_new_tokens=9)
+        # the fields' bounds too, under either name, before the model loads
+        for bad in ({"max_tokens": 0}, {"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 1.5},
+                    {"temperature": "hot"}):
+            with pytest.raises(InvalidOptionError, match=r"from_pretrained: .* is refused") as err:
+                cls.from_pretrained("default", **bad)
+            given = next(iter(bad))  # the token limit is reported under the class's own name for it
+            assert err.value.option in ({"max_tokens", "max_new_tokens"} if "tokens" in given else {given})
     assert len(loads) == len(_FACES)  # only the valid calls reached the loader
 
 

@@ -304,7 +304,37 @@ class FromPretrained:
 
     @classmethod
     def _check_option_values(cls, options: Mapping[str, Any]) -> None:
-        """Check what can be checked of ``options``' values without an engine (default: nothing)."""
+        """Check what can be checked of ``options``' values without an engine.
+
+        Default: an option that is one of the class's pydantic fields (or another name of one,
+        see :meth:`_option_names`) is validated against the field's type and constraints
+        (``max_tokens=0`` against ``ge=1``), as the class will validate it after the model
+        loads; fields whose type pydantic cannot check on its own are left to the class.
+
+        Raises:
+            InvalidOptionError: a value the field refuses (``option`` names the option given).
+        """
+        from typing import Annotated
+
+        from pydantic import TypeAdapter, ValidationError
+
+        fields = getattr(cls, "model_fields", None) or {}
+        _, renamed = cls._option_names()
+        for name, value in options.items():
+            field = fields.get(renamed.get(name, name))
+            if field is None or field.annotation is None:
+                continue
+            try:
+                kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+                adapter = TypeAdapter(kind)
+            except Exception:  # an arbitrary type (callbacks, caches): the class checks it
+                continue
+            try:
+                adapter.validate_python(value)
+            except ValidationError as e:
+                why = e.errors()[0].get("msg", str(e)) if e.errors() else str(e)
+                raise InvalidOptionError(f"{cls.__name__}.from_pretrained: {name}={value!r} is refused: {why}",
+                                         option=name) from None
 
     @classmethod
     def check_pretrained_options(cls, options: Mapping[str, Any]) -> None:

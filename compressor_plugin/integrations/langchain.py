@@ -442,7 +442,9 @@ class BaseCompressedModel(FromPretrained, BaseModel):
 
     @classmethod
     def _check_option_values(cls, options: Any) -> None:
-        merge_alias(cls.__name__, dict(options), "max_tokens", "max_new_tokens")  # both names, two values
+        merged = dict(options)
+        merge_alias(cls.__name__, merged, "max_tokens", "max_new_tokens")  # both names, two values
+        super()._check_option_values(merged)  # types and bounds of the pydantic fields
 
     @model_validator(mode="after")
     def _default_name(self) -> "BaseCompressedModel":

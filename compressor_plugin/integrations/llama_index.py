@@ -635,7 +635,9 @@ class CompressedLLM(FromPretrained, CustomLLM):
 
     @classmethod
     def _check_option_values(cls, options: Any) -> None:
-        merge_alias(cls.__name__, dict(options), "max_new_tokens", "max_tokens")  # both names, two values
+        merged = dict(options)
+        merge_alias(cls.__name__, merged, "max_new_tokens", "max_tokens")  # both names, two values
+        super()._check_option_values(merged)  # types and bounds of the pydantic fields
 
     # ------------------------------------------------------------------ properties
     @property
