@@ -360,7 +360,8 @@ def _sentence_window(text: str, spans: list[tuple[int, int, str]], question: str
     # spans that tell something new (the question does not spell them), and whether each is of the kind asked
     news = [(s, e, k in wanted) for s, e, k in inside if not _stems(text[s:e]) <= q]
     # per question word, how many of the sentence's first n words hold it: shared words of a window in O(|q|)
-    asked = sorted(q)
+    # only the question words this sentence holds: a long (untrusted) prompt costs nothing more here
+    asked = sorted(q & _sentences(text)[2][best])
     seen = [[0] * (len(words) + 1) for _ in asked]
     for n, (s, e) in enumerate(words):
         own = _stems(text[s:e])

@@ -453,3 +453,21 @@ def test_sentence_window_keeps_the_question_sentence_verbatim_and_never_cuts_a_s
         check_window_share(1.5)
     with pytest.raises(ValueError, match="between 0 and 1"):
         select_anchors(town, tok, 32, question=q, window_share=True)
+
+
+def test_a_long_untrusted_question_picks_the_same_window_as_its_words_in_the_chunk(tok):
+    """The prompt is untrusted: question words the chunk does not hold change nothing and cost
+    the sentence window nothing (it counts only the words its sentence holds; before, 20,000
+    such words made one selection take 2 s)."""
+    import random
+
+    from compressor_plugin.anchors import select_anchors
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(7)) for _ in range(20000)]
+    chunk = " ".join(words[:60]) + " in 1962 by Marta Ilvane. The workshop employed 652 people."
+    long_q = "Who " + " ".join(words) + "?"
+    short_q = "Who " + " ".join(words[:60]) + "?"
+    got = select_anchors(chunk, tok, 32, question=long_q, window_share=0.5)
+    assert got == select_anchors(chunk, tok, 32, question=short_q, window_share=0.5)
+    assert "Marta Ilvane" in tok.decode(got)
