@@ -23,6 +23,11 @@
 #   teacher-75-anchors-verify  teacher-half-anchors-verify with three quarters of the QA samples on the
 #                         teacher's answer (--teacher-targets 0.75)
 #   k4-verify, k1-verify, emb16-verify  the teacher-half-anchors-verify recipe for kv-k4, kv-k1, embedding-k16
+#   window-verify       teacher-half-anchors-verify with the engine's sentence window in the QA prompts
+#                         (--window-share 0.5): the K/V learn beside the anchors the engine now reads
+#   k4-window, k1-window  the shipped kv-k4 and kv-k1 recipes (teacher-half-anchors) with the window
+# TEACHER_ANSWERS=FILE: a teacher_answers_qa.json of an earlier run on the same data, copied into every
+# teacher arm instead of generating it again (a few GPU minutes; the trainer checks it fits the data).
 # ARMS defaults to the first seven (the kv-k16 arms). The teacher answers are generated once (by the first teacher arm) and shared. Running the script
 # again resumes every arm from its state.pt.
 set -u
@@ -66,15 +71,23 @@ declare -A args=(
   [k4-verify]="--init kv-k4 --k 4 --teacher-targets 0.5 --anchors 32 --verify-share 0.5"
   [k1-verify]="--init kv-k1 --k 1 --teacher-targets 0.5 --anchors 32 --verify-share 0.5"
   [emb16-verify]="--init embedding-k16 --mode embedding --teacher-targets 0.5 --anchors 32 --verify-share 0.5"
+  [window-verify]="--teacher-targets 0.5 --anchors 32 --verify-share 0.5 --window-share 0.5"
+  [k4-window]="--init kv-k4 --k 4 --teacher-targets 0.5 --anchors 32 --window-share 0.5"
+  [k1-window]="--init kv-k1 --k 1 --teacher-targets 0.5 --anchors 32 --window-share 0.5"
 )
 kv16="gold anchors anchors-kl teacher teacher-half-anchors teacher-anchors teacher-anchors-kl"
-order="$kv16 teacher-half-anchors-verify teacher-75-anchors-verify k4 k1 emb16 k4-verify k1-verify emb16-verify"
+order="$kv16 teacher-half-anchors-verify teacher-75-anchors-verify k4 k1 emb16 k4-verify k1-verify emb16-verify
+       window-verify k4-window k1-window"
 for name in ${ARMS:-}; do [ -n "${args[$name]+x}" ] || { echo "unknown arm $name" >&2; exit 2; }; done
 # The first teacher arm generates the full-text answers before its first step; the others copy them.
 answers=teacher_answers_qa.json first=""
 for name in $order; do
   want "$name" && [[ ${args[$name]} == *teacher-targets* ]] && { first=$name; break; }
 done
+if [ -n "$first" ] && [ -n "${TEACHER_ANSWERS:-}" ]; then  # answers given: every teacher arm starts at once
+  mkdir -p "$RUNS/$first"
+  [ -f "$RUNS/$first/$answers" ] || cp "$TEACHER_ANSWERS" "$RUNS/$first/$answers"
+fi
 if [ -n "$first" ]; then
   # shellcheck disable=SC2086
   arm "$first" ${args[$first]} &
