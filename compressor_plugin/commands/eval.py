@@ -9,39 +9,37 @@ from pathlib import Path
 from typing import Callable
 
 
+def number_list(text: str, cast: Callable[[str], float], lo: float, hi: float | None, what: str) -> list:
+    """``"a,b,c"`` -> ``[cast(a), cast(b), cast(c)]``, each in ``[lo, hi]`` (``hi=None``: no upper bound).
+
+    Raises:
+        argparse.ArgumentTypeError: not comma-separated numbers of that type, none, or one out of range.
+    """
+    kind = "integers" if cast is int else "numbers"
+    try:
+        vals = [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got {text!r}") from exc
+    if not vals or min(vals) < lo or (hi is not None and max(vals) > hi):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return vals
+
+
 def int_list(text: str) -> list[int]:
     """``"1,2,4"`` -> ``[1, 2, 4]`` (argparse type)."""
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
+    return number_list(text, int, 1, None, "positive integers")
 
 
 def share_list(text: str) -> list[float]:
     """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``: sentence-window shares (argparse type)."""
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
-    if not vals or min(vals) < 0 or max(vals) > 1:
-        raise argparse.ArgumentTypeError(f"expected shares between 0 and 1, got {text!r}")
-    return vals
+    return number_list(text, float, 0, 1, "shares between 0 and 1")
 
 
 def budget_list(text: str) -> list[int]:
     """``"0,16,32"`` -> ``[0, 16, 32]``: anchor token budgets (argparse type; 0 allowed)."""
     from ..anchors import MAX_ANCHOR_TOKENS
 
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not vals or min(vals) < 0 or max(vals) > MAX_ANCHOR_TOKENS:
-        raise argparse.ArgumentTypeError(f"expected budgets between 0 and {MAX_ANCHOR_TOKENS}, got {text!r}")
-    return vals
+    return number_list(text, int, 0, MAX_ANCHOR_TOKENS, f"budgets between 0 and {MAX_ANCHOR_TOKENS}")
 
 
 def examples_arg(text: str) -> int | None:
