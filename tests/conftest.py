@@ -34,16 +34,11 @@ def shipped_compressor(base):
 
 
 @pytest.fixture(scope="session")
-def generator(base, shipped_compressor):
-    """A Generator that answers as the plain default model.
-
-    The session's ``base`` carries the shipped compressor's LoRA (injected in place, see
-    :func:`shipped_compressor`) once any test has asked for it, so the Generator gets the
-    compressor, which disables the adapter for every decoder call: whatever ran before, this
-    Generator reads with the unchanged base model."""
+def generator(base):
+    """A Generator over the plain default model (no compressor attached)."""
     from compressor_plugin.generation import Generator
 
-    return Generator(base, shipped_compressor)
+    return Generator(base)
 
 
 @pytest.fixture(scope="session")
