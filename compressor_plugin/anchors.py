@@ -326,8 +326,8 @@ def _sentence_window(text: str, spans: list[tuple[int, int, str]], question: str
     The window may take ``share`` of what ``budget`` leaves after :data:`LEAD_IN`, and is not
     used when that is under :data:`MIN_WINDOW_TOKENS` (a chunk with a small share of a
     prompt's budget keeps spans only). The sentence
-    that shares the most words with ``question`` (as :func:`_by_question` ranks them) is kept
-    whole when it fits. A longer one is cut to the window of whole words that fits and holds,
+    that shares the most words with ``question`` (as :func:`_by_question` ranks them; between
+    equal ones, the first that holds a span of the kind asked for) is kept whole when it fits. A longer one is cut to the window of whole words that fits and holds,
     in this order: a span of the kind the question asks for (a name for *who*); the most
     question words; the most spans of that kind; the most other spans the question does not
     spell. A window never cuts a span (``23 November | 1836``). ``None`` when no sentence
@@ -336,8 +336,15 @@ def _sentence_window(text: str, spans: list[tuple[int, int, str]], question: str
     q = _stems(question)
     if not q:
         return None
-    _, bounds, overlap = _sentence_overlap(text, q)
-    best = max(range(len(bounds)), key=lambda i: (overlap[i], -i))
+    cuts, bounds, overlap = _sentence_overlap(text, q)
+    wanted = _wanted_kinds(question)
+    answers = set()  # sentences holding a span of the kind asked for that the question does not spell
+    for s, e, k in spans:
+        if k in wanted and not _stems(text[s:e]) <= q:
+            answers.add(min(bisect.bisect_right(cuts, s), len(bounds) - 1))
+    # the best match; between equal matches, one that holds a possible answer ("The team is coached by
+    # Mulkol Keimsis" over "Kykimouth Athletic is a football club" for "Who coaches Kykimouth Athletic?")
+    best = max(range(len(bounds)), key=lambda i: (overlap[i], i in answers, -i))
     if overlap[best] <= 0:
         return None
     a, b = bounds[best]
@@ -356,7 +363,6 @@ def _sentence_window(text: str, spans: list[tuple[int, int, str]], question: str
     cut_ok_start = [not any(s < ws < e for s, e, _ in inside) for ws, _ in words]
     cut_ok_end = [not any(s < we < e for s, e, _ in inside) for _, we in words]
     cost = list(map(len, literal_ids(tokenizer, [" " + text[s:e] for s, e in words])))
-    wanted = _wanted_kinds(question)
     # spans that tell something new (the question does not spell them), and whether each is of the kind asked
     news = [(s, e, k in wanted) for s, e, k in inside if not _stems(text[s:e]) <= q]
     # per question word, how many of the sentence's first n words hold it: shared words of a window in O(|q|)

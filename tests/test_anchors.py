@@ -449,6 +449,11 @@ def test_sentence_window_keeps_the_question_sentence_verbatim_and_never_cuts_a_s
     ids = select_anchors(long, tok, 32, question="Who first described the mineral plurksirteirk?", window_share=1.0)
     assert "was first described in 1821 by Bourkvyr Tuglamvrel of the Seilgrad Society." in tok.decode(ids)
     assert len(ids) <= 32
+    # two sentences match "Who coaches Kykimouth Athletic?" equally: the one holding a name wins
+    club = ("Kykimouth Athletic is a football club founded in 1888. The club plays its home games at Bourkthei "
+            "Park. The team is coached by Mulkol Keimsis. Kykimouth Athletic has won the league 6 times.")
+    got = tok.decode(select_anchors(club, tok, 32, question="Who coaches Kykimouth Athletic?", window_share=0.5))
+    assert "The team is coached by Mulkol Keimsis." in got, got
     with pytest.raises(ValueError, match="between 0 and 1"):
         check_window_share(1.5)
     with pytest.raises(ValueError, match="between 0 and 1"):
