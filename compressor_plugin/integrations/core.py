@@ -367,8 +367,8 @@ class FromPretrained:
         compressor checkpoint, store) and build this class over it.
 
         Args:
-            checkpoint, store, device, dtype, verbose, anchors, question_anchors, marker_secret,
-                window_share: as in :func:`~compressor_plugin.integrations.core.load_engine`.
+            checkpoint, store, device, dtype, verbose, anchors, question_anchors, marker_secret, window_share: as in
+                :func:`~compressor_plugin.integrations.core.load_engine`.
             **kwargs: this class's own options. Their names (and the values that can be checked
                 without a model) are checked **before** the model loads
                 (:meth:`check_pretrained_options`), so a misspelt option fails at once.
