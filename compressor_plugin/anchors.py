@@ -56,8 +56,8 @@ DEFAULT_LEFT_CONTEXT = 2
 DEFAULT_ANCHORS = 32
 
 #: Share of a question-anchor budget that the question's best sentence may take verbatim
-#: (:func:`select_anchors`); 0 keeps spans only. On the H200 (docs/benchmarks.md, "Sentence
-#: windows") 0.5 raised kv-k16's kept exact match (questions the full text answers right and the
+#: (:func:`select_anchors`); 0 keeps spans only. On the H200 (docs/benchmarks.md, "Question
+#: anchors: a sentence window") 0.5 raised kv-k16's kept exact match (questions the full text answers right and the
 #: compressed chunk too) from 0.64 to 0.73 and its mean agreement from 0.343 to 0.354 over 13 QA
 #: sets, and invented-facts EM from 0.553 to 0.687 (full text 0.633).
 DEFAULT_WINDOW_SHARE = 0.5
@@ -325,10 +325,10 @@ def _sentence_window(text: str, spans: list[tuple[int, int, str]], question: str
 
     The window may take ``share`` of what ``budget`` leaves after :data:`LEAD_IN`, and is not
     used when that is under :data:`MIN_WINDOW_TOKENS` (a chunk with a small share of a
-    prompt's budget keeps spans only). The sentence
-    that shares the most words with ``question`` (as :func:`_by_question` ranks them; between
-    equal ones, the first that holds a span of the kind asked for) is kept whole when it fits. A longer one is cut to the window of whole words that fits and holds,
-    in this order: a span of the kind the question asks for (a name for *who*); the most
+    prompt's budget keeps spans only). The sentence that shares the most words with
+    ``question`` (as :func:`_by_question` ranks them; between equal ones, the first that holds a
+    span of the kind asked for) is kept whole when it fits. A longer one is cut to the window of
+    whole words that fits and holds, in this order: a span of the kind the question asks for (a name for *who*); the most
     question words; the most spans of that kind; the most other spans the question does not
     spell. A window never cuts a span (``23 November | 1836``). ``None`` when no sentence
     shares a word with the question or no window fits.
@@ -365,8 +365,8 @@ def _sentence_window(text: str, spans: list[tuple[int, int, str]], question: str
     cost = list(map(len, literal_ids(tokenizer, [" " + text[s:e] for s, e in words])))
     # spans that tell something new (the question does not spell them), and whether each is of the kind asked
     news = [(s, e, k in wanted) for s, e, k in inside if not _stems(text[s:e]) <= q]
-    # per question word, how many of the sentence's first n words hold it: shared words of a window in O(|q|)
-    # only the question words this sentence holds: a long (untrusted) prompt costs nothing more here
+    # per question word this sentence holds (so a long, untrusted prompt costs nothing more here), how
+    # many of the sentence's first n words hold it: the shared words of a window in O(words asked)
     asked = sorted(q & _sentences(text)[2][best])
     seen = [[0] * (len(words) + 1) for _ in asked]
     for n, (s, e) in enumerate(words):

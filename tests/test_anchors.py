@@ -456,6 +456,17 @@ def test_sentence_window_keeps_the_question_sentence_verbatim_and_never_cuts_a_s
     assert "The team is coached by Mulkol Keimsis." in got, got
     with pytest.raises(ValueError, match="between 0 and 1"):
         check_window_share(1.5)
+    # refused before any model loads
+    from compressor_plugin.compressor import Compressor
+    from compressor_plugin.engine import CompressionEngine
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Compressor, "from_pretrained", staticmethod(no_load))
+        with pytest.raises(ValueError, match="window_share"):
+            CompressionEngine.from_pretrained("default", device="cpu", window_share=2.0)
     with pytest.raises(ValueError, match="between 0 and 1"):
         select_anchors(town, tok, 32, question=q, window_share=True)
 

@@ -444,6 +444,17 @@ def test_eval_qa_reference_gives_agreement_without_full_text(qa_file: Path, tmp_
                  "--systems", "compressed", "--reference", gz, "--max-new-tokens", 8,
                  "--output", out_gz, "--no-progress"]) == 0
     assert json.loads(out_gz.read_text())["systems"]["kv-k2"]["agreement_f1"] == pytest.approx(expected)
+    # a compressed file that expands past the limit (a gzip bomb) is refused, not read into memory
+    import compressor_plugin.commands.eval as eval_cmd
+
+    monkeypatch.setattr(eval_cmd, "MAX_REFERENCE_BYTES", 1000)
+    bomb = tmp_path / "bomb.json.gz"
+    bomb.write_bytes(gzip.compress(b" " * 100_000))
+    with pytest.raises(ValueError, match="expands past 1000 bytes"):
+        eval_cmd.read_result_bytes(bomb)
+    assert _run(["eval", "qa", "--data", qa_file, "--limit", 3, "--k", 2, "--systems", "compressed",
+                 "--reference", bomb, "--output", tmp_path / "x.json", "--no-progress"]) != 0
+    assert not (tmp_path / "x.json").exists()
     full_f1 = sum(e["f1"] for e in full) / len(full)
     kv_f1 = r["systems"]["kv-k2"]["f1"]
     assert r["systems"]["kv-k2"]["retention_f1"] == (pytest.approx(kv_f1 / full_f1) if full_f1 > 0 else None)

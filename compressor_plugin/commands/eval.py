@@ -9,6 +9,29 @@ from pathlib import Path
 from typing import Callable
 
 
+#: Largest result a gzip-compressed ``--reference`` may expand to (a small file can hold a huge one).
+MAX_REFERENCE_BYTES = 1 << 30
+
+
+def read_result_bytes(path: Path) -> bytes:
+    """A result file's bytes, gzip-compressed (docs/data keeps them so) or plain.
+
+    Raises:
+        ValueError: a compressed file that would expand past :data:`MAX_REFERENCE_BYTES`.
+        OSError, EOFError: unreadable, or a broken gzip stream.
+    """
+    import gzip
+
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return path.read_bytes()
+    with gzip.open(path, "rb") as g:
+        raw = g.read(MAX_REFERENCE_BYTES + 1)
+    if len(raw) > MAX_REFERENCE_BYTES:
+        raise ValueError(f"expands past {MAX_REFERENCE_BYTES} bytes; not a result file")
+    return raw
+
+
 def number_list(text: str, cast: Callable[[str], float], lo: float, hi: float | None, what: str) -> list:
     """``"a,b,c"`` -> ``[cast(a), cast(b), cast(c)]``, each in ``[lo, hi]`` (``hi=None``: no upper bound).
 
@@ -220,12 +243,7 @@ def _qa(args: argparse.Namespace) -> int:
     reference = None
     if args.reference is not None:
         try:
-            raw = Path(args.reference).read_bytes()
-            if raw[:2] == b"\x1f\x8b":  # a gzip-compressed result (docs/data keeps them so)
-                import gzip
-
-                raw = gzip.decompress(raw)
-            reference = json.loads(raw.decode("utf-8"))
+            reference = json.loads(read_result_bytes(Path(args.reference)).decode("utf-8"))
         except (OSError, ValueError, EOFError) as e:
             raise ValueError(f"--reference {args.reference}: not a readable result JSON ({e})") from e
     result = run_qa_eval(args.data, limit=args.limit, seed=args.seed, checkpoints=args.checkpoint, k=args.k,
