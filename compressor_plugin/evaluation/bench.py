@@ -140,7 +140,7 @@ def bench_rag(
 
     ``static_prefill``: answer with ``Generator(..., static_prefill=True)`` (on a GPU, the
     captured prefill; docs/architecture.md). Each new shape compiles on its first answer, so
-    every system of every cell then gets one untimed answer before its timed repeats.
+    every system of every cell then gets one untimed answer before the timed rounds.
 
     Systems (rows of the result):
 
@@ -157,7 +157,9 @@ def bench_rag(
 
     ``ttft_s`` is the time until the first answer token is chosen, ``e2e_s`` until the answer
     is complete (at most ``max_new_tokens`` tokens, no stop string; an end-of-sequence token
-    ends it earlier). Each measurement is repeated ``repeats`` times after one warm-up run.
+    ends it earlier). After one warm-up, each cell runs ``repeats`` rounds in which the four
+    systems take turns (full, store-miss, store-hit, engine-hit), so drift in the machine's
+    speed reaches every system alike; the figures are medians over the rounds.
     """
     import torch
 
@@ -213,22 +215,9 @@ def bench_rag(
             offset += n + 1
             src = sum(len(tok(c, add_special_tokens=False)["input_ids"]) for c in chunks)
 
-            def measure(system: str, before: Callable[[], tuple[list[Any], float]], step: str | None) -> dict[str, Any]:
-                """``repeats`` answers, each after ``before()`` (the prompt's segments and the seconds to get them)."""
-                ttft, e2e, pre, new = [], [], [], []
-                if static_prefill:  # compile this cell's shapes outside the timing
-                    gen.generate(before()[0], **gen_kwargs)
-                probe.start()
-                for _ in range(repeats):
-                    segments, t_pre = before()
-                    res = gen.generate(segments, **gen_kwargs)
-                    pre.append(t_pre)
-                    ttft.append(t_pre + res.ttft_s)
-                    e2e.append(t_pre + res.total_s)
-                    new.append(len(res.token_ids))
-                return {"system": system, "n_chunks": n, "chunk_tokens": T, "prompt_tokens": res.prompt_tokens,
-                        "source_tokens": src, "new_tokens_mean": statistics.fmean(new), **_stats(ttft, "ttft_s"),
-                        **_stats(e2e, "e2e_s"), **(_stats(pre, step) if step else {}), **probe.peak()}
+            def answer(before: Callable[[], tuple[list[Any], float]]) -> tuple[Any, float]:
+                segments, t_pre = before()
+                return gen.generate(segments, **gen_kwargs), t_pre
 
             def from_store(expect_hit: bool) -> tuple[list[Any], float]:
                 if not expect_hit:
@@ -253,16 +242,44 @@ def bench_rag(
                 return resolved.segments, t
 
             # (a) full text; (c) store miss: compress (and store) then answer; (b) store hit: the
-            # chunks are in the store from the last miss run; (d) the engine on a store hit:
-            # markers in a prompt string, resolved, answered
-            rows.append(measure("full", lambda: (prompt_of(chunks), 0.0), None))
-            miss_row = measure("store-miss", lambda: from_store(False), "compress_s")
-            rows.append(measure("store-hit", lambda: from_store(True), "lookup_s"))
+            # chunks are in the store from the miss just before; (d) the engine on a store hit:
+            # markers in a prompt string, resolved, answered. The systems take turns in every
+            # round, so a slow spell of the machine falls on all of them alike.
+            from_store(False)
             marks = engine.mark(chunks)  # a chunk under the short-chunk rule stays text
             marked = prompt.before + "".join(marks) + prompt.after
             expected = sum(m != c for m, c in zip(marks, chunks))
-            rows.append(measure("engine-hit", from_engine, "resolve_s"))
-            rows.append(miss_row)
+            systems: list[tuple[str, Callable[[], tuple[list[Any], float]], str | None]] = [
+                ("full", lambda: (prompt_of(chunks), 0.0), None),
+                ("store-miss", lambda: from_store(False), "compress_s"),
+                ("store-hit", lambda: from_store(True), "lookup_s"),
+                ("engine-hit", from_engine, "resolve_s"),
+            ]
+            if static_prefill:  # compile this cell's shapes outside the timing
+                for _name, before, _step in systems:
+                    answer(before)
+            times: dict[str, dict[str, list[float]]] = {name: {"ttft": [], "e2e": [], "pre": [], "new": []}
+                                                        for name, _b, _s in systems}
+            peaks: dict[str, dict[str, int]] = {}
+            last: dict[str, Any] = {}
+            for _ in range(repeats):
+                for name, before, _step in systems:
+                    probe.start()
+                    res, t_pre = answer(before)
+                    peak = probe.peak()
+                    peaks[name] = {key: max(v, peaks.get(name, {}).get(key, v)) for key, v in peak.items()}
+                    t = times[name]
+                    t["pre"].append(t_pre)
+                    t["ttft"].append(t_pre + res.ttft_s)
+                    t["e2e"].append(t_pre + res.total_s)
+                    t["new"].append(len(res.token_ids))
+                    last[name] = res
+            for name, _before, step in (systems[0], systems[2], systems[3], systems[1]):
+                t = times[name]
+                rows.append({"system": name, "n_chunks": n, "chunk_tokens": T, "prompt_tokens": last[name].prompt_tokens,
+                             "source_tokens": src, "new_tokens_mean": statistics.fmean(t["new"]),
+                             **_stats(t["ttft"], "ttft_s"), **_stats(t["e2e"], "e2e_s"),
+                             **(_stats(t["pre"], step) if step else {}), **peaks[name]})
     finally:
         store.close()
         tmp.cleanup()
@@ -281,7 +298,7 @@ def bench_rag(
                        "checkpoint": ckpt or "untrained", "k": kk, "mode": mode, "note": note, "anchors": anchors,
                        "question_anchors": bool(anchors) and engine.question_anchors,
                        "text_source": source, "memory_note": probe.note, "store_parent_dir": store_dir,
-                       "timing": "medians over repeats after one warm-up; ttft = store/compress time + prefill + "
+                       "timing": "medians over rounds in which the systems take turns, after one warm-up; ttft = store/compress time + prefill + "
                                  "first token", **env}}
 
 
