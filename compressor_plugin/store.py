@@ -41,6 +41,7 @@ people you would share the model with.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import hashlib
 import json
@@ -52,6 +53,7 @@ import re
 import sqlite3
 import threading
 import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -91,6 +93,8 @@ logger = logging.getLogger(__name__)
 STORE_FORMAT_VERSION = 1
 #: Default size limit of the context cache.
 DEFAULT_SIZE_LIMIT = 4 * 2**30
+#: Bytes of verified contexts a ContextStore keeps in its process (stored bytes plus tensors).
+DEFAULT_MEMORY_LIMIT = 256 * 2**20
 #: Values at least this large are kept in their own file instead of inside SQLite.
 DEFAULT_MIN_FILE_SIZE = 32 * 2**10
 EVICTION_POLICY = "least-recently-used"
@@ -399,6 +403,59 @@ def _saved_limit(info: dict[str, Any], name: str, marker: Path) -> int | None:
     return value
 
 
+class _VerifiedMemory:
+    """Contexts decoded and checked earlier, by key, with the exact bytes they were decoded from.
+
+    A store hit still reads the entry's bytes from the folder (so a deleted, expired or changed
+    entry is seen at once); only when they equal the bytes verified before is the checked
+    context reused, which skips the digest, the parse and the range checks. Least recently
+    used first out once the held bytes pass ``limit``.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self.size = 0
+        self._items: OrderedDict[str, tuple[bytes, CompressedContext, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, data: bytes) -> CompressedContext | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None or item[0] != data:
+                return None
+            self._items.move_to_end(key)
+        ctx = copy.copy(item[1])
+        ctx.extra = dict(item[1].extra)
+        return ctx
+
+    def put(self, key: str, data: bytes, ctx: CompressedContext) -> None:
+        size = len(data) + ctx.nbytes
+        if size > self.limit:
+            return
+        kept = copy.copy(ctx)
+        kept.extra = dict(ctx.extra)
+        with self._lock:
+            self.discard(key, locked=True)
+            self._items[key] = (data, kept, size)
+            self.size += size
+            while self.size > self.limit:
+                _key, (_data, _ctx, old) = self._items.popitem(last=False)
+                self.size -= old
+
+    def discard(self, key: str, *, locked: bool = False) -> None:
+        if not locked:
+            with self._lock:
+                return self.discard(key, locked=True)
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.size -= item[2]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.size = 0
+
+
 class ContextStore:
     """On-disk, multi-process store of compressed chunks, keyed by content.
 
@@ -423,6 +480,11 @@ class ContextStore:
             ``unix://`` URL or a :class:`~compressor_plugin.store_redis.RedisTier`. Local misses
             are looked up there (verified like local reads; hits are copied into the folder)
             and writes go to both. An unreachable remote means misses, never an exception.
+        memory_limit: bytes of verified contexts kept in this process (default 256 MiB; 0:
+            none). A hit still reads the entry from the folder, but when its bytes equal those
+            verified before, the checked context is reused instead of being hashed, parsed and
+            range-checked again (about 1 ms per k=16 context on a CPU core). Contexts returned
+            from memory share their tensors: treat them as read-only.
 
     Several threads and processes may use one folder at once (SQLite locking); the folder
     must be on a local filesystem, not NFS/SMB (see ``docs/store.md``).
@@ -446,7 +508,10 @@ class ContextStore:
         read_only: bool = False,
         max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
         remote: Any = None,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
     ):
+        if isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit < 0:
+            raise ValueError(f"memory_limit must be a number of bytes >= 0, not {memory_limit!r}")
         for name, limit in (("size_limit", size_limit), ("text_size_limit", text_size_limit),
                             ("max_value_size", max_value_size)):
             if limit is not None and int(limit) <= 0:
@@ -456,7 +521,7 @@ class ContextStore:
         self._init_args = {"directory": directory, "size_limit": size_limit, "expire": expire,
                            "text_size_limit": text_size_limit, "min_file_size": min_file_size, "timeout": timeout,
                            "read_only": read_only, "max_value_size": max_value_size,
-                           "remote": remote}
+                           "remote": remote, "memory_limit": memory_limit}
         self.directory = Path(directory).expanduser() if directory is not None else default_store_dir()
         self.expire = float(expire) if expire is not None else None
         if os.path.lexists(self.directory) and not self.directory.is_dir():
@@ -489,6 +554,7 @@ class ContextStore:
             self._write_marker({"size_limit": self.size_limit, "text_size_limit": self.text_size_limit})
         self.remote = _open_remote(remote)
         self._lock = threading.Lock()
+        self._memory = _VerifiedMemory(memory_limit)
         self._hits = 0
         self._misses = 0
         self._removed = 0
@@ -620,11 +686,16 @@ class ContextStore:
             name = _CTX + key
             data = found.get(name)
             ctx = None
-            if data is not None:
+            if isinstance(data, bytes):
+                ctx = self._memory.get(key, data)
+            if data is not None and ctx is None:
                 try:
                     ctx = decode_context(data, key)
                 except Exception as exc:  # any failure to parse is a corrupt entry
+                    self._memory.discard(key)
                     self._discard(self._kv, name, str(exc))
+                else:
+                    self._memory.put(key, data, ctx)
             if ctx is None and self.remote is not None:
                 remote = self._remote_get(name)
                 if remote is not None:
@@ -634,6 +705,7 @@ class ContextStore:
                         logger.warning("ignoring bad entry %s from remote tier %s: %s", name, self.remote, exc)
                     else:
                         self._keep_local(self._kv, name, remote)
+                        self._memory.put(key, remote, ctx)
             self._count(ctx is not None)
             out.append(ctx)
         if device is None:
@@ -722,6 +794,7 @@ class ContextStore:
         if self.remote is not None:
             self.remote.delete(_TEXT + key, _CTX + key)
         self._text.delete(_TEXT + key)
+        self._memory.discard(key)
         return bool(self._kv.delete(_CTX + key))
 
     def keys(self) -> Iterator[str]:
@@ -799,6 +872,7 @@ class ContextStore:
         The remote tier, if any, is left alone (other machines share it).
         """
         self._check_writable()
+        self._memory.clear()
         return int(self._kv.clear()) + int(self._text.clear())
 
     # ------------------------------------------------------------------ lifetime

@@ -230,7 +230,9 @@ def store_stats(store: ContextStore) -> dict[str, Any]:
     Keys: ``entries`` (contexts), ``byte_entries``, ``text_entries``, ``bytes`` (disk use of
     both caches, values plus SQLite pages), ``size_limit``, ``text_size_limit``,
     ``hits``/``misses``/``removed`` (context lookups by this object), ``eviction_policy``,
-    ``expire``, ``format_version``, ``read_only``, ``remote`` and ``directory``.
+    ``expire``, ``format_version``, ``read_only``, ``remote``, ``directory``, and
+    ``memory_entries`` / ``memory_bytes`` / ``memory_limit`` (verified contexts this object keeps
+    in its process).
     """
     entries = byte_entries = 0
     for name in store._kv.iterkeys():
@@ -254,6 +256,9 @@ def store_stats(store: ContextStore) -> dict[str, Any]:
         "expire": store.expire,
         "format_version": STORE_FORMAT_VERSION,
         "read_only": store.read_only,
+        "memory_entries": len(store._memory._items),
+        "memory_bytes": store._memory.size,
+        "memory_limit": store._memory.limit,
         "remote": str(store.remote) if store.remote is not None else None,
     }
 

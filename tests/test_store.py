@@ -390,6 +390,67 @@ def test_truncated_file_is_a_miss(file_store, comp, monkeypatch, caplog):
     _assert_recomputed(file_store, comp, TEXTS[1], key, monkeypatch, caplog)
 
 
+class DecodeCounter:
+    """Counts the full checks (digest, parse, range checks) a store runs on entries it reads."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        import compressor_plugin.store as store_module
+
+        self.calls = 0
+        real = store_module.decode_context
+
+        def counted(data, key):
+            self.calls += 1
+            return real(data, key)
+
+        monkeypatch.setattr(store_module, "decode_context", counted)
+
+
+def test_memory_reuses_a_checked_context_only_for_the_same_bytes(file_store, comp, monkeypatch, caplog):
+    key = _stored(file_store, comp, TEXTS[0])  # read once: checked and kept in memory
+    decodes = DecodeCounter(monkeypatch)
+    first, second = file_store.get(key), file_store.get(key)
+    assert decodes.calls == 0
+    assert_same(first, comp.compress([TEXTS[0]])[0]) and first is not second
+    first.extra["changed"] = "by the caller"
+    assert "changed" not in file_store.get(key).extra
+    [path] = value_files(file_store)
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF  # inside the tensor data: the bytes differ from those checked before
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="compressor_plugin.store"):
+        assert file_store.get(key) is None
+    assert decodes.calls == 1 and any("digest mismatch" in r.getMessage() for r in caplog.records)
+
+
+def test_memory_forgets_deleted_and_cleared_entries(store, comp):
+    key = _stored(store, comp, TEXTS[1])
+    assert store.delete(key) and store.get(key) is None
+    key = _stored(store, comp, TEXTS[2])
+    assert store.stats()["memory_entries"] == 1
+    assert store.clear() > 0 and store.get(key) is None
+    st = store.stats()
+    assert st["memory_entries"] == st["memory_bytes"] == 0 and st["memory_limit"] == 256 * 2**20
+
+
+def test_memory_limit(tmp_path, comp, monkeypatch):
+    with pytest.raises(ValueError, match="memory_limit"):
+        ContextStore(tmp_path / "bad", memory_limit=-1)
+    with ContextStore(tmp_path / "off", memory_limit=0) as off:
+        key = _stored(off, comp, TEXTS[0])
+        decodes = DecodeCounter(monkeypatch)
+        off.get(key)
+        off.get(key)
+        assert decodes.calls == 2 and off._memory.size == 0
+    with ContextStore(tmp_path / "probe") as probe:
+        _stored(probe, comp, TEXTS[0])
+        one = probe._memory.size  # the stored bytes and the tensors of one context
+    assert one > 0
+    with ContextStore(tmp_path / "two", memory_limit=2 * one + one // 2) as two:  # room for two contexts
+        keys = [_stored(two, comp, t) for t in TEXTS[:3]]
+        assert list(two._memory._items) == keys[1:]  # the least recently used went first
+
+
 def test_garbage_bytes_via_raw_api_are_a_miss(store, comp, monkeypatch, caplog):
     key = _stored(store, comp, TEXTS[2])
     with diskcache.Cache(str(store.directory / "contexts")) as raw:
