@@ -20,17 +20,20 @@ def base():
 
 
 @pytest.fixture(scope="session")
-def shipped_compressor(base):
-    """The shipped default compressor (kv-k16) on the session's base model.
+def shipped_compressor():
+    """The shipped default compressor (kv-k16) on a second copy of the default model.
 
-    A compressor injects its LoRA into the base model in place, so the session's ``base`` can
-    carry one compressor only: every test module that needs the shipped one shares this fixture
-    (an untrained k=16 compressor when no checkpoint ships)."""
+    A compressor injects its LoRA into its base model in place, and a base that carries one is
+    refused by ``Generator(base)``; loading its own copy keeps the session's ``base`` plain,
+    whatever order the tests run in. Every test module that needs the shipped compressor shares
+    this fixture (an untrained k=16 compressor when no checkpoint ships)."""
     from compressor_plugin.compressor import Compressor, CompressorConfig, shipped_checkpoints
+    from compressor_plugin.models import load_base_model
 
+    own = load_base_model(device="cpu")
     if "kv-k16" in shipped_checkpoints():
-        return Compressor.from_pretrained("default", base=base)
-    return Compressor(base, CompressorConfig(k=16))
+        return Compressor.from_pretrained("default", base=own)
+    return Compressor(own, CompressorConfig(k=16))
 
 
 @pytest.fixture(scope="session")
