@@ -147,13 +147,15 @@ def bench_rag(
     * ``full``: the chunk texts in the prompt (``plain`` layout: ``Context: ... Question: ... Answer:``).
     * ``store-hit``: the chunks' compressed contexts are already in the store; timed from
       ``ContextStore.get_or_compress`` (key hashing, SQLite lookup, file read, digest check,
-      move to the device) through injection, prefill and decoding.
+      move to the device) through injection, prefill and decoding. It is the first read of
+      the entries the store miss just wrote, so every check runs.
     * ``store-miss``: the store is empty; timed from compressing the chunks (and writing
       them to the store) through the answer.
     * ``engine-hit``: what a LangChain or LlamaIndex user runs on a store hit: a prompt string
       holding the chunks' markers, resolved by :meth:`CompressionEngine.resolve` (marker
       checks, store lookups and, with anchors, question anchors chosen from each chunk's
-      stored text), then answered; ``resolve_s`` is the resolution alone.
+      stored text), then answered; ``resolve_s`` is the resolution alone. It reads the entries
+      a second time, so the store serves them from its memory of checked contexts.
 
     ``ttft_s`` is the time until the first answer token is chosen, ``e2e_s`` until the answer
     is complete (at most ``max_new_tokens`` tokens, no stop string; an end-of-sequence token
