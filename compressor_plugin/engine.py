@@ -41,7 +41,7 @@ from .generation import (CHAT_ROLES, GenerationConfig, GenerationResult, Generat
                          Generator, TokenIds, check_messages)
 from .markers import MarkerSigner, Resolution, resolve_markers, split_markers
 from .models import verbose_loading
-from .store import ContextStore, StoreResult
+from .store import ContextStore, StoreResult, expected_fields
 from .text import check_text, has_control_text, literal_ids
 
 Message = dict[str, Any]
@@ -243,9 +243,10 @@ class CompressionEngine:
         literal = self._literal
         asked = bool(self.anchors and self.question_anchors)
         found: list[tuple[str, Any]] = []  # (key, context) of each stored context, for question anchors
+        lookup = self._lookup()
         on_context = (lambda key, ctx: found.append((key, ctx)) or ctx) if asked else None
         if isinstance(prompt, str) and not chat:
-            res = resolve_markers([prompt], self.store, self.signer, literal=literal, on_context=on_context)
+            res = resolve_markers([prompt], lookup, self.signer, literal=literal, on_context=on_context)
             contents: list[Any] = [prompt]
         else:
             if isinstance(prompt, str):
@@ -258,7 +259,7 @@ class CompressionEngine:
             for m in prompt:
                 content = m.get("content") if isinstance(m, dict) else None
                 parts = content if isinstance(content, list) else [content] if content is not None else []
-                r = resolve_markers(parts, self.store, self.signer, literal=literal, on_context=on_context)
+                r = resolve_markers(parts, lookup, self.signer, literal=literal, on_context=on_context)
                 res.resolved += r.resolved
                 res.fallbacks += r.fallbacks
                 res.rejected += r.rejected
@@ -268,6 +269,25 @@ class CompressionEngine:
         if found:
             self._ask_anchors(res, found, contents)
         return res
+
+    def _lookup(self) -> Any:
+        """The store as marker resolution reads it: an entry this engine's model cannot read (another
+        base model, k, mode or shape in its header: planted or copied there) is removed as bad, and
+        its marker falls back to the chunk's text, instead of failing every prompt that holds it."""
+        if not isinstance(self.store, ContextStore):
+            return self.store
+        expect = {name: value for name, value in expected_fields(self.compressor).items()
+                  if name in ("base_fingerprint", "k", "mode", "shape")}  # any anchor budget
+        store = self.store
+
+        class _Checked:
+            def get(self, key: str) -> Any:
+                return store.get(key, expect=expect)
+
+            def get_text(self, key: str) -> Any:
+                return store.get_text(key)
+
+        return _Checked()
 
     def _ask_anchors(self, res: Resolution, found: list[tuple[str, Any]], contents: Sequence[Any]) -> None:
         """Question anchors: re-choose the anchors of the prompt's stored contexts for its question.

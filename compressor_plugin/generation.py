@@ -580,10 +580,9 @@ class Generator:
 
     def _kv_shape(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the model."""
-        cfg = self.base.model.config
-        heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        return int(cfg.num_hidden_layers), heads, head_dim
+        from .models import kv_dims
+
+        return kv_dims(self.base.model.config)
 
     # ------------------------------------------------------------------ decoding
     def _eos_ids(self) -> set[int]:

@@ -172,6 +172,7 @@ def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: Ma
         raise ValueError(f"fallback must be 'text' or 'error', not {fallback!r}")
     res = Resolution(segments=[])
     raw: list[Any] = []
+    rejected: list[tuple[str, str | None]] = []
     for part in parts:
         if not isinstance(part, str) or not has_markers(part):
             raw.append(part)
@@ -182,7 +183,7 @@ def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: Ma
                 continue
             key, tag = piece
             if signer is None or store is None or not signer.verify(key, tag):
-                _warn_unauthorized(key, tag)
+                rejected.append((key, tag))
                 raw.append(make_marker(key, tag) if tag else f"{MARKER_START}{key}]]")
                 res.rejected += 1
                 continue
@@ -204,6 +205,8 @@ def resolve_markers(parts: Sequence[Any], store: MarkerLookup | None, signer: Ma
             raw.append(literal(text) if literal is not None else text)
             res.fallbacks += 1
             res.missing_keys.append(key)
+    if rejected:
+        _warn_unauthorized(rejected)
     # drop whitespace-only strings sitting between two compressed contexts
     for i, seg in enumerate(raw):
         if isinstance(seg, str) and not seg.strip() and 0 < i < len(raw) - 1 \
@@ -223,13 +226,18 @@ def _caller_level() -> int:
     return level
 
 
-def _warn_unauthorized(key: str, tag: str | None) -> None:
-    why = "has no tag" if tag is None else "has a tag this engine did not issue"
-    warnings.warn(f"the prompt holds a compressed-chunk marker ({key[:12]}...) that {why}; it is passed to the model "
-                  "as plain text and not looked up (markers are valid only in the engine that made them). If your "
+def _warn_unauthorized(rejected: list[tuple[str, str | None]]) -> None:
+    """One warning per prompt, whatever its markers: the text is constant (no key in it), so
+    forged markers cannot fill Python's per-message warning registry or flood the log."""
+    untagged = sum(tag is None for _, tag in rejected)
+    why = ("have no tag" if untagged == len(rejected) else "have a tag this engine did not issue" if not untagged
+           else "have no tag or a tag this engine did not issue")
+    warnings.warn(f"the prompt holds compressed-chunk markers that {why}; they are passed to the model as plain "
+                  "text and not looked up (markers are valid only in the engine that made them). If your "
                   "pipeline's document step and model were built from two engines, build both from one: "
                   "CompressedDocumentTransformer(engine) with CompressedChatModel(engine), or "
                   "CompressedNodePostprocessor(engine) with CompressedLLM(engine)",
                   UnauthorizedMarkerWarning, stacklevel=_caller_level())
     # debug, not info: the warning above already tells the user, once
-    logger.debug("unauthorised marker %s... (%s) left as text", key[:12], why)
+    logger.debug("%d unauthorised marker(s) left as text (%d without a tag), first %s...",
+                 len(rejected), untagged, rejected[0][0][:12])

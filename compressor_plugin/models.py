@@ -104,6 +104,13 @@ GGUF_MODELS: dict[str, GGUFModel] = {
 
 
 
+def kv_dims(config: Any) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a transformers model config: the shape of its K/V per position."""
+    heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    return int(config.num_hidden_layers), heads, head_dim
+
+
 def cache_home(path: str | os.PathLike | None = None) -> Path:
     """Root folder for converted models and default stores.
 

@@ -56,7 +56,7 @@ import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -174,6 +174,33 @@ def _key_parts(compressor: "Compressor", anchors: int = 0) -> dict[str, Any]:
         "mode": compressor.mode,
         "dtype": str(compressor.base.dtype),
     }
+
+
+def expected_fields(compressor: "Compressor", anchors: int = 0) -> dict[str, Any]:
+    """What every context ``compressor`` makes (with an ``anchors`` budget) says about itself: its
+    key fields (:func:`context_key`) and its tensors' ``shape``; see :func:`entry_mismatch`."""
+    from .models import kv_dims
+
+    if compressor.mode == "kv":
+        layers, heads, head_dim = kv_dims(compressor.base.model.config)
+        shape: tuple[int, ...] = (layers, heads, compressor.k, head_dim)
+    else:
+        shape = (compressor.k, int(compressor.base.model.get_input_embeddings().embedding_dim))
+    return {**_key_parts(compressor, anchors), "shape": shape}
+
+
+def entry_mismatch(ctx: CompressedContext, expect: Mapping[str, Any]) -> str | None:
+    """Why ``ctx`` is not what its reader expects (the fields of :func:`expected_fields` that
+    ``expect`` holds), or None. An intact entry whose header names another model, compressor,
+    k, mode, dtype or shape than its key was made for was planted or copied there."""
+    got = {"base_fingerprint": ctx.base_fingerprint, "compressor_fingerprint": ctx.compressor_fingerprint,
+           "k": ctx.k, "mode": ctx.mode, "dtype": _dtype_name(ctx.dtype),
+           "shape": tuple((ctx.keys if ctx.mode == "kv" else ctx.embeddings).shape)}
+    for name, want in expect.items():
+        want = _dtype_name(want) if name == "dtype" else tuple(want) if name == "shape" else want
+        if got[name] != want:
+            return f"entry's {name} is {got[name]!r}, its reader expects {want!r}"
+    return None
 
 
 def _check_key(key: str) -> None:
@@ -664,18 +691,21 @@ class ContextStore:
         return self.remote.get(name)
 
     # ------------------------------------------------------------------ contexts
-    def get(self, key: str, *, device: torch.device | str | None = None) -> CompressedContext | None:
+    def get(self, key: str, *, device: torch.device | str | None = None,
+            expect: Mapping[str, Any] | None = None) -> CompressedContext | None:
         """The verified context stored under ``key``, or None.
 
         A missing, expired or bad entry is a miss: bad entries (corrupted, truncated, foreign
         or pickled data, a changed header, out-of-range fields, stored under another key) are
         logged, deleted and give None. With a remote tier, a local miss is looked up there;
-        a verified remote hit is also written into the folder.
+        a verified remote hit is also written into the folder. With ``expect``
+        (:func:`expected_fields` of the reading compressor, or some of them), an entry that says
+        otherwise is bad too (:func:`entry_mismatch`).
         """
-        return self.get_many([key], device=device)[0]
+        return self.get_many([key], device=device, expect=expect)[0]
 
-    def get_many(self, keys: Sequence[str], *,
-                 device: torch.device | str | None = None) -> list[CompressedContext | None]:
+    def get_many(self, keys: Sequence[str], *, device: torch.device | str | None = None,
+                 expect: Mapping[str, Any] | None = None) -> list[CompressedContext | None]:
         """:meth:`get` of each key (None where it misses), with one database query for all of them
         and, with ``device``, one host-to-device copy (:func:`~compressor_plugin.context.contexts_to`).
 
@@ -710,6 +740,11 @@ class ContextStore:
                     else:
                         self._keep_local(self._kv, name, remote)
                         self._memory.put(key, remote, ctx)
+            reason = entry_mismatch(ctx, expect) if ctx is not None and expect else None
+            if reason is not None:
+                self._memory.discard(key)
+                self._discard(self._kv, name, reason)
+                ctx = None
             self._count(ctx is not None)
             out.append(ctx)
         if device is None:

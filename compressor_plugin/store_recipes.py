@@ -35,6 +35,7 @@ from .store import (
     context_key,
     decode_context,
     decode_text,
+    expected_fields,
     normalize_text,
 )
 from .store_backend import FOREIGN_KEY, RefusedValue, StoreReadOnlyError, ValueTooLargeError
@@ -106,7 +107,8 @@ def get_or_compress(
         first.setdefault(key, i)
     found: dict[str, CompressedContext] = {}
     hits: set[str] = set()
-    for key, ctx in zip(first, store.get_many(list(first))):
+    # an intact entry that is not what this compressor makes (planted, copied) is removed and recomputed
+    for key, ctx in zip(first, store.get_many(list(first), expect=expected_fields(compressor, anchors))):
         if ctx is not None and ctx.anchor_ids is not None:
             try:
                 check_anchor_ids(ctx.anchor_ids, vocab)
@@ -381,11 +383,13 @@ def merge_stores(target: ContextStore, other: "ContextStore | str | os.PathLike"
 
     The way to combine stores built on several machines: build a local store per node, then
     merge them (each entry is verified on the way, so bad ones are not copied). A source
-    folder is opened read-only.
+    folder is opened read-only. Merging still trusts the source for what cannot be checked:
+    a context stored without its text is copied as it is.
 
     Returns:
         ``copied``, ``existing`` (skipped: already there and ``overwrite`` is False), ``bad``
-        (unreadable in the source, or a context row whose key is not a store key) and
+        (unreadable in the source, a context row whose key is not a store key, or a context
+        whose intact text gives another key, as :meth:`ContextStore.verify` removes both) and
         ``bytes_copied``.
 
     Raises:
@@ -411,10 +415,12 @@ def merge_stores(target: ContextStore, other: "ContextStore | str | os.PathLike"
                 out["bad"] += 1
                 continue
             text = src.get_text(key)
-            try:
-                target.put(key, ctx, text)
-            except ValueError:  # the text does not belong to this key: keep the context only
-                target.put(key, ctx)
+            if text is not None and _key_of(text, ctx) != key:
+                # an intact text and context that disagree with their key: verify() removes both, so
+                # copying the context alone would hide the evidence in the target
+                out["bad"] += 1
+                continue
+            target.put(key, ctx, text)
             out["copied"] += 1
         source_bytes, target_bytes = ByteNamespace(src), ByteNamespace(target)
         for name in list(source_bytes.keys()):

@@ -9,6 +9,7 @@ a substring of them. Rows are the first ``--limit`` of each file after a seeded 
     python scripts/anchor_recall.py --without stem ...   # ablation: words matched by their first 5 letters
     python scripts/anchor_recall.py --without kind ...   # ablation: no preference for the kind asked for
     python scripts/anchor_recall.py --without stem --without kind ...   # the selection before both
+    python scripts/anchor_recall.py --without names ...   # "which port" / "what company" not read as asking for a name
     python scripts/anchor_recall.py --window-share 0 ...   # spans only, no sentence window
 
 A proxy for what question anchors can carry; whether the model then answers from them is what
@@ -33,9 +34,10 @@ def main() -> int:
     ap.add_argument("--budget", type=int, default=32, help="anchor tokens per chunk (default 32)")
     ap.add_argument("--limit", type=int, default=300, help="rows per file (default 300)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--without", choices=("stem", "kind"), action="append", default=[],
+    ap.add_argument("--without", choices=("stem", "kind", "names"), action="append", default=[],
                     help="ablation (repeatable): match words by their first 5 letters (stem), drop the "
-                         "answer-kind preference (kind); both: the selection before either")
+                         "answer-kind preference (kind); both: the selection before either; names: "
+                         "'which' / 'what' + a noun no longer asks for a name")
     ap.add_argument("--window-share", type=float, default=None,
                     help="share of the budget the question's best sentence may take verbatim (default: the engine's)")
     args = ap.parse_args()
@@ -43,6 +45,8 @@ def main() -> int:
     import compressor_plugin.anchors as anchors
     from compressor_plugin.models import ensure_default_model, load_tokenizer
 
+    if "names" in args.without:
+        anchors._WANTED = tuple(rule for rule in anchors._WANTED if not rule[0].pattern.startswith(r"\b(?:which|what) "))
     if "kind" in args.without:
         anchors._wanted_kinds = lambda question: ()
     if "stem" in args.without:

@@ -413,6 +413,15 @@ def test_question_anchors_match_inflected_words_and_the_kind_asked_for(tok):
     assert _wanted_kinds("Who leads the company?") == ("name", "capital")
     assert _wanted_kinds("How many people did it employ?")[0] == "number"
     assert _wanted_kinds("In which year did it open?")[0] == "date" and _wanted_kinds("Why did it close?") == ()
+    # "which" / "what" + a noun asks for a named thing; "what is" / "what was" do not say
+    assert _wanted_kinds("For which sports team does he play?") == ("name", "capital")
+    assert _wanted_kinds("What company filed the complaint?") == ("name", "capital")
+    assert _wanted_kinds("What is the purpose of the fund?") == () and _wanted_kinds("What was it called?") == ()
+    player = ("Dorvan Kessel (born March 3, 1981) is a Glenmoran professional basketball player who plays for "
+              "Vostrel BC of the Marrow Basketball League (MBL).")
+    got = tok.decode(select_anchors(player, tok, 32, question="For which sports team does Dorvan Kessel play?"))
+    # the window holds the clause naming the team, not the sentence's start with the birth date
+    assert "plays for" in got and "Vostrel BC" in got and "1981" not in got
     firm = ("The Goukreirk Foundry is a manufacturer based in Drourkroummouth. It was established in 1887 and is "
             "led by Glorail Drirplis, who became chief executive after a long career in logistics. Last year the "
             "Goukreirk Foundry reported revenue of 44 million crowns and employed 19,730 people.")

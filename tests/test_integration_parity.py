@@ -6,6 +6,8 @@ documents must give the same pieces, keys, metadata, options and (greedy) answer
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytest.importorskip("llama_index.core")
@@ -128,6 +130,30 @@ def test_long_documents_split_into_the_same_keys(tiny_engine):
     # pieces end at sentence ends where the limit allows
     texts = [tiny_engine.store.get_text(k) for k in keys]
     assert sum(t.endswith(".") for t in texts) >= len(texts) - 1
+
+
+def test_splitting_hostile_documents_stays_linear(tiny_engine, monkeypatch):
+    """A document is untrusted: runs of sentence marks and thousands of tiny sentences split fast."""
+    from compressor_plugin.integrations.core import _BOUNDARY_RE, split_text
+    from compressor_plugin.store import normalize_text
+
+    # a boundary starts only where a run of marks starts: the same boundaries as without that rule
+    for text in ("Yes!! No?? Maybe... \"Quoted.\" (Aside.) End.", "a.b. c", "。。 next\n\nparagraph", "?!.'\") x"):
+        simple = [m.end() for m in re.finditer(r"""[.!?。！？]+["'”’)\]]*\s+|\n\s*\n""", text)]
+        assert [m.end() for m in _BOUNDARY_RE.finditer(text)] == simple
+    # 60,000 dots scanned once (the pattern without the rule took about 30 s on a CPU core)
+    assert list(_BOUNDARY_RE.finditer("." * 60000)) == []
+    pieces = split_text(tiny_engine, "." * 60000, 64)
+    assert "".join(pieces) == "." * 60000 and all(tiny_engine.count_tokens(normalize_text(p)) <= 64 for p in pieces)
+    # 3,000 two-token sentences: pieces are packed with O(log n) tokenisations each, not one per sentence
+    calls = []
+    count = tiny_engine.count_tokens
+    monkeypatch.setattr(tiny_engine, "count_tokens", lambda t: calls.append(1) or count(t))
+    text = "a! " * 3000
+    pieces = split_text(tiny_engine, text, 64)
+    assert "".join(pieces) == text
+    assert all(count(normalize_text(p)) <= 64 for p in pieces) and len(pieces) >= 3000 * 2 // 64
+    assert len(calls) < 3000 // 2  # one per sentence before
 
 
 def test_the_same_options_and_errors_in_both(tiny_engine):

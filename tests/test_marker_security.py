@@ -447,3 +447,21 @@ def test_marker_warnings_are_not_also_logged_at_info(caplog):
     with caplog.at_level(logging.DEBUG, logger="compressor_plugin.markers"), pytest.warns(UnauthorizedMarkerWarning):
         resolve_markers([unauthorized], _TextOnlyStore(), signer)
     assert any("unauthorised marker" in r.getMessage() for r in caplog.records)  # still there for debugging
+
+
+def test_many_forged_markers_give_one_constant_warning():
+    """Forged markers are untrusted input: a warning per marker (with its key in the text) would
+    fill Python's warning registry and the log for the life of the process."""
+    from compressor_plugin.markers import resolve_markers
+
+    signer = MarkerSigner(b"k" * 32)
+    messages = []
+    for call in range(2):
+        prompt = " ".join(make_marker(f"{call}{i:063x}", f"{i:032x}") for i in range(300)) + " [[cc:" + "e" * 64 + "]]"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = resolve_markers([prompt], _TextOnlyStore(), signer)
+        assert res.rejected == 301 and res.resolved == 0
+        assert [w.category for w in caught] == [UnauthorizedMarkerWarning]
+        messages.append(str(caught[0].message))
+    assert messages[0] == messages[1] and "0000" not in messages[0]  # no key in the text

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from compressor_plugin.context import CompressedContext
+from compressor_plugin.errors import MissingChunkWarning
 from compressor_plugin.store import (
     ContextStore,
     StoreReadOnlyError,
@@ -747,3 +748,53 @@ def test_merge_skips_planted_rows_with_malformed_keys(tmp_path):
         report = target.merge_from(tmp_path / "node1")
         assert report["copied"] == 3 and report["bad"] == 3
         assert all(same(target.get(k), c) for _, k, c in stored)
+
+
+
+def test_merge_skips_a_context_whose_intact_text_gives_another_key(tmp_path):
+    """What verify() removes is not copied either (before, the context was copied without its text,
+    and the disagreement could no longer be seen in the target)."""
+    (ta, ka, ca), (tb, kb, cb) = make(0), make(1)
+    with ContextStore(tmp_path / "node1") as src:
+        src.put(ka, ca, ta)
+        src.put(kb, cb, tb)
+        src._text.set("text:" + ka, encode_text(ka, tb))  # checksummed, but not this chunk's text
+    with ContextStore(tmp_path / "target") as target:
+        report = target.merge_from(tmp_path / "node1")
+        assert report["copied"] == 1 and report["bad"] == 1
+        assert ka not in target and same(target.get(kb), cb) and target.get_text(kb) == tb
+
+# ---------------------------------------------------------------------------------- entries for another reader
+@pytest.mark.parametrize("change", ["base", "k", "shape"])
+def test_intact_entry_made_for_another_model_is_recomputed_not_served(tmp_path, tiny_compressor, change, caplog):
+    """Someone who can write the folder plants a valid entry (its own digests are right) whose header
+    names another base model, k or shape under a chunk's real key: it is removed and recomputed,
+    not served as a hit that then fails every prompt holding it."""
+    from compressor_plugin.engine import CompressionEngine
+    from compressor_plugin.store import encode_context, entry_mismatch, expected_fields
+
+    store = ContextStore(tmp_path / "store")
+    text = "Tarvik Air flies to 39 cities from its hub at Dreskel Field Airport."
+    [made] = store.get_or_compress([text], tiny_compressor)
+    good = made.context.to("cpu")
+    assert entry_mismatch(good, expected_fields(tiny_compressor)) is None
+    if change == "base":
+        planted = dataclasses.replace(good, base_fingerprint="0" * 16)
+    elif change == "k":
+        planted = dataclasses.replace(good, keys=good.keys[:, :, :1].clone(), values=good.values[:, :, :1].clone())
+    else:
+        planted = dataclasses.replace(good, keys=good.keys[:, :1].clone(), values=good.values[:, :1].clone())
+    store._kv.set("ctx:" + made.key, encode_context(made.key, planted))  # passes every integrity check
+    assert decode_context(store._kv.get("ctx:" + made.key), made.key) is not None
+    with caplog.at_level(logging.WARNING):
+        [again] = store.get_or_compress([text], tiny_compressor)
+    assert not again.hit and "its reader expects" in caplog.text
+    assert torch.equal(again.context.keys.cpu(), good.keys) and store.get(made.key) is not None  # healed
+    # through an engine's marker: the planted entry is removed and the marker falls back to the text
+    engine = CompressionEngine(tiny_compressor, store, anchors=0)
+    marker = engine.mark([text])[0]
+    store._kv.set("ctx:" + made.key, encode_context(made.key, planted))
+    with pytest.warns(MissingChunkWarning):
+        res = engine.resolve(f"Context: {marker}\nQuestion: Where is the hub?\nAnswer:")
+    assert res.resolved == 0 and res.fallbacks == 1 and "ctx:" + made.key not in store._kv
+    store.close()

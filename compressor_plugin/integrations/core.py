@@ -37,7 +37,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence, TypeVar
 
 from ..anchors import DEFAULT_ANCHORS, DEFAULT_WINDOW_SHARE
 from ..errors import ContextTooLongError, EmptyDocumentWarning, InvalidOptionError, PromptError, UnknownOptionError
@@ -497,7 +497,30 @@ def shown_text(engine: "CompressionEngine", text: Any, metadata: Mapping[str, An
 
 # ---------------------------------------------------------------------------------- splitting
 #: Where a piece may end: after a sentence's closing punctuation (and quotes or brackets), or a blank line.
-_BOUNDARY_RE = re.compile(r"""[.!?。！？]+["'”’)\]]*\s+|\n\s*\n""")
+#: A match starts only where a run of closing marks starts (the lookbehind): without it, a
+#: document of N dots made the scan try every start inside the run, O(N^2) (64 KB took 36 s).
+_BOUNDARY_RE = re.compile(r"""(?<![.!?。！？])[.!?。！？]+["'”’)\]]*\s+|\n\s*\n""")
+
+
+def _most_that_fit(fits: Callable[[int], bool], n: int) -> int:
+    """The largest ``m`` in ``[0, n]`` with ``fits(m)``, given ``fits(0)`` and that ``fits`` turns
+    false once and stays false (more text, more tokens): doubling steps, then bisection, so a
+    piece of many short sentences costs O(log n) tokenisations, not one per sentence."""
+    lo, step = 0, 1
+    while lo < n:
+        hi = min(lo + step, n)
+        if not fits(hi):
+            break
+        lo, step = hi, step * 2
+    else:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def split_text(engine: "CompressionEngine", text: str, limit: int) -> list[str]:
@@ -518,18 +541,25 @@ def split_text(engine: "CompressionEngine", text: str, limit: int) -> list[str]:
     fits = lambda piece: engine.count_tokens(normalize_text(piece)) <= limit  # noqa: E731
     pieces: list[str] = []
     current = ""
-    for unit in units:
-        if current and fits(current + unit):
-            current += unit
+    i = 0
+    while i < len(units):
+        if not current:  # a new piece starts with the next sentence
+            unit = units[i]
+            i += 1
+            if fits(unit):
+                current = unit
+            else:  # one sentence over the limit: cut it at token boundaries, keep its tail open
+                cut = _split_tokens(engine, unit, limit)
+                pieces.extend(cut[:-1])
+                current = cut[-1] if cut else ""
             continue
-        if current:
+        # as many of the following sentences as still fit (the same pieces as adding them one by one)
+        m = _most_that_fit(lambda m: fits(current + "".join(units[i:i + m])), len(units) - i)
+        current += "".join(units[i:i + m])
+        i += m
+        if i < len(units):
             pieces.append(current)
-        if fits(unit):
-            current = unit
-        else:  # one sentence over the limit: cut it at token boundaries, keep its tail open
-            cut = _split_tokens(engine, unit, limit)
-            pieces.extend(cut[:-1])
-            current = cut[-1] if cut else ""
+            current = ""
     if current:
         pieces.append(current)
     return [p for p in pieces if normalize_text(p)]
