@@ -276,15 +276,18 @@ _WANTED = (
     (re.compile(r"\bhow (?:many|much|long|old|far|high|tall|large|big|deep|wide|heavy|often|fast)\b|"
                 r"\bwhat (?:percentage|percent|number|amount|temperature|size|population)\b"), ("number", "date")),
     (re.compile(r"\bwhere\b"), ("name", "capital")),
-    # "which port", "what company": after the patterns above ("what year" is a date), a named thing
-    (re.compile(r"\b(?:which|what) (?!(?:is|are|was|were|do|does|did|has|have|had|can|could|would|will|should)\b)"
-                r"[a-z]+"), ("name", "capital")),
+    # "which port", "what company": after the patterns above ("what year" is a date), a named thing;
+    # not "which is older, A or B?", whose answer is a name the question spells
+    (re.compile(r"^(?!.*\bor\b).*?\b(?:which|what) "
+                r"(?!(?:is|are|was|were|do|does|did|has|have|had|can|could|would|will|should)\b)[a-z]+"),
+     ("name", "capital")),
 )
 
 
 def _wanted_kinds(question: str) -> tuple[str, ...]:
     """The span kinds a question's answer is likely to be: ``("name", "capital")`` for *who*,
-    *where* and *which* / *what* + a noun (*which port*, *what company*), dates and numbers for
+    *where* and *which* / *what* + a noun (*which port*, *what company*; not in a question that
+    offers a choice, *A or B*), dates and numbers for
     *when* / *what year*, numbers for *how many* / *how much*; ``()`` otherwise (*what is*, *why*)."""
     q = question.lower()
     for pattern, kinds in _WANTED:

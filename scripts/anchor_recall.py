@@ -46,7 +46,7 @@ def main() -> int:
     from compressor_plugin.models import ensure_default_model, load_tokenizer
 
     if "names" in args.without:
-        anchors._WANTED = tuple(rule for rule in anchors._WANTED if not rule[0].pattern.startswith(r"\b(?:which|what) "))
+        anchors._WANTED = tuple(rule for rule in anchors._WANTED if not "(?:which|what) " in rule[0].pattern)
     if "kind" in args.without:
         anchors._wanted_kinds = lambda question: ()
     if "stem" in args.without:

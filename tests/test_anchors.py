@@ -417,6 +417,7 @@ def test_question_anchors_match_inflected_words_and_the_kind_asked_for(tok):
     assert _wanted_kinds("For which sports team does he play?") == ("name", "capital")
     assert _wanted_kinds("What company filed the complaint?") == ("name", "capital")
     assert _wanted_kinds("What is the purpose of the fund?") == () and _wanted_kinds("What was it called?") == ()
+    assert _wanted_kinds("Which band formed first, Vessel or Mirrow?") == ()  # the answer is spelled in the question
     player = ("Dorvan Kessel (born March 3, 1981) is a Glenmoran professional basketball player who plays for "
               "Vostrel BC of the Marrow Basketball League (MBL).")
     got = tok.decode(select_anchors(player, tok, 32, question="For which sports team does Dorvan Kessel play?"))
