@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import sys
 import tempfile
@@ -30,20 +31,19 @@ if importlib.util.find_spec("compressor_plugin") is None:  # run from a source c
 
 from compressor_plugin.caching import build_cache, read_chunk_map
 from compressor_plugin.compressor import Compressor
+from compressor_plugin.demo import DEMO_FILE
 from compressor_plugin.engine import CompressionEngine
 from compressor_plugin.store import ContextStore
 
-#: A tiny demo corpus (written to a temporary folder when --input is not given).
-DEMO_DOCS = {
-    "rivers.md": "# Rivers\n\nThe Nile flows north through eleven countries and empties into the Mediterranean Sea. "
-                 "Its two main tributaries are the White Nile and the Blue Nile, which meet at Khartoum.\n\n"
-                 "The Amazon carries more water than any other river. It rises in the Andes of Peru.",
-    "telescopes.md": "# Telescopes\n\nThe Hubble Space Telescope was launched in 1990 aboard the Space Shuttle "
-                     "Discovery. It orbits about 540 kilometres above the Earth.\n\nThe James Webb Space Telescope "
-                     "observes in the infrared and sits near the second Lagrange point.",
-    "notes.txt": "Ada Lovelace wrote the first published algorithm intended for Charles Babbage's Analytical Engine. "
-                 "She was born in London in 1815.",
-}
+def write_demo_corpus(folder: Path) -> None:
+    """The bundled demo corpus (twelve SQuAD v1.1 dev paragraphs, CC BY-SA 4.0): one file per article."""
+    data = json.loads(DEMO_FILE.read_text(encoding="utf-8"))
+    articles: dict[str, list[str]] = {}
+    for doc in data["documents"]:
+        articles.setdefault(doc["title"], []).append(doc["text"])
+    for title, paragraphs in articles.items():
+        (folder / f"{title.replace(' ', '_')}.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
+
 
 _STOP = frozenset("a an and are as at by did do does for from how in is it of on or the to was were what when "
                   "where which who why with".split())
@@ -62,8 +62,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", help="JSONL file, .txt/.md file or folder (default: a small demo corpus)")
     parser.add_argument("--store", help="store folder (default: a temporary folder)")
-    parser.add_argument("--question", default="When was the Hubble Space Telescope launched?")
-    parser.add_argument("--chunk-tokens", type=int, default=48, help="small, so the demo documents split")
+    parser.add_argument("--question", default="In what year was Nikola Tesla born?")
+    parser.add_argument("--chunk-tokens", type=int, default=128, help="small, so the demo articles split")
     parser.add_argument("--top", type=int, default=2, help="chunks put into the prompt")
     args = parser.parse_args()
 
@@ -71,8 +71,7 @@ def main() -> int:
     source = Path(args.input) if args.input else work / "docs"
     if not args.input:
         source.mkdir()
-        for name, text in DEMO_DOCS.items():
-            (source / name).write_text(text, encoding="utf-8")
+        write_demo_corpus(source)
     store = ContextStore(args.store or work / "store")
     chunk_map = work / "chunks.jsonl"
     compressor = load_compressor()
