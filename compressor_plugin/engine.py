@@ -75,6 +75,19 @@ _SPAN_CACHE = 4096
 SHORT_TEXT_MARGIN = 8
 
 
+class _CheckedLookup:
+    """A store's ``get`` with ``expect`` fixed, and its ``get_text`` (what marker resolution reads)."""
+
+    def __init__(self, store: ContextStore, expect: dict[str, Any]):
+        self.store, self.expect = store, expect
+
+    def get(self, key: str) -> CompressedContext | None:
+        return self.store.get(key, expect=self.expect)
+
+    def get_text(self, key: str) -> str | None:
+        return self.store.get_text(key)
+
+
 class CompressionEngine:
     """Compressor, store and generator over one loaded base model.
 
@@ -278,16 +291,7 @@ class CompressionEngine:
             return self.store
         expect = {name: value for name, value in expected_fields(self.compressor).items()
                   if name in ("base_fingerprint", "k", "mode", "shape")}  # any anchor budget
-        store = self.store
-
-        class _Checked:
-            def get(self, key: str) -> Any:
-                return store.get(key, expect=expect)
-
-            def get_text(self, key: str) -> Any:
-                return store.get_text(key)
-
-        return _Checked()
+        return _CheckedLookup(self.store, expect)
 
     def _ask_anchors(self, res: Resolution, found: list[tuple[str, Any]], contents: Sequence[Any]) -> None:
         """Question anchors: re-choose the anchors of the prompt's stored contexts for its question.

@@ -30,7 +30,6 @@ from .store import (
     STORE_FORMAT_VERSION,
     ContextStore,
     StoreResult,
-    _key_parts,
     check_anchor_ids,
     context_key,
     decode_context,
@@ -99,7 +98,8 @@ def get_or_compress(
             raise CompressorError(f"text {i} is empty; there is nothing to compress")
         norm.append(n)
     target = torch.device(device) if device is not None else compressor.device
-    parts = _key_parts(compressor, anchors)
+    expect = expected_fields(compressor, anchors)  # the key fields and the tensor shape
+    parts = {name: value for name, value in expect.items() if name != "shape"}
     keys = [context_key(n, **parts) for n in norm]
     vocab = compressor.base.vocab_size
     first: dict[str, int] = {}
@@ -108,7 +108,7 @@ def get_or_compress(
     found: dict[str, CompressedContext] = {}
     hits: set[str] = set()
     # an intact entry that is not what this compressor makes (planted, copied) is removed and recomputed
-    for key, ctx in zip(first, store.get_many(list(first), expect=expected_fields(compressor, anchors))):
+    for key, ctx in zip(first, store.get_many(list(first), expect=expect)):
         if ctx is not None and ctx.anchor_ids is not None:
             try:
                 check_anchor_ids(ctx.anchor_ids, vocab)
