@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 from .text import literal_ids
 
-__all__ = ["select_anchors", "with_anchors", "anchors_for_ids", "attach_anchors", "question_anchors", "share_budget", "relevance", "anchor_spans", "anchored_fingerprint", "check_budget",
+__all__ = ["select_anchors", "question_line", "with_anchors", "anchors_for_ids", "attach_anchors", "question_anchors", "share_budget", "relevance", "anchor_spans", "anchored_fingerprint", "check_budget",
            "check_window_share", "LEAD_IN", "SEPARATOR", "MAX_ANCHOR_TOKENS", "DEFAULT_LEFT_CONTEXT",
            "DEFAULT_ANCHORS", "DEFAULT_WINDOW_SHARE", "MIN_WINDOW_TOKENS"]
 
@@ -278,18 +278,31 @@ _WANTED = (
     (re.compile(r"\bwhere\b"), ("name", "capital")),
     # "which port", "what company": after the patterns above ("what year" is a date), a named thing;
     # not "which is older, A or B?", whose answer is a name the question spells
-    (re.compile(r"^(?!.*\bor\b).*?\b(?:which|what) "
+    (re.compile(r"(?s)^(?!.*\bor\b).*?\b(?:which|what) "
                 r"(?!(?:is|are|was|were|do|does|did|has|have|had|can|could|would|will|should)\b)[a-z]+"),
      ("name", "capital")),
 )
+
+
+def question_line(text: str) -> str:
+    """The part of a prompt's text that asks: the line that holds its last ``?``, up to it
+    (``Question: Who ...?`` in ``\nQuestion: Who ...?\nAnswer:``); all of ``text`` without a ``?``."""
+    end = text.rfind("?")
+    if end < 0:
+        return text
+    return text[text.rfind("\n", 0, end) + 1:end + 1]
 
 
 def _wanted_kinds(question: str) -> tuple[str, ...]:
     """The span kinds a question's answer is likely to be: ``("name", "capital")`` for *who*,
     *where* and *which* / *what* + a noun (*which port*, *what company*; not in a question that
     offers a choice, *A or B*), dates and numbers for
-    *when* / *what year*, numbers for *how many* / *how much*; ``()`` otherwise (*what is*, *why*)."""
-    q = question.lower()
+    *when* / *what year*, numbers for *how many* / *how much*; ``()`` otherwise (*what is*, *why*).
+
+    Only the question's line is read (:func:`question_line`), so a prompt template's own words
+    around it (an instruction with an *or*, ``Answer:``) do not change the kind.
+    """
+    q = question_line(question).lower()
     for pattern, kinds in _WANTED:
         if pattern.search(q):
             return kinds

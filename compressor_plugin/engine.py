@@ -75,6 +75,18 @@ _SPAN_CACHE = 4096
 SHORT_TEXT_MARGIN = 8
 
 
+def stays_text(tokenizer: Any, text: str, tokens: int, k: int, anchors: int) -> bool:
+    """The short-chunk rule, shared by :meth:`CompressionEngine.stays_text` and ``cache build``.
+
+    True for a chunk of ``tokens`` tokens that is not longer than its compressed form (``k``
+    positions plus the ``anchors`` budget) plus :data:`SHORT_TEXT_MARGIN`: compressing it saves
+    (almost) nothing, and its text is exact. False when it spells a control token of the model
+    (``<|im_end|>``...): prompt strings are read with control tokens recognised, so such a chunk
+    is compressed like a long one and never acts as markup.
+    """
+    return tokens <= int(k) + int(anchors) + SHORT_TEXT_MARGIN and not has_control_text(tokenizer, text)
+
+
 class _CheckedLookup:
     """A store's ``get`` with ``expect`` fixed, and its ``get_text`` (what marker resolution reads)."""
 
@@ -198,7 +210,7 @@ class CompressionEngine:
         are read with control tokens recognised and the chunk must not act as markup there.
         """
         n = self.count_tokens(text) if tokens is None else tokens
-        return n <= self.keep_text_tokens and not has_control_text(self.tokenizer, text)
+        return stays_text(self.tokenizer, text, n, self.compressor.k, self.anchors)
 
     # ------------------------------------------------------------------ compression
     def compress(self, texts: Sequence[str], *, batch_size: int = 16, truncate: bool = False,
@@ -298,12 +310,14 @@ class CompressionEngine:
 
         The question is the prompt's text after its last marker (``Question: ... Answer:`` in
         the usual RAG template), or, when that holds no content word (a template that asks
-        first), all of the prompt's own text. Each chunk's spans come from its stored text
+        first), all of the prompt's own text; of that, the line that holds the last ``?`` when
+        it has content words (:func:`~compressor_plugin.anchors.question_line`), so the
+        template's own words do not pick sentences. Each chunk's spans come from its stored text
         (kept in memory for the next question); the prompt's anchor budget is shared by
         relevance (:func:`~compressor_plugin.anchors.question_anchors`). A context without
         anchors, or whose text is gone from the store, keeps what it has.
         """
-        from .anchors import has_question_words, question_anchors
+        from .anchors import has_question_words, question_anchors, question_line
 
         pieces: list[str] = []
         after: list[str] = []  # the text after the last marker
@@ -322,6 +336,9 @@ class CompressionEngine:
             question = " ".join(pieces)
         if not has_question_words(question):
             return
+        asks = question_line(question)  # "Question: Who ...?" without the template around it
+        if has_question_words(asks):
+            question = asks
         chosen = [(ctx, spans) for key, ctx in found if ctx.anchor_count
                   for spans in [self._chunk_spans(key)] if spans is not None]
         if not chosen:

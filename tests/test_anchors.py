@@ -238,6 +238,18 @@ def test_engine_budget_keys_and_short_chunk_rule(comp, tmp_path):
     res = anchored.generate(f"Context: {marker}\nQuestion: When was she born?\nAnswer:", max_new_tokens=3)
     # its question anchors are chosen again for the question, within the same budget
     assert res.resolved_chunks == 1 and comp.k < res.generation.compressed_tokens <= comp.k + 16
+    # only the question's line picks them: template words around it (here matching another sentence)
+    # do not, and the prompt's anchors are those of the bare question
+    from compressor_plugin.anchors import question_anchors
+    from compressor_plugin.context import CompressedContext
+
+    q = "Which town was Marta Ilvane born in?"
+    after = f"\nNotes remember a small instrument that measured grain moisture; answer with a name or a number.\n" \
+            f"Question: {q}\nAnswer:"
+    got = [s.anchor_list() for s in anchored.resolve(f"Context: {marker}{after}").segments
+           if isinstance(s, CompressedContext)]
+    bare = question_anchors([(TEXT, None)], comp.tokenizer, 16, q)
+    assert got == bare != question_anchors([(TEXT, None)], comp.tokenizer, 16, after)
     with pytest.raises(ValueError):
         CompressionEngine(comp, store, anchors=-1)
 
@@ -418,6 +430,12 @@ def test_question_anchors_match_inflected_words_and_the_kind_asked_for(tok):
     assert _wanted_kinds("What company filed the complaint?") == ("name", "capital")
     assert _wanted_kinds("What is the purpose of the fund?") == () and _wanted_kinds("What was it called?") == ()
     assert _wanted_kinds("Which band formed first, Vessel or Mirrow?") == ()  # the answer is spelled in the question
+    # as an engine reads a prompt: the text after the last marker, the question on its own line and
+    # template words (with an "or") around it
+    asked = "\nReply with a name or a number.\nQuestion: What project put the first Americans into space?\nAnswer:"
+    assert _wanted_kinds(asked) == ("name", "capital")
+    assert _wanted_kinds("\nQuestion: Which band formed first, Vessel or Mirrow?\nAnswer:") == ()
+    assert _wanted_kinds("Name the company that filed,\nwhich company") == ("name", "capital")  # no "?": all of it
     player = ("Dorvan Kessel (born March 3, 1981) is a Glenmoran professional basketball player who plays for "
               "Vostrel BC of the Marrow Basketball League (MBL).")
     got = tok.decode(select_anchors(player, tok, 32, question="For which sports team does Dorvan Kessel play?"))
