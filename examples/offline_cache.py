@@ -86,18 +86,21 @@ def main() -> int:
     q = Counter(words(args.question))
     scored = []
     for row in rows:
-        text = store.get_text(row["key"]) or ""
+        # a chunk too short to gain from compression was kept as text (its row has "key": null)
+        text = row["text"] if row["key"] is None else store.get_text(row["key"]) or ""
         overlap = sum(min(n, Counter(words(text))[w]) for w, n in q.items())
         scored.append((overlap, row))
     top = [row for score, row in sorted(scored, key=lambda sr: -sr[0])[: args.top] if score > 0] or [rows[0]]
     engine = CompressionEngine(compressor, store)
     for row in top:
+        shown = "kept as text" if row["key"] is None else engine.marker(row["key"])[:20] + "...]]"
         print(f"retrieved {row['source']} chunk {row['chunk']} (chars {row['start']}-{row['end']}, "
-              f"{row['n_tokens']} tokens) -> {engine.marker(row['key'])[:20]}...]]")
+              f"{row['n_tokens']} tokens) -> {shown}")
 
-    # 3. Answer from the cached K/V: the markers (valid in this engine only) stand in for the chunks' text.
-    markers = "".join(engine.marker(row["key"]) for row in top)
-    prompt = f"Context: {markers}\nQuestion: {args.question}\nAnswer:"
+    # 3. Answer from the cached K/V: the markers (valid in this engine only) stand in for the chunks' text;
+    #    a chunk kept as text goes in as it is.
+    context = "".join(row["text"] + "\n" if row["key"] is None else engine.marker(row["key"]) for row in top)
+    prompt = f"Context: {context}\nQuestion: {args.question}\nAnswer:"
     result = engine.generate(prompt, max_new_tokens=24, stop=["\n"])
     print(f"\nQ: {args.question}\nA: {result.text.strip()}")
     print(f"usage: {result.usage()}  (chunks from the cache: {result.resolved_chunks}, "

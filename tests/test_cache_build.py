@@ -164,8 +164,11 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, tiny_ckpt, capsys):
                               "not_a_json_object": 1, "not_utf8": 2, "unreadable_file": 1, "unsupported_file": 1}
     assert out["skipped_total"] == 10
     assert out["documents"] == 3 + 1 + 2  # 3 JSONL + the "context" line, notes.md, long.txt
-    assert out["new"] == out["chunks"] > out["documents"] and out["store_entries"] == out["chunks"]
-    assert out["compression_ratio"] == pytest.approx(out["source_tokens"] / (4 * out["chunks"]), rel=1e-3)
+    # the one-sentence "context" document is not longer than k + 8 tokens: kept as text (the short-chunk rule)
+    assert out["kept_as_text"] == 1 and 0 < out["text_tokens"] <= 4 + 8
+    assert out["new"] + 1 == out["chunks"] > out["documents"] and out["store_entries"] == out["new"]
+    assert out["compressed_tokens"] == 4 * out["new"] + out["text_tokens"]
+    assert out["compression_ratio"] == pytest.approx(out["source_tokens"] / out["compressed_tokens"], rel=1e-3)
 
 
 def test_links_out_of_the_input_folder_are_skipped_unless_asked(tmp_path, tiny_ckpt, capsys):
@@ -175,7 +178,7 @@ def test_links_out_of_the_input_folder_are_skipped_unless_asked(tmp_path, tiny_c
     (src / "a.txt").write_text("inside text")
     (src / "notes.txt").symlink_to(tmp_path / "id_rsa")
     args = ["cache", "build", "--input", str(src), "--checkpoint", str(tiny_ckpt), "--no-progress", "--json",
-            "--anchors", "0", "--chunk-tokens", "32"]
+            "--anchors", "0", "--chunk-tokens", "32", "--compress-short"]
 
     def texts(store: Path) -> list[str]:
         return sorted(text for *_, text in store_entries(store).values())
@@ -202,7 +205,8 @@ def test_chunk_map_matches_the_store_and_a_second_run_adds_nothing(tmp_path, tin
     src = write_corpus(tmp_path / "in")
     store, cmap = tmp_path / "store", tmp_path / "map.jsonl"
     args = ["cache", "build", "--input", str(src), "--store", str(store), "--checkpoint", str(tiny_ckpt),
-            "--chunk-tokens", "48", "--batch-size", "4", "--map", str(cmap), "--no-progress", "--json"]
+            "--chunk-tokens", "48", "--batch-size", "4", "--map", str(cmap), "--no-progress", "--json",
+            "--compress-short"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     rows = read_chunk_map(cmap)
@@ -232,7 +236,7 @@ def test_build_cache_python_api_with_documents(tmp_path, tiny_comp):
     docs = [Document("a", "First document. It is short.", "mem"), Document("b", "Second one!", "mem"),
             Document("c", "First document. It is short.", "mem")]  # same text as "a": stored once
     summary = build_cache(docs, tmp_path / "s", tiny_comp, chunk_tokens=32, progress=False,
-                          map_path=tmp_path / "m.jsonl")
+                          map_path=tmp_path / "m.jsonl", keep_short=False)
     assert (summary.documents, summary.chunks, summary.new, summary.already_stored) == (3, 3, 2, 1)
     assert summary.to_dict()["chunks_per_s"] > 0 and "chunks" in summary.format()
     rows = read_chunk_map(tmp_path / "m.jsonl")
@@ -267,6 +271,36 @@ def test_chunk_map_writer_refuses_a_row_of_the_wrong_types_without_touching_the_
     assert path.read_bytes() == content  # neither cut nor rewritten
 
 
+def test_short_chunks_stay_text_as_the_engine_keeps_them(tmp_path, tiny_comp):
+    """The short-chunk rule of the engine's mark, in the offline build: a chunk not longer than
+    k + anchors + margin is neither compressed nor stored; its map row holds its text."""
+    from compressor_plugin.engine import CompressionEngine
+
+    short_text, long_text = "Ledger beacon orbit.", document(random.Random(1), 1, 6)
+    docs = [Document("short", short_text, "mem"), Document("long", long_text, "mem")]
+    engine = CompressionEngine(tiny_comp, ContextStore(tmp_path / "engine"), anchors=8)
+    assert engine.stays_text(short_text) and not engine.stays_text(long_text)
+    cmap = tmp_path / "m.jsonl"
+    summary = build_cache(docs, tmp_path / "s", tiny_comp, chunk_tokens=128, progress=False, map_path=cmap, anchors=8)
+    assert (summary.chunks, summary.new, summary.kept_as_text, summary.already_stored) == (2, 1, 1, 0)
+    rows = {r["doc_id"]: r for r in read_chunk_map(cmap)}
+    assert rows["short"]["key"] is None and rows["short"]["text"] == short_text
+    assert summary.text_tokens == rows["short"]["n_tokens"]
+    assert "text" not in rows["long"] and rows["long"]["key"] in ContextStore(tmp_path / "s")
+    assert len(ContextStore(tmp_path / "s")) == 1  # only the long chunk is stored
+    # the prompt positions the summary counts: k + anchors for the long chunk, its own tokens for the short one
+    assert summary.compressed_tokens == tiny_comp.k + summary.anchor_tokens + summary.text_tokens
+    assert "kept as text 1" in summary.format()
+    # the same chunk the engine's mark would have used: its marker for the long one, the text for the short one
+    marks = engine.mark([short_text, long_text])
+    assert marks[0] == short_text and engine.own_marker_keys(marks[1]) == [rows["long"]["key"]]
+    again = build_cache(docs, tmp_path / "s", tiny_comp, chunk_tokens=128, progress=False, map_path=cmap, anchors=8)
+    assert (again.new, again.kept_as_text, again.already_stored, again.map_rows) == (0, 1, 1, 0)
+    every = build_cache(docs, tmp_path / "all", tiny_comp, chunk_tokens=128, progress=False, anchors=8,
+                        keep_short=False)
+    assert (every.new, every.kept_as_text) == (2, 0)
+
+
 # ---------------------------------------------------------------------------------- SIGKILL + resume
 def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(tmp_path, monkeypatch):
     """A build killed mid-run, run again, compresses exactly the chunks that were missing."""
@@ -274,7 +308,8 @@ def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(tmp_path, monkey
     src = write_corpus(tmp_path / "in", seed=5, n_jsonl=6)
     killed, reference, cmap = tmp_path / "killed", tmp_path / "reference", tmp_path / "map.jsonl"
     cmd = [sys.executable, "-m", "compressor_plugin.cli", "cache", "build", "--input", str(src), "--store", str(killed),
-           "--checkpoint", str(ckpt), "--chunk-tokens", "40", "--batch-size", "1", "--map", str(cmap), "--no-progress"]
+           "--checkpoint", str(ckpt), "--chunk-tokens", "40", "--batch-size", "1", "--map", str(cmap), "--no-progress",
+           "--compress-short"]
     env = dict(cli_env(), OMP_NUM_THREADS="1")  # one thread: steady progress on a busy machine
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stored_at_kill = 0
@@ -307,10 +342,11 @@ def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(tmp_path, monkey
         return encode(batch)
 
     monkeypatch.setattr(comp, "encode_ids", counting_encode_ids)
-    summary = build_cache(src, killed, comp, chunk_tokens=40, batch_size=4, map_path=cmap, progress=False)
+    summary = build_cache(src, killed, comp, chunk_tokens=40, batch_size=4, map_path=cmap, progress=False,
+                          keep_short=False)
     resumed_rows = sum(rows_compressed)
     monkeypatch.undo()
-    full = build_cache(src, reference, comp, chunk_tokens=40, batch_size=4, progress=False)
+    full = build_cache(src, reference, comp, chunk_tokens=40, batch_size=4, progress=False, keep_short=False)
 
     final, ref = store_entries(killed), store_entries(reference)
     assert len(ref) == full.new

@@ -57,14 +57,14 @@ def test_ray_build_equals_single_process_build(tmp_path):
                       ).save_pretrained(tmp_path / "ckpt")
     src = write_corpus(tmp_path / "in")
 
-    single = build_cache(src, tmp_path / "single", Compressor.from_pretrained(ckpt, device="cpu"), chunk_tokens=48,
+    single = build_cache(src, tmp_path / "single", Compressor.from_pretrained(ckpt, device="cpu"), chunk_tokens=96,
                          batch_size=4, map_path=tmp_path / "single.jsonl", progress=False)
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(
         os.pathsep) if p]))
     shards = tmp_path / "shards"
     cmd = [sys.executable, "-m", "compressor_plugin.cli", "cache", "build", "--input", str(src),
-           "--store", str(tmp_path / "ray"), "--checkpoint", str(ckpt), "--chunk-tokens", "48", "--batch-size", "3",
+           "--store", str(tmp_path / "ray"), "--checkpoint", str(ckpt), "--chunk-tokens", "96", "--batch-size", "3",
            "--map", str(tmp_path / "ray.jsonl"), "--ray", "--ray-address", "local", "--num-workers", "2",
            "--num-gpus-per-worker", "0", "--shard-dir", str(shards), "--no-progress", "--json"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -72,6 +72,7 @@ def test_ray_build_equals_single_process_build(tmp_path):
     out = json.loads(proc.stdout)
 
     assert (out["documents"], out["chunks"], out["new"]) == (single.documents, single.chunks, single.new)
+    assert out["kept_as_text"] == single.kept_as_text > 0 and single.new > single.kept_as_text  # short-chunk rule
     assert out["skipped"] == single.skipped == {"bad_json": 1, "not_utf8": 1}
     assert out["workers"] == 2 and 1 <= out["actors_used"] == out["shards_merged"] <= 2
     assert out["unmerged_shards"] == []
@@ -95,5 +96,5 @@ def test_ray_build_equals_single_process_build(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     again = json.loads(proc.stdout)
-    assert again["new"] == 0 and again["already_stored"] == single.chunks and again["map_rows"] == 0
+    assert again["new"] == 0 and again["already_stored"] == single.new and again["map_rows"] == 0
     assert default_shard_dir(tmp_path / "ray") != shards  # the default is per target store, under the temp folder

@@ -42,6 +42,7 @@ import torch
 from ..anchors import DEFAULT_ANCHORS
 from ..compressor import to_host  # noqa: F401  (re-exported: callers import it from here)
 from ..context import CompressedContext
+from ..engine import stays_text
 from ..store import ContextStore, context_key
 from .chunking import Chunk, Document, TokenChunker, input_files, iter_documents, total_input_bytes
 
@@ -93,6 +94,8 @@ class BuildSummary:
     chunks: int = 0
     new: int = 0
     already_stored: int = 0
+    kept_as_text: int = 0
+    text_tokens: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     source_tokens: int = 0
     compressed_tokens: int = 0
@@ -150,7 +153,8 @@ class BuildSummary:
         """A human-readable multi-line summary."""
         lines = [
             f"documents       {self.documents}",
-            f"chunks          {self.chunks}  (new {self.new}, already stored {self.already_stored})",
+            f"chunks          {self.chunks}  (new {self.new}, already stored {self.already_stored}"
+            + (f", kept as text {self.kept_as_text}" if self.kept_as_text else "") + ")",
             f"skipped         {self.skipped_total}" + (
                 "  (" + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) + ")" if self.skipped else ""),
             f"tokens          {self.source_tokens} -> {self.compressed_tokens} compressed "
@@ -283,10 +287,15 @@ class ChunkMapWriter:
         self.close()
 
 
-def map_row(chunk: Chunk, key: str) -> dict[str, Any]:
-    """The chunk-map row of a chunk."""
-    return {"doc_id": chunk.doc_id, "chunk": chunk.index, "start": chunk.start, "end": chunk.end,
-            "n_tokens": chunk.n_tokens, "key": key, "source": chunk.source, "line": chunk.line}
+def map_row(chunk: Chunk, key: str | None) -> dict[str, Any]:
+    """The chunk-map row of a chunk. ``key`` is None for a chunk kept as text (the short-chunk
+    rule, :func:`~compressor_plugin.engine.stays_text`): its row holds its ``text`` instead, to be
+    put into prompts as it is."""
+    row = {"doc_id": chunk.doc_id, "chunk": chunk.index, "start": chunk.start, "end": chunk.end,
+           "n_tokens": chunk.n_tokens, "key": key, "source": chunk.source, "line": chunk.line}
+    if key is None:
+        row["text"] = chunk.text
+    return row
 
 
 def read_chunk_map(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -493,6 +502,7 @@ def build_cache(
     anchors: int = DEFAULT_ANCHORS,
     follow_symlinks: bool = False,
     anchor_workers: int = 0,
+    keep_short: bool = True,
 ) -> BuildSummary:
     """Compress a corpus into a store; resumable, see the module docstring.
 
@@ -526,6 +536,12 @@ def build_cache(
             Measured on a 16-core H200 host, 8 workers made a 10,000-chunk build slower (138
             against 202 chunks/s), so leave it at 0 unless a profile shows anchor choice is the
             limit on your machine.
+        keep_short: the short-chunk rule of the engine's ``mark``
+            (:func:`~compressor_plugin.engine.stays_text`): a chunk not longer than its
+            compressed form (k plus ``anchors``) plus a small margin is neither compressed nor
+            stored; its chunk-map row has ``"key": null`` and the chunk's ``text``, to be put into
+            prompts as it is (compressed, it would take as many prompt positions and lose its
+            exact words). Counted as ``kept_as_text``. False compresses every chunk.
 
     Returns:
         A :class:`BuildSummary`. A Ctrl-C ends the build early with ``interrupted=True``
@@ -547,6 +563,10 @@ def build_cache(
 
     anchors = check_budget(anchors)
     parts = key_parts(compressor, anchors)
+
+    def short(chunk: Chunk) -> bool:
+        return keep_short and stays_text(compressor.tokenizer, chunk.text, chunk.n_tokens, compressor.k, anchors)
+
     skipped: Counter = Counter()
     summary = BuildSummary(store=str(st.directory), map=str(map_path) if map_path else None, device=str(device),
                            dtype=parts["dtype"], k=compressor.k, mode=compressor.mode, chunk_tokens=int(chunk_tokens),
@@ -608,8 +628,12 @@ def build_cache(
             summary.documents += window.documents
             todo: list[int] = []
             first: set[str] = set()
+            kept: set[int] = set()  # chunks kept as text (the short-chunk rule)
             for i, (chunk, key) in enumerate(zip(window.chunks, window.keys)):
-                if key not in first:
+                if short(chunk):
+                    kept.add(i)
+                    summary.text_tokens += chunk.n_tokens
+                elif key not in first:
                     with pending_lock:
                         queued = key in pending
                     if not queued and key not in st:
@@ -617,7 +641,8 @@ def build_cache(
                         todo.append(i)
                         continue
                 summary.source_tokens += chunk.n_tokens  # counted now if stored, else once compressed
-            summary.already_stored += len(window.chunks) - len(todo)
+            summary.kept_as_text += len(kept)
+            summary.already_stored += len(window.chunks) - len(todo) - len(kept)
             summary.chunks += len(window.chunks) - len(todo)
             bytes_done += window.nbytes
             _update_total(bar, summary, bytes_done, total_bytes, limit)
@@ -650,7 +675,8 @@ def build_cache(
                     bar.set_postfix(new=summary.new, stored=summary.already_stored, skipped=sum(skipped.values()),
                                     refresh=False)
             if map_writer is not None:
-                rows = [(map_row(c, key), key) for c, key in zip(window.chunks, window.keys)]
+                rows = [(map_row(c, None if i in kept else key), key)
+                        for i, (c, key) in enumerate(zip(window.chunks, window.keys))]
                 map_futures.append(mapper.submit(write_map, rows, batch_futures))
             if not size_warned and start_bytes + summary.stored_bytes > 0.9 * st.size_limit:
                 size_warned = True
@@ -688,8 +714,10 @@ def finish_summary(summary: BuildSummary, skipped: Counter, *, k: int, t0: float
                    warn_size: bool = True) -> None:
     """Fill the closing fields of a build summary from the store (and close it if we opened it)."""
     summary.skipped = {key: v for key, v in sorted(skipped.items()) if v}
-    # anchor tokens: exact for the chunks compressed now, the budget (an upper bound) for stored ones
-    summary.compressed_tokens = summary.chunks * k + summary.anchor_tokens + summary.already_stored * summary.anchors
+    # anchor tokens: exact for the chunks compressed now, the budget (an upper bound) for stored ones;
+    # a chunk kept as text takes its own tokens
+    summary.compressed_tokens = ((summary.chunks - summary.kept_as_text) * k + summary.anchor_tokens
+                                 + summary.already_stored * summary.anchors + summary.text_tokens)
     summary.seconds = time.perf_counter() - t0
     stats = store.stats()
     if close:

@@ -45,6 +45,7 @@ import torch
 from ..text import literal_ids
 from ..store import ContextStore, context_key
 from ..anchors import DEFAULT_ANCHORS, check_budget
+from ..engine import stays_text
 from .build import (BuildSummary, ChunkMapWriter, finish_summary, default_batch_size, encode_contexts, key_parts, map_row,
                     open_store)
 from .chunking import Document, TokenChunker, iter_documents
@@ -186,6 +187,7 @@ def build_cache_ray(
     compile: bool = False,
     anchors: int = DEFAULT_ANCHORS,
     follow_symlinks: bool = False,
+    keep_short: bool = True,
 ) -> BuildSummary:
     """:func:`~compressor_plugin.caching.build.build_cache` on a Ray cluster (see the module docstring).
 
@@ -261,9 +263,14 @@ def build_cache_ray(
 
     def flush() -> None:
         for chunk in chunker.split(group, skipped):
+            summary.source_tokens += chunk.n_tokens
+            if keep_short and stays_text(driver.tokenizer, chunk.text, chunk.n_tokens, driver.k, anchors):
+                rows.append((map_row(chunk, None), None))  # the short-chunk rule: kept as text
+                summary.kept_as_text += 1
+                summary.text_tokens += chunk.n_tokens
+                continue
             key = context_key(chunk.text, **parts)
             rows.append((map_row(chunk, key), key))
-            summary.source_tokens += chunk.n_tokens
             if key not in todo and key not in target:
                 todo[key] = (chunk.text, chunk.n_tokens)
         summary.documents += len(group)
@@ -275,7 +282,7 @@ def build_cache_ray(
             flush()
     flush()
     summary.chunks = len(rows)
-    summary.already_stored = summary.chunks - len(todo)
+    summary.already_stored = summary.chunks - len(todo) - summary.kept_as_text
     del driver
 
     # 2. compress on the actor pool
@@ -323,7 +330,7 @@ def build_cache_ray(
                                 "(evicted by the size limit, or a worker failed); run the build again")
     if map_path:
         with ChunkMapWriter(map_path) as mw:
-            mw.write(r for r, key in rows if key in target)
+            mw.write(r for r, key in rows if key is None or key in target)
             summary.map_rows = mw.rows_written
     finish_summary(summary, skipped, k=summary.k, t0=t0, store=target, close=target is not store)
     summary.extra = {"shard_dir": str(shard_root), "shards_merged": merged["merged"], "actors_used": len(shard_paths),

@@ -79,7 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="processes that choose anchors beside the encoder (default 0: the main process, which "
                         "measured faster on a 16-core H200 host; not used with --ray)")
     p.add_argument("--map", default=None, metavar="OUT.jsonl",
-                   help="write the chunk map here (appended to and deduplicated when it exists)")
+                   help="write the chunk map here (appended to and deduplicated when it exists); a chunk kept as "
+                        "text has \"key\": null and its \"text\" there")
+    p.add_argument("--compress-short", action="store_true",
+                   help="compress every chunk; by default a chunk not longer than k + anchors + 8 tokens is kept "
+                        "as text (as the engine's mark does): compressed, it would not shorten the prompt")
     p.add_argument("--limit", type=_positive, default=None, metavar="N", help="read at most N documents")
     p.add_argument("--remote", default=None, metavar="URL",
                    help="also write every context to a shared remote tier, e.g. redis://host:6379/0 (pip install "
@@ -129,7 +133,7 @@ def _build(args: argparse.Namespace) -> int:
             num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
             num_cpus_per_worker=args.num_cpus_per_worker, shard_dir=args.shard_dir, progress=progress,
             merge_lora=not args.no_merge_lora, compile=args.compile, anchors=args.anchors,
-            follow_symlinks=args.follow_symlinks)
+            follow_symlinks=args.follow_symlinks, keep_short=not args.compress_short)
     else:
         from ..caching.build import build_cache
         from ..compressor import Compressor
@@ -142,7 +146,7 @@ def _build(args: argparse.Namespace) -> int:
             limit=args.limit, writer_threads=args.writer_threads, progress=progress,
             merge_lora=not args.no_merge_lora, compile=args.compile, anchors=args.anchors,
             follow_symlinks=args.follow_symlinks,
-            anchor_workers=args.anchor_workers)
+            anchor_workers=args.anchor_workers, keep_short=not args.compress_short)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
