@@ -42,6 +42,9 @@ MAX_CONFIG_BYTES = 1 << 20
 #: Largest ``CompressorConfig.max_length`` accepted (tokens per compressed chunk), whatever the
 #: model: it bounds one encoder forward, and a checkpoint's config.json is read from disk.
 MAX_LENGTH_LIMIT = 32768
+#: Largest ``CompressorConfig.lora_alpha`` accepted: the LoRA update is scaled by alpha / r, and a
+#: checkpoint's config.json is read from disk (real ones use 8-512; 1e30 gave finite garbage).
+MAX_LORA_ALPHA = 65536
 #: safetensors dtypes a checkpoint's tensors may have.
 _CHECKPOINT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
@@ -71,8 +74,8 @@ class CompressorConfig:
             raise ValueError(f"max_length must be an integer between 1 and {MAX_LENGTH_LIMIT}, not {self.max_length!r}")
         if not _is_int(self.lora_r) or self.lora_r < 1:
             raise ValueError(f"lora_r must be a positive integer, not {self.lora_r!r}")
-        if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha):
-            raise ValueError(f"lora_alpha must be a finite number, not {self.lora_alpha!r}")
+        if not _is_number(self.lora_alpha) or not 0 < self.lora_alpha <= MAX_LORA_ALPHA:
+            raise ValueError(f"lora_alpha must be a number in (0, {MAX_LORA_ALPHA}], not {self.lora_alpha!r}")
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be a number in [0, 1), not {self.lora_dropout!r}")
         if (not isinstance(self.target_modules, (list, tuple)) or not self.target_modules

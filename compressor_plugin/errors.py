@@ -19,7 +19,7 @@ silences or escalates all of them::
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = [
     "BrokenMarkerWarning",
@@ -203,4 +203,18 @@ class BrokenMarkerWarning(CompressorPluginWarning):
 
 
 class EmptyDocumentWarning(CompressorPluginWarning):
-    """A document with no text was passed through uncompressed."""
+    """Documents with no text were passed through uncompressed.
+
+    Attributes:
+        positions: their positions in the call's input.
+        document_ids: their ids, in the same order (None for a document without one).
+
+    The message says how many, not which: document ids are untrusted input, and a message that
+    held them would add an entry to Python's warning registry for every new id, for the life of
+    the process. The positions and ids are here and in the DEBUG log.
+    """
+
+    def __init__(self, message: str, positions: Sequence[int] = (), document_ids: Sequence[str | None] = ()):
+        super().__init__(message)
+        self.positions = list(positions)
+        self.document_ids = list(document_ids)

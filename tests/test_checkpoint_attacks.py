@@ -53,7 +53,7 @@ def test_the_good_checkpoint_loads(good):
 
 @pytest.mark.parametrize("field,value", [
     ("k", "4"), ("k", 4.5), ("k", True), ("lora_r", "4"), ("lora_r", 0), ("lora_r", -1),
-    ("lora_alpha", float("nan")), ("lora_alpha", "32"), ("lora_dropout", 2.0), ("max_length", "64"),
+    ("lora_alpha", float("nan")), ("lora_alpha", "32"), ("lora_alpha", 1e30), ("lora_alpha", 0), ("lora_alpha", -8), ("lora_dropout", 2.0), ("max_length", "64"),
     ("max_length", 0), ("target_modules", "q_proj"), ("target_modules", []), ("target_modules", [1]),
     ("base_model", ["x"]), ("base_fingerprint", 3), ("mode", 1),
 ])

@@ -197,8 +197,9 @@ async def test_ingestion_async_empty_nodes_and_pickling(engine, nodes):
     empty = TextNode(text="   ")
     node = TextNode(text="A chunk that was never compressed before: the Rhine rises in the Swiss Alps, flows "
                          "through Germany and the Netherlands, and reaches the North Sea near Rotterdam.")
-    with pytest.warns(EmptyDocumentWarning, match=r"document 0 \(id=.*\) has no text"):
+    with pytest.warns(EmptyDocumentWarning, match=r"1 of 2 documents has no text") as empty_warning:
         res = await transform.acall([empty, node])
+    assert empty_warning[0].message.positions == [0]
     assert res[0] is empty and not any(k in empty.metadata for k in COMPRESSION_METADATA_KEYS if k != "compressed")
     assert empty.metadata == {"compressed": False, "skip_reason": "empty"}  # as LangChain's (core.skipped_metadata)
     assert empty.get_content(metadata_mode=MetadataMode.EMBED) == "   "  # hidden from embeddings

@@ -741,33 +741,29 @@ def _own(engine: "CompressionEngine", keys: list[str]) -> CompressedText:
                           source_tokens=src, hits=len(keys))
 
 
-#: How many documents an :class:`EmptyDocumentWarning` names before it says "...".
-_EMPTY_NAMED = 5
-
-
 def warn_empty_texts(texts: Sequence[Any], document_ids: Sequence[str | None] | None = None) -> list[int]:
     """Warn once when some texts are empty or whitespace only; their positions.
 
     The rule of both frameworks: such a document or node is passed through uncompressed (it
     has nothing to compress) and the call issues **one**
-    :class:`~compressor_plugin.errors.EmptyDocumentWarning` naming the first few by position
-    and id, e.g. ``document 0 (id='a') has no text; it is passed through uncompressed``. The
-    warning points at the caller's code (the first frame outside this package).
+    :class:`~compressor_plugin.errors.EmptyDocumentWarning`, e.g. ``2 of 5 documents have no
+    text; they are passed through uncompressed``, whose ``positions`` and ``document_ids``
+    say which (the text does not: ids are untrusted, see the warning class). The warning
+    points at the caller's code (the first frame outside this package).
     """
     empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not normalize_text(t)]
     if empty:
         ids = list(document_ids) if document_ids is not None else [None] * len(texts)
-        named = ", ".join(f"document {i} (id={ids[i]!r})" for i in empty[:_EMPTY_NAMED])
-        more = ", ..." if len(empty) > _EMPTY_NAMED else ""
         if len(empty) == 1:
-            message = f"{named} has no text; it is passed through uncompressed"
+            message = f"1 of {len(texts)} documents has no text; it is passed through uncompressed"
         else:
-            message = f"{len(empty)} documents have no text; they are passed through uncompressed: {named}{more}"
+            message = f"{len(empty)} of {len(texts)} documents have no text; they are passed through uncompressed"
         from ..markers import _caller_level
 
-        warnings.warn(message, EmptyDocumentWarning, stacklevel=_caller_level())
+        warnings.warn(EmptyDocumentWarning(message, empty, [ids[i] for i in empty]), stacklevel=_caller_level())
         # debug, not info: the warning above already tells the user, once
-        logger.debug("%d of %d documents have no text; passed through uncompressed", len(empty), len(texts))
+        logger.debug("documents without text, passed through uncompressed: %s",
+                     ", ".join(f"{i} (id={ids[i]!r})" for i in empty[:20]) + (", ..." if len(empty) > 20 else ""))
     return empty
 
 
