@@ -73,7 +73,7 @@ from ..errors import BrokenMarkerWarning, ContextTooLongError, InvalidOptionErro
 from ..generation import GenerationConfig
 from ..markers import split_markers
 from ..prompts import CHAT_INSTRUCTION
-from ..text import literal_ids
+from ..text import has_control_text, literal_ids
 from .core import (
     COMPRESSION_METADATA_KEYS,
     DEFAULT_MAX_NEW_TOKENS,
@@ -181,6 +181,21 @@ def _node_text(node: BaseNode) -> str:
 
 def _hide(keys: Sequence[str], excluded: Sequence[str]) -> list[str]:
     return list(excluded) + [k for k in keys if k not in excluded]
+
+
+def _control_keys(engine: "CompressionEngine", metadata: dict[str, Any], excluded: Sequence[str]) -> tuple[str, ...]:
+    """Metadata keys in the LLM's view whose ``key: value`` line spells a control token of the model.
+
+    A retrieved node's metadata is untrusted like its text, and LlamaIndex writes the LLM-visible
+    keys into the prompt as text. A raw prompt string (``CompressedLLM(is_chat_model=False)``) is
+    read with control tokens recognised, so ``<|im_end|>`` there would act as markup: such keys
+    are hidden from the LLM view (the value itself is kept, and embeddings still see it).
+    """
+    shown = [k for k in metadata if k not in excluded]
+    bad = tuple(k for k in shown if has_control_text(engine.tokenizer, f"{k}: {metadata[k]}"))
+    if bad:
+        logger.debug("metadata keys hidden from the LLM view (they spell control tokens): %s", bad[:20])
+    return bad
 
 
 def _check_nodes(nodes: Sequence[BaseNode]) -> None:
@@ -352,7 +367,8 @@ class CompressTransform(_DocumentOptions, TransformComponent):
             meta = compression_metadata(node.metadata, res, _node_text(node))
             node.metadata.clear()  # in place: the pipeline's node objects carry the metadata on
             node.metadata.update(meta)
-            node.excluded_llm_metadata_keys = _hide(_HIDDEN_KEYS, node.excluded_llm_metadata_keys)
+            control = _control_keys(self.engine, meta, node.excluded_llm_metadata_keys)
+            node.excluded_llm_metadata_keys = _hide(_HIDDEN_KEYS + control, node.excluded_llm_metadata_keys)
             node.excluded_embed_metadata_keys = _hide(_HIDDEN_KEYS, node.excluded_embed_metadata_keys)
             if res is not None:
                 chunks += len(res.keys)
@@ -434,10 +450,12 @@ class CompressedNodePostprocessor(_DocumentOptions, BaseNodePostprocessor):
             original = _node_text(node)
             if res is not None and self._engine.own_marker_keys(original) is not None:
                 continue  # already this engine's markers
+            # the core's metadata, as LangChain's: compressed, or left as text with its skip_reason
+            meta = compression_metadata(node.metadata, res, original, original_text=True)
+            control = _control_keys(self._engine, meta, node.excluded_llm_metadata_keys)
             copy = node.model_copy(update={
-                # the core's metadata, as LangChain's: compressed, or left as text with its skip_reason
-                "metadata": compression_metadata(node.metadata, res, original, original_text=True),
-                "excluded_llm_metadata_keys": _hide(hidden, node.excluded_llm_metadata_keys),
+                "metadata": meta,
+                "excluded_llm_metadata_keys": _hide(hidden + control, node.excluded_llm_metadata_keys),
                 "excluded_embed_metadata_keys": _hide(hidden, node.excluded_embed_metadata_keys),
                 "relationships": dict(node.relationships),
             })
