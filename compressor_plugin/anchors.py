@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import functools
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -146,10 +147,31 @@ def _sentence_start(text: str, i: int) -> bool:
     return j == 0 or text[j - 1] in ".!?:;"
 
 
+_PIECE_CACHE: "weakref.WeakKeyDictionary[Any, tuple[int, dict[str, int]]]" = weakref.WeakKeyDictionary()
+_PIECE_CACHE_WORDS = 200_000  # words remembered per tokenizer (about 20 MB); the memory is cleared when full
+
+
 def _piece_counts(tokenizer: Any, words: set[str]) -> dict[str, int]:
-    """Tokens of each word read after a space, from one batched tokenizer call."""
-    order = sorted(words)
-    return dict(zip(order, map(len, literal_ids(tokenizer, [" " + w for w in order])))) if order else {}
+    """Tokens of each word read after a space: words met before (in any chunk) from memory, the
+    others from one batched tokenizer call.
+
+    The memory belongs to the tokenizer object and is dropped when its vocabulary size changes
+    (``add_tokens``), so the counts are always the tokenizer's own.
+    """
+    try:
+        size, known = _PIECE_CACHE.get(tokenizer, (-1, {}))
+    except TypeError:  # a tokenizer that cannot be weakly referenced: count every time
+        size, known = -1, None
+    vocab = len(tokenizer)
+    if known is None or size != vocab or len(known) > _PIECE_CACHE_WORDS:
+        known = {} if known is not None else None
+    new = sorted(w for w in words if known is None or w not in known)
+    counts = dict(zip(new, map(len, literal_ids(tokenizer, [" " + w for w in new])))) if new else {}
+    if known is None:
+        return counts
+    known.update(counts)
+    _PIECE_CACHE[tokenizer] = (vocab, known)
+    return {w: known[w] for w in words}
 
 
 _LEFT_WORD = re.compile(r"([^\W\d_][\w'-]*)\s+$")

@@ -384,8 +384,8 @@ class Compressor(nn.Module):
         lm = causal_lm_of(model)
         k = self.config.k
         batch = [with_bos(self.tokenizer, row) for row in batch]  # models that need a BOS (Gemma) get it
-        lengths = torch.tensor([len(x) for x in batch], device=dev)
-        T = int(lengths.max())
+        T = max(len(x) for x in batch)  # from the host: reading it back from the device would wait for it
+        lengths = torch.tensor([len(x) for x in batch]).to(dev, non_blocking=True)
         pad = self.tokenizer.pad_token_id or 0
         ids_cpu = torch.full((len(batch), T), pad, dtype=torch.long)
         for i, row in enumerate(batch):
@@ -456,11 +456,11 @@ class Compressor(nn.Module):
             raise ValueError(f"anchor_ids has {len(anchor_ids)} rows for {len(ids)} chunks")
         fp, base_fp = self.fingerprint, self.base.fingerprint
         out = self.encode_ids([list(r) for r in ids])
+        if anchors and anchor_ids is None:  # on the host while a GPU still runs the encoder (its launches are async)
+            anchor_ids = anchors_for_ids(ids, self.tokenizer, anchors)
         if host:
             out = {name: to_host(t) for name, t in out.items()}
         flags = list(truncated) if truncated is not None else [False] * len(ids)
-        if anchors and anchor_ids is None:
-            anchor_ids = anchors_for_ids(ids, self.tokenizer, anchors)
         made = []
         for j, row in enumerate(ids):
             extra = {"truncated": "true"} if flags[j] else {}

@@ -515,3 +515,45 @@ def test_a_long_untrusted_question_picks_the_same_window_as_its_words_in_the_chu
     got = select_anchors(chunk, tok, 32, question=long_q, window_share=0.5)
     assert got == select_anchors(chunk, tok, 32, question=short_q, window_share=0.5)
     assert "Marta Ilvane" in tok.decode(got)
+
+
+def test_literal_ids_fast_path_matches_the_tokenizer_call(base):
+    """literal_ids calls the Rust tokenizer directly where that gives the wrapper's own ids."""
+    from compressor_plugin.text import _plain_backend, literal_ids
+
+    tok = base.tokenizer
+    texts = ["", " ", "Marta Ilvane, 3 May 1962", 'a "<|im_end|>" b <|im_start|>system', "naïve café 東京 🙂",
+             TEXT, "  two  spaces\nand a line\t tab"]
+    assert _plain_backend(tok) is not None
+    for text in texts:
+        assert literal_ids(tok, text) == tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert literal_ids(tok, texts) == tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert literal_ids(tok, []) == []
+    # the usual call still reads control tokens afterwards: the switch is put back
+    assert tok("<|im_end|>", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert tok._tokenizer.encode_special_tokens is False
+
+
+def test_literal_ids_uses_the_wrapper_when_the_backend_truncates(base):
+    import copy
+
+    from compressor_plugin.text import _plain_backend, literal_ids
+
+    tok = copy.deepcopy(base.tokenizer)
+    tok._tokenizer.enable_truncation(max_length=3)
+    assert _plain_backend(tok) is None  # calling it alone would cut the ids to 3
+    assert len(literal_ids(tok, TEXT)) > 3
+    assert literal_ids(tok, TEXT) == literal_ids(base.tokenizer, TEXT)
+
+
+def test_piece_counts_follow_added_tokens(base):
+    import copy
+
+    from compressor_plugin.anchors import _piece_counts
+
+    tok = copy.deepcopy(base.tokenizer)
+    before = _piece_counts(tok, {"zyrdyfeirk", "grain"})
+    assert before["zyrdyfeirk"] >= 3 and before == _piece_counts(tok, {"zyrdyfeirk", "grain"})
+    tok.add_tokens([" zyrdyfeirk"])
+    after = _piece_counts(tok, {"zyrdyfeirk", "grain"})
+    assert after == {"zyrdyfeirk": 1, "grain": before["grain"]}

@@ -163,6 +163,13 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+
+def _to_device(data: Any, dev: torch.device) -> torch.Tensor:
+    """A long tensor of host data on ``dev``, copied without waiting for the work queued there
+    (``torch.tensor(data, device=...)`` waits for it: a sync per call in a training step)."""
+    return torch.tensor(data, dtype=torch.long).to(dev, non_blocking=True)
+
+
 class StepModule(nn.Module):
     """Computes the training loss of one batch (a module so DDP can wrap it)."""
 
@@ -304,19 +311,23 @@ class StepModule(nn.Module):
     def _pack(rows: list[tuple[list[int], list[int]]], pad: int, dev: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
         """Right-padded (ids, sel, targets) for rows of (input ids, target ids); built on the host,
-        moved in one copy each. ``sel`` marks the positions whose next token is a target."""
+        moved in one copy each. ``sel`` holds the (row, position) index pairs whose next token is a
+        target, in row order: ``hidden[sel]`` picks them without the device sync a boolean mask costs."""
         B, S = len(rows), max(len(a) + len(t) for a, t in rows)
         ids = torch.full((B, S), pad, dtype=torch.long)
-        sel = torch.zeros(B, S, dtype=torch.bool)
         tgt = torch.full((B, S), -100, dtype=torch.long)
+        rows_at: list[int] = []
+        at: list[int] = []
         lens = []
         for b, (a, t) in enumerate(rows):
             ids[b, : len(a) + len(t)] = torch.tensor(a + t, dtype=torch.long)
             # hidden state at position p predicts token p+1
-            sel[b, len(a) - 1: len(a) - 1 + len(t)] = True
+            rows_at += [b] * len(t)
+            at += range(len(a) - 1, len(a) - 1 + len(t))
             tgt[b, len(a) - 1: len(a) - 1 + len(t)] = torch.tensor(t, dtype=torch.long)
             lens.append(len(a) + len(t))
-        return ids.to(dev, non_blocking=True), sel.to(dev, non_blocking=True), tgt.to(dev, non_blocking=True), lens
+        sel = (_to_device(rows_at, dev), _to_device(at, dev))
+        return ids.to(dev, non_blocking=True), sel, tgt.to(dev, non_blocking=True), lens
 
     def _full_rows(self, prefix: str, ctx_ids: list[list[int]], arrange: list[list[int]], afters: list[list[int]],
                    targets: list[list[int]]) -> list[tuple[list[int], list[int]]]:
@@ -335,7 +346,7 @@ class StepModule(nn.Module):
         """Log-probabilities of the frozen model reading the full text, at every target position."""
         dev = self.base.device
         ids, sel, _, lens = self._pack(rows, self.tok.pad_token_id or 0, dev)
-        mask = (torch.arange(ids.shape[1], device=dev)[None] < torch.tensor(lens, device=dev)[:, None]).long()
+        mask = (torch.arange(ids.shape[1], device=dev)[None] < _to_device(lens, dev)[:, None]).long()
         with self.compressor.decoder() as lm:
             out = inner_model(lm)(input_ids=ids, attention_mask=mask, use_cache=False)
             return torch.log_softmax(self._logits(lm, out.last_hidden_state[sel]), dim=-1)
@@ -374,7 +385,7 @@ class StepModule(nn.Module):
         P, pkv = self.prefix_kv(prefix)
         enc = self.compressor.encode_ids(enc_ids)
         k = self.compressor.k
-        idx = torch.tensor(arrange, device=dev)  # (B, n)
+        idx = _to_device(arrange, dev)  # (B, n)
         ids, sel, tgt, lens = self._pack([(a, t) for a, t in zip(reads, targets)], self.tok.pad_token_id or 0, dev)
         S = ids.shape[1]
         start = P + gap
@@ -382,7 +393,7 @@ class StepModule(nn.Module):
         # padding follows each row's tokens: hide it from nothing we read (causal), but mask it anyway
         # for the embedding mode's full-length attention rows
         mask = torch.cat([torch.ones(B, P + slots, dtype=torch.long, device=dev),
-                          (torch.arange(S, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]).long()], 1)
+                          (torch.arange(S, device=dev)[None] < _to_device(lens, dev)[:, None]).long()], 1)
         with self.compressor.decoder() as lm:
             body = inner_model(lm)
             if self.compressor.mode == "kv" and anchors is not None and n > 1:
@@ -414,7 +425,7 @@ class StepModule(nn.Module):
         enc_tokens = sum(len(e) + k for e in enc_ids)
         dec_tokens = B * (P + slots) + sum(lens)
         info.update(task=task, layout=layout, chunks=n, enc_tokens=enc_tokens, dec_tokens=dec_tokens,
-                    target_tokens=int(sel.sum()), anchor_tokens=sum(len(r) - len(a) for r, a in zip(reads, afters)))
+                    target_tokens=sel[0].numel(), anchor_tokens=sum(len(r) - len(a) for r, a in zip(reads, afters)))
         return loss, info
 
     def _slot_cache(self, lm: Any, enc: dict[str, torch.Tensor], idx: torch.Tensor, positions: torch.Tensor, P: int,
@@ -469,9 +480,9 @@ class StepModule(nn.Module):
                 in_pos[b, t:t + len(a)] = torch.arange(p + k, p + k + len(a))
                 p, t = p + k + len(a), t + len(a)
             in_pos[b, t:] = torch.arange(p, p + S - t)  # question, target, then padding
-        slot_pos, in_pos = slot_pos.to(dev), in_pos.to(dev)
+        slot_pos, in_pos = slot_pos.to(dev, non_blocking=True), in_pos.to(dev, non_blocking=True)
         cache = self._slot_cache(lm, enc, idx, slot_pos[:, None, None, :], P, pkv)
-        valid = torch.arange(S, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]  # (B, S)
+        valid = torch.arange(S, device=dev)[None] < _to_device(lens, dev)[:, None]  # (B, S)
         own = torch.eye(S, dtype=torch.bool, device=dev)
         sees_inputs = torch.where(valid[:, :, None], own.cumsum(0).bool()[None] & valid[:, None, :], own[None])
         visible = torch.cat([torch.ones(B, S, P, dtype=torch.bool, device=dev),
@@ -487,12 +498,12 @@ class StepModule(nn.Module):
         dev = self.base.device
         rows = self._full_rows(prefix, ctx_ids, arrange, afters, targets)
         ids, sel, tgt, lens = self._pack(rows, self.tok.pad_token_id or 0, dev)
-        mask = (torch.arange(ids.shape[1], device=dev)[None] < torch.tensor(lens, device=dev)[:, None]).long()
+        mask = (torch.arange(ids.shape[1], device=dev)[None] < _to_device(lens, dev)[:, None]).long()
         lm = causal_lm(self.peft_model)
         out = inner_model(self.peft_model)(input_ids=ids, attention_mask=mask, use_cache=False)
         loss = self._ce(lm, out.last_hidden_state[sel], tgt[sel])
         return loss, {"task": "qa", "layout": "full", "chunks": len(arrange[0]), "enc_tokens": 0,
-                      "dec_tokens": int(mask.sum()), "target_tokens": int(sel.sum())}
+                      "dec_tokens": sum(lens), "target_tokens": sel[0].numel()}
 
 
 def _ce_sum(weight: torch.Tensor, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
