@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import os
 import re
 import weakref
 from dataclasses import dataclass
@@ -646,3 +647,111 @@ def with_anchors(ctx: Any, ids: Any, tokenizer: Any, budget: int, *,
     if budget == 0:
         return ctx
     return attach_anchors(ctx, anchors_for_ids([ids], tokenizer, budget, left_context=left_context)[0], budget)
+
+
+# ------------------------------------------------------------------------------ worker processes
+_POOL_TOKENIZER: Any = None
+_POOL_SPANS: dict[str, list[tuple[int, int, str]]] = {}  # a worker's spans per text (questions about one chunk repeat)
+_POOL_SPANS_LIMIT = 50_000
+
+
+def _init_pool_worker(tokenizer: Any) -> None:
+    global _POOL_TOKENIZER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    _POOL_TOKENIZER = tokenizer
+
+
+def _pool_ids_task(rows: list[list[int]], budget: int, left_context: int) -> list[list[int]]:
+    return anchors_for_ids(rows, _POOL_TOKENIZER, budget, left_context=left_context)
+
+
+def _pool_question_task(tasks: list[tuple[str, str, int]], window_share: float) -> list[list[int]]:
+    out = []
+    for text, question, budget in tasks:
+        spans = _POOL_SPANS.get(text)
+        if spans is None:
+            if len(_POOL_SPANS) >= _POOL_SPANS_LIMIT:
+                _POOL_SPANS.clear()
+            spans = _POOL_SPANS[text] = anchor_spans(text, _POOL_TOKENIZER)
+        out.append(select_anchors(text, _POOL_TOKENIZER, budget, question=question, spans=spans,
+                                  window_share=window_share))
+    return out
+
+
+class AnchorPool:
+    """Worker processes that choose anchors: the same ids as the calling process, on more cores.
+
+    Choosing anchors is tokenizer and regular-expression work that holds the GIL (about 1-3 ms
+    per chunk), so one process caps ``cache build`` at a few hundred chunks/s and an anchored
+    training step at a few hundred rows/s. The workers start with ``spawn`` (no fork of a
+    process that holds CUDA state and threads) and each gets a copy of the tokenizer. Like any
+    ``spawn`` pool (a DataLoader's ``num_workers``), it needs scripts to guard their entry point
+    with ``if __name__ == "__main__":``. Use it as a context manager or call :meth:`close`.
+
+    Args:
+        tokenizer: the base model's tokenizer.
+        workers: processes to start (at least 1).
+    """
+
+    def __init__(self, tokenizer: Any, workers: int):
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"an anchor pool needs at least 1 worker, not {workers!r}")
+        self.workers = workers
+        self._pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                            initializer=_init_pool_worker, initargs=(tokenizer,))
+
+    def submit_ids(self, rows: Sequence[Sequence[int]], budget: int, *,
+                   left_context: int = DEFAULT_LEFT_CONTEXT) -> list[Any]:
+        """Start :func:`anchors_for_ids` on ``rows`` (chunks as token ids), split across the workers;
+        :meth:`result` gives the ids in row order."""
+        budget = check_budget(budget)
+        rows = [list(r) for r in rows]
+        step = max(1, -(-len(rows) // self.workers))
+        return [self._pool.submit(_pool_ids_task, rows[i: i + step], budget, left_context)
+                for i in range(0, len(rows), step)]
+
+    @staticmethod
+    def result(futures: Sequence[Any]) -> list[list[int]]:
+        """The anchors of rows submitted with :meth:`submit_ids`, in row order."""
+        return [ids for fut in futures for ids in fut.result()]
+
+    def question_anchors(self, tasks: Sequence[tuple[str, str, int]], *,
+                         window_share: float = DEFAULT_WINDOW_SHARE) -> list[list[int]]:
+        """:func:`select_anchors` of each ``(text, question, budget)``, in order; waits for them.
+
+        A text always goes to the same worker, which keeps its spans, so later questions about
+        it cost only the choice.
+        """
+        import zlib
+
+        window_share = check_window_share(window_share)
+        tasks = [(str(t), str(q), check_budget(b)) for t, q, b in tasks]
+        parts: list[list[int]] = [[] for _ in range(self.workers)]
+        for i, (text, _, _) in enumerate(tasks):
+            parts[zlib.crc32(text.encode("utf-8", "surrogatepass")) % self.workers].append(i)
+        futures = [(idx, self._pool.submit(_pool_question_task, [tasks[i] for i in idx], window_share))
+                   for idx in parts if idx]
+        out: list[list[int]] = [[] for _ in tasks]
+        for idx, fut in futures:
+            for i, ids in zip(idx, fut.result()):
+                out[i] = ids
+        return out
+
+    def close(self) -> None:
+        """Stop the workers (work not started is dropped)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "AnchorPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

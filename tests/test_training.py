@@ -413,3 +413,40 @@ def test_training_text_that_spells_control_tokens_stays_text(tmp_path):
     with torch.no_grad():
         loss, _ = module(samples, seed=0)
     assert torch.isfinite(loss)
+
+
+def test_anchors_chosen_in_worker_processes_give_the_same_step(tmp_path):
+    """`train --anchor-workers N`: a step's new anchors come from an AnchorPool, with the ids and
+    the loss of the step that chooses them in the training process."""
+    import torch
+
+    from compressor_plugin.anchors import AnchorPool
+    from compressor_plugin.compressor import Compressor, CompressorConfig
+    from compressor_plugin.evaluation.invented import invented_qa
+    from compressor_plugin.models import tiny_random_llama
+    from compressor_plugin.training.data import load_qa
+    from compressor_plugin.training.trainer import StepModule, TrainConfig
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in invented_qa(12, seed=7)))
+    base = tiny_random_llama(seed=3)
+    comp = Compressor(base, CompressorConfig(k=2, lora_r=4), seed=0)
+    samples = load_qa([data], base.tokenizer, max_tokens=256)[:8]
+    assert len(samples) == 8
+    cfg = TrainConfig(stage="qa", k=2, data=[str(data)], max_chunks=3, max_gap=0, anchors=16, window_share=0.5)
+    here, pooled = StepModule(base, cfg, comp), StepModule(base, cfg, comp)
+    here.eval()
+    pooled.eval()
+    with AnchorPool(base.tokenizer, 2) as pool:
+        pooled.anchor_pool = pool
+        for seed in range(3):
+            with torch.no_grad():
+                a, info_a = here(samples, seed=seed)
+                b, info_b = pooled(samples, seed=seed)
+            assert torch.equal(a, b) and info_a == info_b and info_a["anchor_tokens"] > 0
+    assert pooled._anchor_ids == here._anchor_ids and len(here._anchor_ids) >= len(samples)
+    assert not pooled._anchor_spans  # the workers computed the spans
+    with pytest.raises(ValueError, match="anchor_workers"):
+        TrainConfig(stage="qa", data=[str(data)], anchors=16, anchor_workers=-1)
+    with pytest.raises(ValueError, match="at least 1 worker"):
+        AnchorPool(base.tokenizer, 0)

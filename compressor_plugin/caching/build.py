@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
-from ..anchors import DEFAULT_ANCHORS
+from ..anchors import DEFAULT_ANCHORS, AnchorPool
 from ..compressor import to_host  # noqa: F401  (re-exported: callers import it from here)
 from ..context import CompressedContext
 from ..engine import stays_text
@@ -331,7 +331,7 @@ def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]], anch
     :meth:`Compressor.encode_contexts` (the encode path :meth:`Compressor.compress` uses too)
     with one device-to-host copy per batch. On a CUDA out-of-memory error the batch is split in
     halves and retried. ``anchors``: anchor token budget per chunk (0: none); ``anchor_ids``:
-    the chunks' anchors when chosen already (:class:`AnchorWorkers`).
+    the chunks' anchors when chosen already (:class:`~compressor_plugin.anchors.AnchorPool`).
     """
     if not ids:
         return []
@@ -347,57 +347,6 @@ def encode_contexts(compressor: "Compressor", ids: Sequence[Sequence[int]], anch
         logger.warning("out of memory with a batch of %d chunks; retrying as %d + %d", len(ids), half, len(ids) - half)
         a, b = (None, None) if anchor_ids is None else (anchor_ids[:half], anchor_ids[half:])
         return encode_contexts(compressor, ids[:half], anchors, a) + encode_contexts(compressor, ids[half:], anchors, b)
-
-
-# ---------------------------------------------------------------------------------- anchors
-_WORKER_TOKENIZER: Any = None
-
-
-def _init_anchor_worker(tokenizer: Any) -> None:
-    global _WORKER_TOKENIZER
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker
-    torch.set_num_threads(1)
-    _WORKER_TOKENIZER = tokenizer
-
-
-def _anchor_task(rows: list[list[int]], budget: int) -> list[list[int]]:
-    from ..anchors import anchors_for_ids
-
-    return anchors_for_ids(rows, _WORKER_TOKENIZER, budget)
-
-
-class AnchorWorkers:
-    """Choose the anchors of chunks in worker processes while the encoder runs.
-
-    Choosing a chunk's anchors (:func:`~compressor_plugin.anchors.anchors_for_ids`) is
-    tokenizer and regular-expression work that holds the GIL for about 2 ms per chunk, which
-    alone would cap a build at a few hundred chunks/s on one core. The workers are started with
-    ``spawn`` (no fork of a process that holds CUDA state and threads) and get a copy of the
-    tokenizer, so the ids are the ones the main process would choose. Like any ``spawn`` pool
-    (a DataLoader's ``num_workers``), it needs scripts to guard their entry point with
-    ``if __name__ == "__main__":``.
-    """
-
-    def __init__(self, tokenizer: Any, budget: int, workers: int):
-        import multiprocessing as mp
-
-        self.budget, self.workers = budget, workers
-        self._pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                            initializer=_init_anchor_worker, initargs=(tokenizer,))
-
-    def submit(self, rows: Sequence[Sequence[int]]) -> list[cf.Future]:
-        """Start choosing the anchors of ``rows`` (one batch), split across the workers."""
-        step = max(1, -(-len(rows) // self.workers))
-        return [self._pool.submit(_anchor_task, [list(r) for r in rows[i: i + step]], self.budget)
-                for i in range(0, len(rows), step)]
-
-    @staticmethod
-    def result(futures: Sequence[cf.Future]) -> list[list[int]]:
-        """The anchors of a batch submitted with :meth:`submit`, in row order."""
-        return [ids for fut in futures for ids in fut.result()]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------- windows
@@ -531,7 +480,7 @@ def build_cache(
             default: none). Part of every key: use the budget the application's engine uses.
         follow_symlinks: read symlinked files of a ``source`` folder whose target lies outside
             it (by default they are skipped and counted as ``outside_input``).
-        anchor_workers: processes that choose anchors beside the encoder (:class:`AnchorWorkers`;
+        anchor_workers: processes that choose anchors beside the encoder (:class:`~compressor_plugin.anchors.AnchorPool`;
             0, the default: the main process does). The stored contexts are the same either way.
             Measured on a 16-core H200 host, 8 workers made a 10,000-chunk build slower (138
             against 202 chunks/s), so leave it at 0 unless a profile shows anchor choice is the
@@ -584,7 +533,7 @@ def build_cache(
     map_writer = ChunkMapWriter(map_path) if map_path else None
     if int(anchor_workers) < 0:
         raise ValueError(f"anchor_workers must be 0 or more, not {anchor_workers}")
-    pool = AnchorWorkers(compressor.tokenizer, anchors, int(anchor_workers)) if anchors and anchor_workers else None
+    pool = AnchorPool(compressor.tokenizer, int(anchor_workers)) if anchors and anchor_workers else None
     summary.anchor_workers = int(anchor_workers) if pool is not None else 0
     reader = _WindowReader(documents, chunker, parts, window_chunks, skipped)
     writers = cf.ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="cache-build-writer")
@@ -651,11 +600,11 @@ def build_cache(
             todo.sort(key=lambda i: -window.chunks[i].n_tokens)
             batch_futures: list[tuple[cf.Future, list[str]]] = []
             starts = range(0, len(todo), batch_size)
-            chosen = [pool.submit([window.chunks[i].ids for i in todo[s: s + batch_size]]) for s in starts] if pool else []
+            chosen = [pool.submit_ids([window.chunks[i].ids for i in todo[s: s + batch_size]], anchors) for s in starts] if pool else []
             for b, s in enumerate(starts):
                 idx = todo[s: s + batch_size]
                 ctxs = encode_contexts(compressor, [window.chunks[i].ids for i in idx], anchors,
-                                       AnchorWorkers.result(chosen[b]) if pool else None)
+                                       AnchorPool.result(chosen[b]) if pool else None)
                 keys = [window.keys[i] for i in idx]
                 with pending_lock:
                     pending.update(keys)

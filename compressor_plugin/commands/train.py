@@ -53,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --anchors: share of each chunk's anchors that the question's best sentence may take "
                         "verbatim (the engine's sentence window); the shipped compressors were trained with 0, "
                         "spans only (default 0)")
+    p.add_argument("--anchor-workers", type=int, default=0,
+                   help="with --anchors: processes that choose each step's new anchors beside the training "
+                        "process (the same ids; for large batches, where choosing them on one core would "
+                        "leave the GPU waiting; default 0: the training process)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--target-modules", default="q_proj,v_proj")
@@ -94,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
                       continue_tokens=args.continue_tokens, cloze_per_text=args.cloze_per_text,
                       verify_share=args.verify_share,
                       distill=args.distill, teacher_targets=args.teacher_targets, anchors=args.anchors,
-                      window_share=args.window_share,
+                      window_share=args.window_share, anchor_workers=args.anchor_workers,
                       gradient_checkpointing=args.gradient_checkpointing, fused_kernels=args.fused_kernels)
     if cfg.max_steps is None and cfg.max_minutes is None:
         raise ValueError("give --max-steps or --max-minutes")

@@ -29,6 +29,7 @@ import os
 import random
 import stat
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -123,6 +124,7 @@ class TrainConfig:
     teacher_targets: float = 0.0  # QA steps: share of samples whose target is the teacher's own answer
     anchors: int = 0  # QA steps: up to this many question-anchor tokens per chunk after its slots, as at answer time
     window_share: float = 0.0  # share of those anchors the question's best sentence may take verbatim (anchors.py)
+    anchor_workers: int = 0  # processes that choose a step's new anchors (0: the training process itself)
     gradient_checkpointing: bool = False  # recompute the frozen MLP blocks in the backward pass
     fused_kernels: bool = False  # Liger's Triton RMSNorm / rotary / SwiGLU (CUDA, training/kernels.py)
 
@@ -144,6 +146,8 @@ class TrainConfig:
 
         self.anchors = check_budget(self.anchors)
         self.window_share = check_window_share(self.window_share)
+        if isinstance(self.anchor_workers, bool) or not isinstance(self.anchor_workers, int) or self.anchor_workers < 0:
+            raise ValueError(f"anchor_workers must be an integer >= 0, not {self.anchor_workers!r}")
         if self.anchors and self.mode == "full-tuned":
             raise ValueError("anchors train compressors; the full-tuned reference reads the text itself")
         if self.distill > 0 and self.mode == "full-tuned":
@@ -183,8 +187,10 @@ class StepModule(nn.Module):
         self.tok = base.tokenizer
         self._prefix_cache: dict[str, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
-        self._anchor_spans: dict[str, tuple[str, list]] = {}  # context -> (text as compressed, its spans)
+        self._chunk_texts: dict[str, str] = {}  # context -> its text as compressed
+        self._anchor_spans: dict[str, list] = {}  # context -> its candidate anchor spans
         self._anchor_ids: dict[tuple[str, str, int], list[int]] = {}  # (context, question, budget) -> anchor ids
+        self.anchor_pool: Any = None  # an AnchorPool that chooses new anchors (train() starts one for cfg.anchor_workers)
 
     # ---------------- helpers
     def _ids(self, text: str) -> list[int]:
@@ -234,35 +240,53 @@ class StepModule(nn.Module):
         Deterministic, so kept per (context, question, budget): a question asked again in a
         later epoch costs nothing.
         """
-        from ..anchors import select_anchors
+        from ..anchors import anchor_spans, select_anchors
 
         key = (sample.context, question, budget)
         if key not in self._anchor_ids:
-            text, spans = self._chunk_spans(sample)
-            self._anchor_ids[key] = select_anchors(text, self.tok, budget, question=question, spans=spans,
+            text = self._chunk_text(sample)
+            if sample.context not in self._anchor_spans:
+                self._anchor_spans[sample.context] = anchor_spans(text, self.tok)
+            self._anchor_ids[key] = select_anchors(text, self.tok, budget, question=question,
+                                                   spans=self._anchor_spans[sample.context],
                                                    window_share=self.cfg.window_share)
         return self._anchor_ids[key]
 
-    def _chunk_spans(self, sample: Any) -> tuple[str, list]:
-        """A chunk's text as compressed and its candidate anchor spans (kept per context)."""
-        from ..anchors import anchor_spans
+    def _chunk_text(self, sample: Any) -> str:
+        """A chunk's text as compressed (its ids decoded; kept per context)."""
+        if sample.context not in self._chunk_texts:
+            self._chunk_texts[sample.context] = self.tok.decode(sample.ids)
+        return self._chunk_texts[sample.context]
 
-        if sample.context not in self._anchor_spans:
-            text = self.tok.decode(sample.ids)
-            self._anchor_spans[sample.context] = (text, anchor_spans(text, self.tok))
-        return self._anchor_spans[sample.context]
+    def _row_budgets(self, samples: list[Any], row: list[int], question: str) -> list[int]:
+        """Each chunk's share of the prompt's anchor budget (``cfg.anchors`` per chunk), by relevance
+        to the question (:func:`~compressor_plugin.anchors.share_budget`)."""
+        from ..anchors import relevance, share_budget
+
+        return share_budget([relevance(self._chunk_text(samples[c]), question) for c in row], self.cfg.anchors)
 
     def _row_anchors(self, samples: list[Any], row: list[int], question: str) -> list[list[int]]:
         """Question anchors of each chunk of one prompt, as the engine chooses them.
 
-        The prompt's budget (``cfg.anchors`` per chunk) is shared by relevance to the question
-        (:func:`~compressor_plugin.anchors.share_budget`), then each chunk's spans are chosen
-        within its share (:func:`~compressor_plugin.anchors.question_anchors` does the same).
+        The prompt's budget is shared by relevance (:meth:`_row_budgets`), then each chunk's spans
+        are chosen within its share (:func:`~compressor_plugin.anchors.question_anchors` does the same).
         """
-        from ..anchors import relevance, share_budget
+        return [self._chunk_anchors(samples[c], question, b)
+                for c, b in zip(row, self._row_budgets(samples, row, question))]
 
-        budgets = share_budget([relevance(self._chunk_spans(samples[c])[0], question) for c in row], self.cfg.anchors)
-        return [self._chunk_anchors(samples[c], question, b) for c, b in zip(row, budgets)]
+    def _choose_anchors_in_pool(self, samples: list[Any], arrange: list[list[int]]) -> None:
+        """Choose the anchors this step needs and has not met before in :attr:`anchor_pool`'s
+        workers, all at once (the same ids :meth:`_chunk_anchors` gives, on more cores)."""
+        todo: dict[tuple[str, str, int], tuple[str, str, int]] = {}
+        for b, row in enumerate(arrange):
+            question = samples[b].question
+            for c, budget in zip(row, self._row_budgets(samples, row, question)):
+                key = (samples[c].context, question, budget)
+                if key not in self._anchor_ids and key not in todo:
+                    todo[key] = (self._chunk_text(samples[c]), question, budget)
+        if todo:
+            chosen = self.anchor_pool.question_anchors(list(todo.values()), window_share=self.cfg.window_share)
+            self._anchor_ids.update(zip(todo, chosen))
 
     def _layout(self, rng: random.Random, task: str) -> str:
         return rng.choice(self.cfg.layouts) if task == "qa" else task
@@ -376,6 +400,8 @@ class StepModule(nn.Module):
         # the student reads each chunk's question anchors right after its slots, as the engine lays
         # them out (the embedding mode: one-chunk prompts only); the full-text teacher reads the text
         anchored = kind == "qa" and cfg.anchors > 0 and (n == 1 or cfg.mode == "kv")
+        if anchored and self.anchor_pool is not None:
+            self._choose_anchors_in_pool(samples, arrange)
         anchors = [self._row_anchors(samples, row, samples[b].question) for b, row in enumerate(arrange)] \
             if anchored else None
         # one chunk: its anchors simply precede the question; several: each chunk's anchors follow
@@ -683,6 +709,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         enable_mlp_checkpointing(base.model)
     step_module = StepModule(base, cfg, compressor, peft_model)
+    if cfg.anchors and cfg.anchor_workers:
+        from ..anchors import AnchorPool
+
+        step_module.anchor_pool = AnchorPool(tok, cfg.anchor_workers)
+        weakref.finalize(step_module, step_module.anchor_pool.close)  # also when training stops on an error
     model_for_train: nn.Module = step_module
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -839,6 +870,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             plot_log(out / "log.jsonl", out / "curves.png")
         except Exception as exc:  # plotting is optional
             logger.warning("could not plot curves: %s", exc)
+    if step_module.anchor_pool is not None:
+        step_module.anchor_pool.close()
     if world > 1:
         import torch.distributed as dist
 
