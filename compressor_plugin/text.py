@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 
@@ -49,26 +50,42 @@ def literal_ids(tokenizer: Any, text: str | list[str], **kwargs: Any) -> Any:
     id lists; extra keyword arguments (``return_offsets_mapping``...) go to the tokenizer, and
     the tokenizer's whole output is returned when any are given.
     """
-    backend = None if kwargs else _plain_backend(tokenizer)
-    if backend is not None:  # the same ids without the wrapper's per-call work (a third of the time on short texts)
+    own = None if kwargs else _literal_backend(tokenizer)
+    if own is not None:  # the same ids without the wrapper's per-call work (a third of the time on short texts)
         batch = [text] if isinstance(text, str) else list(text)
-        before = backend.encode_special_tokens
-        backend.encode_special_tokens = True  # what split_special_tokens=True sets; put back after
-        try:
-            ids = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)] if batch else []
-        finally:
-            backend.encode_special_tokens = before
+        ids = [e.ids for e in own.encode_batch(batch, add_special_tokens=False)] if batch else []
         return ids[0] if isinstance(text, str) else ids
-    out = tokenizer(text, add_special_tokens=False, split_special_tokens=True, **kwargs)
-    return out if kwargs else out["input_ids"]
+    shared_switch = hasattr(getattr(tokenizer, "_tokenizer", None), "encode_special_tokens")
+    for _ in range(3):
+        out = tokenizer(text, add_special_tokens=False, split_special_tokens=True, **kwargs)
+        ids = out["input_ids"]
+        if not shared_switch:
+            return out if kwargs else ids
+        # a fast tokenizer's switch for this is shared: a usual call in another thread may flip it
+        # between setting and encoding; literal text never gives a control token, so try again
+        rows = [ids] if isinstance(text, str) else ids
+        if not (control_token_ids(tokenizer) & {int(i) for row in rows for i in row}):
+            return out if kwargs else ids
+    raise RuntimeError("the tokenizer kept reading control tokens from text asked for as literal characters "
+                       "(another thread keeps switching its special-token reading); tokenise from one thread")
 
 
-def _plain_backend(tokenizer: Any) -> Any:
-    """The Rust tokenizer behind a stock Hugging Face fast tokenizer, or None where calling it alone
-    could give other ids than calling the tokenizer: a subclass that tokenises its own way, or a
-    backend with truncation or padding switched on."""
+#: tokenizer -> (its size, its Rust tokenizer, a private copy of that which never reads control tokens)
+_LITERAL_BACKENDS: "weakref.WeakKeyDictionary[Any, tuple[int, Any, Any]]" = weakref.WeakKeyDictionary()
+
+
+def _literal_backend(tokenizer: Any) -> Any:
+    """A private copy of the Rust tokenizer behind a stock Hugging Face fast tokenizer, switched
+    to read special-token strings as plain text; None where calling it could give other ids than
+    calling the tokenizer (a subclass that tokenises its own way, truncation or padding on).
+
+    The wrapper reads special tokens or not by a switch on the Rust tokenizer that every call
+    sets; a copy that only this module uses cannot have that switch flipped by another thread's
+    usual call between setting it and encoding. The copy is made again when the tokenizer's
+    size changes (``add_tokens``).
+    """
     backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None or not hasattr(backend, "encode_special_tokens"):
+    if backend is None or not hasattr(backend, "encode_special_tokens") or not hasattr(backend, "to_str"):
         return None
     try:
         from transformers import PreTrainedTokenizerFast
@@ -80,7 +97,19 @@ def _plain_backend(tokenizer: Any) -> Any:
         return None
     if backend.truncation is not None or backend.padding is not None:
         return None
-    return backend
+    size = len(tokenizer)
+    try:
+        known = _LITERAL_BACKENDS.get(tokenizer)
+    except TypeError:  # cannot be weakly referenced
+        return None
+    if known is None or known[0] != size or known[1] is not backend:
+        from tokenizers import Tokenizer
+
+        own = Tokenizer.from_str(backend.to_str())
+        own.encode_special_tokens = True
+        known = (size, backend, own)
+        _LITERAL_BACKENDS[tokenizer] = known
+    return known[2]
 
 
 def has_control_text(tokenizer: Any, text: str) -> bool:
