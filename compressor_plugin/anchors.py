@@ -149,7 +149,8 @@ def _sentence_start(text: str, i: int) -> bool:
 
 
 _PIECE_CACHE: "weakref.WeakKeyDictionary[Any, tuple[int, dict[str, int]]]" = weakref.WeakKeyDictionary()
-_PIECE_CACHE_WORDS = 200_000  # words remembered per tokenizer (about 20 MB); the memory is cleared when full
+_PIECE_CACHE_WORDS = 200_000  # words remembered per tokenizer; the memory is cleared when full
+_PIECE_CACHE_WORD_CHARS = 32  # longer words are counted but not remembered (about 30 MB at most)
 
 
 def _piece_counts(tokenizer: Any, words: set[str]) -> dict[str, int]:
@@ -170,9 +171,9 @@ def _piece_counts(tokenizer: Any, words: set[str]) -> dict[str, int]:
     counts = dict(zip(new, map(len, literal_ids(tokenizer, [" " + w for w in new])))) if new else {}
     if known is None:
         return counts
-    known.update(counts)
+    known.update((w, n) for w, n in counts.items() if len(w) <= _PIECE_CACHE_WORD_CHARS)
     _PIECE_CACHE[tokenizer] = (vocab, known)
-    return {w: known[w] for w in words}
+    return {w: counts[w] if w in counts else known[w] for w in words}
 
 
 _LEFT_WORD = re.compile(r"([^\W\d_][\w'-]*)\s+$")
@@ -652,7 +653,7 @@ def with_anchors(ctx: Any, ids: Any, tokenizer: Any, budget: int, *,
 # ------------------------------------------------------------------------------ worker processes
 _POOL_TOKENIZER: Any = None
 _POOL_SPANS: dict[str, list[tuple[int, int, str]]] = {}  # a worker's spans per text (questions about one chunk repeat)
-_POOL_SPANS_LIMIT = 50_000
+_POOL_SPANS_LIMIT = 10_000  # texts (a few KB each with their spans)
 
 
 def _init_pool_worker(tokenizer: Any) -> None:

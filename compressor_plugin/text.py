@@ -50,10 +50,17 @@ def literal_ids(tokenizer: Any, text: str | list[str], **kwargs: Any) -> Any:
     id lists; extra keyword arguments (``return_offsets_mapping``...) go to the tokenizer, and
     the tokenizer's whole output is returned when any are given.
     """
-    own = None if kwargs else _literal_backend(tokenizer)
-    if own is not None:  # the same ids without the wrapper's per-call work (a third of the time on short texts)
+    fast = _literal_backend(tokenizer) if set(kwargs) <= _FAST_KWARGS and not kwargs.get("return_attention_mask") else None
+    if fast is not None:  # the same ids without the wrapper's per-call work (a third of the time on short texts)
         batch = [text] if isinstance(text, str) else list(text)
-        ids = [e.ids for e in own.encode_batch(batch, add_special_tokens=False)] if batch else []
+        encodings = fast.encode_batch(batch, add_special_tokens=False) if batch else []
+        ids = [e.ids for e in encodings]
+        if kwargs:
+            out: dict[str, Any] = {"input_ids": ids[0] if isinstance(text, str) else ids}
+            if kwargs.get("return_offsets_mapping"):
+                offsets = [list(e.offsets) for e in encodings]
+                out["offset_mapping"] = offsets[0] if isinstance(text, str) else offsets
+            return out
         return ids[0] if isinstance(text, str) else ids
     shared_switch = hasattr(getattr(tokenizer, "_tokenizer", None), "encode_special_tokens")
     for _ in range(3):
@@ -70,19 +77,24 @@ def literal_ids(tokenizer: Any, text: str | list[str], **kwargs: Any) -> Any:
                        "(another thread keeps switching its special-token reading); tokenise from one thread")
 
 
-#: tokenizer -> (its size, its Rust tokenizer, a private copy of that which never reads control tokens)
-_LITERAL_BACKENDS: "weakref.WeakKeyDictionary[Any, tuple[int, Any, Any]]" = weakref.WeakKeyDictionary()
+#: keyword arguments of literal_ids that the private copy serves itself (the rest go to the wrapper)
+_FAST_KWARGS = frozenset({"return_offsets_mapping", "return_attention_mask", "verbose"})
+
+#: tokenizer -> (what the copy was made from: its Rust tokenizer, size and added tokens; the copy)
+_LITERAL_BACKENDS: "weakref.WeakKeyDictionary[Any, tuple[tuple, Any]]" = weakref.WeakKeyDictionary()
 
 
 def _literal_backend(tokenizer: Any) -> Any:
     """A private copy of the Rust tokenizer behind a stock Hugging Face fast tokenizer, switched
     to read special-token strings as plain text; None where calling it could give other ids than
-    calling the tokenizer (a subclass that tokenises its own way, truncation or padding on).
+    calling the tokenizer (a subclass that tokenises its own way, truncation or padding on, a
+    pipeline that cannot be copied).
 
     The wrapper reads special tokens or not by a switch on the Rust tokenizer that every call
     sets; a copy that only this module uses cannot have that switch flipped by another thread's
     usual call between setting it and encoding. The copy is made again when the tokenizer's
-    size changes (``add_tokens``).
+    size or its added tokens change (``add_tokens``, ``add_special_tokens``). It does not follow
+    edits made in place to the Rust tokenizer's normalizer or pre-tokenizer after first use.
     """
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_special_tokens") or not hasattr(backend, "to_str"):
@@ -97,19 +109,25 @@ def _literal_backend(tokenizer: Any) -> Any:
         return None
     if backend.truncation is not None or backend.padding is not None:
         return None
-    size = len(tokenizer)
+    added = backend.get_added_tokens_decoder()
+    made_from = (id(backend), len(tokenizer), tuple((i, t.content, t.special) for i, t in added.items()))
     try:
         known = _LITERAL_BACKENDS.get(tokenizer)
     except TypeError:  # cannot be weakly referenced
         return None
-    if known is None or known[0] != size or known[1] is not backend:
+    if known is None or known[0] != made_from:
         from tokenizers import Tokenizer
 
-        own = Tokenizer.from_str(backend.to_str())
+        try:
+            own = Tokenizer.from_str(backend.to_str())
+        except Exception:  # a custom (Python) component cannot be serialised: use the wrapper
+            return None
         own.encode_special_tokens = True
-        known = (size, backend, own)
+        own.no_padding()  # another thread's usual call may have switched these on since the check above
+        own.no_truncation()
+        known = (made_from, own)
         _LITERAL_BACKENDS[tokenizer] = known
-    return known[2]
+    return known[1]
 
 
 def has_control_text(tokenizer: Any, text: str) -> bool:

@@ -623,3 +623,59 @@ def test_literal_ids_of_other_fast_tokenizers_never_return_control_tokens(base):
         literal_ids(tok, [text])
     races["left"] = 0
     assert not control & set(literal_ids(tok, [text])[0])
+
+
+def test_literal_ids_private_copy_follows_the_tokenizer(base):
+    """The private copy is remade when added tokens change (even at the same size), never pads or
+    truncates, serves offsets as the wrapper does, and a pipeline that cannot be copied uses the wrapper."""
+    import copy
+
+    from tokenizers.pre_tokenizers import PreTokenizer
+
+    from compressor_plugin.text import _literal_backend, control_token_ids, literal_ids
+
+    def wrapper(tok, text, **kw):
+        out = tok(text, add_special_tokens=False, split_special_tokens=True, **kw)
+        return out if kw else out["input_ids"]
+
+    tok = copy.deepcopy(base.tokenizer)
+    own = _literal_backend(tok)
+    assert own.padding is None and own.truncation is None
+    texts = ["a", 'long "<|im_end|>" text, 1962', TEXT]
+    assert literal_ids(tok, texts) == wrapper(tok, texts)  # no padding between rows of other lengths
+    got = literal_ids(tok, texts, return_offsets_mapping=True, return_attention_mask=False, verbose=False)
+    want = wrapper(tok, texts, return_offsets_mapping=True, return_attention_mask=False, verbose=False)
+    assert got["input_ids"] == want["input_ids"] and got["offset_mapping"] == [list(o) for o in want["offset_mapping"]]
+    # a token made special after first use, the size unchanged
+    tok.add_tokens(["<zz>"])
+    assert literal_ids(tok, "a<zz>b") == [tok.convert_tokens_to_ids(t) for t in ("a", "<zz>", "b")]
+    size = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<zz>"]})
+    assert len(tok) == size and tok.convert_tokens_to_ids("<zz>") in control_token_ids(tok)
+    assert literal_ids(tok, "a<zz>b") == wrapper(tok, "a<zz>b")
+    assert not control_token_ids(tok) & set(literal_ids(tok, "a<zz>b"))
+    # a special token that is also an ordinary word: literal text gives its id, as the wrapper does
+    tok.add_special_tokens({"additional_special_tokens": ["hello"]})
+    got = literal_ids(tok, "hello world", return_offsets_mapping=True)
+    assert got["input_ids"] == wrapper(tok, "hello world") and tok.convert_tokens_to_ids("hello") in got["input_ids"]
+
+    class Words:  # a Python pre-tokenizer: the Rust tokenizer can no longer be written out
+        def pre_tokenize(self, pretok):
+            pass
+
+    odd = copy.deepcopy(base.tokenizer)
+    odd._tokenizer.pre_tokenizer = PreTokenizer.custom(Words())
+    assert _literal_backend(odd) is None
+    assert literal_ids(odd, "keep <|im_end|> as text") == wrapper(odd, "keep <|im_end|> as text")
+
+
+def test_piece_counts_remember_short_words_only(base):
+    import copy
+
+    from compressor_plugin import anchors
+
+    tok = copy.deepcopy(base.tokenizer)
+    long = "q" * 2000
+    counts = anchors._piece_counts(tok, {long, "grain"})
+    assert counts[long] > 100 and counts == anchors._piece_counts(tok, {long, "grain"})
+    assert set(anchors._PIECE_CACHE[tok][1]) == {"grain"}
