@@ -265,22 +265,25 @@ class StepModule(nn.Module):
 
         return share_budget([relevance(self._chunk_text(samples[c]), question) for c in row], self.cfg.anchors)
 
-    def _row_anchors(self, samples: list[Any], row: list[int], question: str) -> list[list[int]]:
+    def _row_anchors(self, samples: list[Any], row: list[int], question: str,
+                     budgets: list[int] | None = None) -> list[list[int]]:
         """Question anchors of each chunk of one prompt, as the engine chooses them.
 
-        The prompt's budget is shared by relevance (:meth:`_row_budgets`), then each chunk's spans
-        are chosen within its share (:func:`~compressor_plugin.anchors.question_anchors` does the same).
+        The prompt's budget is shared by relevance (:meth:`_row_budgets`, unless ``budgets`` gives
+        the shares already), then each chunk's spans are chosen within its share
+        (:func:`~compressor_plugin.anchors.question_anchors` does the same).
         """
-        return [self._chunk_anchors(samples[c], question, b)
-                for c, b in zip(row, self._row_budgets(samples, row, question))]
+        budgets = self._row_budgets(samples, row, question) if budgets is None else budgets
+        return [self._chunk_anchors(samples[c], question, b) for c, b in zip(row, budgets)]
 
-    def _choose_anchors_in_pool(self, samples: list[Any], arrange: list[list[int]]) -> None:
+    def _choose_anchors_in_pool(self, samples: list[Any], arrange: list[list[int]], budgets: list[list[int]]) -> None:
         """Choose the anchors this step needs and has not met before in :attr:`anchor_pool`'s
-        workers, all at once (the same ids :meth:`_chunk_anchors` gives, on more cores)."""
+        workers, all at once (the same ids :meth:`_chunk_anchors` gives, on more cores);
+        ``budgets``: each row's shares (:meth:`_row_budgets`)."""
         todo: dict[tuple[str, str, int], tuple[str, str, int]] = {}
         for b, row in enumerate(arrange):
             question = samples[b].question
-            for c, budget in zip(row, self._row_budgets(samples, row, question)):
+            for c, budget in zip(row, budgets[b]):
                 key = (samples[c].context, question, budget)
                 if key not in self._anchor_ids and key not in todo:
                     todo[key] = (self._chunk_text(samples[c]), question, budget)
@@ -400,10 +403,12 @@ class StepModule(nn.Module):
         # the student reads each chunk's question anchors right after its slots, as the engine lays
         # them out (the embedding mode: one-chunk prompts only); the full-text teacher reads the text
         anchored = kind == "qa" and cfg.anchors > 0 and (n == 1 or cfg.mode == "kv")
-        if anchored and self.anchor_pool is not None:
-            self._choose_anchors_in_pool(samples, arrange)
-        anchors = [self._row_anchors(samples, row, samples[b].question) for b, row in enumerate(arrange)] \
-            if anchored else None
+        anchors = None
+        if anchored:
+            budgets = [self._row_budgets(samples, row, samples[b].question) for b, row in enumerate(arrange)]
+            if self.anchor_pool is not None:
+                self._choose_anchors_in_pool(samples, arrange, budgets)
+            anchors = [self._row_anchors(samples, row, samples[b].question, budgets[b]) for b, row in enumerate(arrange)]
         # one chunk: its anchors simply precede the question; several: each chunk's anchors follow
         # its own slots (the interleaved layout below), and the inputs hold them in prompt order
         reads = [sum(a, []) + after for a, after in zip(anchors, afters)] if anchors else afters
