@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -84,11 +85,24 @@ _FAST_KWARGS = frozenset({"return_offsets_mapping", "return_attention_mask", "ve
 _LITERAL_BACKENDS: "weakref.WeakKeyDictionary[Any, tuple[tuple, Any]]" = weakref.WeakKeyDictionary()
 
 
+@functools.lru_cache(maxsize=None)
+def _stock_fast(kind: type) -> bool:
+    """Whether tokenizers of class ``kind`` tokenise as Hugging Face's fast tokenizer does (not
+    a subclass with its own ``__call__`` or ``_encode_plus``)."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return (issubclass(kind, PreTrainedTokenizerFast) and kind.__call__ is PreTrainedTokenizerFast.__call__
+            and kind._encode_plus is PreTrainedTokenizerFast._encode_plus)
+
+
 def _literal_backend(tokenizer: Any) -> Any:
     """A private copy of the Rust tokenizer behind a stock Hugging Face fast tokenizer, switched
     to read special-token strings as plain text; None where calling it could give other ids than
-    calling the tokenizer (a subclass that tokenises its own way, truncation or padding on, a
-    pipeline that cannot be copied).
+    calling the tokenizer (a subclass that tokenises its own way, a pipeline that cannot be
+    copied). Like the wrapper's literal call, the copy never pads or truncates, whatever the
+    shared Rust tokenizer was last set to.
 
     The wrapper reads special tokens or not by a switch on the Rust tokenizer that every call
     sets; a copy that only this module uses cannot have that switch flipped by another thread's
@@ -97,17 +111,7 @@ def _literal_backend(tokenizer: Any) -> Any:
     edits made in place to the Rust tokenizer's normalizer or pre-tokenizer after first use.
     """
     backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None or not hasattr(backend, "encode_special_tokens") or not hasattr(backend, "to_str"):
-        return None
-    try:
-        from transformers import PreTrainedTokenizerFast
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    kind = type(tokenizer)
-    if not (isinstance(tokenizer, PreTrainedTokenizerFast) and kind.__call__ is PreTrainedTokenizerFast.__call__
-            and kind._encode_plus is PreTrainedTokenizerFast._encode_plus):
-        return None
-    if backend.truncation is not None or backend.padding is not None:
+    if backend is None or not hasattr(backend, "to_str") or not _stock_fast(type(tokenizer)):
         return None
     added = backend.get_added_tokens_decoder()
     made_from = (id(backend), len(tokenizer), tuple((i, t.content, t.special) for i, t in added.items()))
@@ -120,11 +124,12 @@ def _literal_backend(tokenizer: Any) -> Any:
 
         try:
             own = Tokenizer.from_str(backend.to_str())
-        except Exception:  # a custom (Python) component cannot be serialised: use the wrapper
-            return None
-        own.encode_special_tokens = True
-        own.no_padding()  # another thread's usual call may have switched these on since the check above
-        own.no_truncation()
+        except Exception:  # a custom (Python) component cannot be serialised: the wrapper, from now on
+            own = None
+        else:
+            own.encode_special_tokens = True
+            own.no_padding()  # the wrapper's literal call turns both off too, whatever they were set to
+            own.no_truncation()
         known = (made_from, own)
         _LITERAL_BACKENDS[tokenizer] = known
     return known[1]

@@ -568,14 +568,17 @@ def test_literal_ids_stay_literal_beside_usual_calls_in_other_threads(base):
     assert not bad
 
 
-def test_literal_ids_uses_the_wrapper_when_the_backend_truncates(base):
+def test_literal_ids_ignore_the_backends_truncation_as_the_wrapper_does(base):
     import copy
 
     from compressor_plugin.text import _literal_backend, literal_ids
 
     tok = copy.deepcopy(base.tokenizer)
     tok._tokenizer.enable_truncation(max_length=3)
-    assert _literal_backend(tok) is None  # calling it alone would cut the ids to 3
+    tok._tokenizer.enable_padding(length=400)
+    own = _literal_backend(tok)
+    assert own is not tok._tokenizer and own.truncation is None and own.padding is None
+    assert literal_ids(tok, TEXT) == tok(TEXT, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert len(literal_ids(tok, TEXT)) > 3
     assert literal_ids(tok, TEXT) == literal_ids(base.tokenizer, TEXT)
     tok._tokenizer.no_truncation()
