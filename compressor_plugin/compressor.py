@@ -49,6 +49,24 @@ MAX_LORA_ALPHA = 65536
 _CHECKPOINT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
 
+def _raise_recompile_limit(at_least: int) -> dict[str, int]:
+    """Raise dynamo's per-code recompile limit to ``at_least``; returns the old values."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the older name (an alias on newer torch)
+        value = getattr(dynamo_config, name, None)
+        if isinstance(value, int):
+            setattr(dynamo_config, name, max(value, at_least))
+            return {name: value}
+    return {}
+
+
+def _restore_recompile_limit(old: dict[str, int]) -> None:
+    import torch._dynamo.config as dynamo_config
+
+    for name, value in old.items():
+        setattr(dynamo_config, name, value)
+
 
 @dataclass
 class CompressorConfig:
@@ -306,6 +324,7 @@ class Compressor(nn.Module):
             _ = self.fingerprint, self.base.fingerprint  # computed from the unmerged weights
             saved: list[tuple[torch.Tensor, torch.Tensor]] = []
             compiled: list[nn.Module] = []
+            limits: dict[str, int] = {}
             try:
                 if merge:
                     for mod in self.peft_model.modules():
@@ -314,13 +333,19 @@ class Compressor(nn.Module):
                             saved.append((w, w.detach().clone()))
                     self.peft_model.merge_adapter()
                 if compile:
-                    for block in inner_model(self.peft_model).layers:
+                    blocks = list(inner_model(self.peft_model).layers)
+                    # every block's attributes (its layer index) differ, so each is one more
+                    # compiled variant of the same code: allow one per block, or dynamo stops
+                    # compiling after the eighth and the rest run uncompiled
+                    limits = _raise_recompile_limit(len(blocks) + 8)
+                    for block in blocks:
                         block.compile()
                         compiled.append(block)
                 yield
             finally:
                 for block in compiled:
                     block._compiled_call_impl = None  # back to the plain forward
+                _restore_recompile_limit(limits)
                 if saved:
                     for mod in self.peft_model.modules():
                         if isinstance(mod, LoraLayer):

@@ -200,6 +200,18 @@ def test_missing_input_is_a_clear_error(tmp_path, tiny_ckpt, capsys):
     assert rc == 2 and "max_length" in capsys.readouterr().err
 
 
+def test_fused_kernels_on_the_cpu_are_a_clear_error_and_write_nothing(tmp_path, tiny_ckpt, capsys):
+    src = write_corpus(tmp_path / "corpus")
+    store = tmp_path / "s"
+    rc = main(["cache", "build", "--input", str(src), "--store", str(store), "--checkpoint", str(tiny_ckpt),
+               "--fused-kernels", "--no-progress"])
+    assert rc != 0 and "CUDA only" in capsys.readouterr().err
+    assert not store.exists() or not store_entries(store)
+    rc = main(["cache", "build", "--input", str(src), "--store", str(store), "--checkpoint", str(tiny_ckpt),
+               "--fused-kernels", "--ray", "--no-progress"])
+    assert rc == 2 and "not used with --ray" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------- map, idempotence
 def test_chunk_map_matches_the_store_and_a_second_run_adds_nothing(tmp_path, tiny_ckpt, capsys):
     src = write_corpus(tmp_path / "in")

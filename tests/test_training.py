@@ -149,6 +149,28 @@ def test_bad_training_arguments(data_files, tmp_path):
         TrainConfig(stage="qa", data=[str(data_files["qa"])], layouts=["nope"])
 
 
+def test_cosine_learning_rate(data_files):
+    from compressor_plugin.training import TrainConfig
+    from compressor_plugin.training.trainer import _lr_at
+
+    qa = [str(data_files["qa"])]
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(stage="qa", data=qa, lr_schedule="cosine")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(stage="qa", data=qa, lr_schedule="linear")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        TrainConfig(stage="qa", data=qa, lr_schedule="cosine", max_steps=10, min_lr_ratio=2.0)
+    cfg = TrainConfig(stage="qa", data=qa, lr=1e-3, warmup_steps=10, max_steps=110, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert _lr_at(0, cfg) == pytest.approx(1e-4)  # warm-up as before
+    assert _lr_at(10, cfg) == pytest.approx(1e-3)  # the peak right after it
+    assert _lr_at(60, cfg) == pytest.approx(0.55e-3)  # half-way down
+    assert _lr_at(110, cfg) == pytest.approx(1e-4) and _lr_at(500, cfg) == pytest.approx(1e-4)
+    lrs = [_lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    flat = TrainConfig(stage="qa", data=qa, lr=1e-3, warmup_steps=10, max_steps=110)
+    assert _lr_at(60, flat) == _lr_at(109, flat) == 1e-3  # the default stays constant
+
+
 def test_ddp_two_processes_gloo(tiny_base_dir, data_files, tmp_path):
     """The distributed path: torchrun with 2 CPU processes on gloo trains and saves once."""
     out = tmp_path / "ddp"

@@ -452,6 +452,7 @@ def build_cache(
     follow_symlinks: bool = False,
     anchor_workers: int = 0,
     keep_short: bool = True,
+    fused_kernels: bool = False,
 ) -> BuildSummary:
     """Compress a corpus into a store; resumable, see the module docstring.
 
@@ -491,12 +492,20 @@ def build_cache(
             stored; its chunk-map row has ``"key": null`` and the chunk's ``text``, to be put into
             prompts as it is (compressed, it would take as many prompt positions and lose its
             exact words). Counted as ``kept_as_text``. False compresses every chunk.
+        fused_kernels: swap the model's RMSNorm, rotary and MLP kernels for Liger's fused Triton
+            kernels first (CUDA, :func:`~compressor_plugin.training.kernels.apply_fused_kernels`).
+            The swap is not undone: it changes the model in this process (and the kernels of its
+            model family), so use it in a process that builds caches, not beside an engine.
 
     Returns:
         A :class:`BuildSummary`. A Ctrl-C ends the build early with ``interrupted=True``
         after the batches already compressed are stored.
     """
     max_len = int(compressor.config.max_length)
+    if fused_kernels:
+        from ..training.kernels import apply_fused_kernels
+
+        apply_fused_kernels(compressor.peft_model)
     if not 1 <= int(chunk_tokens) <= max_len:
         raise ValueError(f"chunk_tokens must be between 1 and the compressor's max_length ({max_len}), "
                          f"not {chunk_tokens}")
@@ -757,14 +766,16 @@ def benchmark(
     seed: int = 0,
     merge_lora: bool = True,
     compile: bool = False,
+    fused_kernels: bool = False,
 ) -> dict[str, Any]:
     """Throughput of the cache-building hot path on the default model (untrained compressor).
 
     Encodes ``n_chunks`` random chunks of exactly ``chunk_tokens`` tokens in batches of
     ``batch_size`` with :func:`encode_contexts` (forward + one copy to the CPU per batch) inside
     :meth:`Compressor.fast_encoder` (``merge_lora``, ``compile``, as :func:`build_cache` runs
-    it), after ``warmup`` untimed batches, and optionally times :meth:`CompressedContext.to_bytes` (the
-    per-chunk serialisation the store writers do).
+    it; ``fused_kernels`` as there, not undone afterwards), after ``warmup`` untimed batches,
+    and optionally times :meth:`CompressedContext.to_bytes` (the per-chunk serialisation the
+    store writers do).
 
     FLOPs per chunk: :func:`encoder_flops` with ``T = chunk_tokens + k``.
 
@@ -780,6 +791,10 @@ def benchmark(
         base = load_base_model(device=device, dtype=dtype)
         compressor = Compressor(base, CompressorConfig(k=k, mode=mode, max_length=max(512, chunk_tokens)))
         compressor.to(base.device)
+    if fused_kernels:
+        from ..training.kernels import apply_fused_kernels
+
+        apply_fused_kernels(compressor.peft_model)
     dev = compressor.device
     batch_size = int(batch_size or default_batch_size(dev))
     vocab = int(compressor.base.model.config.vocab_size)
@@ -809,7 +824,7 @@ def benchmark(
     out: dict[str, Any] = {
         "device": str(dev), "dtype": str(compressor.base.dtype), "n_chunks": n_chunks, "chunk_tokens": chunk_tokens,
         "k": compressor.k, "mode": compressor.mode, "batch_size": batch_size, "merge_lora": merge_lora,
-        "compile": compile, "params_per_position": flop_terms(compressor)[0],
+        "compile": compile, "fused_kernels": fused_kernels, "params_per_position": flop_terms(compressor)[0],
         "seconds": round(seconds, 4), "chunks_per_s": round(n_chunks / seconds, 2),
         "tokens_per_s": round(n_chunks * tokens / seconds, 1), "gflops_per_chunk": round(flops / 1e9, 3),
         "tflops": float(f"{tflops:.5g}"), "peak_tflops": peak_tflops, "mfu": float(f"{tflops / peak_tflops:.5g}"),

@@ -99,6 +99,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer blocks with torch.compile (GPU: faster after a warm-up "
                         "of about a minute)")
+    p.add_argument("--fused-kernels", action="store_true",
+                   help="CUDA: Liger's fused Triton RMSNorm, rotary and SwiGLU kernels in the encoder (pip install "
+                        "'compressor-plugin[fast]'); they replace this process's kernels for the model's family, "
+                        "so use them in a build process, not beside an engine. Not used with --ray")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     ray = p.add_argument_group("Ray", "compress on a Ray Data actor pool instead of in this process")
@@ -123,6 +127,8 @@ def _build(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"input not found: {args.input}")
     store = args.store or str(default_store_dir())
     progress = not args.no_progress
+    if args.ray and args.fused_kernels:
+        raise ValueError("--fused-kernels runs in this process's encoder; it is not used with --ray")
     if args.ray:
         from ..caching.ray_build import build_cache_ray
 
@@ -146,7 +152,8 @@ def _build(args: argparse.Namespace) -> int:
             limit=args.limit, writer_threads=args.writer_threads, progress=progress,
             merge_lora=not args.no_merge_lora, compile=args.compile, anchors=args.anchors,
             follow_symlinks=args.follow_symlinks,
-            anchor_workers=args.anchor_workers, keep_short=not args.compress_short)
+            anchor_workers=args.anchor_workers, keep_short=not args.compress_short,
+            fused_kernels=args.fused_kernels)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:

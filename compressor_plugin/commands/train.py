@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None, help="start from this checkpoint (e.g. the regen stage's best/)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="after the warm-up: constant (default, the paper's) or cosine, which decays to "
+                        "--min-lr-ratio x --lr at --max-steps (needs --max-steps)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="cosine schedule: the last step's learning rate as a share of --lr (default 0.1)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
@@ -88,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(stage=args.stage, mode=args.mode, k=args.k, data=args.data, val_data=args.val_data,
                       output=args.output, base=args.base, init=args.init, lr=args.lr, warmup_steps=args.warmup_steps,
+                      lr_schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio,
                       batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes,
                       max_tokens=args.max_tokens, max_target_tokens=args.max_target_tokens,
                       max_chunks=args.max_chunks, layouts=[s for s in args.layouts.split(",") if s],

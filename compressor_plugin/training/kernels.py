@@ -1,10 +1,11 @@
-"""Fused GPU kernels for training: Liger's Triton RMSNorm, rotary embedding and SwiGLU/GeGLU.
+"""Fused GPU kernels for training and cache builds: Liger's Triton RMSNorm, rotary embedding and SwiGLU/GeGLU.
 
 The default model is narrow (576 wide), so a training step spends more GPU time in element-wise
 work (RMSNorm in fp32, rotary halves, SiLU, dtype copies) than in matrix products. Liger-Kernel
 fuses each of those into one Triton kernel with the same numerics. It is optional
 (``pip install 'compressor-plugin[fast]'``), CUDA only, and applied to the model instance
-in the training process only: the base weights and what users load are unchanged.
+in a training or cache-building process only (``train --fused-kernels``, ``cache build
+--fused-kernels``): the base weights and what users load are unchanged.
 """
 
 from __future__ import annotations

@@ -94,6 +94,8 @@ class TrainConfig:
     init: str | None = None  # checkpoint to start from (e.g. the regen stage's output)
     lr: float = 1e-4
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # after the warm-up: "constant" (the paper's) or "cosine" (down to min_lr_ratio * lr at max_steps)
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     batch_size: int = 32
     max_steps: int | None = None
@@ -131,6 +133,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in ("regen", "qa", "mix"):
             raise ValueError("stage must be 'regen', 'qa' or 'mix'")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
+        if self.lr_schedule == "cosine" and not self.max_steps:
+            raise ValueError("a cosine learning rate decays to max_steps: give max_steps (--max-steps)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio is a share of lr between 0 and 1, not {self.min_lr_ratio!r}")
         unknown = set(self.mix) - set(TASKS)
         if unknown or not self.mix or any(w < 0 for w in self.mix.values()) or sum(self.mix.values()) <= 0:
             raise ValueError(f"mix needs non-negative weights for tasks {TASKS}, got {self.mix}")
@@ -550,10 +558,17 @@ def _dist_info() -> tuple[int, int, int]:
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
-    """Constant learning rate after a linear warm-up (the paper's schedule)."""
+    """Linear warm-up, then a constant rate (the paper's schedule) or a cosine decay that reaches
+    ``min_lr_ratio * lr`` at ``max_steps``. A function of the step alone, so a resumed run
+    continues the same curve."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
+    if cfg.lr_schedule == "constant" or not cfg.max_steps:
+        return cfg.lr
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    done = min(1.0, (step - cfg.warmup_steps) / span)
+    low = cfg.min_lr_ratio * cfg.lr
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def build_compressor(base: BaseModel, cfg: TrainConfig) -> Compressor:
@@ -831,7 +846,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{mean_loss:.3f}")
         if rank == 0 and step % cfg.log_every == 0:
             dt = time.time() - window["t"]
-            rec = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": _lr_at(step, cfg),
+            rec = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": _lr_at(step - 1, cfg),
                    "grad_norm": float(gnorm), "samples_per_s": window["samples"] / dt,
                    "tokens_per_s": window["tokens"] / dt,
                    "tflops": 6 * n_params * window["tokens"] / dt / 1e12,
