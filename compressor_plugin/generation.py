@@ -25,7 +25,7 @@ from .context import CompressedContext, RotaryHelper
 from .hf_compat import cache_kwargs, cache_layer, new_cache, num_cache_layers
 from .errors import ContextMismatchError, InvalidTextError, PromptError, PromptTooLongError  # noqa: F401  (re-exported)
 from .models import BaseModel, with_bos_segments
-from .text import check_text, control_token_ids, literal_ids
+from .text import check_text, control_token_ids, literal_ids, ordinary_special_ids
 
 
 
@@ -589,7 +589,9 @@ class Generator:
         """Token ids that end an answer: the eos ids, and for chat models every special token.
 
         A chat model that emits a turn marker (``<|im_start|>``, ``<|eot_id|>``...) has finished
-        its answer, whatever its configured eos id.
+        its answer, whatever its configured eos id. The pad token, and an ordinary token named as
+        a special one (``tokenizer.sep_token = "The"``, see
+        :func:`~compressor_plugin.text.ordinary_special_ids`), do not end it unless they are eos ids.
         """
         ids = set()
         for src in (self.tokenizer.eos_token_id, getattr(self.base.model.generation_config, "eos_token_id", None)):
@@ -599,7 +601,9 @@ class Generator:
                 ids.update(int(x) for x in src)
         if getattr(self.tokenizer, "chat_template", None):
             pad = self.tokenizer.pad_token_id
-            ids.update(int(i) for i in getattr(self.tokenizer, "all_special_ids", []) if i != pad or i in ids)
+            ordinary = ordinary_special_ids(self.tokenizer)
+            ids.update(int(i) for i in getattr(self.tokenizer, "all_special_ids", [])
+                       if i is not None and (i in ids or (i != pad and i not in ordinary)))
         return ids
 
     @staticmethod

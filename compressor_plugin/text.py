@@ -113,6 +113,13 @@ def _literal_backend(tokenizer: Any) -> Any:
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str") or not _stock_fast(type(tokenizer)):
         return None
+    return _private_copy(tokenizer, backend)
+
+
+def _private_copy(tokenizer: Any, backend: Any) -> Any:
+    """The private literal copy of ``backend``, the Rust tokenizer of ``tokenizer`` (see
+    :func:`_literal_backend`); None where it cannot be copied or the tokenizer cannot be weakly
+    referenced."""
     added = backend.get_added_tokens_decoder()
     made_from = (id(backend), len(tokenizer), tuple((i, t.content, t.special) for i, t in added.items()))
     try:
@@ -136,17 +143,113 @@ def _literal_backend(tokenizer: Any) -> Any:
 
 
 def has_control_text(tokenizer: Any, text: str) -> bool:
-    """Whether ``text`` spells a special or added token of ``tokenizer`` (``<|im_start|>``, ``</s>``...).
+    """Whether ``text`` spells a control token of ``tokenizer`` (``<|im_start|>``, ``</s>``...).
 
-    True when reading the text the usual way would give other ids than :func:`literal_ids`.
+    True when reading the text the usual way gives other ids than :func:`literal_ids`, and some
+    of them are special-token ids that literal text never gives. A special token that is an
+    ordinary piece of the vocabulary (``add_special_tokens({"pad_token": "!"})``) changes how
+    the usual reading splits the text, not what it can say, so it alone does not count.
     """
-    return tokenizer(text, add_special_tokens=False)["input_ids"] != literal_ids(tokenizer, text)
+    usual = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return usual != literal_ids(tokenizer, text) and not _special_ids(tokenizer)[0].isdisjoint(usual)
 
 
 def control_token_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids of the tokenizer's special tokens (``<|im_start|>``, ``</s>``...): what literal text never gives."""
-    ids = {int(i) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
-           if getattr(t, "special", False)}
-    ids.update(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None)
-    ids.discard(getattr(tokenizer, "unk_token_id", None))  # literal text may hold characters a vocabulary lacks
-    return frozenset(ids)
+    """Ids of the tokenizer's control tokens (``<|im_start|>``, ``</s>``...): what literal text never gives.
+
+    These are its special tokens (the added tokens marked special, and what the special-token
+    attributes name: bos, eos, pad...) that :func:`literal_ids` does not give, and its bos and
+    eos wherever they are added special tokens. Left out are the unknown token (literal text
+    may hold characters a vocabulary lacks) and :func:`ordinary_special_ids`: an ordinary token
+    named as a special one (``tokenizer.pad_token = "!"``, ``add_special_tokens({"mask_token":
+    "the"})``) is still what literal text gives for ``!`` or ``the``.
+    """
+    never = _special_ids(tokenizer)[0]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return never - {unk} if unk in never else never
+
+
+def ordinary_special_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens that literal text gives too: ordinary vocabulary
+    pieces named as special tokens (``tokenizer.pad_token = "!"``).
+
+    A special token is ordinary when :func:`literal_ids` of its spelling (alone, or after a
+    letter) holds its id, read by a private copy of the Rust tokenizer that no other thread
+    switches (or, for a tokenizer without a shared switch, by its own literal call), unless it
+    is the bos or eos and an added special token. Where no such reading exists (a Rust pipeline
+    that cannot be copied) none is.
+    """
+    return _special_ids(tokenizer)[1]
+
+
+#: tokenizer -> (what the sets were found from; (control ids, unknown token included; ordinary ids))
+_SPECIAL_IDS: "weakref.WeakKeyDictionary[Any, tuple[tuple, tuple[frozenset[int], frozenset[int]]]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _special_ids(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
+    """(control ids, unknown token included; ordinary ids) among the ids of ``tokenizer``'s added
+    tokens marked special and of its special-token attributes (see :func:`control_token_ids`);
+    found again when any of those, the tokenizer's size or its Rust tokenizer change."""
+    added = {int(i): t for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()}
+    named = tuple(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None)
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    made_from = (id(getattr(tokenizer, "_tokenizer", None)), size,
+                 tuple((i, getattr(t, "content", None), bool(getattr(t, "special", False))) for i, t in added.items()),
+                 named)
+    try:
+        known = _SPECIAL_IDS.get(tokenizer)
+    except TypeError:  # cannot be weakly referenced: found on every call
+        known = None
+    if known is not None and known[0] == made_from:
+        return known[1]
+    special = {i for i, t in added.items() if getattr(t, "special", False)} | set(named)
+    # bos and eos that are special tokens of the tokenizer count even where literal text gives
+    # them (a Unigram vocabulary holds "</s>" as a piece): such text is refused, as before
+    ends = {getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id")}
+    never = {i for i in ends if isinstance(i, int) and getattr(added.get(i), "special", False)}
+    never |= special - _literal_gives(tokenizer, special - never, added)
+    found = (frozenset(never), frozenset(special - never))
+    try:
+        _SPECIAL_IDS[tokenizer] = (made_from, found)
+    except TypeError:
+        pass
+    return found
+
+
+def _literal_gives(tokenizer: Any, ids: set[int], added: dict[int, Any]) -> set[int]:
+    """Which of ``ids`` literal tokenisation gives from their own spellings (each alone and after
+    a letter): the added token's text and the decoded id. Read so that no other thread's usual
+    call can make literal text look like a special token: a private copy of the Rust tokenizer,
+    or the tokenizer's own literal call where it has no shared switch; none where neither exists."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        own = _private_copy(tokenizer, backend)
+        if own is None:
+            return set()
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [e.ids for e in own.encode_batch(texts, add_special_tokens=False)]
+    elif hasattr(backend, "encode_special_tokens"):
+        return set()
+    else:  # a slow tokenizer takes the literal reading as an argument of each call
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    probes: list[tuple[int, str]] = []
+    for i in sorted(ids):
+        spellings = {getattr(added.get(i), "content", None)}
+        try:
+            spellings.add(tokenizer.decode([i]))
+        except Exception:  # an id the tokenizer cannot decode: its added spelling alone
+            pass
+        for s in sorted(x for x in spellings if isinstance(x, str) and x):
+            probes += [(i, s), (i, "a" + s)]
+    if not probes:
+        return set()
+    try:
+        read = encode([p for _, p in probes])
+    except Exception:  # a tokenizer that cannot read them so: none is ordinary
+        return set()
+    return {i for (i, _), got in zip(probes, read) if i in got}
