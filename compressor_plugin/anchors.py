@@ -32,11 +32,12 @@ import bisect
 import functools
 import os
 import re
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .text import literal_ids
+from .text import _literal_backend, literal_ids
 
 __all__ = ["select_anchors", "question_line", "with_anchors", "anchors_for_ids", "attach_anchors", "question_anchors", "share_budget", "relevance", "anchor_spans", "anchored_fingerprint", "check_budget",
            "check_window_share", "LEAD_IN", "SEPARATOR", "MAX_ANCHOR_TOKENS", "DEFAULT_LEFT_CONTEXT",
@@ -656,15 +657,78 @@ _POOL_SPANS: dict[str, list[tuple[int, int, str]]] = {}  # a worker's spans per 
 _POOL_SPANS_LIMIT = 10_000  # texts (a few KB each with their spans)
 
 
+class _LiteralTokenizer:
+    """What an anchor worker needs of a stock fast tokenizer, without importing transformers (or
+    torch): its Rust pipeline, read from JSON in the worker with only ``tokenizers``.
+
+    The pipeline reads special-token strings as plain text and never pads or truncates, as the
+    private copy behind :func:`~compressor_plugin.text.literal_ids` does, so a text such as
+    ``<|im_end|>`` gives the ordinary tokens that spell it; calling it in any other way than
+    ``literal_ids`` does is refused. ``decode`` is the Rust tokenizer's, which is the wrapper's
+    own when the wrapper does no clean-up of spaces (:func:`_worker_tokenizer` checks).
+    """
+
+    def __init__(self, pipeline: str, size: int):
+        self.pipeline = pipeline  # the JSON is what is pickled; the Rust tokenizer is built on first use
+        self.size = size
+
+    @functools.cached_property
+    def _rust(self) -> Any:
+        from tokenizers import Tokenizer
+
+        rust = Tokenizer.from_str(self.pipeline)
+        rust.encode_special_tokens = True
+        rust.no_padding()
+        rust.no_truncation()
+        return rust
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"pipeline": self.pipeline, "size": self.size}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __call__(self, text: str | list[str], *, add_special_tokens: bool = True,
+                 split_special_tokens: bool = False) -> dict[str, Any]:
+        if add_special_tokens or not split_special_tokens:
+            raise ValueError("an anchor worker's tokenizer reads text literally only (see literal_ids)")
+        batch = [text] if isinstance(text, str) else list(text)
+        ids = [e.ids for e in self._rust.encode_batch(batch, add_special_tokens=False)] if batch else []
+        return {"input_ids": ids[0] if isinstance(text, str) else ids}
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._rust.decode(list(ids), skip_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _stock_decode(kind: type) -> bool:
+    """Whether tokenizers of class ``kind`` decode as Hugging Face's fast tokenizer does: the Rust
+    tokenizer's decode, then a clean-up of spaces where switched on."""
+    from transformers import PreTrainedTokenizerFast
+
+    return kind.decode is PreTrainedTokenizerFast.decode and kind._decode is PreTrainedTokenizerFast._decode
+
+
+def _worker_tokenizer(tokenizer: Any) -> Any:
+    """What :class:`AnchorPool` sends its workers for ``tokenizer``.
+
+    A :class:`_LiteralTokenizer` where it gives the same ids and texts: a stock fast tokenizer
+    whose literal copy exists (:func:`~compressor_plugin.text.literal_ids` then reads text with
+    that copy in this process too) and whose decoding cleans up no spaces. Otherwise the
+    tokenizer itself, which the workers unpickle with transformers (seconds per worker).
+    """
+    own = _literal_backend(tokenizer)
+    if own is None or getattr(tokenizer, "clean_up_tokenization_spaces", True) or not _stock_decode(type(tokenizer)):
+        return tokenizer
+    return _LiteralTokenizer(own.to_str(), len(tokenizer))
+
+
 def _init_pool_worker(tokenizer: Any) -> None:
     global _POOL_TOKENIZER
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")  # loaded only where unpickling the tokenizer needed it
+    if torch is not None:
         torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
     _POOL_TOKENIZER = tokenizer
 
 
@@ -691,7 +755,10 @@ class AnchorPool:
     Choosing anchors is tokenizer and regular-expression work that holds the GIL (about 1-3 ms
     per chunk), so one process caps ``cache build`` at a few hundred chunks/s and an anchored
     training step at a few hundred rows/s. The workers start with ``spawn`` (no fork of a
-    process that holds CUDA state and threads) and each gets a copy of the tokenizer. Like any
+    process that holds CUDA state and threads) and each gets a copy of the tokenizer: for a stock
+    fast tokenizer, its Rust pipeline alone, so a worker imports ``tokenizers`` but neither torch
+    nor transformers (first result 0.3 s after the pool is made on a 2-core CPU machine, against
+    2.4-2.6 s with them: ``scripts/anchor_pool_startup.py``). Like any
     ``spawn`` pool (a DataLoader's ``num_workers``), it needs scripts to guard their entry point
     with ``if __name__ == "__main__":``. Use it as a context manager or call :meth:`close`.
 
@@ -708,7 +775,7 @@ class AnchorPool:
             raise ValueError(f"an anchor pool needs at least 1 worker, not {workers!r}")
         self.workers = workers
         self._pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                            initializer=_init_pool_worker, initargs=(tokenizer,))
+                                            initializer=_init_pool_worker, initargs=(_worker_tokenizer(tokenizer),))
 
     def submit_ids(self, rows: Sequence[Sequence[int]], budget: int, *,
                    left_context: int = DEFAULT_LEFT_CONTEXT) -> list[Any]:

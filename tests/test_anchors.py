@@ -682,3 +682,84 @@ def test_piece_counts_remember_short_words_only(base):
     counts = anchors._piece_counts(tok, {long, "grain"})
     assert counts[long] > 100 and counts == anchors._piece_counts(tok, {long, "grain"})
     assert set(anchors._PIECE_CACHE[tok][1]) == {"grain"}
+
+
+def test_anchor_pool_gives_the_ids_chosen_in_process(base):
+    """Workers get the tokenizer's Rust pipeline alone; their anchors (from ids and for questions)
+    equal the ones chosen in this process, and text that spells control tokens stays text."""
+    import copy
+
+    from compressor_plugin.anchors import AnchorPool, anchors_for_ids, question_anchors
+    from compressor_plugin.text import control_token_ids, literal_ids
+
+    tok = copy.deepcopy(base.tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<zz>"]})
+    texts = [TEXT, 'Ada "<|im_end|>" Varn<zz> paid $3.5 million on 4 June 1871 <|im_start|>system',
+             "naïve café in Tōkyō, 40% of 652 zyrdyfeirk", ""]
+    rows = literal_ids(tok, texts)
+    asked = [(t, q, b) for t in texts for q, b in (("When was Marta Ilvane born?", 24), ("<|im_end|> who paid?", 32))]
+    with AnchorPool(tok, 2) as pool:
+        got = pool.result(pool.submit_ids(rows, 32))
+        got_q = pool.question_anchors(asked)
+    assert got == anchors_for_ids(rows, tok, 32)
+    assert got_q == [question_anchors([(t, None)], tok, b, q)[0] for t, q, b in asked]
+    assert any(got) and not control_token_ids(tok) & {i for ids in got + got_q for i in ids}
+
+
+def test_anchor_workers_import_neither_torch_nor_transformers(base):
+    """What a worker receives unpickles with ``tokenizers`` alone and chooses the same anchors."""
+    import pickle
+    import subprocess
+    import sys
+
+    from compressor_plugin.anchors import _LiteralTokenizer, _worker_tokenizer, anchors_for_ids
+    from compressor_plugin.text import literal_ids
+
+    sent = _worker_tokenizer(base.tokenizer)
+    assert isinstance(sent, _LiteralTokenizer)
+    rows = literal_ids(base.tokenizer, [TEXT, "keep <|im_end|> and 1962 as text"])
+    code = ("import json, pickle, sys\nfrom compressor_plugin import anchors\n"
+            "tok, rows = pickle.load(sys.stdin.buffer)\nanchors._init_pool_worker(tok)\n"
+            "ids = anchors._pool_ids_task(rows, 32, anchors.DEFAULT_LEFT_CONTEXT)\n"
+            "print(json.dumps([ids, sorted(m for m in ('torch', 'transformers') if m in sys.modules)]))")
+    proc = subprocess.run([sys.executable, "-c", code], input=pickle.dumps((sent, rows)), capture_output=True,
+                          timeout=120, check=True)
+    ids, heavy = json.loads(proc.stdout)
+    assert heavy == [] and ids == anchors_for_ids(rows, base.tokenizer, 32)
+
+
+def test_anchor_workers_get_the_tokenizer_itself_where_its_pipeline_would_differ(base):
+    """A tokenizer that cleans up spaces when decoding, decodes its own way or whose pipeline
+    cannot be written out goes to the workers whole; the pipeline alone reads text literally only."""
+    import copy
+
+    from tokenizers.pre_tokenizers import PreTokenizer
+
+    from compressor_plugin.anchors import _worker_tokenizer
+
+    cleaning = copy.deepcopy(base.tokenizer)
+    cleaning.clean_up_tokenization_spaces = True
+
+    class OwnDecode(type(base.tokenizer)):
+        def _decode(self, *args, **kwargs):
+            return super()._decode(*args, **kwargs).upper()
+
+    own = copy.deepcopy(base.tokenizer)
+    own.__class__ = OwnDecode
+
+    class Words:  # a Python pre-tokenizer: the Rust tokenizer can no longer be written out
+        def pre_tokenize(self, pretok):
+            pass
+
+    odd = copy.deepcopy(base.tokenizer)
+    odd._tokenizer.pre_tokenizer = PreTokenizer.custom(Words())
+    for tok in (cleaning, own, odd):
+        assert _worker_tokenizer(tok) is tok
+    sent = _worker_tokenizer(base.tokenizer)
+    assert len(sent) == len(base.tokenizer)
+    with pytest.raises(ValueError, match="literally"):
+        sent("<|im_end|>")
+    with pytest.raises(ValueError, match="literally"):
+        sent("<|im_end|>", add_special_tokens=False)
+    assert sent("<|im_end|>", add_special_tokens=False, split_special_tokens=True)["input_ids"] == \
+        base.tokenizer("<|im_end|>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
