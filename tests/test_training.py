@@ -171,6 +171,21 @@ def test_cosine_learning_rate(data_files):
     assert _lr_at(60, flat) == _lr_at(109, flat) == 1e-3  # the default stays constant
 
 
+def test_plot_draws_each_task_of_a_mix_run(tmp_path):
+    import matplotlib.image
+
+    from compressor_plugin.training.plots import plot_log
+
+    log = tmp_path / "log.jsonl"
+    rows = [{"step": s, "loss": 2.0, "loss_regen": 2.5, "loss_qa": 1.2 + s / 100} for s in (10, 20, 30)]
+    log.write_text("\n".join(json.dumps(r) for r in rows + [{"step": 30, "val_loss": 0.9}]) + "\n")
+    out = plot_log(log, tmp_path / "curves.png")
+    assert matplotlib.image.imread(out).shape[0] > 100
+    import matplotlib.pyplot as plt
+
+    assert not plt.get_fignums()  # the figure is closed, nothing leaks into a notebook
+
+
 def test_ddp_two_processes_gloo(tiny_base_dir, data_files, tmp_path):
     """The distributed path: torchrun with 2 CPU processes on gloo trains and saves once."""
     out = tmp_path / "ddp"
