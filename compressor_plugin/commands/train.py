@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,6 +82,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
+    w = sub.add_parser("train-questions", help="write training questions about any corpus (model-written or cloze)",
+                       description="Write QA rows about the texts of corpus files, for `train --data`: questions the "
+                                   "frozen model writes itself and answers from the full text (--kind written: "
+                                   "distillation targets for agreement with the full-text answer), or cloze and "
+                                   "yes/no questions on names, numbers and dates (--kind cloze, no model). "
+                                   "Appends to OUTPUT; running the same command again resumes.")
+    w.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="JSONL files: corpus rows ('text') or QA rows (their 'context')")
+    w.add_argument("--output", required=True, metavar="OUT.jsonl", help="QA rows are appended here")
+    w.add_argument("--kind", choices=["written", "cloze"], default="written")
+    w.add_argument("--per-text", type=int, default=2, help="questions per text (default 2)")
+    w.add_argument("--attempts", type=int, default=2,
+                   help="written: samples per wanted question; unparsable or repeated ones are dropped (default 2)")
+    w.add_argument("--verify-share", type=float, default=0.0, help="cloze: share asked as yes/no checks (default 0)")
+    w.add_argument("--max-tokens", type=int, default=192,
+                   help="cut each text to this many tokens first, as training's --max-tokens (default 192)")
+    w.add_argument("--limit", type=int, default=None, metavar="N", help="first N distinct texts")
+    w.add_argument("--base", default="default", help="base model: 'default' or a Hugging Face id/folder")
+    w.add_argument("--device", default=None)
+    w.add_argument("--dtype", default=None)
+    w.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch (default 64)")
+    w.add_argument("--temperature", type=float, default=0.8, help="written: sampling temperature (default 0.8)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w.set_defaults(func=_questions)
+
     q = sub.add_parser("train-plot", help="plot a training run's loss curves to PNG")
     q.add_argument("log", help="log.jsonl of a run")
     q.add_argument("--output", required=True, help="PNG path")
@@ -111,6 +138,33 @@ def _run(args: argparse.Namespace) -> int:
     summary = train(cfg, progress=not args.no_progress)
     if summary:
         print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _questions(args: argparse.Namespace) -> int:
+    from ..training.questions import write_question_file
+
+    for path in args.input:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input not found: {path}")
+    if args.per_text < 1 or args.attempts < 1 or args.batch_size < 1:
+        raise ValueError("--per-text, --attempts and --batch-size must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    base = tokenizer = None
+    if args.kind == "written":
+        from ..models import load_base_model
+
+        base = load_base_model(None if args.base == "default" else args.base, device=args.device, dtype=args.dtype)
+    else:
+        from ..models import ensure_default_model, load_tokenizer
+
+        tokenizer = load_tokenizer(ensure_default_model() if args.base == "default" else args.base)
+    stats = write_question_file(args.input, args.output, kind=args.kind, base=base, tokenizer=tokenizer,
+                                per_text=args.per_text, attempts=args.attempts, verify_share=args.verify_share,
+                                max_tokens=args.max_tokens, limit=args.limit, batch_size=args.batch_size,
+                                temperature=args.temperature, seed=args.seed, progress=not args.no_progress)
+    print(json.dumps(stats))
     return 0
 
 

@@ -84,6 +84,9 @@ def load_regen(paths: Sequence[str | Path], tokenizer: Any, *, max_tokens: int, 
 def load_qa(paths: Sequence[str | Path], tokenizer: Any, *, max_tokens: int, limit: int | None = None) -> list[QASample]:
     """QA rows (context, question, answers[0]); contexts over ``max_tokens`` tokens are skipped.
 
+    A row with ``"teacher_answer": true`` holds the frozen model's own full-text answer; it is
+    also the sample's ``teacher`` target, so it is not generated again.
+
     The contexts of the fixed few-shot examples are excluded, so they never leak into training.
     """
     banned = {e["context"] for e in fewshot_examples()}
@@ -98,7 +101,10 @@ def load_qa(paths: Sequence[str | Path], tokenizer: Any, *, max_tokens: int, lim
     for r in rows:
         cid = ids[r["context"]]
         if 0 < len(cid) <= max_tokens:
-            out.append(QASample(cid, r["context"], r["question"], str(r["answers"][0])))
+            answer = str(r["answers"][0])
+            # the answer is the frozen model's own from the full text (train-questions --kind written)
+            teacher = answer if r.get("teacher_answer") is True else None
+            out.append(QASample(cid, r["context"], r["question"], answer, teacher))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Training questions from any text corpus: detail (cloze) questions on names, numbers and dates.
+"""Training questions from any text corpus: detail (cloze) questions on names, numbers and dates,
+and questions the frozen model writes itself, answered by itself from the full text.
 
 QA data is the scarce resource (SQuAD's training subset has about 9k questions), and what a
 compressed chunk most often loses is the exact detail: a name, a number, a year. This module
@@ -25,15 +26,27 @@ changed (answer ``no``):
 
 These keep label answers (``yes`` / ``no``, as in PubMedQA) in training, and a ``no`` can only be
 told from a ``yes`` by the exact detail.
+
+**Written questions** (:func:`write_questions`, ``compressor-plugin train-questions --kind
+written``): the frozen base model continues the 3-shot QA layout (three solved SQuAD examples,
+then ``Context: <text>`` and ``Question:``) with a question of its own (sampled, so several per
+text differ; asked in its chat layout instead, the 135M default model mostly wrote
+exclamations), and then answers it from the full text in that layout (greedy), as
+:func:`~compressor_plugin.training.trainer.add_teacher_answers` does. The answer is the model's own, not a gold one: training a compressor on these rows is
+sequence-level distillation aimed at agreement with the full-text answer, on as many questions
+as the corpus has texts. Rows are marked ``"teacher_answer": true`` so training does not
+generate their answers again. The corpus text goes into the prompt literally (a ``<|im_end|>``
+in a document stays the ordinary tokens that spell it).
 """
 
 from __future__ import annotations
 
 import random
 import re
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
-__all__ = ["cloze_questions", "detail_spans", "CLOZE_PREFIX", "VERIFY_PREFIX", "VERIFY_SUFFIX"]
+__all__ = ["cloze_questions", "cloze_rows", "detail_spans", "parse_question", "write_questions",
+           "full_text_answers", "write_question_file", "CLOZE_PREFIX", "VERIFY_PREFIX", "VERIFY_SUFFIX"]
 
 CLOZE_PREFIX = "Fill in the blank: "
 BLANK = "____"
@@ -160,3 +173,185 @@ def cloze_rows(texts: Iterable[str], *, seed: int = 0, per_text: int = 2,
         for q, a in cloze_questions(text, rng, max_questions=per_text, verify_share=verify_share):
             rows.append({"context": text, "question": q, "answers": [a]})
     return rows
+
+
+# ------------------------------------------------------------------------------ written questions
+
+_LEAD = re.compile(r"^(?:question\s*\d*\s*[:.)-]\s*|q\s*\d*\s*[:.)-]\s*|\d+\s*[.)]\s*|[-*#>\s\"'`]+)+", re.IGNORECASE)
+
+
+def parse_question(text: str, *, min_words: int = 3, max_words: int = 30) -> str | None:
+    """The question in a model's reply: its first line, without a ``Question:`` label, numbering or
+    quotes, up to and including the first ``?``; None when there is no such question of
+    ``min_words`` to ``max_words`` words."""
+    for line in text.splitlines():
+        line = _LEAD.sub("", line.strip())
+        if line:
+            break
+    else:
+        return None
+    end = line.find("?")
+    if end < 0:
+        return None
+    q = line[:end + 1].strip().strip("\"'`*").strip()
+    if not q.endswith("?"):
+        q += "?"
+    words = len(q.split())
+    return q if min_words <= words <= max_words else None
+
+
+def _literal(tokenizer: Any, text: str) -> Any:
+    """``text`` as a prompt segment of literal token ids (markup in it stays plain text)."""
+    from ..generation import TokenIds
+    from ..text import literal_ids
+
+    return TokenIds(literal_ids(tokenizer, text))
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def write_questions(base: Any, texts: Sequence[str], *, per_text: int = 2, attempts: int = 2, batch_size: int = 64,
+                    max_new_tokens: int = 48, temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
+                    progress: bool = False) -> list[dict[str, str]]:
+    """Questions the frozen model writes about each text (rows ``context``, ``question``).
+
+    The model continues the 3-shot QA layout after ``Context: <text>`` and ``Question:``, every
+    part read literally. Each text is asked ``per_text * attempts`` times with sampling (``temperature``, ``top_p``;
+    seeded per batch, so a run is repeatable on one machine); the first ``per_text`` distinct
+    questions that :func:`parse_question` accepts are kept. ``base`` is a
+    :class:`~compressor_plugin.models.BaseModel` (its model is used unchanged).
+    """
+    from ..generation import Generator
+    from ..prompts import fewshot_prefix
+
+    if per_text < 1 or attempts < 1 or batch_size < 1:
+        raise ValueError("per_text, attempts and batch_size must be at least 1")
+    gen = Generator(base)
+    lead, cue = _literal(base.tokenizer, fewshot_prefix() + "Context: "), _literal(base.tokenizer, "\nQuestion:")
+    asks = [t for t in texts for _ in range(per_text * attempts)]
+    found: dict[int, list[str]] = {}
+    done = 0
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(asks), desc="writing questions", unit="q", disable=not progress) as bar:
+        for b, chunk in enumerate(_batches(asks, batch_size)):
+            prompts = [[lead, _literal(base.tokenizer, t), cue] for t in chunk]
+            results = gen.generate_batch(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, seed=seed * 1_000_003 + b, stop=["\n"])
+            for i, res in enumerate(results):
+                q = parse_question(res.text)
+                pos = (done + i) // (per_text * attempts)
+                kept = found.setdefault(pos, [])
+                if q is not None and len(kept) < per_text and q.lower() not in (k.lower() for k in kept):
+                    kept.append(q)
+            done += len(chunk)
+            bar.update(len(chunk))
+    return [{"context": texts[pos], "question": q} for pos in sorted(found) for q in found[pos]]
+
+
+def full_text_answers(base: Any, questions: Sequence[str], contexts: Sequence[str], *, batch_size: int = 64,
+                      max_new_tokens: int = 24, progress: bool = False, compressor: Any = None) -> list[str]:
+    """The frozen model's greedy answer to each question from its full context, in the best
+    full-text layout (3-shot), first line only (:func:`~compressor_plugin.evaluation.metrics.first_line_answer`).
+    Questions and contexts are read literally: text that spells ``<|im_end|>`` stays text.
+
+    ``compressor``, when given, is the one the run trains; text-only prompts run on the
+    unchanged model either way.
+    """
+    from ..evaluation.metrics import first_line_answer
+    from ..generation import Generator
+    from ..prompts import qa_prompt
+
+    if len(questions) != len(contexts):
+        raise ValueError("one context per question")
+    gen = Generator(base, compressor)
+    answers: list[str] = []
+    from tqdm.auto import tqdm
+
+    pairs = list(zip(questions, contexts))
+    for chunk in tqdm(list(_batches(pairs, batch_size)), desc="full-text answers", unit="batch",
+                      disable=not progress):
+        prompts = [[s if not isinstance(s, str) else _literal(base.tokenizer, s)
+                    for s in qa_prompt("fewshot", q, base.tokenizer).segments([c])] for q, c in chunk]
+        answers.extend(first_line_answer(r.text) for r in gen.generate_batch(
+            prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"]))
+    return answers
+
+
+def write_question_file(inputs: Sequence[str], output: str, *, kind: str = "written", base: Any = None,
+                        tokenizer: Any = None, per_text: int = 2, attempts: int = 2, verify_share: float = 0.0, max_tokens: int = 192,
+                        limit: int | None = None, batch_size: int = 64, block: int = 1024,
+                        temperature: float = 0.8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Write training QA rows about the texts of ``inputs`` to ``output`` (JSONL, appended).
+
+    Texts come from corpus rows (``text``) or QA rows (their ``context``), are cut to their first
+    ``max_tokens`` tokens (what training compresses; questions about the rest could not be
+    answered) and handled in blocks of ``block`` texts, each appended when done: a run stopped
+    part-way is resumed by running it again (texts whose context the file already holds are
+    skipped). ``kind`` is ``"written"`` (:func:`write_questions` + :func:`full_text_answers`;
+    needs ``base``, rows with an empty answer are dropped) or ``"cloze"`` (:func:`cloze_rows`,
+    no model; ``tokenizer`` cuts the texts). Returns counts and seconds.
+    """
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    from .data import _texts, _tokenize, read_jsonl
+
+    if kind not in ("written", "cloze"):
+        raise ValueError(f"kind must be 'written' or 'cloze', not {kind!r}")
+    if kind == "written" and base is None:
+        raise ValueError("written questions need the base model (base=)")
+    tokenizer = tokenizer if tokenizer is not None else getattr(base, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("give the base model or its tokenizer (tokenizer=): texts are cut by token count")
+    if max_tokens < 8 or block < 1:
+        raise ValueError("max_tokens must be at least 8 and block at least 1")
+    t0 = time.perf_counter()
+    texts: list[str] = []
+    for path in inputs:
+        texts.extend(_texts(read_jsonl(path), path))
+    texts = list(dict.fromkeys(texts))[:limit]
+    out = Path(output)
+    done: set[str] = set()
+    if out.is_file():
+        done = {r.get("context") for r in read_jsonl(out)}
+    stats = {"texts": len(texts), "already_done": 0, "questions": 0, "rows": 0, "dropped": 0}
+    rng = random.Random(seed)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(texts), desc=f"{kind} questions", unit="text", disable=not progress) as bar:
+        for start in range(0, len(texts), block):
+            part = texts[start:start + block]
+            ids = _tokenize(tokenizer, part)
+            cut = [tokenizer.decode(i[:max_tokens]) if len(i) > max_tokens else t for t, i in zip(part, ids)]
+            todo = [c for c in dict.fromkeys(cut) if c.strip() and c not in done]
+            stats["already_done"] += len(part) - len(todo)
+            if kind == "cloze":
+                rows = [dict(r, source="cloze") for r in cloze_rows(todo, seed=rng.randrange(1 << 30),
+                                                                      per_text=per_text, verify_share=verify_share)]
+                stats["questions"] += len(rows)
+            else:
+                asked = write_questions(base, todo, per_text=per_text, attempts=attempts, batch_size=batch_size,
+                                        temperature=temperature, seed=seed * 7919 + start)
+                answers = full_text_answers(base, [r["question"] for r in asked], [r["context"] for r in asked],
+                                            batch_size=batch_size)
+                stats["questions"] += len(asked)
+                rows = [{"context": r["context"], "question": r["question"], "answers": [a], "teacher_answer": True,
+                         "source": "written"} for r, a in zip(asked, answers) if a.strip()]
+                stats["dropped"] += len(asked) - len(rows)
+            if rows:
+                with open(out, "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                    f.flush()
+                    os.fsync(f.fileno())
+            done.update(todo)
+            stats["rows"] += len(rows)
+            bar.update(len(part))
+    stats["seconds"] = round(time.perf_counter() - t0, 2)
+    stats["output"] = str(out)
+    return stats

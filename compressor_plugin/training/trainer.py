@@ -594,38 +594,33 @@ def build_compressor(base: BaseModel, cfg: TrainConfig) -> Compressor:
 def add_teacher_answers(compressor: Compressor, samples: Sequence[Any], cache_file: Path, *, batch_size: int = 64,
                         max_new_tokens: int = 24, progress: bool = False) -> int:
     """Set ``sample.teacher`` to the frozen model's greedy answer from the full text (sequence-level
-    distillation targets), in the best full-text layout (``fewshot``).
+    distillation targets), in the best full-text layout (``fewshot``). A sample that already has
+    one (a row marked ``"teacher_answer": true``, as ``train-questions --kind written`` writes)
+    keeps it.
 
     Answers are kept in ``cache_file`` (JSON, question + context -> answer), so a resumed run does
     not generate them again. Returns how many answers were generated now.
     """
     import hashlib
 
-    from ..evaluation.metrics import first_line_answer
-    from ..generation import Generator
+    from .questions import full_text_answers
 
     def key(s: Any) -> str:
         return hashlib.sha256(f"{s.question}\x00{s.context}".encode("utf-8")).hexdigest()
 
     cached = read_teacher_answers(cache_file) if cache_file.is_file() else {}
-    todo = [s for s in samples if key(s) not in cached]
+    todo = [s for s in samples if s.teacher is None and key(s) not in cached]  # rows that came with one keep it
     if todo:
-        gen = Generator(compressor.base, compressor)  # text-only prompts run on the unchanged model
-        tok = compressor.base.tokenizer
-        from tqdm.auto import tqdm
-
-        starts = range(0, len(todo), batch_size)
-        for i in tqdm(starts, desc="teacher answers", unit="batch", disable=not progress):
-            chunk = todo[i:i + batch_size]
-            prompts = [qa_prompt("fewshot", s.question, tok).segments([s.context]) for s in chunk]
-            for s, res in zip(chunk, gen.generate_batch(prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                                                       stop=["\n"])):
-                cached[key(s)] = first_line_answer(res.text)
+        answers = full_text_answers(compressor.base, [s.question for s in todo], [s.context for s in todo],
+                                    batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                                    compressor=compressor)
+        cached.update((key(s), a) for s, a in zip(todo, answers))
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(cached))
         os.replace(tmp, cache_file)
     for s in samples:
-        s.teacher = cached.get(key(s)) or None
+        if s.teacher is None:
+            s.teacher = cached.get(key(s)) or None
     return len(todo)
 
 
