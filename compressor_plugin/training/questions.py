@@ -314,7 +314,7 @@ def write_question_file(inputs: Sequence[str], output: str, *, kind: str = "writ
     t0 = time.perf_counter()
     texts: list[str] = []
     for path in inputs:
-        texts.extend(_texts(read_jsonl(path), path))
+        texts.extend(_texts(read_jsonl(path, limit), path))  # rows past the limit are never needed
     texts = list(dict.fromkeys(texts))[:limit]
     out = Path(output)
     done: set[str] = set()

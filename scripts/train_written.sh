@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Next fidelity experiment: kv-k16 on questions the frozen model writes about the arXiv abstracts
+# and answers itself from the full text (`train-questions --kind written`), at the budget of the
+# sixth round (docs/training.md), whose run is the control. Every step resumes when run again,
+# so the script can be repeated across GPU leases until it prints ALL_DONE.
+#
+#   DATA=../shared/data RUNS=runs N=40000 STEPS=1000 bash scripts/train_written.sh [questions|train|eval]...
+#
+#   questions  written questions for the first N abstracts -> $RUNS/written_arxiv.jsonl (appended)
+#   train      the sixth-round recipe with those rows in the QA pool -> $RUNS/written
+#   eval       the ten fidelity sets, shipped kv-k16 against $RUNS/written/checkpoint -> $RUNS/eval-written
+# With no step named, all three run in order.
+set -u
+DATA=${DATA:-../shared/data}
+RUNS=${RUNS:-runs}
+N=${N:-40000}
+STEPS=${STEPS:-1000}
+BS=${BS:-512}
+PY=${PY:-python3}
+mkdir -p "$RUNS"
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_WAIT_POLICY=PASSIVE
+Q=$RUNS/written_arxiv.jsonl
+steps=${*:-questions train eval}
+for step in $steps; do
+  case $step in
+    questions)
+      $PY -m compressor_plugin.cli train-questions --kind written --input "$DATA/arxiv_abstracts_train.jsonl" \
+          --output "$Q" --limit "$N" --per-text 2 --max-tokens 192 --batch-size 256 --no-progress || exit 1 ;;
+    train)
+      [ -s "$Q" ] || { echo "no questions in $Q: run the questions step first" >&2; exit 2; }
+      $PY -m compressor_plugin.cli train --stage mix --mix regen=0.2,continue=0.2,qa=0.4,cloze=0.2 --cloze-per-text 2 \
+          --data "$DATA/arxiv_abstracts_train.jsonl" "$DATA/squad1.1_train_subset.jsonl" "$Q" \
+          --init kv-k16 --lr 4e-4 --warmup-steps 50 --lr-schedule cosine --min-lr-ratio 0.1 --max-steps "$STEPS" \
+          --batch-size "$BS" --max-chunks 2 --max-tokens 192 --max-target-tokens 192 \
+          --val-data "$DATA/squad1.1_dev.jsonl" --val-samples 256 --eval-every 100 --save-every 50 --log-every 10 \
+          --no-progress --teacher-targets 0.5 --anchors 32 --verify-share 0.5 --fused-kernels --anchor-workers 8 \
+          --output "$RUNS/written" || exit 1 ;;
+    eval)
+      E=$RUNS/eval-written
+      mkdir -p "$E"
+      for seed in 0 1; do
+        [ -s "$E/inv$seed.jsonl" ] || $PY -m compressor_plugin.cli eval make-invented --output "$E/inv$seed.jsonl" \
+            --paragraphs 50 --seed $seed >/dev/null
+      done
+      [ -s "$E/inv3p.jsonl" ] || $PY -m compressor_plugin.cli eval make-invented --output "$E/inv3p.jsonl" \
+          --paragraphs 50 --seed 0 --paragraphs-per-chunk 3 >/dev/null
+      ev() {  # name data extra-args...
+        local name=$1 data=$2
+        shift 2
+        [ -s "$E/$name.json" ] && return 0
+        $PY -m compressor_plugin.cli eval qa --data "$data" --limit 300 --batch-size 64 --systems full,compressed \
+            --layouts fewshot --anchors 32 --question-anchors --window-shares 0.5 --examples all --no-progress \
+            --checkpoint kv-k16 "$RUNS/written/checkpoint" --output "$E/$name.json" "$@" > "$E/$name.log" 2>&1 \
+            && echo "DONE $name" || echo "FAILED $name"
+      }
+      ev squad "$DATA/squad1.1_dev.jsonl" &
+      ev squad-3chunks "$DATA/squad1.1_dev.jsonl" --chunks 3 &
+      ev inv0 "$E/inv0.jsonl" & ev inv1 "$E/inv1.jsonl" & ev inv3p "$E/inv3p.jsonl" &
+      ev nq "$DATA/nq_open_goldpara.jsonl" & ev pubmedqa "$DATA/pubmedqa_labeled.jsonl" &
+      ev hotpotqa "$DATA/hotpotqa_dev_goldpara.jsonl" & ev re "$DATA/relation_extraction_mrqa_dev.jsonl" &
+      ev new_wiki "$DATA/squadshifts_new_wiki.jsonl" &
+      wait ;;
+    *) echo "unknown step $step (questions, train, eval)" >&2; exit 2 ;;
+  esac
+done
+echo ALL_DONE
