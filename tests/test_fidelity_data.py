@@ -204,7 +204,7 @@ def test_written_questions_are_answered_by_the_full_text_and_read_markup_literal
     monkeypatch.setattr(text_mod, "literal_ids", spy)
     out = tmp_path / "written.jsonl"
     stats = write_question_file([str(corpus)], str(out), kind="written", base=base, per_text=1, attempts=2,
-                                batch_size=4, progress=False)
+                                batch_size=4, span_answers=False, progress=False)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert stats["texts"] == 2 and stats["rows"] == len(rows) >= 1
     for r in rows:
@@ -213,6 +213,15 @@ def test_written_questions_are_answered_by_the_full_text_and_read_markup_literal
     assert seen and not any(set(ids) & control for ids in seen)
     again = write_question_file([str(corpus)], str(out), kind="written", base=base, per_text=1, progress=False)
     assert again["already_done"] == 2 and again["rows"] == 0  # resumed: nothing asked twice
+    # grounded only (the default): a third text whose answers are not its words gives no row,
+    # and is still not asked again on the next run
+    corpus.write_text(corpus.read_text() + json.dumps({"text": "Ulvo is a lake north of Pellaway."}) + "\n")
+    grounded = write_question_file([str(corpus)], str(out), kind="written", base=base, per_text=1, progress=False)
+    assert grounded["already_done"] == 2 and grounded["rows"] + grounded["not_in_text"] + grounded["dropped"] \
+        == grounded["questions"]
+    for r in [json.loads(line) for line in out.read_text().splitlines()][len(rows):]:
+        assert r["answers"][0].lower() in r["context"].lower()
+    assert write_question_file([str(corpus)], str(out), kind="written", base=base, progress=False)["already_done"] == 3
 
 
 def test_teacher_answer_rows_keep_their_answer_as_the_teacher_target(base, tmp_path):

@@ -95,6 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--per-text", type=int, default=2, help="questions per text (default 2)")
     w.add_argument("--attempts", type=int, default=2,
                    help="written: samples per wanted question; unparsable or repeated ones are dropped (default 2)")
+    w.add_argument("--any-answer", action="store_true",
+                   help="written: keep every answered question; by default only those whose answer is words of the "
+                        "text (grounded, as extractive QA)")
     w.add_argument("--verify-share", type=float, default=0.0, help="cloze: share asked as yes/no checks (default 0)")
     w.add_argument("--max-tokens", type=int, default=192,
                    help="cut each text to this many tokens first, as training's --max-tokens (default 192)")
@@ -163,7 +166,8 @@ def _questions(args: argparse.Namespace) -> int:
     stats = write_question_file(args.input, args.output, kind=args.kind, base=base, tokenizer=tokenizer,
                                 per_text=args.per_text, attempts=args.attempts, verify_share=args.verify_share,
                                 max_tokens=args.max_tokens, limit=args.limit, batch_size=args.batch_size,
-                                temperature=args.temperature, seed=args.seed, progress=not args.no_progress)
+                                temperature=args.temperature, seed=args.seed, span_answers=not args.any_answer,
+                                progress=not args.no_progress)
     print(json.dumps(stats))
     return 0
 

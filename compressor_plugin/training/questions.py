@@ -284,17 +284,23 @@ def full_text_answers(base: Any, questions: Sequence[str], contexts: Sequence[st
 def write_question_file(inputs: Sequence[str], output: str, *, kind: str = "written", base: Any = None,
                         tokenizer: Any = None, per_text: int = 2, attempts: int = 2, verify_share: float = 0.0, max_tokens: int = 192,
                         limit: int | None = None, batch_size: int = 64, block: int = 1024,
-                        temperature: float = 0.8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                        temperature: float = 0.8, seed: int = 0, span_answers: bool = True,
+                        progress: bool = True) -> dict[str, Any]:
     """Write training QA rows about the texts of ``inputs`` to ``output`` (JSONL, appended).
 
     Texts come from corpus rows (``text``) or QA rows (their ``context``), are cut to their first
     ``max_tokens`` tokens (what training compresses; questions about the rest could not be
     answered) and handled in blocks of ``block`` texts, each appended when done: a run stopped
-    part-way is resumed by running it again (texts whose context the file already holds are
-    skipped). ``kind`` is ``"written"`` (:func:`write_questions` + :func:`full_text_answers`;
-    needs ``base``, rows with an empty answer are dropped) or ``"cloze"`` (:func:`cloze_rows`,
-    no model; ``tokenizer`` cuts the texts). Returns counts and seconds.
+    part-way is resumed by running it again (texts handled before, listed by digest in
+    ``<output>.done``, are skipped, whether or not they gave a row).
+
+    ``kind`` is ``"written"`` (:func:`write_questions` + :func:`full_text_answers`; needs
+    ``base``; rows with an empty answer are dropped, and with ``span_answers`` (the default)
+    also rows whose answer is not words of the text: the 135M default model writes many
+    questions its text does not answer, and answers them from its prior) or ``"cloze"``
+    (:func:`cloze_rows`, no model; ``tokenizer`` cuts the texts). Returns counts and seconds.
     """
+    import hashlib
     import json
     import os
     import time
@@ -314,13 +320,21 @@ def write_question_file(inputs: Sequence[str], output: str, *, kind: str = "writ
     t0 = time.perf_counter()
     texts: list[str] = []
     for path in inputs:
-        texts.extend(_texts(read_jsonl(path, limit), path))  # rows past the limit are never needed
+        texts.extend(_texts(read_jsonl(path), path))
     texts = list(dict.fromkeys(texts))[:limit]
     out = Path(output)
+    # texts already handled, kept or not: their digests, one per line, beside the output
+    done_file = out.with_name(out.name + ".done")
+
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
     done: set[str] = set()
     if out.is_file():
-        done = {r.get("context") for r in read_jsonl(out)}
-    stats = {"texts": len(texts), "already_done": 0, "questions": 0, "rows": 0, "dropped": 0}
+        done = {digest(r["context"]) for r in read_jsonl(out) if isinstance(r.get("context"), str)}
+    if done_file.is_file():
+        done.update(line.strip() for line in done_file.read_text(encoding="utf-8").splitlines() if line.strip())
+    stats = {"texts": len(texts), "already_done": 0, "questions": 0, "rows": 0, "dropped": 0, "not_in_text": 0}
     rng = random.Random(seed)
     from tqdm.auto import tqdm
 
@@ -329,7 +343,7 @@ def write_question_file(inputs: Sequence[str], output: str, *, kind: str = "writ
             part = texts[start:start + block]
             ids = _tokenize(tokenizer, part)
             cut = [tokenizer.decode(i[:max_tokens]) if len(i) > max_tokens else t for t, i in zip(part, ids)]
-            todo = [c for c in dict.fromkeys(cut) if c.strip() and c not in done]
+            todo = [c for c in dict.fromkeys(cut) if c.strip() and digest(c) not in done]
             stats["already_done"] += len(part) - len(todo)
             if kind == "cloze":
                 rows = [dict(r, source="cloze") for r in cloze_rows(todo, seed=rng.randrange(1 << 30),
@@ -341,15 +355,22 @@ def write_question_file(inputs: Sequence[str], output: str, *, kind: str = "writ
                 answers = full_text_answers(base, [r["question"] for r in asked], [r["context"] for r in asked],
                                             batch_size=batch_size)
                 stats["questions"] += len(asked)
+                answered = [(r, a) for r, a in zip(asked, answers) if a.strip()]
+                stats["dropped"] += len(asked) - len(answered)
+                if span_answers:  # grounded questions only: the answer is words of the text
+                    grounded = [(r, a) for r, a in answered if a.lower() in r["context"].lower()]
+                    stats["not_in_text"] += len(answered) - len(grounded)
+                    answered = grounded
                 rows = [{"context": r["context"], "question": r["question"], "answers": [a], "teacher_answer": True,
-                         "source": "written"} for r, a in zip(asked, answers) if a.strip()]
-                stats["dropped"] += len(asked) - len(rows)
+                         "source": "written"} for r, a in answered]
             if rows:
                 with open(out, "a", encoding="utf-8") as f:
                     f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
                     f.flush()
                     os.fsync(f.fileno())
-            done.update(todo)
+            with open(done_file, "a", encoding="utf-8") as f:
+                f.write("".join(digest(c) + "\n" for c in todo))
+            done.update(digest(c) for c in todo)
             stats["rows"] += len(rows)
             bar.update(len(part))
     stats["seconds"] = round(time.perf_counter() - t0, 2)
