@@ -6,6 +6,9 @@
 #
 #   DATA=../shared/data RUNS=runs N=40000 STEPS=1000 bash scripts/train_written.sh [questions|train|eval]...
 #
+# QFLAGS adds flags to train-questions (QFLAGS=--any-answer keeps the answers that are not words of
+# the text too); EVAL_LIMIT (default 300) is the questions per evaluated set.
+#
 #   questions  written questions for the first N abstracts -> $RUNS/written_arxiv.jsonl (appended)
 #   train      the sixth-round recipe with those rows in the QA pool -> $RUNS/written
 #   eval       the ten fidelity sets, shipped kv-k16 against $RUNS/written/checkpoint -> $RUNS/eval-written
@@ -16,6 +19,8 @@ RUNS=${RUNS:-runs}
 N=${N:-40000}
 STEPS=${STEPS:-1000}
 BS=${BS:-512}
+QFLAGS=${QFLAGS:-}
+EVAL_LIMIT=${EVAL_LIMIT:-300}
 PY=${PY:-python3}
 mkdir -p "$RUNS"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_WAIT_POLICY=PASSIVE
@@ -25,7 +30,7 @@ for step in $steps; do
   case $step in
     questions)
       $PY -m compressor_plugin.cli train-questions --kind written --input "$DATA/arxiv_abstracts_train.jsonl" \
-          --output "$Q" --limit "$N" --per-text 2 --max-tokens 192 --batch-size 256 --no-progress || exit 1 ;;
+          --output "$Q" --limit "$N" --per-text 2 --max-tokens 192 --batch-size 256 --no-progress $QFLAGS || exit 1 ;;
     train)
       [ -s "$Q" ] || { echo "no questions in $Q: run the questions step first" >&2; exit 2; }
       $PY -m compressor_plugin.cli train --stage mix --mix regen=0.2,continue=0.2,qa=0.4,cloze=0.2 --cloze-per-text 2 \
@@ -48,7 +53,7 @@ for step in $steps; do
         local name=$1 data=$2
         shift 2
         [ -s "$E/$name.json" ] && return 0
-        $PY -m compressor_plugin.cli eval qa --data "$data" --limit 300 --batch-size 64 --systems full,compressed \
+        $PY -m compressor_plugin.cli eval qa --data "$data" --limit "$EVAL_LIMIT" --batch-size 64 --systems full,compressed \
             --layouts fewshot --anchors 32 --question-anchors --window-shares 0.5 --examples all --no-progress \
             --checkpoint kv-k16 "$RUNS/written/checkpoint" --output "$E/$name.json" "$@" > "$E/$name.log" 2>&1 \
             && echo "DONE $name" || echo "FAILED $name"
