@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Next fidelity experiment: kv-k16 on questions the frozen model writes about the arXiv abstracts
 # and answers itself from the full text (`train-questions --kind written`), at the budget of the
-# sixth round (docs/training.md), whose run is the control. Every step resumes when run again,
+# sixth round (docs/training.md), against a control run of the same recipe and budget without them. Every step resumes when run again,
 # so the script can be repeated across GPU leases until it prints ALL_DONE.
 #
 #   DATA=../shared/data RUNS=runs N=40000 STEPS=1000 bash scripts/train_written.sh [questions|train|eval]...
@@ -11,8 +11,10 @@
 #
 #   questions  written questions for the first N abstracts -> $RUNS/written_arxiv.jsonl (appended)
 #   train      the sixth-round recipe with those rows in the QA pool -> $RUNS/written
-#   eval       the ten fidelity sets, shipped kv-k16 against $RUNS/written/checkpoint -> $RUNS/eval-written
-# With no step named, all three run in order.
+#   control    the same recipe and budget without them -> $RUNS/control (needs no questions)
+#   eval       the ten fidelity sets, shipped kv-k16 against the written and control checkpoints
+#              that exist -> $RUNS/eval-written
+# With no step named, questions, train and eval run in order.
 set -u
 DATA=${DATA:-../shared/data}
 RUNS=${RUNS:-runs}
@@ -31,15 +33,22 @@ for step in $steps; do
     questions)
       $PY -m compressor_plugin.cli train-questions --kind written --input "$DATA/arxiv_abstracts_train.jsonl" \
           --output "$Q" --limit "$N" --per-text 2 --max-tokens 192 --batch-size 256 --no-progress $QFLAGS || exit 1 ;;
-    train)
-      [ -s "$Q" ] || { echo "no questions in $Q: run the questions step first" >&2; exit 2; }
+    train|control)
+      extra=("$Q"); out=$RUNS/written
+      if [ "$step" = control ]; then extra=(); out=$RUNS/control
+      else [ -s "$Q" ] || { echo "no questions in $Q: run the questions step first" >&2; exit 2; }; fi
+      # the teacher answers for the SQuAD rows are the same in both runs: reuse the other run's
+      for other in "$RUNS/written" "$RUNS/control"; do
+        [ -s "$out/teacher_answers_qa.json" ] || [ ! -s "$other/teacher_answers_qa.json" ] || [ "$other" = "$out" ] \
+            || { mkdir -p "$out" && cp "$other/teacher_answers_qa.json" "$out/"; }
+      done
       $PY -m compressor_plugin.cli train --stage mix --mix regen=0.2,continue=0.2,qa=0.4,cloze=0.2 --cloze-per-text 2 \
-          --data "$DATA/arxiv_abstracts_train.jsonl" "$DATA/squad1.1_train_subset.jsonl" "$Q" \
+          --data "$DATA/arxiv_abstracts_train.jsonl" "$DATA/squad1.1_train_subset.jsonl" "${extra[@]}" \
           --init kv-k16 --lr 4e-4 --warmup-steps 50 --lr-schedule cosine --min-lr-ratio 0.1 --max-steps "$STEPS" \
           --batch-size "$BS" --max-chunks 2 --max-tokens 192 --max-target-tokens 192 \
           --val-data "$DATA/squad1.1_dev.jsonl" --val-samples 256 --eval-every 100 --save-every 50 --log-every 10 \
           --no-progress --teacher-targets 0.5 --anchors 32 --verify-share 0.5 --fused-kernels --anchor-workers 8 \
-          --output "$RUNS/written" || exit 1 ;;
+          --output "$out" || exit 1 ;;
     eval)
       E=$RUNS/eval-written
       mkdir -p "$E"
@@ -49,13 +58,15 @@ for step in $steps; do
       done
       [ -s "$E/inv3p.jsonl" ] || $PY -m compressor_plugin.cli eval make-invented --output "$E/inv3p.jsonl" \
           --paragraphs 50 --seed 0 --paragraphs-per-chunk 3 >/dev/null
+      runs=()
+      for r in written control; do [ -d "$RUNS/$r/checkpoint" ] && runs+=("$RUNS/$r/checkpoint"); done
       ev() {  # name data extra-args...
         local name=$1 data=$2
         shift 2
         [ -s "$E/$name.json" ] && return 0
         $PY -m compressor_plugin.cli eval qa --data "$data" --limit "$EVAL_LIMIT" --batch-size 64 --systems full,compressed \
             --layouts fewshot --anchors 32 --question-anchors --window-shares 0.5 --examples all --no-progress \
-            --checkpoint kv-k16 "$RUNS/written/checkpoint" --output "$E/$name.json" "$@" > "$E/$name.log" 2>&1 \
+            --checkpoint kv-k16 "${runs[@]}" --output "$E/$name.json" "$@" > "$E/$name.log" 2>&1 \
             && echo "DONE $name" || echo "FAILED $name"
       }
       ev squad "$DATA/squad1.1_dev.jsonl" &
