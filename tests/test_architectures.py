@@ -392,6 +392,25 @@ def test_fused_kernels_refuse_cpu_and_unknown_families(tokenizer):
     assert "llama" in fused_kernel_families() and "gemma3_text" in fused_kernel_families()
 
 
+def test_liger_registry_warnings_are_quiet_unless_configured():
+    """Liger's warnings about other hardware's backends are hidden; a level the user set is kept."""
+    import logging
+
+    from compressor_plugin.training.kernels import LIGER_REGISTRY_LOGGER, quiet_liger_registry
+
+    registry = logging.getLogger(LIGER_REGISTRY_LOGGER)
+    before = registry.level
+    try:
+        registry.setLevel(logging.NOTSET)
+        quiet_liger_registry()
+        assert registry.level == logging.ERROR
+        registry.setLevel(logging.DEBUG)
+        quiet_liger_registry()
+        assert registry.level == logging.DEBUG
+    finally:
+        registry.setLevel(before)
+
+
 def test_scale_shapes_match_the_public_checkpoints(tokenizer):
     from compressor_plugin.evaluation.bench_scale import shape_config
 

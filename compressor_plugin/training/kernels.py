@@ -10,6 +10,7 @@ in a training or cache-building process only (``train --fused-kernels``, ``cache
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..errors import CompressorPluginError
@@ -26,6 +27,18 @@ _PATCHES = {
 
 class FusedKernelsError(CompressorPluginError, RuntimeError):
     """Fused kernels were asked for where they cannot run."""
+
+
+#: Liger's backend registry logs one warning per optional backend for other hardware (CuTe DSL,
+#: Ascend) that it cannot import; none of them is one of the CUDA kernels used here.
+LIGER_REGISTRY_LOGGER = "liger_kernel.backends.registry"
+
+
+def quiet_liger_registry() -> None:
+    """Show only errors from Liger's backend registry, unless its logger's level was set already."""
+    registry = logging.getLogger(LIGER_REGISTRY_LOGGER)
+    if registry.level == logging.NOTSET:
+        registry.setLevel(logging.ERROR)
 
 
 def fused_kernel_families() -> tuple[str, ...]:
@@ -52,6 +65,7 @@ def apply_fused_kernels(model: Any) -> str:
     if family not in _PATCHES:
         raise FusedKernelsError(f"no fused kernels for model family {family!r}; "
                                 f"supported: {', '.join(_PATCHES)}")
+    quiet_liger_registry()
     try:
         from liger_kernel.transformers import monkey_patch
     except ImportError as exc:
