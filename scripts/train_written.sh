@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Next fidelity experiment: kv-k16 on questions the frozen model writes about the arXiv abstracts
 # and answers itself from the full text (`train-questions --kind written`), at the budget of the
-# sixth round (docs/training.md), against a control run of the same recipe and budget without them. Every step resumes when run again,
-# so the script can be repeated across GPU leases until it prints ALL_DONE.
+# sixth round (docs/training.md), against a control run of the same recipe and budget without
+# them. Every step resumes when run again, so the script can be repeated across GPU leases until
+# it prints ALL_DONE.
 #
-#   DATA=../shared/data RUNS=runs N=40000 STEPS=1000 bash scripts/train_written.sh [questions|train|eval]...
+#   DATA=../shared/data RUNS=runs N=40000 STEPS=1000 bash scripts/train_written.sh [questions|train|control|eval]...
 #
 # QFLAGS adds flags to train-questions (QFLAGS=--any-answer keeps the answers that are not words of
 # the text too); EVAL_LIMIT (default 300) is the questions per evaluated set.
@@ -38,10 +39,10 @@ for step in $steps; do
       if [ "$step" = control ]; then extra=(); out=$RUNS/control
       else [ -s "$Q" ] || { echo "no questions in $Q: run the questions step first" >&2; exit 2; }; fi
       # the teacher answers for the SQuAD rows are the same in both runs: reuse the other run's
-      for other in "$RUNS/written" "$RUNS/control"; do
-        [ -s "$out/teacher_answers_qa.json" ] || [ ! -s "$other/teacher_answers_qa.json" ] || [ "$other" = "$out" ] \
-            || { mkdir -p "$out" && cp "$other/teacher_answers_qa.json" "$out/"; }
-      done
+      other=$RUNS/control; [ "$step" = control ] && other=$RUNS/written
+      if [ ! -s "$out/teacher_answers_qa.json" ] && [ -s "$other/teacher_answers_qa.json" ]; then
+        mkdir -p "$out" && cp "$other/teacher_answers_qa.json" "$out/"
+      fi
       $PY -m compressor_plugin.cli train --stage mix --mix regen=0.2,continue=0.2,qa=0.4,cloze=0.2 --cloze-per-text 2 \
           --data "$DATA/arxiv_abstracts_train.jsonl" "$DATA/squad1.1_train_subset.jsonl" "${extra[@]}" \
           --init kv-k16 --lr 4e-4 --warmup-steps 50 --lr-schedule cosine --min-lr-ratio 0.1 --max-steps "$STEPS" \
