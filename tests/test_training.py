@@ -487,3 +487,50 @@ def test_anchors_chosen_in_worker_processes_give_the_same_step(tmp_path):
         TrainConfig(stage="qa", data=[str(data)], anchors=16, anchor_workers=-1)
     with pytest.raises(ValueError, match="at least 1 worker"):
         AnchorPool(base.tokenizer, 0)
+
+
+def test_continuation_distillation_matches_the_teacher_reading_the_text(data_files):
+    """--continue-distill W: a continuation step's loss is (1 - W) x CE on the text + W x KL to the
+    frozen model reading the whole text, over the same continuation tokens; the chunked KL equals
+    the one-piece KL, and it is zero where the student's states are the teacher's."""
+    import torch
+
+    from compressor_plugin.compressor import Compressor, CompressorConfig
+    from compressor_plugin.models import tiny_random_llama
+    from compressor_plugin.training.data import load_regen
+    from compressor_plugin.training.trainer import StepModule, TrainConfig
+
+    base = tiny_random_llama(seed=3)
+    comp = Compressor(base, CompressorConfig(k=2, lora_r=4), seed=0)
+    samples = load_regen([data_files["corpus"]], base.tokenizer, max_tokens=64)[:4]
+
+    def module(w: float) -> StepModule:
+        cfg = TrainConfig(stage="mix", k=2, data=[str(data_files["corpus"])], mix={"continue": 1.0},
+                          continue_tokens=8, max_gap=0, continue_distill=w)
+        return StepModule(base, cfg, comp).train()
+
+    with torch.no_grad():
+        ce_only, info0 = module(0.0)(samples, seed=5, task="continue")
+        half, info = module(0.5)(samples, seed=5, task="continue")
+    assert "kl" not in info0 and float(info["kl"]) > 0
+    assert torch.allclose(info["ce"], ce_only, atol=1e-5)  # the same rows and targets
+    assert torch.allclose(half, 0.5 * info["ce"] + 0.5 * info["kl"], atol=1e-6)
+    teach = module(1.0)
+    loss, info1 = teach(samples, seed=5, task="continue")
+    assert torch.allclose(loss, info1["kl"], atol=1e-6)
+    loss.backward()
+    assert comp.memory.grad is not None and comp.memory.grad.abs().sum() > 0  # the K/V learn from the teacher
+    comp.memory.grad = None
+    # the KL in chunks (the checkpointed path of long continuations) is the KL in one piece
+    g = torch.Generator().manual_seed(0)
+    h, t = torch.randn(10, base.model.config.hidden_size, generator=g), torch.randn(10, base.model.config.hidden_size, generator=g)
+    y = torch.randint(0, base.model.config.vocab_size, (10,), generator=g)
+    with comp.decoder() as lm:
+        whole, pieces = teach._kl_ce(lm, h, t, y), teach._kl_ce(lm, h, t, y, chunk=3)
+        same = teach._kl_ce(lm, h, h, y)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, pieces))
+    assert float(same[0]) < 1e-5 and float(whole[0]) > 0
+    with pytest.raises(ValueError, match="continue"):
+        TrainConfig(stage="mix", data=[str(data_files["corpus"])], mix={"qa": 1.0}, continue_distill=0.5)
+    with pytest.raises(ValueError, match="continue_distill"):
+        TrainConfig(stage="mix", data=[str(data_files["corpus"])], continue_distill=2.0)

@@ -48,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distill", type=float, default=0.0,
                    help="QA steps: weight of the KL to the frozen model reading the full text, against CE on the "
                         "gold answer (0 = gold only, 1 = teacher only; default 0)")
+    p.add_argument("--continue-distill", type=float, default=0.0,
+                   help="mix stage, continuation steps: weight of the KL to the frozen model reading the whole "
+                        "text over the continuation, against CE on the text itself (0 = text only, 1 = teacher "
+                        "only; default 0)")
     p.add_argument("--teacher-targets", type=float, default=0.0,
                    help="QA steps: share of samples trained on the frozen model's own full-text answer (generated "
                         "once, greedy, 3-shot layout; cached in the run folder) instead of the gold answer (default 0)")
@@ -133,7 +137,8 @@ def _run(args: argparse.Namespace) -> int:
                       save_every=args.save_every, val_samples=args.val_samples, mix=parse_mix(args.mix),
                       continue_tokens=args.continue_tokens, cloze_per_text=args.cloze_per_text,
                       verify_share=args.verify_share,
-                      distill=args.distill, teacher_targets=args.teacher_targets, anchors=args.anchors,
+                      distill=args.distill, continue_distill=args.continue_distill,
+                      teacher_targets=args.teacher_targets, anchors=args.anchors,
                       window_share=args.window_share, anchor_workers=args.anchor_workers,
                       gradient_checkpointing=args.gradient_checkpointing, fused_kernels=args.fused_kernels)
     if cfg.max_steps is None and cfg.max_minutes is None:

@@ -123,6 +123,7 @@ class TrainConfig:
     cloze_per_text: int = 0  # cloze (detail) questions generated per corpus text, added to the QA pool
     verify_share: float = 0.0  # share of those detail questions asked as yes/no checks instead
     distill: float = 0.0  # QA steps: weight of KL(full-text teacher || student) vs. CE on the gold answer
+    continue_distill: float = 0.0  # continuation steps: weight of KL(full-text teacher || student) vs. CE on the text
     teacher_targets: float = 0.0  # QA steps: share of samples whose target is the teacher's own answer
     anchors: int = 0  # QA steps: up to this many question-anchor tokens per chunk after its slots, as at answer time
     window_share: float = 0.0  # share of those anchors the question's best sentence may take verbatim (anchors.py)
@@ -144,6 +145,11 @@ class TrainConfig:
             raise ValueError(f"mix needs non-negative weights for tasks {TASKS}, got {self.mix}")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError("distill is a weight between 0 and 1")
+        if not 0.0 <= self.continue_distill <= 1.0:
+            raise ValueError("continue_distill is a weight between 0 and 1")
+        if self.continue_distill > 0 and (self.stage != "mix" or self.mix.get("continue", 0) <= 0):
+            raise ValueError("continue_distill weighs the loss of continuation steps: use --stage mix with a "
+                             "continue share in --mix")
         if not 0.0 <= self.teacher_targets <= 1.0:
             raise ValueError("teacher_targets is a share between 0 and 1")
         if not 0.0 <= self.verify_share <= 1.0:
@@ -377,14 +383,29 @@ class StepModule(nn.Module):
         return rows
 
     @torch.no_grad()
-    def _teacher_logprobs(self, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-        """Log-probabilities of the frozen model reading the full text, at every target position."""
+    def _teacher_hidden(self, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        """Last hidden states of the frozen model reading the full text, at every target position
+        (logits are made chunk by chunk in :meth:`_kl_ce`)."""
         dev = self.base.device
         ids, sel, _, lens = self._pack(rows, self.tok.pad_token_id or 0, dev)
         mask = (torch.arange(ids.shape[1], device=dev)[None] < _to_device(lens, dev)[:, None]).long()
         with self.compressor.decoder() as lm:
             out = inner_model(lm)(input_ids=ids, attention_mask=mask, use_cache=False)
-            return torch.log_softmax(self._logits(lm, out.last_hidden_state[sel]), dim=-1)
+            return out.last_hidden_state[sel]
+
+    def _kl_ce(self, lm: Any, h: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+               chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean KL(teacher || student) and mean CE on ``targets`` over target positions, from the
+        student's and the teacher's hidden states. Long target sets (continuations: 256 rows x 128
+        tokens) go in checkpointed chunks, so no two full fp32 logit tables are alive at once."""
+        w, n = lm.lm_head.weight, h.shape[0]
+        if n <= chunk:
+            sums = _kl_ce_sums(w, h, teacher, targets)
+        else:
+            sums = sum(torch.utils.checkpoint.checkpoint(_kl_ce_sums, w, h[i:i + chunk], teacher[i:i + chunk],
+                                                         targets[i:i + chunk], use_reentrant=False)
+                       for i in range(0, n, chunk))
+        return sums[0] / n, sums[1] / n
 
     # ---------------- forward
     def forward(self, samples: list[Any], seed: int, task: str | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -452,13 +473,14 @@ class StepModule(nn.Module):
                 hidden = out.last_hidden_state[:, slots:]
             h = hidden[sel]
             info: dict[str, Any] = {}
-            if kind == "qa" and cfg.distill > 0 and self.training:  # validation: CE on the gold answer only
-                teacher = self._teacher_logprobs(self._full_rows(prefix, enc_ids, arrange, afters, targets))
-                student = torch.log_softmax(self._logits(lm, h), dim=-1)
-                ce = nn.functional.nll_loss(student, tgt[sel])
-                kl = nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
-                loss = (1 - cfg.distill) * ce + cfg.distill * kl
-                info.update(ce=float(ce.detach()), kl=float(kl.detach()))
+            # distillation: KL to the frozen model reading the text itself, at the same target
+            # positions (QA answers, or the continuation of a text); validation: CE only
+            weight = {"qa": cfg.distill, "continue": cfg.continue_distill}.get(kind, 0.0) if self.training else 0.0
+            if weight > 0:
+                teacher = self._teacher_hidden(self._full_rows(prefix, enc_ids, arrange, afters, targets))
+                kl, ce = self._kl_ce(lm, h, teacher, tgt[sel])
+                loss = (1 - weight) * ce + weight * kl
+                info.update(ce=ce.detach(), kl=kl.detach())  # tensors: reading them would wait for the device
             else:
                 loss = self._ce(lm, h, tgt[sel])
         enc_tokens = sum(len(e) + k for e in enc_ids)
@@ -547,6 +569,15 @@ class StepModule(nn.Module):
 
 def _ce_sum(weight: torch.Tensor, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(nn.functional.linear(h, weight).float(), targets, reduction="sum")
+
+
+def _kl_ce_sums(weight: torch.Tensor, h: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[summed KL(teacher || student), summed CE of the student on ``targets``] over these rows."""
+    student = torch.log_softmax(nn.functional.linear(h, weight).float(), dim=-1)
+    with torch.no_grad():
+        lp = torch.log_softmax(nn.functional.linear(teacher, weight).float(), dim=-1)
+    kl = nn.functional.kl_div(student, lp, log_target=True, reduction="sum")
+    return torch.stack([kl, nn.functional.nll_loss(student, targets, reduction="sum")])
 
 
 # ---------------------------------------------------------------------------------------------

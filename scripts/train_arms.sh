@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Next fidelity experiment: kv-k16 on questions the frozen model writes about the arXiv abstracts
-# and answers itself from the full text (`train-questions --kind written`), at the budget of the
-# sixth round (docs/training.md), against a control run of the same recipe and budget without
-# them. Every step resumes when run again, so the script can be repeated across GPU leases until
-# it prints ALL_DONE.
+# Fidelity experiments at one budget: arms that continue the shipped kv-k16 with the sixth-round
+# recipe (docs/training.md) plus one change each, against a control run of the same recipe and
+# budget without it, then the ten fidelity sets for every arm that exists. Every step resumes
+# when run again, so the script can be repeated across GPU leases until it prints ALL_DONE.
 #
-#   DATA=../shared/data RUNS=runs N=40000 STEPS=1000 bash scripts/train_written.sh [questions|train|control|eval]...
+#   DATA=../shared/data RUNS=runs N=40000 STEPS=1000 bash scripts/train_arms.sh [STEP]...
 #
 # QFLAGS adds flags to train-questions (QFLAGS=--any-answer keeps the answers that are not words of
 # the text too); EVAL_LIMIT (default 300) is the questions per evaluated set.
 #
-#   questions  written questions for the first N abstracts -> $RUNS/written_arxiv.jsonl (appended)
-#   train      the sixth-round recipe with those rows in the QA pool -> $RUNS/written
-#   control    the same recipe and budget without them -> $RUNS/control (needs no questions)
-#   eval       the ten fidelity sets, shipped kv-k16 against the written and control checkpoints
-#              that exist -> $RUNS/eval-written
-# With no step named, questions, train and eval run in order.
+#   questions    written questions for the first N abstracts -> $RUNS/written_arxiv.jsonl (appended)
+#   written      the recipe with those rows in the QA pool -> $RUNS/written (seventh round)
+#   continue-kl  the recipe with continuation steps distilled from the frozen model reading the
+#                whole text (--continue-distill 1) -> $RUNS/continue-kl
+#   control      the recipe alone -> $RUNS/control (needs no questions)
+#   eval         the ten fidelity sets, shipped kv-k16 against the arms' checkpoints that exist
+#                -> $RUNS/eval
+# With no step named, questions, written and eval run in order.
 set -u
 DATA=${DATA:-../shared/data}
 RUNS=${RUNS:-runs}
@@ -28,21 +29,26 @@ PY=${PY:-python3}
 mkdir -p "$RUNS"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_WAIT_POLICY=PASSIVE
 Q=$RUNS/written_arxiv.jsonl
-steps=${*:-questions train eval}
+steps=${*:-questions written eval}
+ARMS="written continue-kl control"
 for step in $steps; do
   case $step in
     questions)
       $PY -m compressor_plugin.cli train-questions --kind written --input "$DATA/arxiv_abstracts_train.jsonl" \
           --output "$Q" --limit "$N" --per-text 2 --max-tokens 192 --batch-size 256 --no-progress $QFLAGS || exit 1 ;;
-    train|control)
-      extra=("$Q"); out=$RUNS/written
-      if [ "$step" = control ]; then extra=(); out=$RUNS/control
-      else [ -s "$Q" ] || { echo "no questions in $Q: run the questions step first" >&2; exit 2; }; fi
-      # the teacher answers for the SQuAD rows are the same in both runs: reuse the other run's
-      other=$RUNS/control; [ "$step" = control ] && other=$RUNS/written
-      if [ ! -s "$out/teacher_answers_qa.json" ] && [ -s "$other/teacher_answers_qa.json" ]; then
-        mkdir -p "$out" && cp "$other/teacher_answers_qa.json" "$out/"
-      fi
+    written|continue-kl|control)
+      out=$RUNS/$step extra=()
+      case $step in
+        written) [ -s "$Q" ] || { echo "no questions in $Q: run the questions step first" >&2; exit 2; }
+                 extra=("$Q") ;;
+        continue-kl) extra=(--continue-distill 1) ;;
+      esac
+      # the teacher answers for the SQuAD rows are the same in every arm: reuse another arm's
+      for other in $ARMS; do
+        if [ ! -s "$out/teacher_answers_qa.json" ] && [ -s "$RUNS/$other/teacher_answers_qa.json" ]; then
+          mkdir -p "$out" && cp "$RUNS/$other/teacher_answers_qa.json" "$out/"
+        fi
+      done
       $PY -m compressor_plugin.cli train --stage mix --mix regen=0.2,continue=0.2,qa=0.4,cloze=0.2 --cloze-per-text 2 \
           --data "$DATA/arxiv_abstracts_train.jsonl" "$DATA/squad1.1_train_subset.jsonl" "${extra[@]}" \
           --init kv-k16 --lr 4e-4 --warmup-steps 50 --lr-schedule cosine --min-lr-ratio 0.1 --max-steps "$STEPS" \
@@ -51,7 +57,7 @@ for step in $steps; do
           --no-progress --teacher-targets 0.5 --anchors 32 --verify-share 0.5 --fused-kernels --anchor-workers 8 \
           --output "$out" || exit 1 ;;
     eval)
-      E=$RUNS/eval-written
+      E=$RUNS/eval
       mkdir -p "$E"
       for seed in 0 1; do
         [ -s "$E/inv$seed.jsonl" ] || $PY -m compressor_plugin.cli eval make-invented --output "$E/inv$seed.jsonl" \
@@ -60,7 +66,7 @@ for step in $steps; do
       [ -s "$E/inv3p.jsonl" ] || $PY -m compressor_plugin.cli eval make-invented --output "$E/inv3p.jsonl" \
           --paragraphs 50 --seed 0 --paragraphs-per-chunk 3 >/dev/null
       runs=()
-      for r in written control; do [ -d "$RUNS/$r/checkpoint" ] && runs+=("$RUNS/$r/checkpoint"); done
+      for r in $ARMS; do [ -d "$RUNS/$r/checkpoint" ] && runs+=("$RUNS/$r/checkpoint"); done
       ev() {  # name data extra-args...
         local name=$1 data=$2
         shift 2
@@ -77,7 +83,7 @@ for step in $steps; do
       ev hotpotqa "$DATA/hotpotqa_dev_goldpara.jsonl" & ev re "$DATA/relation_extraction_mrqa_dev.jsonl" &
       ev new_wiki "$DATA/squadshifts_new_wiki.jsonl" &
       wait ;;
-    *) echo "unknown step $step (questions, train, eval)" >&2; exit 2 ;;
+    *) echo "unknown step $step (questions, written, continue-kl, control, eval)" >&2; exit 2 ;;
   esac
 done
 echo ALL_DONE
