@@ -12,6 +12,7 @@
 #   rag-captured  the same with the captured prefill (--static-prefill; each shape compiles first)
 #   encoder       cache-build encoder throughput, 4,096 chunks of 512 tokens
 #   cache-build   `cache build` end to end on 10,000 arXiv abstracts
+#   cache-grid    the same by anchor workers, kernels and writer threads, and the host side alone
 #   eval-time     `eval qa`, 300 SQuAD questions, one compressed system
 #   train-sweep   training samples/s of the default model's shape by batch size, with and without
 #                 fused kernels
@@ -58,6 +59,22 @@ for b in (256, 512)]))" ;;
       step cache-build $CLI cache build --input "$DATA/arxiv_abstracts_train.jsonl" --store /tmp/bench-store \
           --map /tmp/bench-map.jsonl --batch-size 256 --device cuda --limit 10000 --no-progress --json
       rm -rf /tmp/bench-store ;;
+    cache-grid)
+      # `cache build` by where anchors are chosen and by kernels, then the host side alone (the
+      # encoder replaced: scripts/bench_cache_host.py), each on the same 10,000 abstracts
+      for v in "a0:--anchors 0" "a32-w0:--anchor-workers 0" "a32-w8:--anchor-workers 8" \
+               "a32-w14:--anchor-workers 14" "a32-w8-fused:--anchor-workers 8 --fused-kernels" \
+               "a32-w8-wt8:--anchor-workers 8 --writer-threads 8"; do
+        rm -rf /tmp/bench-store /tmp/bench-map.jsonl
+        step "cache-${v%%:*}" $CLI cache build --input "$DATA/arxiv_abstracts_train.jsonl" --store /tmp/bench-store \
+            --map /tmp/bench-map.jsonl --batch-size 256 --device cuda --limit 10000 --no-progress --json ${v#*:}
+      done
+      rm -rf /tmp/bench-store /tmp/bench-map.jsonl
+      for v in "a0-w0:0 0" "a32-w0:32 0" "a32-w8:32 8" "a32-w14:32 14"; do
+        set -- ${v#*:}
+        step "cache-host-${v%%:*}" $PY scripts/bench_cache_host.py --data "$DATA/arxiv_abstracts_train.jsonl" \
+            --limit 10000 --anchors "$1" --anchor-workers "$2" --writer-threads 4 --output "$OUT/cache-host-${v%%:*}.json"
+      done ;;
     eval-time)
       step eval-time $CLI eval qa --data "$DATA/squad1.1_dev.jsonl" --limit 300 --batch-size 64 \
           --systems compressed --checkpoint kv-k16 --no-progress --output "$OUT/eval_time.json" ;;
