@@ -37,7 +37,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .text import _literal_backend, literal_ids
+from .text import _literal_backend, literal_ids, respell, respell_table
 
 __all__ = ["select_anchors", "question_line", "with_anchors", "anchors_for_ids", "attach_anchors", "question_anchors", "share_budget", "relevance", "anchor_spans", "anchored_fingerprint", "check_budget",
            "check_window_share", "LEAD_IN", "SEPARATOR", "MAX_ANCHOR_TOKENS", "DEFAULT_LEFT_CONTEXT",
@@ -668,9 +668,10 @@ class _LiteralTokenizer:
     own when the wrapper does no clean-up of spaces (:func:`_worker_tokenizer` checks).
     """
 
-    def __init__(self, pipeline: str, size: int):
+    def __init__(self, pipeline: str, size: int, respelled: dict[int, tuple[int, ...]] | None = None):
         self.pipeline = pipeline  # the JSON is what is pickled; the Rust tokenizer is built on first use
         self.size = size
+        self.respelled = dict(respelled or {})  # control ids literal text still reaches -> their spelling
 
     @functools.cached_property
     def _rust(self) -> Any:
@@ -683,7 +684,7 @@ class _LiteralTokenizer:
         return rust
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline, "size": self.size}
+        return {"pipeline": self.pipeline, "size": self.size, "respelled": self.respelled}
 
     def __len__(self) -> int:
         return self.size
@@ -694,6 +695,8 @@ class _LiteralTokenizer:
             raise ValueError("an anchor worker's tokenizer reads text literally only (see literal_ids)")
         batch = [text] if isinstance(text, str) else list(text)
         ids = [e.ids for e in self._rust.encode_batch(batch, add_special_tokens=False)] if batch else []
+        if self.respelled and any(not self.respelled.keys().isdisjoint(row) for row in ids):
+            ids = [respell(row, self.respelled)[0] for row in ids]  # as literal_ids does
         return {"input_ids": ids[0] if isinstance(text, str) else ids}
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -720,7 +723,7 @@ def _worker_tokenizer(tokenizer: Any) -> Any:
     own = _literal_backend(tokenizer)
     if own is None or getattr(tokenizer, "clean_up_tokenization_spaces", True) or not _stock_decode(type(tokenizer)):
         return tokenizer
-    return _LiteralTokenizer(own.to_str(), len(tokenizer))
+    return _LiteralTokenizer(own.to_str(), len(tokenizer), respell_table(tokenizer))
 
 
 def _init_pool_worker(tokenizer: Any) -> None:

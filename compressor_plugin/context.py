@@ -87,7 +87,9 @@ class CompressedContext:
                 raise ValueError("anchor_ids must be a 1-D tensor of int64 or int32 token ids")
             if a.numel() > MAX_ANCHOR_TOKENS:
                 raise ValueError(f"{a.numel()} anchor ids; at most {MAX_ANCHOR_TOKENS} are allowed")
-            if a.numel() and int(a.min()) < 0:
+            # a list, not a torch reduction: on a many-core host a reduction wakes torch's thread pool
+            # for a few dozen ids, for every context made (a cache build makes thousands per second)
+            if a.numel() and min(a.tolist()) < 0:
                 raise ValueError("anchor ids must be >= 0")
 
     # ------------------------------------------------------------------ properties
@@ -164,8 +166,13 @@ class CompressedContext:
             h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
         return h.hexdigest()
 
-    def to_bytes(self) -> bytes:
-        """Serialise to safetensors bytes with metadata and a digest of the tensor data."""
+    def to_bytes(self, *, tensor_digest: str | None = None) -> bytes:
+        """Serialise to safetensors bytes with metadata and a digest of the tensor data.
+
+        ``tensor_digest``: that digest, where the caller has just computed it from this context's
+        tensors (the store does, for its entry digest), so the data is hashed once. A wrong one
+        makes bytes that :meth:`from_bytes` refuses.
+        """
         from safetensors.torch import save
 
         tensors = self._tensors()
@@ -177,7 +184,7 @@ class CompressedContext:
             "source_tokens": str(self.source_tokens),
             "base_fingerprint": self.base_fingerprint,
             "compressor_fingerprint": self.compressor_fingerprint,
-            "digest": self._digest(tensors),
+            "digest": tensor_digest if tensor_digest is not None else self._digest(tensors),
             "extra": json.dumps(self.extra, sort_keys=True),
         }
         return save(tensors, metadata=meta)

@@ -302,13 +302,14 @@ def check_anchor_ids(anchor_ids: torch.Tensor | None, vocab_size: int | None = N
     n = anchor_ids.numel()
     if not 1 <= n <= MAX_ANCHOR_TOKENS:
         raise ValueError(f"anchor_ids has {n} ids; it must have 1 to {MAX_ANCHOR_TOKENS}")
-    lo, hi = int(anchor_ids.min()), int(anchor_ids.max())
+    ids = anchor_ids.tolist()  # not torch reductions: those wake torch's thread pool for a few ids
+    lo, hi = min(ids), max(ids)
     if lo < 0:
         raise ValueError(f"anchor id {lo} is negative")
     if vocab_size is not None and hi >= vocab_size:
         raise ValueError(f"anchor id {hi} is outside the vocabulary ({vocab_size} tokens)")
     if control_ids:
-        bad = sorted(control_ids.intersection(anchor_ids.tolist()))
+        bad = sorted(control_ids.intersection(ids))
         if bad:
             raise ValueError(f"anchor ids {bad[:4]} are control tokens of the model; anchors are plain text")
 
@@ -327,7 +328,7 @@ def encode_context(key: str, ctx: CompressedContext) -> bytes:
     cpu = ctx.to("cpu")
     tensor_digest = CompressedContext._digest(cpu._tensors())
     extra[_DIGEST_FIELD] = _entry_digest(key, cpu, tensor_digest, extra)
-    return dataclasses.replace(cpu, extra=extra).to_bytes()
+    return dataclasses.replace(cpu, extra=extra).to_bytes(tensor_digest=tensor_digest)
 
 
 def _header_meta(data: bytes) -> dict[str, Any]:

@@ -56,10 +56,16 @@ def literal_ids(tokenizer: Any, text: str | list[str], **kwargs: Any) -> Any:
         batch = [text] if isinstance(text, str) else list(text)
         encodings = fast.encode_batch(batch, add_special_tokens=False) if batch else []
         ids = [e.ids for e in encodings]
+        offsets = [list(e.offsets) for e in encodings] if kwargs.get("return_offsets_mapping") else None
+        specials = _LITERAL_BACKENDS[tokenizer][2]
+        if specials and any(not specials.isdisjoint(row) for row in ids):  # rare: see respell
+            table = respell_table(tokenizer)
+            spelled = [respell(row, table, offs) for row, offs in zip(ids, offsets or [None] * len(ids))]
+            ids = [row for row, _ in spelled]
+            offsets = [offs for _, offs in spelled] if offsets is not None else None
         if kwargs:
             out: dict[str, Any] = {"input_ids": ids[0] if isinstance(text, str) else ids}
-            if kwargs.get("return_offsets_mapping"):
-                offsets = [list(e.offsets) for e in encodings]
+            if offsets is not None:
                 out["offset_mapping"] = offsets[0] if isinstance(text, str) else offsets
             return out
         return ids[0] if isinstance(text, str) else ids
@@ -78,10 +84,60 @@ def literal_ids(tokenizer: Any, text: str | list[str], **kwargs: Any) -> Any:
                        "(another thread keeps switching its special-token reading); tokenise from one thread")
 
 
+def respell_table(tokenizer: Any) -> dict[int, tuple[int, ...]]:
+    """For each control token that literal text can still reach, the ids that spell it.
+
+    A vocabulary may hold a control token's spelling as an ordinary piece: a Unigram model
+    (SentencePiece) keeps ``"</s>"`` among its pieces, so even literal tokenisation of a text that
+    says ``</s>`` gives the eos id. :func:`literal_ids` then replaces that id with the ids of its
+    characters, each its own piece where the vocabulary has one (``<``, ``/``, ``s``, ``>``), else
+    its UTF-8 bytes as byte-fallback pieces (``<0x3C>``), else the unknown token: the text still
+    reads as characters and ends no turn. Only ids of :func:`control_token_ids` are replaced.
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    never = control_token_ids(tokenizer)
+    table: dict[int, tuple[int, ...]] = {}
+    for cid in never:
+        piece = tokenizer.convert_ids_to_tokens(int(cid))
+        spelled: list[int] = []
+        for ch in piece if isinstance(piece, str) else "":
+            own = _piece_id(tokenizer, ch)
+            raw = [_piece_id(tokenizer, f"<0x{b:02X}>") for b in ch.encode("utf-8")]
+            if own is not None and own not in never:
+                spelled.append(own)
+            elif raw and all(r is not None and r not in never for r in raw):
+                spelled += [int(r) for r in raw if r is not None]
+            elif unk is not None:
+                spelled.append(int(unk))
+        table[int(cid)] = tuple(spelled)
+    return table
+
+
+def _piece_id(tokenizer: Any, piece: str) -> int | None:
+    """The id of a vocabulary piece, None where the vocabulary has no such piece."""
+    i = tokenizer.convert_tokens_to_ids(piece)
+    return None if i is None or i == getattr(tokenizer, "unk_token_id", None) else int(i)
+
+
+def respell(ids: list[int], table: dict[int, tuple[int, ...]], offsets: list[Any] | None = None
+            ) -> tuple[list[int], list[Any] | None]:
+    """``ids`` with each id of ``table`` replaced by its spelling (:func:`respell_table`); the
+    offsets, when given, repeat the replaced token's span for each id that spells it."""
+    out: list[int] = []
+    offs: list[Any] | None = [] if offsets is not None else None
+    for j, i in enumerate(ids):
+        spelled = table.get(i)
+        out.extend(spelled if spelled is not None else (i,))
+        if offs is not None and offsets is not None:
+            offs.extend([offsets[j]] * (len(spelled) if spelled is not None else 1))
+    return out, offs
+
+
 #: keyword arguments of literal_ids that the private copy serves itself (the rest go to the wrapper)
 _FAST_KWARGS = frozenset({"return_offsets_mapping", "return_attention_mask", "verbose"})
 
-#: tokenizer -> (what the copy was made from: its Rust tokenizer, size and added tokens; the copy)
+#: tokenizer -> (what the copy was made from: its Rust tokenizer, size and added tokens; the copy;
+#: the ids of its special added tokens)
 _LITERAL_BACKENDS: "weakref.WeakKeyDictionary[Any, tuple[tuple, Any]]" = weakref.WeakKeyDictionary()
 
 
@@ -137,7 +193,8 @@ def _private_copy(tokenizer: Any, backend: Any) -> Any:
             own.encode_special_tokens = True
             own.no_padding()  # the wrapper's literal call turns both off too, whatever they were set to
             own.no_truncation()
-        known = (made_from, own)
+        # the special added tokens: literal text that gives one of them needs a second look (respell)
+        known = (made_from, own, frozenset(i for i, t in added.items() if t.special))
         _LITERAL_BACKENDS[tokenizer] = known
     return known[1]
 

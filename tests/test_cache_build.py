@@ -411,3 +411,17 @@ def test_anchors_chosen_in_worker_processes_are_the_ones_the_main_process_choose
     assert anchored >= len(got[0]) // 2
     with pytest.raises(ValueError, match="anchor_workers"):
         build_cache(docs, tmp_path / "bad", tiny_comp, chunk_tokens=48, progress=False, anchor_workers=-1)
+
+
+def test_default_anchor_workers_by_device_and_cores(monkeypatch):
+    """The CLI's --anchor-workers default: worker processes only for a GPU build on a host with
+    cores to spare (on the CPU the encoder, not anchor choice, is the limit)."""
+    import os
+
+    from compressor_plugin.caching.build import default_anchor_workers
+
+    assert default_anchor_workers("cpu") == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_anchor_workers("cuda") == 8 and default_anchor_workers("cpu") == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert default_anchor_workers("cuda:0") == 0

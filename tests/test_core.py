@@ -244,6 +244,18 @@ def test_bytes_round_trip_and_corruption(tiny_compressor):
         CompressedContext.from_bytes(b"\x80\x04pickle")
     with pytest.raises(ContextFormatError):
         CompressedContext.from_bytes("not bytes")  # type: ignore[arg-type]
+    # the digest a caller computed already (the store's put) gives the same bytes; a wrong one is refused
+    from compressor_plugin.store import encode_context
+
+    def header(raw: bytes) -> dict:  # safetensors writes the metadata keys in no fixed order
+        return json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+
+    given = ctx.to_bytes(tensor_digest=CompressedContext._digest(ctx.to("cpu")._tensors()))
+    assert header(given) == header(data) and given[-64:] == data[-64:]
+    with pytest.raises(ContextFormatError, match="digest"):
+        CompressedContext.from_bytes(ctx.to_bytes(tensor_digest="0" * 64))
+    stored = CompressedContext.from_bytes(encode_context("k" * 64, ctx))
+    assert torch.equal(stored.keys, ctx.keys) and stored.extra["store_key"] == "k" * 64
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path, tiny_compressor):

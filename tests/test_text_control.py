@@ -80,9 +80,14 @@ def test_the_models_control_tokens_still_count_when_named(tok):
     assert named.unk_token_id not in control
 
 
-def test_a_bos_or_eos_added_as_a_special_token_counts_even_where_literal_text_gives_it():
-    """A Unigram vocabulary holds "</s>" as a piece that literal text reaches: the eos still
-    counts (such text is refused, as before); its "<pad>" piece, reached the same way, does not."""
+def test_a_bos_or_eos_added_as_a_special_token_counts_even_where_the_vocabulary_reaches_it():
+    """A Unigram vocabulary holds "</s>" as a piece that tokenisation reaches even with special
+    tokens read as text: the eos still counts as a control token, and literal text that says
+    "</s>" is spelled out in its characters instead (in this process and in an anchor worker's
+    copy), so no document or user text ends a turn; its "<pad>" piece, reached the same way, is an
+    ordinary token and stays."""
+    import pickle
+
     from tokenizers import Tokenizer
     from tokenizers.decoders import Metaspace as MetaspaceDecoder
     from tokenizers.models import Unigram
@@ -95,8 +100,27 @@ def test_a_bos_or_eos_added_as_a_special_token_counts_even_where_literal_text_gi
     rust = Tokenizer(Unigram(vocab, unk_id=0))
     rust.pre_tokenizer, rust.decoder = Metaspace(), MetaspaceDecoder()
     uni = PreTrainedTokenizerFast(tokenizer_object=rust, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-    assert uni.eos_token_id in text.literal_ids(uni, "x</s>") and uni.pad_token_id in text.literal_ids(uni, "x<pad>")
+    assert uni.eos_token_id in rust.encode("x</s>", add_special_tokens=False).ids  # the premise
     assert text.control_token_ids(uni) == {uni.eos_token_id} and uni.pad_token_id in text.ordinary_special_ids(uni)
+    spelled = [uni.convert_tokens_to_ids(c) for c in "</s>"]
+    x, lead = uni.convert_tokens_to_ids("x"), text.literal_ids(uni, "x")  # lead: "▁x" (Metaspace)
+    assert text.literal_ids(uni, "x</s>") == lead + spelled and uni.pad_token_id in text.literal_ids(uni, "x<pad>")
+    assert text.literal_ids(uni, ["x</s>x", "x"]) == [lead + spelled + [x], lead]
+    offsets = text.literal_ids(uni, "x</s>", return_offsets_mapping=True)["offset_mapping"]
+    assert len(offsets) == len(lead) + 4 and offsets[-4:] == [offsets[-1]] * 4  # each spelling id keeps the token's span
+    assert text.has_control_text(uni, "x</s>")  # the usual reading would end a turn: never kept as prompt text
+    from compressor_plugin.anchors import _LiteralTokenizer, _worker_tokenizer
+
+    worker = pickle.loads(pickle.dumps(_worker_tokenizer(uni)))
+    assert isinstance(worker, _LiteralTokenizer)
+    assert worker(["x</s>", "a</s>b"], add_special_tokens=False, split_special_tokens=True)["input_ids"] == \
+        text.literal_ids(uni, ["x</s>", "a</s>b"])
+    # a vocabulary without the characters' pieces: byte-fallback pieces, else the unknown token
+    vocab2 = [("<unk>", 0.0), ("</s>", 0.0)] + [(f"<0x{b:02X}>", -5.0) for b in b"</"] + [("s", -3.0), ("▁", -3.0)]
+    rust2 = Tokenizer(Unigram(vocab2, unk_id=0, byte_fallback=True))
+    uni2 = PreTrainedTokenizerFast(tokenizer_object=rust2, eos_token="</s>", unk_token="<unk>")
+    assert text.respell_table(uni2)[uni2.eos_token_id] == (2, 3, 4, 0)  # <0x3C> <0x2F> s <unk>
+    assert text.literal_ids(uni2, "</s>") == [2, 3, 4, 0]
 
 
 def test_literal_ids_of_other_fast_tokenizers_read_a_named_ordinary_token(tok):

@@ -314,6 +314,16 @@ def read_chunk_map(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- encoding
+def default_anchor_workers(device: "torch.device | str") -> int:
+    """Anchor worker processes for a build on ``device``: 8 on a CUDA device when this process may
+    use 10 or more cores (two stay for the encoder, the reader and the writers), else 0. On the
+    CPU the encoder is the limit, not anchor choice."""
+    if torch.device(device).type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 8 if cores >= 10 else 0
+
+
 def key_parts(compressor: "Compressor", anchors: int = 0) -> dict[str, Any]:
     """The arguments of :func:`~compressor_plugin.store.context_key` besides the text (an anchor
     budget changes the compressor fingerprint, see :func:`~compressor_plugin.anchors.anchored_fingerprint`)."""
@@ -477,15 +487,17 @@ def build_cache(
             settings (LoRA folded into the weights, blocks compiled with ``torch.compile``).
             The compressor's lock is held for the whole build: no decoding on this compressor
             in other threads meanwhile.
-        anchors: anchor token budget per chunk (:mod:`compressor_plugin.anchors`; 0, the
-            default: none). Part of every key: use the budget the application's engine uses.
+        anchors: anchor token budget per chunk (:mod:`compressor_plugin.anchors`; default
+            :data:`~compressor_plugin.anchors.DEFAULT_ANCHORS`, the engine's; 0: none). Part of
+            every key: use the budget the application's engine uses.
         follow_symlinks: read symlinked files of a ``source`` folder whose target lies outside
             it (by default they are skipped and counted as ``outside_input``).
         anchor_workers: processes that choose anchors beside the encoder (:class:`~compressor_plugin.anchors.AnchorPool`;
             0, the default: the main process does). The stored contexts are the same either way.
-            Measured on a 16-core H200 host, 8 workers made a 10,000-chunk build slower (138
-            against 202 chunks/s), so leave it at 0 unless a profile shows anchor choice is the
-            limit on your machine.
+            On a GPU host with cores to spare, choosing anchors in the main process is the limit:
+            on a 16-core H200 host 8 workers took a 10,000-chunk build from 290 to 481-521
+            chunks/s (:func:`default_anchor_workers` gives the number the CLI uses). The workers
+            are spawned, so a script needs an ``if __name__ == "__main__":`` guard.
         keep_short: the short-chunk rule of the engine's ``mark``
             (:func:`~compressor_plugin.engine.stays_text`): a chunk not longer than its
             compressed form (k plus ``anchors``) plus a small margin is neither compressed nor
