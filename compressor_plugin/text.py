@@ -78,8 +78,11 @@ def literal_ids(tokenizer: Any, text: str | list[str], **kwargs: Any) -> Any:
         # a fast tokenizer's switch for this is shared: a usual call in another thread may flip it
         # between setting and encoding; literal text never gives a control token, so try again
         rows = [ids] if isinstance(text, str) else ids
-        if not (control_token_ids(tokenizer) & {int(i) for row in rows for i in row}):
+        found = control_token_ids(tokenizer) & {int(i) for row in rows for i in row}
+        if not found:
             return out if kwargs else ids
+        if found <= _special_ids(tokenizer)[2]:  # the vocabulary, not another thread: spell them out
+            return _respelled_output(out, text, respell_table(tokenizer), bool(kwargs))
     raise RuntimeError("the tokenizer kept reading control tokens from text asked for as literal characters "
                        "(another thread keeps switching its special-token reading); tokenise from one thread")
 
@@ -123,14 +126,35 @@ def respell(ids: list[int], table: dict[int, tuple[int, ...]], offsets: list[Any
             ) -> tuple[list[int], list[Any] | None]:
     """``ids`` with each id of ``table`` replaced by its spelling (:func:`respell_table`); the
     offsets, when given, repeat the replaced token's span for each id that spells it."""
-    out: list[int] = []
-    offs: list[Any] | None = [] if offsets is not None else None
-    for j, i in enumerate(ids):
-        spelled = table.get(i)
-        out.extend(spelled if spelled is not None else (i,))
-        if offs is not None and offsets is not None:
-            offs.extend([offsets[j]] * (len(spelled) if spelled is not None else 1))
-    return out, offs
+    out = [x for i in ids for x in table.get(i, (i,))]
+    return out, [offsets[j] for j in _sources(ids, table)] if offsets is not None else None
+
+
+def _sources(ids: list[int], table: dict[int, tuple[int, ...]]) -> list[int]:
+    """For each id of ``respell(ids, table)``, the index in ``ids`` of the token it comes from."""
+    return [j for j, i in enumerate(ids) for _ in range(len(table[i]) if i in table else 1)]
+
+
+def _respelled_output(out: Any, text: str | list[str], table: dict[int, tuple[int, ...]], whole: bool) -> Any:
+    """The wrapper's output with control ids spelled out: ids, and every other per-token field
+    (offsets, attention mask...) repeated for each id that spells a replaced token."""
+    single = isinstance(text, str)
+    rows = [out["input_ids"]] if single else out["input_ids"]
+    spelled = []
+    fields = {name: ([v] if single else v) for name, v in out.items() if name != "input_ids"} if whole else {}
+    new_fields: dict[str, list] = {name: [] for name in fields}
+    for r, row in enumerate(rows):
+        ids = [int(i) for i in row]
+        src = _sources(ids, table)
+        spelled.append(respell(ids, table)[0])
+        for name, values in fields.items():
+            new_fields[name].append([values[r][j] for j in src])
+    if not whole:
+        return spelled[0] if single else spelled
+    out["input_ids"] = spelled[0] if single else spelled
+    for name, values in new_fields.items():
+        out[name] = values[0] if single else values
+    return out
 
 
 #: keyword arguments of literal_ids that the private copy serves itself (the rest go to the wrapper)
@@ -244,10 +268,11 @@ _SPECIAL_IDS: "weakref.WeakKeyDictionary[Any, tuple[tuple, tuple[frozenset[int],
     weakref.WeakKeyDictionary())
 
 
-def _special_ids(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
-    """(control ids, unknown token included; ordinary ids) among the ids of ``tokenizer``'s added
-    tokens marked special and of its special-token attributes (see :func:`control_token_ids`);
-    found again when any of those, the tokenizer's size or its Rust tokenizer change."""
+def _special_ids(tokenizer: Any) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
+    """(control ids, unknown token included; ordinary ids; the control ids that literal text
+    still reaches through the vocabulary) among the ids of ``tokenizer``'s added tokens marked
+    special and of its special-token attributes (see :func:`control_token_ids`); found again
+    when any of those, the tokenizer's size or its Rust tokenizer change."""
     added = {int(i): t for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()}
     named = tuple(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None)
     size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
@@ -262,11 +287,12 @@ def _special_ids(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
         return known[1]
     special = {i for i, t in added.items() if getattr(t, "special", False)} | set(named)
     # bos and eos that are special tokens of the tokenizer count even where literal text gives
-    # them (a Unigram vocabulary holds "</s>" as a piece): such text is refused, as before
+    # them (a Unigram vocabulary holds "</s>" as a piece): literal_ids spells them out (respell)
     ends = {getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id")}
     never = {i for i in ends if isinstance(i, int) and getattr(added.get(i), "special", False)}
+    reached = _literal_gives(tokenizer, set(never), added) if never else set()
     never |= special - _literal_gives(tokenizer, special - never, added)
-    found = (frozenset(never), frozenset(special - never))
+    found = (frozenset(never), frozenset(special - never), frozenset(reached))
     try:
         _SPECIAL_IDS[tokenizer] = (made_from, found)
     except TypeError:

@@ -115,6 +115,17 @@ def test_a_bos_or_eos_added_as_a_special_token_counts_even_where_the_vocabulary_
     assert isinstance(worker, _LiteralTokenizer)
     assert worker(["x</s>", "a</s>b"], add_special_tokens=False, split_special_tokens=True)["input_ids"] == \
         text.literal_ids(uni, ["x</s>", "a</s>b"])
+    # a tokenizer class of its own reads through the wrapper: the same spelling, not a thread-race error
+    class OwnUnigram(PreTrainedTokenizerFast):
+        def _encode_plus(self, *args, **kwargs):
+            return super()._encode_plus(*args, **kwargs)
+
+    own = PreTrainedTokenizerFast(tokenizer_object=rust, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    own.__class__ = OwnUnigram
+    assert text._literal_backend(own) is None
+    assert text.literal_ids(own, ["x</s>x", "x"]) == [lead + spelled + [x], lead]
+    wrapped = text.literal_ids(own, "x</s>", return_offsets_mapping=True)
+    assert wrapped["input_ids"] == lead + spelled and len(wrapped["offset_mapping"]) == len(lead) + 4
     # a vocabulary without the characters' pieces: byte-fallback pieces, else the unknown token
     vocab2 = [("<unk>", 0.0), ("</s>", 0.0)] + [(f"<0x{b:02X}>", -5.0) for b in b"</"] + [("s", -3.0), ("▁", -3.0)]
     rust2 = Tokenizer(Unigram(vocab2, unk_id=0, byte_fallback=True))
