@@ -19,17 +19,17 @@ data, so truncated or corrupted bytes fail loudly in :meth:`CompressedContext.fr
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from . import store_format
 from .anchors import MAX_ANCHOR_TOKENS
 from .errors import ContextFormatError  # noqa: F401  (kept importable from here)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = store_format.CONTEXT_FORMAT_VERSION
 MODES = ("kv", "embedding")
 #: dtypes accepted for ``anchor_ids`` (serialised as int64).
 ANCHOR_DTYPES = (torch.int64, torch.int32)
@@ -156,15 +156,15 @@ class CompressedContext:
         return out
 
     @staticmethod
-    def _digest(tensors: dict[str, torch.Tensor]) -> str:
-        h = hashlib.sha256()
-        for name in sorted(tensors):
-            t = tensors[name]
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(str(t.dtype).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
-        return h.hexdigest()
+    def _raw(tensors: dict[str, torch.Tensor]) -> dict[str, store_format.RawTensor]:
+        """CPU tensors (from :meth:`_tensors`) as raw buffers, without a copy."""
+        return {name: store_format.RawTensor(str(t.dtype), tuple(t.shape),
+                                             t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+                for name, t in tensors.items()}
+
+    @classmethod
+    def _digest(cls, tensors: dict[str, torch.Tensor]) -> str:
+        return store_format.tensor_digest(cls._raw(tensors))
 
     def to_bytes(self, *, tensor_digest: str | None = None) -> bytes:
         """Serialise to safetensors bytes with metadata and a digest of the tensor data.
@@ -173,21 +173,10 @@ class CompressedContext:
         tensors (the store does, for its entry digest), so the data is hashed once. A wrong one
         makes bytes that :meth:`from_bytes` refuses.
         """
-        from safetensors.torch import save
-
-        tensors = self._tensors()
-        meta = {
-            "format": "compressor_plugin.CompressedContext",
-            "format_version": str(FORMAT_VERSION),
-            "mode": self.mode,
-            "k": str(self.k),
-            "source_tokens": str(self.source_tokens),
-            "base_fingerprint": self.base_fingerprint,
-            "compressor_fingerprint": self.compressor_fingerprint,
-            "digest": tensor_digest if tensor_digest is not None else self._digest(tensors),
-            "extra": json.dumps(self.extra, sort_keys=True),
-        }
-        return save(tensors, metadata=meta)
+        return store_format.context_bytes(
+            self._raw(self._tensors()), mode=self.mode, k=self.k, source_tokens=self.source_tokens,
+            base_fingerprint=self.base_fingerprint, compressor_fingerprint=self.compressor_fingerprint,
+            extra=self.extra, digest=tensor_digest)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, device: torch.device | str | None = None) -> "CompressedContext":
@@ -214,7 +203,7 @@ class CompressedContext:
         except Exception as exc:  # safetensors raises several error types
             raise ContextFormatError(f"not valid safetensors data: {exc}") from exc
         meta = header.get("__metadata__") or {}
-        if meta.get("format") != "compressor_plugin.CompressedContext":
+        if meta.get("format") != store_format.CONTEXT_FORMAT:
             raise ContextFormatError("safetensors data is not a CompressedContext")
         if meta.get("format_version") != str(FORMAT_VERSION):
             raise ContextFormatError(f"unsupported format version {meta.get('format_version')!r}; "

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -52,17 +50,16 @@ import os
 import re
 import sqlite3
 import threading
-import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 
-from .context import FORMAT_VERSION as CONTEXT_FORMAT_VERSION
+from . import store_format
 from .context import CompressedContext, contexts_to
+from .store_format import STORE_FORMAT_VERSION, encode_text, normalize_text
 from .store_backend import (
     DEFAULT_MAX_VALUE_SIZE,
     FOREIGN_KEY,
@@ -89,8 +86,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Version of the key derivation and folder layout; part of every key.
-STORE_FORMAT_VERSION = 1
 #: Default size limit of the context cache.
 DEFAULT_SIZE_LIMIT = 4 * 2**30
 #: Bytes of verified contexts a ContextStore keeps in its process (stored bytes plus tensors).
@@ -102,12 +97,12 @@ TEXT_EVICTION_POLICY = "least-recently-stored"
 #: Size limits read from store.json are accepted only in this range (bytes).
 _SAVED_LIMIT_RANGE = (1, 2**50)
 
-_CTX = "ctx:"
-_TEXT = "text:"
+_CTX = store_format.CONTEXT_PREFIX
+_TEXT = store_format.TEXT_PREFIX
 _BYTES = "bytes:"
-_KEY_FIELD = "store_key"  # recorded in CompressedContext.extra of every stored entry
-_DIGEST_FIELD = "store_digest"  # the entry digest, also in extra
-_TEXT_MAGIC = b"cpt1"
+_KEY_FIELD = store_format.KEY_FIELD  # recorded in CompressedContext.extra of every stored entry
+_DIGEST_FIELD = store_format.DIGEST_FIELD  # the entry digest, also in extra
+_TEXT_MAGIC = store_format.TEXT_MAGIC
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _MARKER_FILE = "store.json"
@@ -115,13 +110,6 @@ _MARKER_FORMAT = "compressor_plugin.ContextStore"
 
 
 # ---------------------------------------------------------------------------------- keys
-def normalize_text(text: str) -> str:
-    """The form of a chunk that is hashed and compressed: Unicode NFC, surrounding whitespace stripped."""
-    if not isinstance(text, str):
-        raise TypeError(f"text must be str, not {type(text).__name__}")
-    return unicodedata.normalize("NFC", text).strip()
-
-
 def _dtype_name(dtype: torch.dtype | str) -> str:
     """Canonical ``"torch.<name>"`` form of a dtype (``torch.float`` -> ``"torch.float32"``)."""
     if isinstance(dtype, torch.dtype):
@@ -148,18 +136,9 @@ def context_key(
     fingerprints, ``k``, ``mode``, the dtype name and the store and context format versions.
     It is independent of Python's ``hash()`` randomisation, so every process agrees on keys.
     """
-    payload = {
-        "base": str(base_fingerprint),
-        "compressor": str(compressor_fingerprint),
-        "context_format": CONTEXT_FORMAT_VERSION,
-        "dtype": _dtype_name(dtype),
-        "k": int(k),
-        "mode": str(mode),
-        "store_format": STORE_FORMAT_VERSION,
-        "text": normalize_text(text),
-    }
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return store_format.context_key(text, base_fingerprint=base_fingerprint,
+                                    compressor_fingerprint=compressor_fingerprint, k=k, mode=mode,
+                                    dtype=_dtype_name(dtype))
 
 
 def _key_parts(compressor: "Compressor", anchors: int = 0) -> dict[str, Any]:
@@ -214,24 +193,15 @@ def _entry_digest(key: str, ctx: CompressedContext, tensor_digest: str, extra: d
     tensors = {"keys": ctx.keys, "values": ctx.values} if ctx.mode == "kv" else {"embeddings": ctx.embeddings}
     if ctx.anchor_ids is not None:  # absent for entries without anchors: their digest is unchanged
         tensors["anchor_ids"] = ctx.anchor_ids
-    payload = {
-        "key": key,
-        "mode": ctx.mode,
-        "k": ctx.k,
-        "source_tokens": ctx.source_tokens,
-        "base_fingerprint": ctx.base_fingerprint,
-        "compressor_fingerprint": ctx.compressor_fingerprint,
-        "extra": {name: value for name, value in extra.items() if name != _DIGEST_FIELD},
-        "tensors": {name: [str(t.dtype), list(t.shape)] for name, t in tensors.items()},
-        "tensor_digest": tensor_digest,
-        "context_format": CONTEXT_FORMAT_VERSION,
-    }
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return store_format.entry_digest(
+        key, mode=ctx.mode, k=ctx.k, source_tokens=ctx.source_tokens, base_fingerprint=ctx.base_fingerprint,
+        compressor_fingerprint=ctx.compressor_fingerprint, extra=extra,
+        specs={name: (str(t.dtype), list(t.shape)) for name, t in tensors.items()}, digest=tensor_digest)
 
 
-def check_context_fields(ctx: CompressedContext) -> None:
-    """Range checks on every field of a context.
+def check_context_fields(ctx: CompressedContext, *, tensors: bool = True) -> None:
+    """Range checks on every field of a context (``tensors=False``: all but the K/V or
+    embeddings, which a writer process of ``cache build`` checks as bytes).
 
     Raises:
         ValueError: naming the field: ``source_tokens < 0``, ``k < 1``, an empty dimension, a
@@ -250,20 +220,13 @@ def check_context_fields(ctx: CompressedContext) -> None:
     if not isinstance(extra, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in extra.items()):
         raise ValueError("extra must map strings to strings")
     check_anchor_ids(ctx.anchor_ids)
-    tensors = [ctx.keys, ctx.values] if ctx.mode == "kv" else [ctx.embeddings]
-    for t in tensors:
+    for t in ([ctx.keys, ctx.values] if ctx.mode == "kv" else [ctx.embeddings]) if tensors else []:
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"tensors must be floating point, not {t.dtype}")
         if any(d < 1 for d in t.shape):
             raise ValueError(f"tensor shape {tuple(t.shape)} has an empty dimension")
         if not all_finite(t):
             raise ValueError("tensors hold NaN or infinite values")
-
-
-#: The exponent field of each accepted floating-point dtype, read through an integer view of the
-#: same width: a value is NaN or infinite exactly when every bit of its exponent is set.
-_EXPONENT_BITS = {torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80),
-                  torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -276,9 +239,8 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.device.type != "cpu":
         lo, hi = t.aminmax()  # min and max propagate NaN and show +-inf
         return math.isfinite(float(lo)) and math.isfinite(float(hi))
-    view, exponent = _EXPONENT_BITS[t.dtype]
-    bits = t.detach().contiguous().view(view).numpy()
-    return int(np.bitwise_and(bits, exponent).max()) != exponent
+    t = t.detach().contiguous()
+    return store_format.all_finite(CompressedContext._raw({"t": t})["t"])
 
 
 def check_anchor_ids(anchor_ids: torch.Tensor | None, vocab_size: int | None = None,
@@ -314,21 +276,26 @@ def check_anchor_ids(anchor_ids: torch.Tensor | None, vocab_size: int | None = N
             raise ValueError(f"anchor ids {bad[:4]} are control tokens of the model; anchors are plain text")
 
 
+def _entry(key: str, ctx: CompressedContext, text: str | None = None) -> store_format.Entry:
+    """``ctx`` as a :class:`~compressor_plugin.store_format.Entry` (on the CPU), its header fields checked."""
+    if not isinstance(ctx, CompressedContext):
+        raise TypeError(f"ctx must be a CompressedContext, not {type(ctx).__name__}")
+    check_context_fields(ctx, tensors=False)
+    cpu = ctx.to("cpu")
+    return store_format.Entry(key, CompressedContext._raw(cpu._tensors()), cpu.mode, cpu.k, cpu.source_tokens,
+                              cpu.base_fingerprint, cpu.compressor_fingerprint, cpu.extra, text)
+
+
 def encode_context(key: str, ctx: CompressedContext) -> bytes:
     """The stored bytes of ``ctx`` under ``key``.
 
-    :meth:`CompressedContext.to_bytes`, with the key and the entry digest recorded in ``extra``.
+    :meth:`CompressedContext.to_bytes`, with the key and the entry digest recorded in ``extra``
+    (:func:`compressor_plugin.store_format.entry_bytes`).
 
     Raises:
         ValueError: a field out of range (see :func:`check_context_fields`).
     """
-    check_context_fields(ctx)
-    extra = {name: value for name, value in ctx.extra.items() if name not in (_KEY_FIELD, _DIGEST_FIELD)}
-    extra[_KEY_FIELD] = key
-    cpu = ctx.to("cpu")
-    tensor_digest = CompressedContext._digest(cpu._tensors())
-    extra[_DIGEST_FIELD] = _entry_digest(key, cpu, tensor_digest, extra)
-    return dataclasses.replace(cpu, extra=extra).to_bytes(tensor_digest=tensor_digest)
+    return store_format.encode_entries([_entry(key, ctx)])[1][0][1]
 
 
 def _header_meta(data: bytes) -> dict[str, Any]:
@@ -369,16 +336,6 @@ def decode_context(data: Any, key: str) -> CompressedContext:
     return ctx
 
 
-def _text_digest(key: str, body: bytes) -> bytes:
-    return hashlib.sha256(key.encode("ascii") + b"\0" + body).digest()
-
-
-def encode_text(key: str, text: str) -> bytes:
-    """The stored bytes of a chunk's text: a 4-byte tag, sha256 of (key, text), the UTF-8 text."""
-    body = text.encode("utf-8")
-    return _TEXT_MAGIC + _text_digest(key, body) + body
-
-
 def decode_text(data: Any, key: str) -> str:
     """The text in stored bytes, checked against its checksum and key.
 
@@ -391,7 +348,7 @@ def decode_text(data: Any, key: str) -> str:
     if not isinstance(data, bytes) or len(data) < 36 or not data.startswith(_TEXT_MAGIC):
         raise ValueError("not a checksummed text entry")
     body = data[36:]
-    if data[4:36] != _text_digest(key, body):
+    if data[4:36] != store_format.text_digest(key, body):
         raise ValueError("text checksum mismatch: the text was changed or belongs to another key")
     return body.decode("utf-8")
 
@@ -575,10 +532,17 @@ class ContextStore:
         self.size_limit, self.text_size_limit = int(size_limit), int(text_size_limit)
         common = {"timeout": timeout, "min_file_size": int(min_file_size), "max_value_size": int(max_value_size),
                   "read_only": read_only}
-        self._kv = _open_cache(self.directory / "contexts", size_limit=self.size_limit,
-                               eviction_policy=EVICTION_POLICY, **common)
-        self._text = _open_cache(self.directory / "texts", size_limit=self.text_size_limit,
-                                 eviction_policy=TEXT_EVICTION_POLICY, **common)
+        #: each database's folder and settings (the writer processes of ``cache build`` open them too)
+        self._cache_settings = {
+            "contexts": (self.directory / "contexts", dict(common, size_limit=self.size_limit,
+                                                           eviction_policy=EVICTION_POLICY)),
+            "texts": (self.directory / "texts", dict(common, size_limit=self.text_size_limit,
+                                                     eviction_policy=TEXT_EVICTION_POLICY)),
+        }
+        folder, settings = self._cache_settings["contexts"]
+        self._kv = _open_cache(folder, **settings)
+        folder, settings = self._cache_settings["texts"]
+        self._text = _open_cache(folder, **settings)
         self.read_only = self._kv.read_only or self._text.read_only
         if self.read_only:
             self._kv.read_only = self._text.read_only = True
@@ -782,22 +746,11 @@ class ContextStore:
             as :meth:`put`.
         """
         self._check_writable()
-        texts: list[tuple[str, bytes]] = []
-        blobs: list[tuple[str, bytes]] = []
+        entries = []
         for key, ctx, text in items:
             _check_key(key)
-            if not isinstance(ctx, CompressedContext):
-                raise TypeError(f"ctx must be a CompressedContext, not {type(ctx).__name__}")
-            if text is not None:
-                norm = normalize_text(text)
-                expected = context_key(norm, base_fingerprint=ctx.base_fingerprint,
-                                       compressor_fingerprint=ctx.compressor_fingerprint,
-                                       k=ctx.k, mode=ctx.mode, dtype=ctx.dtype)
-                if expected != key:
-                    raise ValueError("key does not match this text and context (different text, base model, "
-                                     "compressor, k, mode or dtype); compute it with ContextStore.key_for")
-                texts.append((_TEXT + key, encode_text(key, norm)))
-            blobs.append((_CTX + key, encode_context(key, ctx)))
+            entries.append(_entry(key, ctx, text))
+        texts, blobs = store_format.encode_entries(entries)
         if texts:
             self._text.set_many(texts, expire=self.expire)
         if blobs:
