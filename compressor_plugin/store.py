@@ -532,17 +532,10 @@ class ContextStore:
         self.size_limit, self.text_size_limit = int(size_limit), int(text_size_limit)
         common = {"timeout": timeout, "min_file_size": int(min_file_size), "max_value_size": int(max_value_size),
                   "read_only": read_only}
-        #: each database's folder and settings (the writer processes of ``cache build`` open them too)
-        self._cache_settings = {
-            "contexts": (self.directory / "contexts", dict(common, size_limit=self.size_limit,
-                                                           eviction_policy=EVICTION_POLICY)),
-            "texts": (self.directory / "texts", dict(common, size_limit=self.text_size_limit,
-                                                     eviction_policy=TEXT_EVICTION_POLICY)),
-        }
-        folder, settings = self._cache_settings["contexts"]
-        self._kv = _open_cache(folder, **settings)
-        folder, settings = self._cache_settings["texts"]
-        self._text = _open_cache(folder, **settings)
+        self._kv = _open_cache(self.directory / "contexts", size_limit=self.size_limit,
+                               eviction_policy=EVICTION_POLICY, **common)
+        self._text = _open_cache(self.directory / "texts", size_limit=self.text_size_limit,
+                                 eviction_policy=TEXT_EVICTION_POLICY, **common)
         self.read_only = self._kv.read_only or self._text.read_only
         if self.read_only:
             self._kv.read_only = self._text.read_only = True

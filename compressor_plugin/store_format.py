@@ -4,14 +4,15 @@ A stored context is a safetensors file (:meth:`CompressedContext.to_bytes
 <compressor_plugin.context.CompressedContext.to_bytes>`) whose metadata carries a digest of its
 tensor data and, in a store, the key and an entry digest over every header field
 (:func:`compressor_plugin.store.encode_context`). A stored text is a 4-byte tag, a checksum
-and the UTF-8 text. This module makes those bytes from raw tensor buffers, so the writer
-processes of ``cache build`` (:mod:`compressor_plugin.caching.writers`) encode entries without
-importing torch, exactly as the store does in the calling process.
+and the UTF-8 text. This module makes those bytes from raw tensor buffers (bytes, numpy
+arrays or memoryviews), without torch: :class:`~compressor_plugin.store.ContextStore` writes
+every entry through :func:`encode_entries`, and any process that holds a context's raw data can
+make the same bytes.
 
 The safetensors layout is written here rather than by ``safetensors.torch.save``: the same
-context always gives the same bytes (metadata keys in sorted order), the tensor data is joined
-once, and no interpreter lock is held beyond that join and the header. ``safetensors`` reads
-the result as any other file of its format.
+context always gives the same bytes (metadata keys in sorted order), and the tensor data is
+copied once, by one join (under a third of ``save``'s time for a k=16 entry of the default
+model). ``safetensors`` reads the result as any other file of its format.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ digests, store writes and the chunk map run as they do, at the rate the host all
 is a ceiling for the real build on the same machine, not a build: the stored K/V are random.
 
     python scripts/bench_cache_host.py --data ../shared/data/arxiv_abstracts_train.jsonl --limit 10000 \\
-        [--anchors 32] [--anchor-workers 8] [--writer-threads 4] [--writer-processes 4] [--output host.json]
+        [--anchors 32] [--anchor-workers 8] [--writer-threads 4] [--output host.json]
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ def main() -> None:
     p.add_argument("--anchors", type=int, default=32)
     p.add_argument("--anchor-workers", type=int, default=0)
     p.add_argument("--writer-threads", type=int, default=4)
-    p.add_argument("--writer-processes", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--output")
     args = p.parse_args()
@@ -43,12 +42,12 @@ def main() -> None:
     try:
         s = build_cache(args.data, f"{folder}/store", comp, map_path=f"{folder}/map.jsonl", batch_size=args.batch_size,
                         limit=args.limit, anchors=args.anchors, anchor_workers=args.anchor_workers,
-                        writer_threads=args.writer_threads, writer_processes=args.writer_processes, progress=False)
+                        writer_threads=args.writer_threads, progress=False)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     row = {"chunks": s.chunks, "new": s.new, "seconds": round(s.seconds, 2), "wall_s": round(time.perf_counter() - t0, 2),
            "chunks_per_s": round(s.new / s.seconds, 1), "anchors": args.anchors, "anchor_workers": args.anchor_workers,
-           "writer_threads": args.writer_threads, "writer_processes": args.writer_processes, "stored_bytes": s.stored_bytes}
+           "writer_threads": args.writer_threads, "stored_bytes": s.stored_bytes}
     print(json.dumps(row))
     if args.output:
         with open(args.output, "w") as f:

@@ -13,8 +13,6 @@
 #   encoder       cache-build encoder throughput, 4,096 chunks of 512 tokens
 #   cache-build   `cache build` end to end on 10,000 arXiv abstracts
 #   cache-grid    the same by anchor workers, kernels and writer threads, and the host side alone
-#   cache-writers `cache build` with writer threads against writer processes, with and without
-#                 anchors and fused kernels, then the host side alone
 #   eval-time     `eval qa`, 300 SQuAD questions, one compressed system
 #   train-sweep   training samples/s of the default model's shape by batch size, with and without
 #                 fused kernels
@@ -76,19 +74,6 @@ for b in (256, 512)]))" ;;
         set -- ${v#*:}
         step "cache-host-${v%%:*}" $PY scripts/bench_cache_host.py --data "$DATA/arxiv_abstracts_train.jsonl" \
             --limit 10000 --anchors "$1" --anchor-workers "$2" --writer-threads 4 --output "$OUT/cache-host-${v%%:*}.json"
-      done ;;
-    cache-writers)
-      for v in "a32-wp0:--writer-processes 0" "a32-wp4:--writer-processes 4" "a32-wp8:--writer-processes 8" \
-               "a0-wp0:--anchors 0 --writer-processes 0" "a0-wp4:--anchors 0 --writer-processes 4" \
-               "a32-wp4-fused:--writer-processes 4 --fused-kernels" "a0-wp8-fused:--anchors 0 --writer-processes 8 --fused-kernels"; do
-        rm -rf /tmp/bench-store /tmp/bench-map.jsonl
-        step "cache-${v%%:*}" $CLI cache build --input "$DATA/arxiv_abstracts_train.jsonl" --store /tmp/bench-store \
-            --map /tmp/bench-map.jsonl --batch-size 256 --device cuda --limit 10000 --no-progress --json ${v#*:}
-      done
-      rm -rf /tmp/bench-store /tmp/bench-map.jsonl
-      for wp in 0 4 8; do
-        step "cache-host-a0-wp$wp" $PY scripts/bench_cache_host.py --data "$DATA/arxiv_abstracts_train.jsonl" \
-            --limit 10000 --anchors 0 --writer-processes "$wp" --output "$OUT/cache-host-a0-wp$wp.json"
       done ;;
     eval-time)
       step eval-time $CLI eval qa --data "$DATA/squad1.1_dev.jsonl" --limit 300 --batch-size 64 \

@@ -425,36 +425,3 @@ def test_default_anchor_workers_by_device_and_cores(monkeypatch):
     assert default_anchor_workers("cuda") == 8 and default_anchor_workers("cpu") == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     assert default_anchor_workers("cuda:0") == 0
-
-
-def test_writer_processes_store_the_bytes_writer_threads_store(tmp_path, tiny_comp):
-    """`cache build --writer-processes`: the entries (K/V, anchors, texts) are written by spawned
-    processes from shared memory, byte for byte what the build's writer threads write."""
-    from compressor_plugin.evaluation.invented import invented_qa
-
-    texts = list(dict.fromkeys(r["context"] for r in invented_qa(10, seed=3)))
-    docs = [Document(f"d{i}", t, "mem") for i, t in enumerate(texts)]
-    raw = {}
-    for procs in (0, 2):
-        summary = build_cache(docs, tmp_path / f"s{procs}", tiny_comp, chunk_tokens=48, batch_size=4,
-                              progress=False, anchors=16, writer_processes=procs)
-        assert summary.new > len(docs) and summary.writer_processes == procs
-        with ContextStore(tmp_path / f"s{procs}", size_limit=None) as st:
-            raw[procs] = {key: (st._raw_get(st._kv, "ctx:" + key), st._raw_get(st._text, "text:" + key))
-                          for key in st.keys()}
-            assert all(st.get(key) is not None and st.get_text(key) for key in raw[procs])  # every check passes
-    assert raw[0] and raw[0] == raw[2]
-    with pytest.raises(ValueError, match="writer_processes"):
-        build_cache(docs, tmp_path / "bad", tiny_comp, chunk_tokens=48, progress=False, writer_processes=-1)
-
-
-def test_default_writer_processes_by_device_and_cores(monkeypatch):
-    import os
-
-    from compressor_plugin.caching.build import default_writer_processes
-
-    assert default_writer_processes("cpu") == 0
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert default_writer_processes("cuda") == 4 and default_writer_processes("cpu") == 0
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
-    assert default_writer_processes("cuda:0") == 0

@@ -45,7 +45,6 @@ from ..context import CompressedContext
 from ..engine import stays_text
 from ..store import ContextStore, context_key
 from .chunking import Chunk, Document, TokenChunker, input_files, iter_documents, total_input_bytes
-from .writers import WriterPool
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..compressor import Compressor
@@ -119,7 +118,6 @@ class BuildSummary:
     batch_size: int = 0
     workers: int = 1
     anchor_workers: int = 0
-    writer_processes: int = 0
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -322,19 +320,8 @@ def default_anchor_workers(device: "torch.device | str") -> int:
     CPU the encoder is the limit, not anchor choice."""
     if torch.device(device).type != "cuda":
         return 0
-    return 8 if _cores() >= 10 else 0
-
-
-def default_writer_processes(device: "torch.device | str") -> int:
-    """Writer processes for a build on ``device``: 4 on a CUDA device when this process may use
-    10 or more cores, else 0 (writer threads). On the CPU the encoder is the limit."""
-    if torch.device(device).type != "cuda":
-        return 0
-    return 4 if _cores() >= 10 else 0
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 8 if cores >= 10 else 0
 
 
 def key_parts(compressor: "Compressor", anchors: int = 0) -> dict[str, Any]:
@@ -476,7 +463,6 @@ def build_cache(
     anchor_workers: int = 0,
     keep_short: bool = True,
     fused_kernels: bool = False,
-    writer_processes: int = 0,
 ) -> BuildSummary:
     """Compress a corpus into a store; resumable, see the module docstring.
 
@@ -522,12 +508,6 @@ def build_cache(
             kernels first (CUDA, :func:`~compressor_plugin.training.kernels.apply_fused_kernels`).
             The swap is not undone: it changes the model in this process (and the kernels of its
             model family), so use it in a process that builds caches, not beside an engine.
-        writer_processes: processes that check, serialise and write the entries
-            (:class:`~compressor_plugin.caching.writers.WriterPool`; 0, the default: writer
-            threads in this process). The stored entries are the same either way; processes
-            keep that work off this process's interpreter lock (:func:`default_writer_processes`
-            gives the number the CLI uses). Spawned, like the anchor workers; not for a store
-            with a remote tier.
 
     Returns:
         A :class:`BuildSummary`. A Ctrl-C ends the build early with ``interrupted=True``
@@ -545,10 +525,7 @@ def build_cache(
     batch_size = int(batch_size or default_batch_size(device))
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    if isinstance(writer_processes, bool) or not isinstance(writer_processes, int) or writer_processes < 0:
-        raise ValueError(f"writer_processes must be 0 or more, not {writer_processes!r}")
-    # with writer processes, each writer thread hands its batch to a process and waits
-    writer_threads = writer_processes or int(writer_threads or (4 if device.type == "cuda" else 1))
+    writer_threads = int(writer_threads or (4 if device.type == "cuda" else 1))
     window_chunks = int(window_chunks or max(512, 16 * batch_size))
     st = open_store(store, size_limit)
     chunker = TokenChunker(compressor.tokenizer, chunk_tokens, overlap)
@@ -578,14 +555,6 @@ def build_cache(
     if int(anchor_workers) < 0:
         raise ValueError(f"anchor_workers must be 0 or more, not {anchor_workers}")
     pool = AnchorPool(compressor.tokenizer, int(anchor_workers)) if anchors and anchor_workers else None
-    try:
-        writer_pool = WriterPool(st, writer_processes) if writer_processes else None
-    except BaseException:
-        if pool is not None:
-            pool.close()
-        raise
-    put_many = writer_pool.put_many if writer_pool is not None else st.put_many
-    summary.writer_processes = writer_processes
     summary.anchor_workers = int(anchor_workers) if pool is not None else 0
     reader = _WindowReader(documents, chunker, parts, window_chunks, skipped)
     writers = cf.ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="cache-build-writer")
@@ -603,7 +572,7 @@ def build_cache(
 
     def write_batch(keys: list[str], ctxs: list[CompressedContext], texts: list[str]) -> int:
         try:
-            put_many(zip(keys, ctxs, texts))  # one database transaction per batch and database
+            st.put_many(zip(keys, ctxs, texts))  # one database transaction per batch
             with pending_lock:
                 pending.difference_update(keys)
             return sum(ctx.nbytes for ctx in ctxs)
@@ -692,8 +661,6 @@ def build_cache(
         if pool is not None:
             pool.close()
         writers.shutdown(wait=True)
-        if writer_pool is not None:
-            writer_pool.close()
         mapper.shutdown(wait=True)
         fast.close()
         compressor.peft_model.train(was_training)

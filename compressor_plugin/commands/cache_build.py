@@ -93,12 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="store size limit, e.g. 64GiB (default: keep the store's; 4 GiB for a new store). "
                         "Entries beyond it are evicted, so size it for the corpus")
     p.add_argument("--writer-threads", type=_positive, default=None, metavar="N",
-                   help="threads that serialise and store contexts (default: 1 on CPU, 4 on GPU; with writer "
-                        "processes, one per process)")
-    p.add_argument("--writer-processes", type=_non_negative, default=None, metavar="N",
-                   help="processes that check, serialise and write the entries, off the encoder's interpreter "
-                        "lock (default: 4 on a GPU host with 10 or more cores, unless --remote or --writer-threads "
-                        "is given; else 0: writer threads)")
+                   help="threads that serialise and store contexts (default: 1 on CPU, 4 on GPU)")
     p.add_argument("--no-merge-lora", action="store_true",
                    help="run the LoRA adapter as separate matrices instead of folding it into the weights "
                         "for the build (slower; outputs differ only by rounding)")
@@ -147,17 +142,13 @@ def _build(args: argparse.Namespace) -> int:
             merge_lora=not args.no_merge_lora, compile=args.compile, anchors=args.anchors,
             follow_symlinks=args.follow_symlinks, keep_short=not args.compress_short)
     else:
-        from ..caching.build import build_cache, default_anchor_workers, default_writer_processes
+        from ..caching.build import build_cache, default_anchor_workers
         from ..compressor import Compressor
 
         compressor = Compressor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
         workers = args.anchor_workers
         if workers is None:
             workers = default_anchor_workers(compressor.device) if args.anchors else 0
-        writer_processes = args.writer_processes
-        if writer_processes is None:
-            own_threads = args.remote or args.writer_threads is not None
-            writer_processes = 0 if own_threads else default_writer_processes(compressor.device)
         summary = build_cache(
             args.input, _open(store, args.size_limit, args.remote), compressor, text_field=args.text_field,
             id_field=args.id_field,
@@ -166,7 +157,7 @@ def _build(args: argparse.Namespace) -> int:
             merge_lora=not args.no_merge_lora, compile=args.compile, anchors=args.anchors,
             follow_symlinks=args.follow_symlinks,
             anchor_workers=workers, keep_short=not args.compress_short,
-            fused_kernels=args.fused_kernels, writer_processes=writer_processes)
+            fused_kernels=args.fused_kernels)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
