@@ -281,7 +281,7 @@ def _entry(key: str, ctx: CompressedContext, text: str | None = None) -> store_f
     if not isinstance(ctx, CompressedContext):
         raise TypeError(f"ctx must be a CompressedContext, not {type(ctx).__name__}")
     check_context_fields(ctx, tensors=False)
-    cpu = ctx.to("cpu")
+    cpu = ctx if ctx.device.type == "cpu" else ctx.to("cpu")  # _tensors() moves the anchor ids, if anywhere else
     return store_format.Entry(key, CompressedContext._raw(cpu._tensors()), cpu.mode, cpu.k, cpu.source_tokens,
                               cpu.base_fingerprint, cpu.compressor_fingerprint, cpu.extra, text)
 

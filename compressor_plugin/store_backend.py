@@ -205,6 +205,21 @@ def _folder_writable(folder: Path) -> bool:
     return not (st.f_flag & getattr(os, "ST_RDONLY", 1))
 
 
+class _FanOut:
+    """The ``ab/cd`` folder that the value files of one batch are written into, while open."""
+
+    __slots__ = ("fd", "prefix")
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.prefix = ""
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class SafeCache:
     """``str -> bytes`` entries in one folder: SQLite rows, large values in their own files.
 
@@ -477,25 +492,32 @@ class SafeCache:
         finally:
             os.close(fd)
 
-    def _write_file(self, data: bytes) -> str:
-        """Write ``data`` to a new value file; returns its relative name. No partial file is left."""
-        hex_name = os.urandom(16).hex()
-        a, b, name = hex_name[:2], hex_name[2:4], hex_name[4:] + ".val"
+    def _write_file(self, data: bytes, folder: "_FanOut | None" = None) -> str:
+        """Write ``data`` to a new value file; returns its relative name. No partial file is left.
+
+        ``folder``: the fan-out folder shared by the files of one batch (opened on first use,
+        reopened elsewhere when another process removed it meanwhile; the caller closes it), so
+        a batch descends the folder tree once instead of once per file. Without it, the file
+        gets a folder of its own choosing.
+        """
+        own = folder is None
+        folder = _FanOut() if own else folder
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        for attempt in range(10):
-            # Another process removing the last file of ab/cd also removes the emptied
-            # folders; if that happens between creating them and creating the file, retry.
-            dfd = -1
-            try:
-                dfd = self._open_dir((a, b), create=True)
-                fd = os.open(name, flags, 0o644, dir_fd=dfd)
-                break
-            except FileNotFoundError:
-                if dfd >= 0:
-                    os.close(dfd)
-                if attempt == 9:
-                    raise
         try:
+            for attempt in range(10):
+                # Another process removing the last file of ab/cd also removes the emptied
+                # folders; if that happens between opening them and creating the file, retry.
+                if folder.fd < 0:
+                    a_b = os.urandom(2).hex()
+                    folder.fd, folder.prefix = self._open_dir((a_b[:2], a_b[2:]), create=True), f"{a_b[:2]}/{a_b[2:]}"
+                name = os.urandom(14).hex() + ".val"
+                try:
+                    fd = os.open(name, flags, 0o644, dir_fd=folder.fd)
+                    break
+                except FileNotFoundError:
+                    folder.close()
+                    if attempt == 9:
+                        raise
             try:
                 view = memoryview(data)
                 while view:
@@ -504,16 +526,17 @@ class SafeCache:
                 os.close(fd)
                 fd = -1
                 try:
-                    os.unlink(name, dir_fd=dfd)
+                    os.unlink(name, dir_fd=folder.fd)
                 except OSError:
                     pass
                 raise
             finally:
                 if fd >= 0:
                     os.close(fd)
+            return f"{folder.prefix}/{name}"
         finally:
-            os.close(dfd)
-        return f"{a}/{b}/{name}"
+            if own:
+                folder.close()
 
     def remove_file(self, filename: Any) -> bool:
         """Remove a value file (and its emptied sub-folders); names of any other form are ignored."""
@@ -700,15 +723,17 @@ class SafeCache:
         replaced: list[str] = []
         now = time.time()
         expire_time = now + expire if expire is not None else None
+        folder = _FanOut()  # the batch's value files share one fan-out folder
         try:
             rows = []
             for name, data in items:
                 if len(data) >= self.min_file_size:
-                    filename = self._write_file(data)
+                    filename = self._write_file(data, folder)
                     written.append(filename)
                     rows.append((name, len(data), MODE_BINARY, filename, None))
                 else:
                     rows.append((name, len(data), MODE_RAW, None, sqlite3.Binary(data)))
+            folder.close()
             with self._write_txn() as con:
                 for name, size, mode, filename, value in rows:
                     old = con.execute("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = 1", (name,)).fetchone()
@@ -723,6 +748,7 @@ class SafeCache:
                                     (name, now, expire_time, now, size, mode, filename, value))
                 replaced.extend(self._cull(con, protect=now))
         except BaseException as exc:
+            folder.close()
             for filename in written:
                 self.remove_file(filename)
             if isinstance(exc, (OSError, sqlite3.OperationalError)) and not isinstance(exc, StoreError):

@@ -152,7 +152,7 @@ def _stalled_writer(directory: str, stage: str, ready: "mp.Event") -> None:
         text, key, c = expected_context(i, layers=120)
         store.put(key, c, text)
     if stage == "file":
-        def stalled_write(self, data):
+        def stalled_write(self, data, folder=None):
             name = os.urandom(16).hex()
             path = Path(self.directory, name[:2], name[2:4], name[4:] + ".val")
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -78,3 +78,21 @@ def test_two_stores_keep_the_same_bytes_for_the_same_chunk(tmp_path):
             raw.append((st._raw_get(st._kv, "ctx:" + key), st._raw_get(st._text, "text:" + key)))
             assert torch.equal(st.get(key).keys, ctx.keys) and st.get_text(key) == text
     assert raw[0] == raw[1] and isinstance(raw[0][0], bytes)
+
+
+def test_a_batch_of_value_files_shares_one_fan_out_folder(tmp_path):
+    """set_many descends the ab/cd folder tree once per batch; single writes each pick their own."""
+    from compressor_plugin.store_backend import SafeCache
+
+    cache = SafeCache(tmp_path / "c", size_limit=2**40, min_file_size=16)
+    cache.set_many([(f"k{i}", bytes([i]) * 64) for i in range(6)])
+    for i in range(6):
+        cache.set(f"s{i}", bytes([i]) * 64)
+    files = [p.relative_to(tmp_path / "c") for p in (tmp_path / "c").rglob("*.val")]
+    assert len(files) == 12
+    folders = {}
+    for f in files:
+        folders.setdefault(f.parent, []).append(f)
+    assert max(len(v) for v in folders.values()) >= 6  # the batch's six files in one folder
+    assert [cache.get(f"k{i}") for i in range(6)] == [bytes([i]) * 64 for i in range(6)]
+    assert [cache.get(f"s{i}") for i in range(6)] == [bytes([i]) * 64 for i in range(6)]
