@@ -516,8 +516,8 @@ class Generator:
                     cache = static
                 else:
                     cache = new_cache(lm.config, kv)
-                    out = lm(**inputs, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                             **cache_kwargs(lm, cache))
+                    out = lm(**inputs, position_ids=pos, attention_mask=mask, use_cache=True,
+                             logits_to_keep=last_position(T, dev), **cache_kwargs(lm, cache))
                     logits = out.logits[:, -1].float()
             _sync(dev)
         except BaseException:
@@ -828,6 +828,18 @@ class Generator:
         values = torch.stack([v[0] for v in vs])
         keys = self.rotary.unrotate(keys, pos)
         return CompressedContext("kv", len(ids), self.base.fingerprint, "identity", keys=keys, values=values)
+
+
+def last_position(length: int, device: torch.device | str) -> int | torch.Tensor:
+    """``logits_to_keep`` for the logits of the last of ``length`` positions only.
+
+    An index tensor rather than the int 1 when ``length > 1``: for an int, transformers slices
+    the hidden states, and that ``(batch, 1, hidden)`` view keeps the stride of the whole
+    sequence, on which torch's CPU bf16 ``linear`` takes a slow path (the default model's
+    49,152 x 576 head: 69 ms against 4.8 ms for the same values laid out plainly, torch 2.13 on
+    a 2-core CPU). Indexing with a tensor copies the one position into a plain tensor.
+    """
+    return 1 if length == 1 else torch.tensor([length - 1], device=device)
 
 
 def _slot_layout(layouts: Sequence[_Layout], C: int, T: int,

@@ -447,3 +447,20 @@ def test_failed_compilation_falls_back_with_one_warning(tiny_static):
         assert len(calls) == 1
     finally:
         decoding._compiled_forwards.pop((broken, None), None)
+
+
+def test_last_position_keeps_the_last_logits_as_a_plain_tensor(tiny):
+    """The eager prefill asks for the last position's logits by index: the same logits as
+    ``logits_to_keep=1``, from a hidden state laid out plainly (torch's CPU bf16 linear is slow
+    on the strided slice that the int gives)."""
+    from compressor_plugin.generation import last_position
+
+    assert last_position(1, "cpu") == 1
+    idx = last_position(7, "cpu")
+    assert isinstance(idx, torch.Tensor) and idx.tolist() == [6]
+    ids = torch.randint(5, 100, (2, 7))
+    with torch.no_grad():
+        by_index = tiny.model(input_ids=ids, logits_to_keep=idx).logits
+        by_int = tiny.model(input_ids=ids, logits_to_keep=1).logits
+    assert by_index.shape == by_int.shape == (2, 1, tiny.model.config.vocab_size)
+    assert torch.allclose(by_index, by_int, rtol=1e-5, atol=1e-6)  # the same up to the kernel's summation order
