@@ -103,7 +103,6 @@ _BYTES = "bytes:"
 _KEY_FIELD = store_format.KEY_FIELD  # recorded in CompressedContext.extra of every stored entry
 _DIGEST_FIELD = store_format.DIGEST_FIELD  # the entry digest, also in extra
 _TEXT_MAGIC = store_format.TEXT_MAGIC
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _MARKER_FILE = "store.json"
 _MARKER_FORMAT = "compressor_plugin.ContextStore"
@@ -201,7 +200,8 @@ def _entry_digest(key: str, ctx: CompressedContext, tensor_digest: str, extra: d
 
 def check_context_fields(ctx: CompressedContext, *, tensors: bool = True) -> None:
     """Range checks on every field of a context (``tensors=False``: all but the K/V or
-    embeddings, which a writer process of ``cache build`` checks as bytes).
+    embeddings, which :func:`~compressor_plugin.store_format.encode_entries` checks as bytes
+    when the store writes them).
 
     Raises:
         ValueError: naming the field: ``source_tokens < 0``, ``k < 1``, an empty dimension, a
@@ -220,17 +220,13 @@ def check_context_fields(ctx: CompressedContext, *, tensors: bool = True) -> Non
     if not isinstance(extra, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in extra.items()):
         raise ValueError("extra must map strings to strings")
     check_anchor_ids(ctx.anchor_ids)
-    for t in ([ctx.keys, ctx.values] if ctx.mode == "kv" else [ctx.embeddings]) if tensors else []:
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"tensors must be floating point, not {t.dtype}")
-        if any(d < 1 for d in t.shape):
-            raise ValueError(f"tensor shape {tuple(t.shape)} has an empty dimension")
-        if not all_finite(t):
-            raise ValueError("tensors hold NaN or infinite values")
+    if tensors:
+        kept = {"keys": ctx.keys, "values": ctx.values} if ctx.mode == "kv" else {"embeddings": ctx.embeddings}
+        store_format.check_tensors(kept, finite=all_finite)
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """Whether a floating-point tensor (of :data:`_FLOAT_DTYPES`) holds no NaN or infinite value.
+    """Whether a floating-point tensor (float32, float16, bfloat16 or float64) holds no NaN or infinite value.
 
     On the CPU its exponent bits are checked in numpy, on one thread: a torch reduction wakes
     torch's whole thread pool for every tensor, which on a many-core host costs far more than

@@ -21,7 +21,7 @@ import hashlib
 import json
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -115,8 +115,10 @@ def all_finite(t: RawTensor) -> bool:
     return bits.size == 0 or int(np.bitwise_and(bits, view(exponent)).max()) != exponent
 
 
-def check_tensors(tensors: Mapping[str, RawTensor]) -> None:
-    """The range checks on a context's K/V or embeddings (not its anchor ids).
+def check_tensors(tensors: Mapping[str, Any], finite: Callable[[Any], bool] = all_finite) -> None:
+    """The range checks on a context's K/V or embeddings (not its anchor ids): raw tensors, or
+    torch tensors with ``finite`` a check that takes them
+    (:func:`compressor_plugin.store.all_finite`).
 
     Raises:
         ValueError: a non-floating dtype, an empty dimension, or NaN or infinite values.
@@ -124,11 +126,11 @@ def check_tensors(tensors: Mapping[str, RawTensor]) -> None:
     for name, t in tensors.items():
         if name == "anchor_ids":
             continue
-        if t.dtype not in FLOAT_DTYPES:
+        if str(t.dtype) not in FLOAT_DTYPES:
             raise ValueError(f"tensors must be floating point, not {t.dtype}")
         if any(d < 1 for d in t.shape):
             raise ValueError(f"tensor shape {tuple(t.shape)} has an empty dimension")
-        if not all_finite(t):
+        if not finite(t):
             raise ValueError("tensors hold NaN or infinite values")
 
 
